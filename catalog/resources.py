@@ -1,0 +1,237 @@
+"""ResourceCatalog: one reference-counted entry per distinct content.
+
+Each entry is keyed by its BLAKE3 hash (unique index) and changed only by
+single-document atomic updates, so N concurrent `put`s of one new hash give one
+entry with refcount N and no read-then-write race exists. An entry is
+`pending` (path "") until an uploader records where the bytes are; a pending
+entry carries a lease that its uploader renews, so an upload whose uploader
+died is known to be abandoned once the lease runs out. Every transition is
+appended to a short, bounded history that `stat` shows.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
+from pymongo.client_session import ClientSession
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from catalog.clock import aware, utcnow
+from catalog.errors import (
+    AlreadyExistsError,
+    BadRequestError,
+    LengthMismatchError,
+    NotFoundError,
+    UploadPendingError,
+)
+from catalog.names import parse_hash
+
+PENDING = "pending"
+READY = "ready"
+HISTORY_LIMIT = 16
+DEFAULT_LEASE = 60.0
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A catalog entry. `path` is where the resource storage holds the bytes."""
+
+    id: str
+    hash: str
+    path: str
+    length: int
+    refcount: int
+    state: str = READY
+    created_at: datetime.datetime | None = None
+    updated_at: datetime.datetime | None = None
+    lease_until: datetime.datetime | None = None
+    history: tuple[tuple[str, datetime.datetime], ...] = field(default=())
+
+    @property
+    def pending(self) -> bool:
+        return self.state != READY
+
+    def lease_expired(self, now: datetime.datetime | None = None) -> bool:
+        if self.lease_until is None:
+            return True
+        return self.lease_until <= (now or utcnow())
+
+
+def _history_push(state: str, at: datetime.datetime) -> dict[str, Any]:
+    return {"history": {"$each": [{"state": state, "at": at}], "$slice": -HISTORY_LIMIT}}
+
+
+def to_resource(doc: dict[str, Any]) -> Resource:
+    def when(key: str) -> datetime.datetime | None:
+        value = doc.get(key)
+        return aware(value) if value is not None else None
+
+    return Resource(
+        id=str(doc["_id"]),
+        hash=doc["hash"],
+        path=doc.get("path", ""),
+        length=int(doc["length"]),
+        refcount=int(doc.get("refcount", 0)),
+        state=doc.get("state", READY if doc.get("path") else PENDING),
+        created_at=when("created_at"),
+        updated_at=when("updated_at"),
+        lease_until=when("lease_until"),
+        history=tuple((h["state"], aware(h["at"])) for h in doc.get("history", [])),
+    )
+
+
+def object_id(resource_id: object) -> ObjectId:
+    """The ObjectId behind a resource id; NotFoundError when it cannot be one."""
+    if isinstance(resource_id, ObjectId):
+        return resource_id
+    try:
+        return ObjectId(str(resource_id))
+    except (InvalidId, TypeError) as exc:
+        raise NotFoundError(f"no resource with id {resource_id!r}") from exc
+
+
+class ResourceCatalog:
+    """Hash-keyed, reference-counted entries in the `catalog` collection."""
+
+    def __init__(
+        self, db: Database[Any], *, collection: str = "catalog", lease: float = DEFAULT_LEASE
+    ) -> None:
+        self.collection = db[collection].with_options(write_concern=WriteConcern("majority"))
+        self.lease = lease
+        self.collection.create_index([("hash", ASCENDING)], unique=True)
+        self.collection.create_index([("path", ASCENDING)])
+
+    # -- the contract ---------------------------------------------------------
+    def put(
+        self, hash: str, length: int, *, session: ClientSession | None = None
+    ) -> tuple[str, str]:
+        """Take a reference to `hash`, creating a pending entry if it is new."""
+        digest = parse_hash(hash)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise BadRequestError(f"invalid length: {length!r}")
+        while True:
+            now = utcnow()
+            try:
+                doc = self.collection.find_one_and_update(
+                    {"hash": digest, "length": length},
+                    {
+                        "$inc": {"refcount": 1},
+                        "$set": {
+                            "updated_at": now,
+                            "lease_until": now + datetime.timedelta(seconds=self.lease),
+                        },
+                        "$setOnInsert": {
+                            "path": "",
+                            "state": PENDING,
+                            "created_at": now,
+                            "history": [{"state": "created", "at": now}],
+                        },
+                    },
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                    session=session,
+                )
+            except DuplicateKeyError:
+                other = self.collection.find_one({"hash": digest}, session=session)
+                if other is not None and other["length"] != length:
+                    raise LengthMismatchError(
+                        f"content {digest} is recorded with length {other['length']}, not {length}"
+                    ) from None
+                if session is not None:
+                    raise  # inside a transaction the whole transaction is retried
+                continue  # lost an upsert race: the entry exists now
+            return str(doc["_id"]), doc["path"]
+
+    def get(self, id: str, *, session: ClientSession | None = None) -> Resource:
+        res = self.entry(id, session=session)
+        if res.pending:
+            raise UploadPendingError(f"resource {id} is still being uploaded")
+        return res
+
+    def find(self, hash: str, *, session: ClientSession | None = None) -> str:
+        res = self.lookup(hash, session=session)
+        if res is None:
+            raise NotFoundError(f"no resource with hash {parse_hash(hash)}")
+        if res.pending:
+            if res.lease_expired():
+                raise NotFoundError(f"the upload of {res.hash} was abandoned")
+            raise UploadPendingError(f"resource {res.hash} is still being uploaded")
+        return res.id
+
+    def upload_complete(self, id: str, path: str, *, session: ClientSession | None = None) -> None:
+        """Record where the bytes are; the entry becomes ready."""
+        if not isinstance(path, str) or not path:
+            raise BadRequestError("upload_complete needs a non-empty storage path")
+        oid = object_id(id)
+        now = utcnow()
+        doc = self.collection.find_one_and_update(
+            {"_id": oid, "path": ""},
+            {
+                "$set": {"path": path, "state": READY, "updated_at": now},
+                "$push": _history_push(READY, now),
+            },
+            session=session,
+        )
+        if doc is None:
+            if self.collection.find_one({"_id": oid}, {"_id": 1}, session=session) is None:
+                raise NotFoundError(f"no resource with id {id}")
+            raise AlreadyExistsError(f"resource {id} already has its content stored")
+
+    def remove(self, id: str, *, session: ClientSession | None = None) -> tuple[bool, str]:
+        """Drop one reference; delete the entry at zero. Returns (was_deleted, path)."""
+        oid = object_id(id)
+        doc = self.collection.find_one_and_update(
+            {"_id": oid, "refcount": {"$gt": 0}},
+            {"$inc": {"refcount": -1}, "$set": {"updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if doc is None:
+            doc = self.collection.find_one({"_id": oid}, session=session)
+            if doc is None:
+                raise NotFoundError(f"no resource with id {id}")
+        if doc["refcount"] <= 0:
+            gone = self.collection.delete_one({"_id": oid, "refcount": {"$lte": 0}}, session=session)
+            if gone.deleted_count:
+                return True, doc.get("path", "")
+        return False, doc.get("path", "")
+
+    # -- beyond the contract -------------------------------------------------
+    def entry(self, id: str, *, session: ClientSession | None = None) -> Resource:
+        """The entry whatever its state (NotFoundError)."""
+        doc = self.collection.find_one({"_id": object_id(id)}, session=session)
+        if doc is None:
+            raise NotFoundError(f"no resource with id {id}")
+        return to_resource(doc)
+
+    def lookup(self, hash: str, *, session: ClientSession | None = None) -> Resource | None:
+        """The entry for a hash whatever its state, or None."""
+        doc = self.collection.find_one({"hash": parse_hash(hash)}, session=session)
+        return to_resource(doc) if doc is not None else None
+
+    def add_ref(self, id: str, *, session: ClientSession | None = None) -> Resource | None:
+        """Take one more reference to a ready entry; None if it is gone or not ready."""
+        now = utcnow()
+        doc = self.collection.find_one_and_update(
+            {"_id": object_id(id), "state": READY, "refcount": {"$gt": 0}},
+            {"$inc": {"refcount": 1}, "$set": {"updated_at": now}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        return to_resource(doc) if doc is not None else None
+
+    def renew_lease(self, id: str, *, state: str | None = None) -> None:
+        """Extend the lease of an uploader (or an in-flight reference); note `state` if given."""
+        now = utcnow()
+        update: dict[str, Any] = {
+            "$set": {"lease_until": now + datetime.timedelta(seconds=self.lease)}
+        }
+        if state is not None:
+            update["$push"] = _history_push(state, now)
+        self.collection.update_one({"_id": object_id(id)}, update)

@@ -1,0 +1,245 @@
+"""GridFS-compatible byte store that streams, hashes and cleans up after itself.
+
+Why not pymongo's GridFSBucket: since pymongo 4.7 `upload_from_stream` buffers
+up to 48 MB per insert, waits for the journal on every batch and does not hash.
+This writer reads and hashes a batch while the previous batch is being
+inserted on a worker thread (chunks at w=1), then writes the files document at
+w="majority": the files document is the commit point, so a reader either sees
+a whole file or none. Every failure path deletes the chunks it wrote.
+
+The layout is standard GridFS (`<ns>.files`, `<ns>.chunks`, the standard
+indexes), so any GridFS client can read what this writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import blake3
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, WriteConcern
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from catalog.errors import LengthMismatchError, NotFoundError
+from storage.reader import GridFSReader
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What the store knows of one file: enough for gc and fsck."""
+
+    file_id: Any
+    path: str
+    length: int
+    chunk_size: int
+    upload_date: datetime.datetime
+    blake3: str | None
+
+
+def read_exact(reader: BinaryIO, size: int) -> bytes:
+    """Read `size` bytes, looping over short reads; fewer only at EOF."""
+    data = reader.read(size)
+    if data is None:
+        data = b""
+    if len(data) >= size or not data:
+        return bytes(data)
+    parts = [bytes(data)]
+    got = len(data)
+    while got < size:
+        more = reader.read(size - got)
+        if not more:
+            break
+        parts.append(bytes(more))
+        got += len(more)
+    return b"".join(parts)
+
+
+class GridFSStorage:
+    """A ResourceStorage on GridFS, under its own namespace (bucket name)."""
+
+    def __init__(
+        self,
+        db: Database[Any],
+        namespace: str = "resources",
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> None:
+        if not namespace or "$" in namespace or "\0" in namespace:
+            raise ValueError(f"invalid namespace: {namespace!r}")
+        self.db = db
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.batch_bytes = max(batch_bytes, chunk_size)
+        files: Collection[Any] = db[f"{namespace}.files"]
+        chunks: Collection[Any] = db[f"{namespace}.chunks"]
+        self.files = files.with_options(write_concern=WriteConcern("majority"))
+        self.chunks = chunks.with_options(write_concern=WriteConcern("majority"))
+        self._fast_chunks = chunks.with_options(write_concern=WriteConcern(w=1))
+        self.chunks.create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
+        self.files.create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
+
+    # -- ResourceStorage ------------------------------------------------------
+    def put(self, path: str, reader: BinaryIO, length: int = -1) -> str:
+        """Store `length` bytes (< 0: to EOF) at `path`, replacing what was there."""
+        return self.put_file(path, reader, length).blake3 or ""
+
+    def get(self, path: str) -> GridFSReader:
+        doc = self._newest(path)
+        if doc is None:
+            raise NotFoundError(f"no stored file at {path!r}")
+        return GridFSReader(self.chunks, doc)
+
+    def remove(self, path: str) -> None:
+        docs = list(self.files.find({"filename": path}, {"_id": 1}))
+        if not docs:
+            raise NotFoundError(f"no stored file at {path!r}")
+        for doc in docs:
+            self.remove_file(doc["_id"])
+
+    # -- beyond the protocol -------------------------------------------------
+    def put_file(self, path: str, reader: BinaryIO, length: int = -1) -> StoredFile:
+        """Like put, but return the stored file's description."""
+        file_id = ObjectId()
+        try:
+            digest, total = self._write_chunks(file_id, reader, length)
+            upload_date = datetime.datetime.now(datetime.timezone.utc)
+            self.files.insert_one(
+                {
+                    "_id": file_id,
+                    "length": total,
+                    "chunkSize": self.chunk_size,
+                    "uploadDate": upload_date,
+                    "filename": path,
+                    "metadata": {"blake3": digest},
+                }
+            )
+        except BaseException:
+            self._delete_chunks(file_id)
+            raise
+        for old in self.files.find({"filename": path, "_id": {"$ne": file_id}}, {"_id": 1}):
+            self.remove_file(old["_id"])
+        return StoredFile(file_id, path, total, self.chunk_size, upload_date, digest)
+
+    def stat(self, path: str) -> StoredFile:
+        doc = self._newest(path)
+        if doc is None:
+            raise NotFoundError(f"no stored file at {path!r}")
+        return _stored(doc)
+
+    def exists(self, path: str) -> bool:
+        return self.files.find_one({"filename": path}, {"_id": 1}) is not None
+
+    def iter_files(self) -> Iterator[StoredFile]:
+        """Every stored file, oldest first."""
+        for doc in self.files.find({}, sort=[("uploadDate", ASCENDING)]):
+            yield _stored(doc)
+
+    def remove_file(self, file_id: Any) -> None:
+        """Delete one file: the files document first, so it vanishes at once."""
+        self.files.delete_one({"_id": file_id})
+        self._delete_chunks(file_id)
+
+    def orphan_chunk_file_ids(self) -> list[Any]:
+        """files_id values of chunks whose files document does not exist."""
+        known = set(self.files.distinct("_id"))
+        return [fid for fid in self.chunks.distinct("files_id") if fid not in known]
+
+    def chunk_problems(self, stored: StoredFile) -> list[str]:
+        """What is wrong with a file's chunks (count, indexes, sizes); [] when sound."""
+        expected_n = -(-stored.length // stored.chunk_size) if stored.length else 0
+        problems: list[str] = []
+        seen = 0
+        pipeline = [
+            {"$match": {"files_id": stored.file_id}},
+            {"$project": {"n": 1, "size": {"$binarySize": "$data"}}},
+            {"$sort": {"n": 1}},
+        ]
+        for doc in self.chunks.aggregate(pipeline):
+            n = doc["n"]
+            last = n == expected_n - 1
+            want = stored.length - n * stored.chunk_size if last else stored.chunk_size
+            if n != seen:
+                problems.append(f"chunk {seen} missing")
+                seen = n
+            if n >= expected_n:
+                problems.append(f"unexpected chunk {n}")
+            elif doc["size"] != want:
+                problems.append(f"chunk {n} has {doc['size']} bytes, expected {want}")
+            seen += 1
+        if seen < expected_n:
+            problems.append(f"chunks {seen}..{expected_n - 1} missing")
+        return problems
+
+    # -- internals ------------------------------------------------------------
+    def _newest(self, path: str) -> dict[str, Any] | None:
+        return self.files.find_one(
+            {"filename": path}, sort=[("uploadDate", DESCENDING), ("_id", DESCENDING)]
+        )
+
+    def _delete_chunks(self, file_id: Any) -> None:
+        self.chunks.delete_many({"files_id": file_id})
+
+    def _write_chunks(self, file_id: Any, reader: BinaryIO, length: int) -> tuple[str, int]:
+        hasher = blake3.blake3()
+        total = 0
+        n = 0
+        batch: list[dict[str, Any]] = []
+        batch_size = 0
+        in_flight: Future[Any] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridfs-put") as pool:
+            try:
+                while True:
+                    want = self.chunk_size if length < 0 else min(self.chunk_size, length - total)
+                    if want <= 0:
+                        break
+                    data = read_exact(reader, want)
+                    if not data:
+                        break
+                    hasher.update(data)
+                    total += len(data)
+                    batch.append({"files_id": file_id, "n": n, "data": data})
+                    batch_size += len(data)
+                    n += 1
+                    if batch_size >= self.batch_bytes:
+                        if in_flight is not None:
+                            in_flight.result()
+                        in_flight = pool.submit(self._fast_chunks.insert_many, batch)
+                        batch, batch_size = [], 0
+                    if len(data) < want:
+                        break
+                if length >= 0 and total != length:
+                    raise LengthMismatchError(
+                        f"expected {length} bytes, the input ended after {total}"
+                    )
+                if in_flight is not None:
+                    in_flight.result()
+                    in_flight = None
+                if batch:
+                    self.chunks.insert_many(batch)
+            finally:
+                if in_flight is not None:
+                    in_flight.exception()  # wait, so cleanup sees every chunk written
+        return hasher.hexdigest(), total
+
+
+def _stored(doc: dict[str, Any]) -> StoredFile:
+    upload_date = doc["uploadDate"]
+    if upload_date.tzinfo is None:
+        upload_date = upload_date.replace(tzinfo=datetime.timezone.utc)
+    return StoredFile(
+        doc["_id"],
+        doc.get("filename", ""),
+        int(doc["length"]),
+        int(doc["chunkSize"]),
+        upload_date,
+        (doc.get("metadata") or {}).get("blake3"),
+    )

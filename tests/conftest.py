@@ -1,0 +1,64 @@
+"""A real MongoDB for every test: a throwaway single-node replica set.
+
+Started once per session from the same launcher the embedded default uses, on
+a fresh dbpath and a free loopback port, and deleted afterwards. Set
+RESCAT_TEST_MONGO_URI to run against a server of your own instead. Each test
+gets a database of its own, dropped after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from catalog import ManagedStorage
+from catalog.mongod import free_port, start_mongod, stop_process, uri_for, wait_primary
+from storage import GridFSStorage
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("RESCAT_TEST_MONGO_URI")
+    if external:
+        yield external
+        return
+    dbpath = tmp_path_factory.mktemp("mongod")
+    port = free_port()
+    proc = start_mongod(dbpath, port, detach=False)
+    try:
+        wait_primary(port, proc)
+        yield uri_for(port)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(dbpath, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mongo_client(mongo_uri: str) -> Iterator[MongoClient[Any]]:
+    client: MongoClient[Any] = MongoClient(mongo_uri, tz_aware=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db(mongo_client: MongoClient[Any]) -> Iterator[Database[Any]]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield mongo_client[name]
+    mongo_client.drop_database(name)
+
+
+@pytest.fixture
+def gridfs_storage(db: Database[Any]) -> GridFSStorage:
+    return GridFSStorage(db)
+
+
+@pytest.fixture
+def managed(db: Database[Any], gridfs_storage: GridFSStorage) -> ManagedStorage:
+    return ManagedStorage(db, gridfs_storage)
