@@ -1,0 +1,54 @@
+"""Entry point of the `rescat` console script.
+
+Every failure, usage errors included, ends with a non-zero status and one line
+on stderr; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from catalog.errors import CatalogError
+from cli import admin, remote  # noqa: F401  (they register their commands)
+from cli.app import cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="rescat", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("rescat: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"rescat: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except CatalogError as exc:
+        if debug:
+            raise
+        click.echo(f"rescat: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("rescat: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"rescat: {type(exc).__name__}: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    main()
