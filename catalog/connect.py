@@ -8,6 +8,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from catalog.managed import ManagedStorage
+from catalog.resources import DEFAULT_LEASE
 
 MEMORY_SCHEME = "mongomock://"
 
@@ -43,14 +44,21 @@ def connect(
     *,
     namespace: str = "resources",
     request_expiry: float = 60.0,
+    lease: float | None = None,
 ) -> ManagedStorage:
     """A ManagedStorage on GridFS.
 
     `uri`: a MongoDB URI; else $RESCAT_MONGO_URI; else a local mongod of this
     user's own (started and reused). `mongomock://` (any suffix names a
-    separate store) is an in-memory store for tests.
+    separate store) is an in-memory store for tests. `lease`: seconds an
+    uploader's claim on a pending entry lasts without renewal (default 60, or
+    $RESCAT_UPLOAD_LEASE).
     """
     from storage import GridFSStorage
 
     db = open_database(uri, database)
-    return ManagedStorage(db, GridFSStorage(db, namespace), request_expiry=request_expiry)
+    if lease is None:
+        lease = float(os.environ.get("RESCAT_UPLOAD_LEASE", DEFAULT_LEASE))
+    return ManagedStorage(
+        db, GridFSStorage(db, namespace), request_expiry=request_expiry, lease=lease
+    )

@@ -172,7 +172,7 @@ class ManagedStorage:
                 raise NotFoundError(f"{env_uuid}: no such path {path!r}")
             self._release_in(str(doc["resource_id"]), session, doomed)
 
-        self._transact(unlink)
+        self.transact(unlink)
 
     def move_for_environment(self, env_uuid: str, src: str, dst: str) -> PathInfo:
         """Repoint `dst` at what `src` holds and drop `src`; copies no bytes."""
@@ -190,7 +190,7 @@ class ManagedStorage:
             if old is not None:
                 self._release_in(str(old["resource_id"]), session, doomed)
 
-        self._transact(move)
+        self.transact(move)
         return self.stat_for_environment(env_uuid, dst)
 
     # -- proof of access ------------------------------------------------------
@@ -262,7 +262,7 @@ class ManagedStorage:
                 raise ResourceDeletedError("the content was deleted since the request")
             return self._link_in(doc["env"], doc["path"], res.id, session, doomed)
 
-        return self._transact(link)
+        return self.transact(link)
 
     # -- internals: put ------------------------------------------------------
     def _put(
@@ -313,7 +313,7 @@ class ManagedStorage:
                 if start is not None:
                     reader.seek(start)
                 self._upload(rid, reader, length, digest)
-            return self._transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+            return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
         except BaseException:
             self._release(rid)
             raise
@@ -336,7 +336,7 @@ class ManagedStorage:
                 self._discard(tmp)
             else:
                 self._complete(rid, tmp)
-            return self._transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+            return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
         except BaseException:
             self._release(rid)
             raise
@@ -426,8 +426,12 @@ class ManagedStorage:
         except NotFoundError:
             pass
 
-    def _transact(self, fn: Callable[[ClientSession | None, list[str]], T]) -> T:
-        """Run fn in a transaction (when the server has them); delete doomed bytes after."""
+    def transact(self, fn: Callable[[ClientSession | None, list[str]], T]) -> T:
+        """Run fn(session, doomed) in a transaction when the server has them.
+
+        fn appends to `doomed` the storage paths whose last reference it
+        dropped; they are deleted once the transaction has committed.
+        """
         while True:
             doomed: list[str] = []
             try:
