@@ -103,19 +103,19 @@ class PreconditionFailedError(CatalogError):
 
 
 __all__ = [
-    "BadRequestError",
-    "ForbiddenError",
-    "PreconditionFailedError",
-    "TooLargeError",
-    "UnauthorizedError",
     "AlreadyExistsError",
+    "BadRequestError",
     "CatalogError",
+    "ForbiddenError",
     "HashMismatchError",
     "InvalidPathError",
     "LengthMismatchError",
     "NotFoundError",
+    "PreconditionFailedError",
     "RequestExpiredError",
     "ResourceDeletedError",
     "ResponseMismatchError",
+    "TooLargeError",
+    "UnauthorizedError",
     "UploadPendingError",
 ]

@@ -19,6 +19,7 @@ Design, after juju/blobstore's managedStorage, with what it lacked:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hmac
 import re
@@ -194,9 +195,7 @@ class ManagedStorage:
         return self.stat_for_environment(env_uuid, dst)
 
     # -- proof of access ------------------------------------------------------
-    def put_for_environment_request(
-        self, env_uuid: str, path: str, hash: str
-    ) -> RequestResponse:
+    def put_for_environment_request(self, env_uuid: str, path: str, hash: str) -> RequestResponse:
         """Challenge a client that claims to hold content we have."""
         check_env(env_uuid)
         check_path(path)
@@ -421,10 +420,8 @@ class ManagedStorage:
             self._discard(storage_path)
 
     def _discard(self, storage_path: str) -> None:
-        try:
+        with contextlib.suppress(NotFoundError):
             self.resource_storage.remove(storage_path)
-        except NotFoundError:
-            pass
 
     def transact(self, fn: Callable[[ClientSession | None, list[str]], T]) -> T:
         """Run fn(session, doomed) in a transaction when the server has them.
@@ -435,21 +432,23 @@ class ManagedStorage:
         while True:
             doomed: list[str] = []
             try:
-                if self._transactions:
-                    with self.db.client.start_session() as session:
-
-                        def body(s: ClientSession) -> T:
-                            doomed.clear()
-                            return fn(s, doomed)
-
-                        result = session.with_transaction(body)
-                else:
-                    result = fn(None, doomed)
+                result = self._run_once(fn, doomed)
             except DuplicateKeyError:
                 continue  # two first writers of one path: the loser retries as an update
             for storage_path in doomed:
                 self._discard(storage_path)
             return result
+
+    def _run_once(self, fn: Callable[[ClientSession | None, list[str]], T], doomed: list[str]) -> T:
+        if not self._transactions:
+            return fn(None, doomed)
+
+        def body(session: ClientSession) -> T:
+            doomed.clear()  # with_transaction may run the body more than once
+            return fn(session, doomed)
+
+        with self.db.client.start_session() as session:
+            return session.with_transaction(body)
 
     def _resolve(self, env_uuid: str, path: str) -> Resource:
         doc = self.paths.find_one({"env": env_uuid, "path": path})
@@ -503,4 +502,3 @@ def _supports_transactions(db: Database[Any]) -> bool:
     except OperationFailure:
         return False
     return "setName" in hello or hello.get("msg") == "isdbgrid"
-

@@ -146,6 +146,7 @@ class ResourceCatalog:
                 if session is not None:
                     raise  # inside a transaction the whole transaction is retried
                 continue  # lost an upsert race: the entry exists now
+            assert doc is not None  # upsert with AFTER always returns the document
             return str(doc["_id"]), doc["path"]
 
     def get(self, id: str, *, session: ClientSession | None = None) -> Resource:
@@ -197,7 +198,9 @@ class ResourceCatalog:
             if doc is None:
                 raise NotFoundError(f"no resource with id {id}")
         if doc["refcount"] <= 0:
-            gone = self.collection.delete_one({"_id": oid, "refcount": {"$lte": 0}}, session=session)
+            gone = self.collection.delete_one(
+                {"_id": oid, "refcount": {"$lte": 0}}, session=session
+            )
             if gone.deleted_count:
                 return True, doc.get("path", "")
         return False, doc.get("path", "")
