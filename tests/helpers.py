@@ -1,0 +1,56 @@
+"""Small readers and data makers shared by the core tests."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import blake3
+
+
+def rand(n: int, seed: int | None = None) -> bytes:
+    if seed is None:
+        return os.urandom(n)
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+class OneWayReader(io.RawIOBase):
+    """A non-seekable reader that returns short reads, like a socket."""
+
+    def __init__(self, data: bytes, step: int = 65536) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = len(self._data) - self._pos
+        n = min(size, self._step, len(self._data) - self._pos)
+        out = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+
+class BrokenReader(OneWayReader):
+    """Fails with OSError after `fail_after` bytes, like a dropped connection."""
+
+    def __init__(self, data: bytes, fail_after: int) -> None:
+        super().__init__(data)
+        self._fail_after = fail_after
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._pos >= self._fail_after:
+            raise OSError("connection reset by peer")
+        return super().read(size)
