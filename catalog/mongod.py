@@ -80,15 +80,29 @@ def mongod_args(binary: str, dbpath: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def start_mongod(dbpath: Path, port: int, *, detach: bool) -> subprocess.Popen[bytes]:
+def start_mongod(dbpath: Path, port: int) -> subprocess.Popen[bytes]:
+    """A mongod that is this process's child (tests, benchmarks): stop it with stop_process."""
     dbpath.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         mongod_args(find_mongod(), dbpath, port),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=detach,
     )
+
+
+def start_daemon(dbpath: Path, port: int, timeout: float = 120.0) -> int:
+    """A mongod daemon (mongod --fork) that outlives this process; returns its pid."""
+    dbpath.mkdir(parents=True, exist_ok=True)
+    pidfile = dbpath / "mongod.pid"
+    args = [*mongod_args(find_mongod(), dbpath, port), "--fork", "--pidfilepath", str(pidfile)]
+    done = subprocess.run(
+        args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        log = dbpath / "mongod.log"
+        raise MongodError(f"mongod failed to start (status {done.returncode}); see {log}")
+    return int(pidfile.read_text().split()[0])
 
 
 def wait_primary(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
@@ -141,6 +155,9 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError, OSError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child, and it has exited
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -190,9 +207,9 @@ def ensure_embedded(data_dir: Path | None = None) -> str:
                     break
                 time.sleep(0.1)
         port = port if port and _port_free(port) else free_port()
-        proc = start_mongod(root / "db", port, detach=True)
-        state_file.write_text(json.dumps({"port": port, "pid": proc.pid}))
-        wait_primary(port, proc)
+        pid = start_daemon(root / "db", port)
+        state_file.write_text(json.dumps({"port": port, "pid": pid}))
+        wait_primary(port, None)
         return uri_for(port)
 
 

@@ -31,7 +31,7 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     dbpath = tmp_path_factory.mktemp("mongod")
     port = free_port()
-    proc = start_mongod(dbpath, port, detach=False)
+    proc = start_mongod(dbpath, port)
     try:
         wait_primary(port, proc)
         yield uri_for(port)

@@ -1,0 +1,196 @@
+"""Proof of access: requests, responses, mismatches, expiry, and cross-instance use."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import blake3
+import pytest
+from pymongo.database import Database
+
+from catalog import (
+    ManagedStorage,
+    NotFoundError,
+    RequestExpiredError,
+    ResourceDeletedError,
+    ResponseMismatchError,
+    UploadPendingError,
+    new_put_response,
+)
+from catalog.errors import BadRequestError, InvalidPathError
+from catalog.proof import MAX_RANGE, MIN_RANGE, choose_ranges
+from storage import GridFSStorage
+from tests.helpers import b3, rand
+
+
+def answer(data: bytes, ranges: list[tuple[int, int]]) -> str:
+    h = blake3.blake3()
+    for start, size in ranges:
+        h.update(data[start : start + size])
+    return h.hexdigest()
+
+
+@pytest.fixture
+def stored(managed: ManagedStorage) -> bytes:
+    data = rand(5_000_000)
+    managed.put_for_environment("owner", "orig", io.BytesIO(data))
+    return data
+
+
+def test_ranges_are_spread_and_sized() -> None:
+    for length in (4096, 10_000, 5_000_000, 10**12):
+        for _ in range(20):
+            ranges = choose_ranges(length)
+            assert len(ranges) >= 8
+            for i, (start, size) in enumerate(ranges):
+                assert MIN_RANGE <= size <= MAX_RANGE
+                assert 0 <= start and start + size <= length
+                # one range in each equal segment: spread over the whole content
+                assert length * i // len(ranges) <= start < length * (i + 1) // len(ranges)
+    assert choose_ranges(0) == []
+    assert choose_ranges(1000) == [(0, 1000)]
+    assert choose_ranges(4095) == [(0, 4095)]
+
+
+def test_ranges_are_unpredictable() -> None:
+    assert len({tuple(choose_ranges(10**9)) for _ in range(50)}) == 50
+
+
+def test_request_response(managed: ManagedStorage, stored: bytes) -> None:
+    req = managed.put_for_environment_request("claimer", "copy", "blake3:" + b3(stored))
+    assert req.expires_at.tzinfo is not None and len(req.ranges) >= 8
+    res = managed.proof_of_access_response(
+        new_put_response(req.request_id, answer(stored, req.ranges))
+    )
+    assert res.hash == b3(stored)
+    reader, length = managed.get_for_environment("claimer", "copy")
+    assert reader.read() == stored
+    assert managed.catalog.get(res.id).refcount == 2
+    # single use
+    with pytest.raises(RequestExpiredError):
+        managed.proof_of_access_response(
+            new_put_response(req.request_id, answer(stored, req.ranges))
+        )
+
+
+def test_request_for_unknown_content(managed: ManagedStorage) -> None:
+    with pytest.raises(NotFoundError):
+        managed.put_for_environment_request("env", "p", b3(b"nothing"))
+    with pytest.raises(BadRequestError):
+        managed.put_for_environment_request("env", "p", "md5:abc")
+    with pytest.raises(InvalidPathError):
+        managed.put_for_environment_request("env", "../p", b3(b"nothing"))
+
+
+def test_request_while_upload_pending(managed: ManagedStorage) -> None:
+    data = rand(1000)
+    managed.catalog.put(b3(data), len(data))  # an uploader declared it and is writing
+    with pytest.raises(UploadPendingError):
+        managed.put_for_environment_request("env", "p", b3(data))
+
+
+def test_request_for_abandoned_upload_is_not_found(db: Database[Any]) -> None:
+    ms = ManagedStorage(db, GridFSStorage(db), lease=0.2)
+    data = rand(1000)
+    ms.catalog.put(b3(data), len(data))
+    time.sleep(0.3)
+    with pytest.raises(NotFoundError):
+        ms.put_for_environment_request("env", "p", b3(data))
+    # and the next uploader proceeds
+    ms.put_for_environment("env", "p", io.BytesIO(data))
+    assert ms.put_for_environment_request("env", "q", b3(data)).ranges == [(0, 1000)]
+
+
+def test_wrong_checksum_creates_nothing_and_consumes(
+    managed: ManagedStorage, stored: bytes
+) -> None:
+    req = managed.put_for_environment_request("claimer", "copy", b3(stored))
+    with pytest.raises(ResponseMismatchError):
+        managed.proof_of_access_response(new_put_response(req.request_id, b3(b"wrong")))
+    with pytest.raises(NotFoundError):
+        managed.stat_for_environment("claimer", "copy")
+    with pytest.raises(RequestExpiredError):
+        managed.proof_of_access_response(
+            new_put_response(req.request_id, answer(stored, req.ranges))
+        )
+    assert managed.catalog.get(managed.catalog.find(b3(stored))).refcount == 1
+
+
+def test_client_with_half_the_content_fails(managed: ManagedStorage, stored: bytes) -> None:
+    half = stored[: len(stored) // 2] + bytes(len(stored) - len(stored) // 2)
+    for _ in range(10):
+        req = managed.put_for_environment_request("claimer", "copy", b3(stored))
+        with pytest.raises(ResponseMismatchError):
+            managed.proof_of_access_response(
+                new_put_response(req.request_id, answer(half, req.ranges))
+            )
+
+
+def test_expired_request(db: Database[Any]) -> None:
+    ms = ManagedStorage(db, GridFSStorage(db), request_expiry=0.2)
+    data = rand(10_000)
+    ms.put_for_environment("env", "p", io.BytesIO(data))
+    req = ms.put_for_environment_request("env", "q", b3(data))
+    time.sleep(0.3)
+    with pytest.raises(RequestExpiredError):
+        ms.proof_of_access_response(new_put_response(req.request_id, answer(data, req.ranges)))
+
+
+@pytest.mark.parametrize("request_id", ["", "nope", "x" * 500, "../../etc", "0" * 32])
+def test_unknown_or_malformed_request(managed: ManagedStorage, request_id: str) -> None:
+    with pytest.raises(RequestExpiredError):
+        managed.proof_of_access_response(new_put_response(request_id, b3(b"")))
+
+
+def test_content_deleted_since_request(managed: ManagedStorage, stored: bytes) -> None:
+    req = managed.put_for_environment_request("claimer", "copy", b3(stored))
+    managed.remove_for_environment("owner", "orig")
+    with pytest.raises(ResourceDeletedError):
+        managed.proof_of_access_response(
+            new_put_response(req.request_id, answer(stored, req.ranges))
+        )
+    with pytest.raises(NotFoundError):
+        managed.stat_for_environment("claimer", "copy")
+
+
+def test_request_is_bound_to_its_environment(managed: ManagedStorage, stored: bytes) -> None:
+    req = managed.put_for_environment_request("claimer", "copy", b3(stored))
+    with pytest.raises(RequestExpiredError):
+        managed.environment("intruder").prove(req, answer(stored, req.ranges))
+    with pytest.raises(RequestExpiredError):  # consumed by the wrong answer
+        managed.environment("claimer").prove(req, answer(stored, req.ranges))
+
+
+def test_request_answered_on_another_instance(db: Database[Any], stored: bytes) -> None:
+    first = ManagedStorage(db, GridFSStorage(db))
+    req = first.put_for_environment_request("claimer", "copy", b3(stored))
+    del first  # as after a restart: the request lives in MongoDB only
+    second = ManagedStorage(db, GridFSStorage(db))
+    second.proof_of_access_response(new_put_response(req.request_id, answer(stored, req.ranges)))
+    assert second.get_for_environment("claimer", "copy")[1] == len(stored)
+
+
+def test_zero_length_content(managed: ManagedStorage) -> None:
+    managed.put_for_environment("env", "empty", io.BytesIO(b""))
+    req = managed.put_for_environment_request("env", "empty2", b3(b""))
+    assert req.ranges == []
+    managed.proof_of_access_response(new_put_response(req.request_id, b3(b"")))
+    assert managed.get_for_environment("env", "empty2")[1] == 0
+
+
+def test_request_replacing_a_path_releases_old_content(
+    managed: ManagedStorage, stored: bytes, db: Database[Any]
+) -> None:
+    old = managed.put_for_environment("claimer", "copy", io.BytesIO(b"old content"))
+    req = managed.put_for_environment_request("claimer", "copy", b3(stored))
+    managed.proof_of_access_response(new_put_response(req.request_id, answer(stored, req.ranges)))
+    with pytest.raises(NotFoundError):
+        managed.catalog.entry(old.id)
+    assert db["resources.files"].count_documents({}) == 1
+
+
+def test_requests_have_a_ttl_index(managed: ManagedStorage) -> None:
+    indexes = managed.requests.index_information()
+    assert any(ix.get("expireAfterSeconds") == 0 for ix in indexes.values())
