@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
@@ -81,10 +82,8 @@ def test_put_delete_race(managed: ManagedStorage) -> None:
             if i % 2:
                 managed.put_for_environment("env", "p", io.BytesIO(data))
             else:
-                try:
+                with contextlib.suppress(NotFoundError):
                     managed.remove_for_environment("env", "p")
-                except NotFoundError:
-                    pass
 
     run_threads(8, op)
     assert_consistent(managed)
@@ -148,7 +147,7 @@ def test_four_processes_same_content(mongo_uri: str, db: Database[Any]) -> None:
         for i in range(4)
     ]
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     ms = ManagedStorage(db, GridFSStorage(db))
     data = bytes(range(256)) * 8000

@@ -46,7 +46,7 @@ def test_ranges_are_spread_and_sized() -> None:
             assert len(ranges) >= 8
             for i, (start, size) in enumerate(ranges):
                 assert MIN_RANGE <= size <= MAX_RANGE
-                assert 0 <= start and start + size <= length
+                assert start >= 0 and start + size <= length
                 # one range in each equal segment: spread over the whole content
                 assert length * i // len(ranges) <= start < length * (i + 1) // len(ranges)
     assert choose_ranges(0) == []
@@ -65,7 +65,7 @@ def test_request_response(managed: ManagedStorage, stored: bytes) -> None:
         new_put_response(req.request_id, answer(stored, req.ranges))
     )
     assert res.hash == b3(stored)
-    reader, length = managed.get_for_environment("claimer", "copy")
+    reader, _length = managed.get_for_environment("claimer", "copy")
     assert reader.read() == stored
     assert managed.catalog.get(res.id).refcount == 2
     # single use
