@@ -1,3 +1,302 @@
-"""Commands that run or talk to the HTTP service: serve, token, upload, download."""
+"""Commands that run or talk to the HTTP service: serve, token, upload, download.
+
+`upload` and `download` talk HTTP only: they never touch the database (and so
+never start the embedded mongod). `serve` and `token` work on the database.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+import click
+
+from cli.app import Context, cli, echo_json, pass_ctx
+from cli.progress import bar
+
+DEFAULT_SERVER = "http://127.0.0.1:8470"
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+
+
+def parse_size(value: str) -> int:
+    """`1048576`, `512M`, `10G`, `1.5GiB` -> bytes (binary multiples)."""
+    match = _SIZE_RE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (examples: 1048576, 512M, 10G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+# -- serve --------------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--no-auth", is_flag=True, help="Serve without tokens (local use only).")
+@click.option(
+    "--max-size",
+    callback=_size_option,
+    default=None,
+    help="Largest object accepted (bytes, or 512M, 10G...); larger uploads get 413.",
+)
+@click.option(
+    "--read-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds an upload may stall before it is dropped.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="info logs one JSON line per request on stderr.",
+)
+@pass_ctx
+def serve(
+    ctx: Context,
+    host: str,
+    port: int,
+    no_auth: bool,
+    max_size: int | None,
+    read_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
+
+    Several instances on one database behave as one service.
+
+    \b
+    Example:
+      rescat --mongo-uri mongodb://db:27017/?replicaSet=rs0 serve --host 0.0.0.0 --max-size 10G
+      rescat serve --no-auth            # local use, embedded MongoDB
+    """
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
+    )
+    app = create_app(ctx.managed, auth=not no_auth, max_size=max_size, read_timeout=read_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,  # the app logs one structured line per request
+        log_config=None,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=15,
+    )
+    auth = "off (--no-auth)" if no_auth else "on"
+    click.echo(f"rescat: serving on http://{host}:{port} (auth {auth})", err=True)
+    uvicorn.Server(config).run()
+
+
+# -- token --------------------------------------------------------------------
+@cli.group()
+def token() -> None:
+    """Create, list and revoke API tokens (stored hashed in MongoDB).
+
+    \b
+    Example:
+      TOKEN=$(rescat token create --env team-a)
+      rescat token list
+      rescat token revoke 3f9a1c2b4d5e
+    """
+
+
+def _store(ctx: Context) -> Any:
+    from catalog.tokens import TokenStore
+
+    return TokenStore(ctx.managed.db)
+
+
+@token.command("create")
+@click.option("--env", "env", default=None, help="The environment the token is for.")
+@click.option("--admin", is_flag=True, help="A token for every environment.")
+@click.option("--description", default="", help="A note shown by `token list`.")
+@pass_ctx
+def token_create(ctx: Context, env: str | None, admin: bool, description: str) -> None:
+    """Create a token and print it on one line (it is not shown again).
+
+    \b
+    Example:
+      rescat token create --env team-a --description "CI of team a"
+      rescat token create --admin
+    """
+    if admin == (env is not None):
+        raise click.UsageError("give exactly one of --env ENV and --admin")
+    from catalog.names import check_env
+
+    if env is not None:
+        check_env(env)
+    secret, info = _store(ctx).create(env=env, admin=admin, description=description)
+    click.echo(secret)
+    click.echo(
+        f"rescat: created token {info.id} ({info.scope} {info.env or ''})".rstrip(), err=True
+    )
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_ctx
+def token_list(ctx: Context, as_json: bool) -> None:
+    """List tokens (ids and scopes, never the secrets).
+
+    \b
+    Example:
+      rescat token list --json
+    """
+    infos = _store(ctx).list()
+    if as_json:
+        echo_json([info.as_dict() for info in infos])
+        return
+    for info in infos:
+        created = info.created_at.isoformat().replace("+00:00", "Z") if info.created_at else "-"
+        scope = "admin" if info.admin else f"env:{info.env}"
+        click.echo(f"{info.id}\t{scope}\t{created}\t{info.description}".rstrip())
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@pass_ctx
+def token_revoke(ctx: Context, token_id: str) -> None:
+    """Revoke a token by id; every instance refuses it from the next request.
+
+    \b
+    Example:
+      rescat token revoke 3f9a1c2b4d5e
+    """
+    _store(ctx).revoke(token_id)
+    click.echo(f"rescat: revoked token {token_id}", err=True)
+
+
+# -- upload / download (HTTP only) ----------------------------------------------
+def _server_options(fn: Any) -> Any:
+    fn = click.option(
+        "--token",
+        envvar="RESCAT_TOKEN",
+        default=None,
+        help="Bearer token (env RESCAT_TOKEN).",
+    )(fn)
+    fn = click.option(
+        "--server",
+        envvar="RESCAT_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        help="Service root URL (env RESCAT_SERVER).",
+    )(fn)
+    return fn
+
+
+class _Bars:
+    """One tqdm bar per phase of a transfer, on stderr when it is a terminal."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.phase: str | None = None
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase, self.done = phase, 0
+            self.bar = bar(total, f"{phase} {self.name}")
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@cli.command()
+@_server_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead.")
+@click.argument("env")
+@click.argument("path")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+def upload(server: str, token: str | None, as_json: bool, env: str, path: str, file: str) -> None:
+    """Upload FILE (- for stdin) to PATH, sending no bytes the service already has.
+
+    Hashes FILE locally, proves to the service that it holds the content, and
+    only uploads when the service lacks it. Prints blake3:<hex>.
+
+    \b
+    Example:
+      rescat upload --server http://catalog:8470 --token "$TOKEN" team-a charms/app.tar ./app.tar
+      RESCAT_SERVER=http://catalog:8470 RESCAT_TOKEN=... rescat upload team-a a/b.bin b.bin
+    """
+    from service.client import CatalogClient
+
+    progress = _Bars(path)
+    try:
+        with CatalogClient(server, token) as client:
+            source: Any = sys.stdin.buffer if file == "-" else file
+            result = client.upload(env, path, source, progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "path": result.path,
+                    "hash": result.hash,
+                    "length": result.length,
+                    "deduplicated": result.deduplicated,
+                    "bytes_sent": result.bytes_sent,
+                }
+            )
+        )
+    else:
+        click.echo(f"blake3:{result.hash}")
+
+
+@cli.command()
+@_server_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="Write to this file (resumes a partial one) instead of stdout.",
+)
+@click.argument("env")
+@click.argument("path")
+def download(server: str, token: str | None, output: str | None, env: str, path: str) -> None:
+    """Download PATH to stdout or -o FILE, verifying its length and BLAKE3.
+
+    \b
+    Example:
+      rescat download --server http://catalog:8470 team-a charms/app.tar -o app.tar
+      rescat download team-a charms/app.tar | tar t
+    """
+    from service.client import CatalogClient
+
+    progress = _Bars(path)
+    try:
+        with CatalogClient(server, token) as client:
+            if output is None or output == "-":
+                client.download(env, path, sys.stdout.buffer, progress=progress)
+                sys.stdout.buffer.flush()
+            else:
+                client.download(env, path, output, progress=progress)
+    finally:
+        progress.close()

@@ -1,0 +1,165 @@
+"""Bridges between the async HTTP side and the blocking core.
+
+`BodyReader` is a blocking `read(n)` over an ASGI request body for the core,
+which runs in a worker thread: each refill is one hop to the event loop that
+gathers at least 1 MiB (or what the core asked for), so the hop cost stays
+small, and the body is pulled only as fast as the core writes it
+(backpressure end to end). A client that disconnects, stalls past the read
+timeout or sends more than the size limit makes `read` raise, so the core
+deletes what it wrote and nothing becomes visible.
+
+`iter_content` is the reverse: an async iterator over a blocking reader,
+moving several chunks per hop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from starlette.requests import ClientDisconnect
+
+from catalog.errors import TooLargeError
+from service.errors import RequestTimeoutError
+
+HOP_BYTES = 1024 * 1024
+MAX_HOP_BYTES = 8 * 1024 * 1024
+OUT_HOP_BYTES = 4 * 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+class BodyReader:
+    """A blocking reader over an async iterator of body chunks (use from a worker thread)."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        max_size: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._chunks = chunks
+        self._max_size = max_size
+        self._timeout = timeout
+        self._pieces: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self.count = 0  # bytes received from the client so far
+        self.delivered = 0  # bytes handed to the core so far
+
+    # -- async side ------------------------------------------------------------
+    async def fill(self, target: int) -> None:
+        """Receive until `target` bytes are buffered or the body ends."""
+        while self._buffered < target and not self._eof:
+            try:
+                with anyio.fail_after(self._timeout if self._timeout else math.inf):
+                    piece = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._eof = True
+                break
+            except ClientDisconnect:
+                raise ClientGone("the client disconnected during the upload") from None
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"no request body data for {self._timeout:g} seconds"
+                ) from None
+            if not piece:
+                continue
+            self.count += len(piece)
+            if self._max_size is not None and self.count > self._max_size:
+                raise TooLargeError(f"the body is larger than {self._max_size} bytes")
+            self._pieces.append(piece)
+            self._buffered += len(piece)
+
+    # -- blocking side (worker thread) ---------------------------------------
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            parts: list[bytes] = []
+            while True:
+                part = self.read(MAX_HOP_BYTES)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        if size == 0:
+            return b""
+        if self._buffered < size and not self._eof:
+            target = min(max(size, HOP_BYTES), MAX_HOP_BYTES)
+            anyio.from_thread.run(self.fill, target)
+        return self._take(size)
+
+    def _take(self, size: int) -> bytes:
+        if not self._pieces:
+            return b""
+        first = self._pieces[0]
+        if len(first) >= size:
+            if len(first) == size:
+                self._pieces.popleft()
+                out = first
+            else:
+                out = first[:size]
+                self._pieces[0] = first[size:]
+        else:
+            parts: list[bytes] = []
+            got = 0
+            while self._pieces and got < size:
+                piece = self._pieces.popleft()
+                if got + len(piece) > size:
+                    keep = size - got
+                    self._pieces.appendleft(piece[keep:])
+                    piece = piece[:keep]
+                parts.append(piece)
+                got += len(piece)
+            out = b"".join(parts)
+        self._buffered -= len(out)
+        self.delivered += len(out)
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _read_pieces(reader: Any, want: int) -> list[bytes]:
+    """Up to `want` bytes from `reader`, as the pieces it yields (chunk-wise when it can)."""
+    pieces: list[bytes] = []
+    got = 0
+    readchunk = getattr(reader, "readchunk", None)
+    while got < want:
+        piece = readchunk(want - got) if readchunk is not None else reader.read(want - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return pieces
+
+
+async def iter_content(
+    reader: Any, start: int, length: int, limiter: anyio.CapacityLimiter | None = None
+) -> AsyncIterator[bytes]:
+    """Yield `length` bytes of `reader` from `start`; raise if the content ends early."""
+    try:
+        if start:
+            await anyio.to_thread.run_sync(reader.seek, start, limiter=limiter)
+        left = length
+        while left > 0:
+            pieces = await anyio.to_thread.run_sync(
+                _read_pieces, reader, min(left, OUT_HOP_BYTES), limiter=limiter
+            )
+            if not pieces:
+                raise OSError(f"stored content ended {left} bytes early")
+            for piece in pieces:
+                left -= len(piece)
+                yield piece
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(reader.close, limiter=limiter)

@@ -1,0 +1,516 @@
+"""Python client of the rescat HTTP service, on httpx.
+
+`CatalogClient.upload` runs the dedup workflow: hash the file locally
+(streaming), ask for a put request, answer the server's challenge (BLAKE3 of
+random byte ranges) from the local file, and stream the bytes, with
+X-Content-Hash, only when the server lacks the content. `download` streams to
+a file, checks Content-Length and BLAKE3, and resumes with Range (a partial
+file left by an earlier attempt, or a connection that broke mid-transfer).
+
+Errors raise the `catalog.errors` class of the service's error code, so a
+caller sees the same exceptions as with the in-process library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import blake3
+import httpx
+
+from catalog.errors import (
+    CatalogError,
+    HashMismatchError,
+    LengthMismatchError,
+    NotFoundError,
+    RequestExpiredError,
+    ResourceDeletedError,
+    UploadPendingError,
+)
+from catalog.names import check_env, check_path, check_prefix, format_hash, parse_hash
+from service.errors import ServiceError, error_classes, exception_from
+
+BLOCK = 1024 * 1024
+HASH_BLOCK = 4 * 1024 * 1024
+
+# progress(phase, done, total): phase is "hash", "upload", "verify" or "download";
+# `done` counts bytes of that phase so far; `total` is None when unknown.
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    path: str
+    hash: str
+    length: int
+    deduplicated: bool
+    bytes_sent: int  # body bytes that went over the wire (0 when deduplicated)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    path: str
+    hash: str
+    length: int
+    bytes_received: int  # body bytes received (less than length when resumed)
+    resumed: bool
+
+
+class ServiceUnavailableError(ServiceError):
+    """The service cannot be reached (connection refused, reset, timed out)."""
+
+
+class CatalogClient:
+    """A client of one rescat service. `base_url` is the service root (no /v1)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        headers = {"user-agent": "rescat-client/1"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CatalogClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- simple calls -------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+
+    def list(self, env: str, prefix: str = "") -> list[dict[str, Any]]:
+        """[{"path", "hash", "length"}, ...] sorted by path."""
+        check_env(env)
+        check_prefix(prefix)
+        doc = self._json("GET", _env_url(env, "resources"), params={"prefix": prefix})
+        return list(doc["items"])
+
+    def stat(self, env: str, path: str) -> dict[str, Any]:
+        """{"path", "hash", "length", "etag"} of a path (a HEAD request)."""
+        response = self._send("HEAD", _object_url(env, path))
+        etag = response.headers.get("etag", "")
+        return {
+            "path": path,
+            "hash": parse_hash(etag.strip('"')),
+            "length": int(response.headers["content-length"]),
+            "etag": etag,
+        }
+
+    def remove(self, env: str, path: str) -> None:
+        self._send("DELETE", _object_url(env, path))
+
+    def read(self, env: str, path: str) -> bytes:
+        """A path's whole content in memory (small objects; use download for files)."""
+        buffer = io.BytesIO()
+        self.download(env, path, buffer)
+        return buffer.getvalue()
+
+    def request_put(self, env: str, path: str, hash: str) -> dict[str, Any]:
+        """POST a put request: {"request_id", "ranges", "expires_at"} (NotFoundError if unknown)."""
+        check_env(env)
+        check_path(path)
+        body = {"path": path, "hash": format_hash(parse_hash(hash))}
+        return self._json("POST", _env_url(env, "put-requests"), json=body)  # type: ignore[no-any-return]
+
+    def answer(self, env: str, request_id: str, checksum: str) -> dict[str, Any]:
+        """Answer a put request: {"path", "hash", "length"} on success."""
+        check_env(env)
+        url = _env_url(env, "put-requests", quote(request_id, safe=""), "response")
+        return self._json("POST", url, json={"checksum": checksum})  # type: ignore[no-any-return]
+
+    # -- uploads ------------------------------------------------------------------
+    def put(
+        self,
+        env: str,
+        path: str,
+        file: str | os.PathLike[str] | BinaryIO | bytes,
+        *,
+        hash: str | None = None,
+        progress: Progress | None = None,
+    ) -> UploadResult:
+        """Plain PUT of the bytes (no dedup round trip). `hash`: sent as X-Content-Hash."""
+        check_env(env)
+        check_path(path)
+        if isinstance(file, bytes):
+            file = io.BytesIO(file)
+        with _source(file) as (reader, start):
+            length = _remaining(reader, start)
+            doc, sent = self._put_stream(env, path, reader, length, hash, progress)
+        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+
+    def upload(
+        self,
+        env: str,
+        path: str,
+        file: str | os.PathLike[str] | BinaryIO,
+        *,
+        progress: Progress | None = None,
+    ) -> UploadResult:
+        """Create `path` with the content of `file`, sending its bytes only if need be."""
+        check_env(env)
+        check_path(path)
+        with _source(file) as (reader, start):
+            digest, length = _hash_file(reader, start, progress)
+            for _ in range(3):
+                try:
+                    challenge = self.request_put(env, path, digest)
+                except (NotFoundError, UploadPendingError):
+                    # Unknown content, or being uploaded by someone else right now:
+                    # uploading never waits on another uploader, the first wins.
+                    break
+                ranges = [(int(s), int(n)) for s, n in challenge["ranges"]]
+                checksum = _ranges_checksum(reader, start, ranges)
+                try:
+                    doc = self.answer(env, challenge["request_id"], checksum)
+                except (RequestExpiredError, ResourceDeletedError):
+                    continue  # expired or deleted meanwhile: ask again
+                if progress is not None:
+                    progress("upload", length, length)
+                return UploadResult(path, doc["hash"], int(doc["length"]), True, 0)
+            reader.seek(start)
+            doc, sent = self._put_stream(env, path, reader, length, digest, progress)
+        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+
+    def _put_stream(
+        self,
+        env: str,
+        path: str,
+        reader: BinaryIO,
+        length: int,
+        hash: str | None,
+        progress: Progress | None,
+    ) -> tuple[dict[str, Any], int]:
+        sent = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            left = length
+            while left > 0:
+                data = reader.read(min(BLOCK, left))
+                if not data:
+                    raise LengthMismatchError(f"the file ended {left} bytes early")
+                left -= len(data)
+                sent += len(data)
+                if progress is not None:
+                    progress("upload", sent, length)
+                yield data
+
+        headers = {"content-length": str(length), "content-type": "application/octet-stream"}
+        if hash:
+            headers["x-content-hash"] = format_hash(parse_hash(hash))
+        doc = self._json("PUT", _object_url(env, path), content=body(), headers=headers)
+        return doc, sent
+
+    # -- downloads ------------------------------------------------------------------
+    def download(
+        self,
+        env: str,
+        path: str,
+        file: str | os.PathLike[str] | BinaryIO,
+        *,
+        progress: Progress | None = None,
+        resume: bool = True,
+    ) -> DownloadResult:
+        """Stream `path` into `file` and verify it.
+
+        A file named by path is written in place; when it exists and `resume` is
+        true, only the bytes after its current length are asked for (Range), and
+        the whole is verified, falling back to a full download if the old part
+        turns out stale. A file object is written from its current position.
+        """
+        url = _object_url(env, path)
+        if isinstance(file, (str, os.PathLike)):
+            target = Path(file)
+            existing = target.stat().st_size if resume and target.is_file() else 0
+            try:
+                with open(target, "r+b" if existing else "wb") as out:
+                    return self._download_into(url, path, out, 0, existing, progress)
+            except BaseException:
+                # Keep a partial file for the next attempt to resume, not an empty one.
+                with contextlib.suppress(OSError):
+                    if target.stat().st_size == 0:
+                        target.unlink()
+                raise
+        start = _tell(file)
+        return self._download_into(url, path, file, start, 0, progress)
+
+    def _download_into(
+        self,
+        url: str,
+        path: str,
+        out: BinaryIO,
+        base: int,
+        existing: int,
+        progress: Progress | None,
+    ) -> DownloadResult:
+        hasher = blake3.blake3()
+        if existing:
+            out.seek(base)
+            _hash_into(hasher, out, existing, progress)
+        offset = existing
+        resumed = existing > 0
+        etag: str | None = None
+        received = 0
+        attempts = 0
+        while True:
+            attempts += 1
+            headers: dict[str, str] = {}
+            if offset > 0:
+                headers["range"] = f"bytes={offset}-"
+                if etag is not None:
+                    headers["if-range"] = etag
+            try:
+                with self._http.stream("GET", url, headers=headers) as response:
+                    if response.status_code == 416 and offset > 0:
+                        # The local part is as long as the content, or longer.
+                        size = _unsatisfied_size(response)
+                        etag = response.headers.get("etag")
+                        if size == offset and etag and _etag_hash(etag) == hasher.hexdigest():
+                            return DownloadResult(path, _etag_hash(etag), size, received, True)
+                        hasher, offset = _restart(out, base)
+                        continue
+                    _raise_for(response)
+                    new_etag = response.headers.get("etag")
+                    if new_etag is None:
+                        raise ServiceError("the response has no ETag", status=200)
+                    total = _total_length(response, offset)
+                    if response.status_code == 200 and offset > 0:
+                        # The content changed since the first attempt (If-Range), or
+                        # the server ignored the range: start over.
+                        hasher, offset = _restart(out, base)
+                        resumed = False
+                    etag = new_etag
+                    out.seek(base + offset)
+                    try:
+                        for chunk in response.iter_bytes(BLOCK):
+                            out.write(chunk)
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            received += len(chunk)
+                            if progress is not None:
+                                progress("download", offset, total)
+                    except httpx.TransportError:
+                        if attempts > self.retries:
+                            raise
+                        continue  # resume from offset
+            except httpx.TransportError as exc:
+                if attempts > self.retries:
+                    raise ServiceUnavailableError(
+                        f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
+                    ) from exc
+                continue
+            if offset < total:
+                if attempts > self.retries:
+                    raise LengthMismatchError(f"received {offset} of {total} bytes")
+                continue
+            _truncate(out, base + offset)
+            digest = _etag_hash(etag)
+            if offset != total or hasher.hexdigest() != digest:
+                if resumed and attempts <= self.retries:
+                    resumed = False  # the old part was stale: fetch everything
+                    hasher, offset = _restart(out, base)
+                    continue
+                raise HashMismatchError(
+                    f"downloaded {offset} bytes hashing to {hasher.hexdigest()}, expected "
+                    f"{total} bytes hashing to {digest}"
+                )
+            return DownloadResult(path, digest, total, received, resumed)
+
+    # -- transport ------------------------------------------------------------------
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServiceUnavailableError(
+                f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
+            ) from exc
+        _raise_for(response)
+        return response
+
+    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
+        response = self._send(method, url, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise ServiceError(
+                f"{method} {url}: the service sent no JSON", status=response.status_code
+            ) from None
+
+
+# -- helpers ------------------------------------------------------------------------
+def _env_url(env: str, *parts: str) -> str:
+    check_env(env)
+    return "/v1/environments/" + "/".join([quote(env, safe=""), *parts])
+
+
+def _object_url(env: str, path: str) -> str:
+    check_path(path)
+    encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
+    return _env_url(env, "resources", encoded)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    body = b""
+    if response.request.method != "HEAD":
+        with contextlib.suppress(httpx.HTTPError):
+            body = response.read()
+    code = response.headers.get("x-rescat-error", "")
+    exc = exception_from(response.status_code, body)
+    if isinstance(exc, ServiceError) and code in error_classes():
+        exc = error_classes()[code](f"HTTP {response.status_code} {code}")
+    raise exc
+
+
+@contextlib.contextmanager
+def _source(file: str | os.PathLike[str] | BinaryIO) -> Iterator[tuple[BinaryIO, int]]:
+    """A seekable reader of the upload and the offset its content starts at."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as reader:
+            yield reader, 0
+        return
+    start = _tell(file)
+    if start >= 0:
+        yield file, start
+        return
+    with tempfile.TemporaryFile() as spool:  # a pipe: keep a copy to answer challenges
+        while data := file.read(HASH_BLOCK):
+            spool.write(data)
+        spool.seek(0)
+        yield spool, 0  # type: ignore[misc]
+
+
+def _tell(file: Any) -> int:
+    try:
+        if file.seekable():
+            return int(file.tell())
+    except (AttributeError, OSError, ValueError):
+        pass
+    return -1
+
+
+def _remaining(reader: BinaryIO, start: int) -> int:
+    end = reader.seek(0, io.SEEK_END)
+    reader.seek(start)
+    return int(end) - start
+
+
+def _hash_file(reader: BinaryIO, start: int, progress: Progress | None) -> tuple[str, int]:
+    reader.seek(start)
+    total = _remaining(reader, start)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    done = _hash_into(hasher, reader, -1, progress, total, phase="hash")
+    return hasher.hexdigest(), done
+
+
+def _hash_into(
+    hasher: Any,
+    reader: BinaryIO,
+    length: int,
+    progress: Progress | None,
+    total: int | None = None,
+    phase: str = "verify",
+) -> int:
+    done = 0
+    while length < 0 or done < length:
+        want = HASH_BLOCK if length < 0 else min(HASH_BLOCK, length - done)
+        data = reader.read(want)
+        if not data:
+            break
+        hasher.update(data)
+        done += len(data)
+        if progress is not None:
+            progress(phase, done, total if total is not None else length)
+    return done
+
+
+def _ranges_checksum(reader: BinaryIO, start: int, ranges: list[tuple[int, int]]) -> str:
+    hasher = blake3.blake3()
+    for offset, size in ranges:
+        reader.seek(start + offset)
+        left = size
+        while left > 0:
+            data = reader.read(min(left, BLOCK))
+            if not data:
+                raise LengthMismatchError("the local file is shorter than the challenge")
+            hasher.update(data)
+            left -= len(data)
+    return str(hasher.hexdigest())
+
+
+def _etag_hash(etag: str | None) -> str:
+    text = (etag or "").strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    return parse_hash(text.strip('"'))
+
+
+def _total_length(response: httpx.Response, offset: int) -> int:
+    if response.status_code == 206:
+        content_range = response.headers.get("content-range", "")
+        try:
+            span, _, size = content_range.removeprefix("bytes ").partition("/")
+            first = int(span.split("-")[0])
+            total = int(size)
+        except ValueError:
+            raise ServiceError(f"bad Content-Range: {content_range!r}", status=206) from None
+        if first != offset:
+            raise ServiceError(f"asked for bytes from {offset}, got {content_range!r}", status=206)
+        return total
+    return int(response.headers["content-length"])
+
+
+def _unsatisfied_size(response: httpx.Response) -> int:
+    content_range = response.headers.get("content-range", "")
+    try:
+        return int(content_range.rpartition("/")[2])
+    except ValueError:
+        return -1
+
+
+def _restart(out: BinaryIO, base: int) -> tuple[Any, int]:
+    try:
+        out.seek(base)
+        out.truncate(base)
+    except (OSError, ValueError):
+        raise CatalogError("the download must restart but the target cannot rewind") from None
+    return blake3.blake3(), 0
+
+
+def _truncate(out: BinaryIO, size: int) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if out.seekable():
+            out.truncate(size)
+
+
+__all__ = ["CatalogClient", "DownloadResult", "ServiceUnavailableError", "UploadResult"]

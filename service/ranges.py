@@ -1,0 +1,90 @@
+"""Single byte ranges and entity-tag conditions (RFC 9110, the subset we serve).
+
+Only one range per request is served: `bytes=a-b`, `bytes=a-`, `bytes=-n`.
+A multi-range or malformed Range header is ignored (the full content is sent),
+as RFC 9110 allows; a well-formed but unsatisfiable one gives 416.
+"""
+
+from __future__ import annotations
+
+import re
+
+_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+
+
+class Unsatisfiable(Exception):
+    """The range lies wholly outside the content."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end_inclusive) for a single-range header, None for the whole content.
+
+    Raises Unsatisfiable when the range cannot be served for `size` bytes.
+    """
+    if header is None:
+        return None
+    match = _RANGE_RE.fullmatch(header)
+    if match is None:
+        return None  # multi-range or not a byte range: ignore it
+    first, last = _number(match.group(1)), _number(match.group(2))
+    if first is None and last is None:
+        return None
+    if first is None:  # suffix: the last n bytes
+        assert last is not None
+        if last == 0 or size == 0:
+            raise Unsatisfiable()
+        return max(0, size - last), size - 1
+    if last is not None and last < first:
+        return None  # invalid: ignore the header
+    if first >= size:
+        raise Unsatisfiable()
+    end = size - 1 if last is None else min(last, size - 1)
+    return first, end
+
+
+_HUGE = 1 << 80
+
+
+def _number(digits: str) -> int | None:
+    if not digits:
+        return None
+    return _HUGE if len(digits) > 24 else int(digits)
+
+
+def etag_for(hex_digest: str) -> str:
+    return f'"blake3:{hex_digest}"'
+
+
+def _tags(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def _opaque(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def none_match(header: str | None, etag: str | None) -> bool:
+    """True when If-None-Match matches (weak comparison): GET -> 304, PUT -> 412."""
+    if header is None:
+        return False
+    tags = _tags(header)
+    if "*" in tags:
+        return etag is not None
+    return etag is not None and any(_opaque(t) == etag for t in tags)
+
+
+def match_fails(header: str | None, etag: str | None) -> bool:
+    """True when an If-Match precondition fails (strong comparison)."""
+    if header is None:
+        return False
+    tags = _tags(header)
+    if "*" in tags:
+        return etag is None
+    return etag is None or etag not in tags
+
+
+def if_range_holds(header: str | None, etag: str) -> bool:
+    """If-Range: serve the range only when the tag still matches (dates: never)."""
+    if header is None:
+        return True
+    return header.strip() == etag
