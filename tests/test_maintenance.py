@@ -1,0 +1,448 @@
+"""fsck finds each injected fault, gc repairs what is repairable, on a real mongod."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import struct
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo.database import Database
+
+from catalog import ManagedStorage, NotFoundError
+from catalog.clock import utcnow
+from catalog.maintenance import environments, fsck, gc, stats
+from storage import GridFSStorage
+
+MiB = 1024 * 1024
+PAST = datetime.timedelta(hours=2)
+
+
+def oid_at(when: datetime.datetime) -> ObjectId:
+    """A unique ObjectId whose timestamp is `when`."""
+    return ObjectId(struct.pack(">I", int(when.timestamp())) + os.urandom(8))
+
+
+def put(managed: ManagedStorage, env: str, path: str, data: bytes) -> str:
+    return managed.put_for_environment(env, path, io.BytesIO(data)).hash
+
+
+def read(managed: ManagedStorage, env: str, path: str) -> bytes:
+    reader, _ = managed.get_for_environment(env, path)
+    try:
+        return reader.read()
+    finally:
+        reader.close()
+
+
+def entry_doc(db: Database[Any], digest: str) -> dict[str, Any]:
+    doc = db.catalog.find_one({"hash": digest})
+    assert doc is not None
+    return doc
+
+
+def expire_lease(db: Database[Any], digest: str) -> None:
+    db.catalog.update_one({"hash": digest}, {"$set": {"lease_until": utcnow() - PAST}})
+
+
+def counts(db: Database[Any]) -> dict[str, int]:
+    return {
+        name: db[name].count_documents({})
+        for name in ("catalog", "paths", "put_requests", "resources.files", "resources.chunks")
+    }
+
+
+def snapshot(db: Database[Any]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        name: list(db[name].find({}, {"data": 0}).sort("_id", 1))
+        for name in ("catalog", "paths", "put_requests", "resources.files", "resources.chunks")
+    }
+
+
+def test_clean_catalog_stats_and_nothing_to_do(managed: ManagedStorage, db: Database[Any]) -> None:
+    a = os.urandom(3 * MiB + 17)
+    b = os.urandom(1000)
+    put(managed, "env1", "x/a", a)
+    put(managed, "env1", "x/a-copy", a)
+    put(managed, "env2", "a", a)
+    put(managed, "env2", "b", b)
+    put(managed, "env2", "empty", b"")
+
+    report = fsck(managed, verify_content=True, grace=0)
+    assert report.clean, report.problems
+    assert (report.resources, report.paths, report.files) == (3, 5, 3)
+    assert report.bytes_verified == len(a) + len(b)
+
+    s = stats(managed, by_env=True)
+    assert (s.resources, s.pending, s.paths, s.environments) == (3, 0, 5, 2)
+    assert s.logical_bytes == 3 * len(a) + len(b)
+    assert s.physical_bytes == len(a) + len(b)
+    assert s.stored_files == 3 and s.stored_bytes == len(a) + len(b)
+    assert s.dedup_ratio == pytest.approx((3 * len(a) + len(b)) / (len(a) + len(b)), rel=1e-3)
+    assert s.storage_size is not None and s.storage_size > 0
+    assert s.by_env is not None
+    env1, env2 = s.by_env
+    assert (env1.env, env1.paths, env1.logical_bytes, env1.resources) == ("env1", 2, 2 * len(a), 1)
+    assert env1.physical_bytes == len(a)
+    assert (env2.env, env2.paths, env2.resources, env2.physical_bytes) == (
+        "env2",
+        3,
+        3,
+        len(a) + len(b),
+    )
+    data = s.to_dict()
+    assert {"resources", "paths", "logical_bytes", "physical_bytes", "dedup_ratio"} <= set(data)
+    assert [e.to_dict() for e in environments(managed)] == [
+        {"env": "env1", "paths": 2, "bytes": 2 * len(a)},
+        {"env": "env2", "paths": 3, "bytes": len(a) + len(b)},
+    ]
+
+    before = snapshot(db)
+    result = gc(managed, grace=0)
+    assert not result.changed, result.actions
+    assert (result.entries, result.bytes) == (0, 0)
+    assert snapshot(db) == before
+
+
+def test_missing_chunk_is_reported_and_not_repairable(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    digest = put(managed, "e", "big", os.urandom(3 * MiB + 5))
+    put(managed, "e", "fine", b"fine")
+    file_doc = db["resources.files"].find_one({"filename": entry_doc(db, digest)["path"]})
+    assert file_doc is not None
+    db["resources.chunks"].delete_one({"files_id": file_doc["_id"], "n": 1})
+
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"missing_chunk"}
+    (problem,) = report.problems
+    assert problem.hash == digest and "chunk 1 missing" in problem.detail
+    assert problem.file_id == str(file_doc["_id"])
+
+    result = gc(managed, grace=0)
+    assert (result.entries, result.bytes) == (0, 0)
+    assert fsck(managed, grace=0).kinds() == {"missing_chunk"}  # reported, never hidden
+    assert read(managed, "e", "fine") == b"fine"
+
+
+def test_flipped_byte_needs_verify_content(managed: ManagedStorage, db: Database[Any]) -> None:
+    data = os.urandom(2 * MiB + 100)
+    digest = put(managed, "e", "f", data)
+    put(managed, "e", "g", b"other content")
+    file_doc = db["resources.files"].find_one({"filename": entry_doc(db, digest)["path"]})
+    assert file_doc is not None
+    chunk = db["resources.chunks"].find_one({"files_id": file_doc["_id"], "n": 1})
+    assert chunk is not None
+    flipped = bytearray(chunk["data"])
+    flipped[1234] ^= 0x01
+    db["resources.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(flipped)}})
+
+    assert fsck(managed, grace=0).clean  # sizes and counts are all right
+    report = fsck(managed, grace=0, verify_content=True)
+    assert report.kinds() == {"corrupt_content"}
+    (problem,) = report.problems
+    assert problem.hash == digest and problem.resource_id == str(entry_doc(db, digest)["_id"])
+    gc(managed, grace=0)
+    assert fsck(managed, grace=0, verify_content=True).kinds() == {"corrupt_content"}
+
+
+def test_bumped_refcount_is_recounted(managed: ManagedStorage, db: Database[Any]) -> None:
+    digest = put(managed, "e", "a", b"shared")
+    put(managed, "e", "b", b"shared")
+    db.catalog.update_one({"hash": digest}, {"$inc": {"refcount": 3}})
+
+    # While the lease of the last reference taken runs, an uploader may hold one.
+    report = fsck(managed, grace=0)
+    assert report.clean and report.in_flight == 1
+    assert gc(managed, grace=0).refcounts_fixed == 0
+
+    expire_lease(db, digest)
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"refcount_mismatch"}
+    assert "refcount 5, but 2 paths" in report.problems[0].detail
+
+    before = snapshot(db)
+    dry = gc(managed, grace=0, dry_run=True)
+    assert dry.refcounts_fixed == 1
+    assert snapshot(db) == before
+
+    result = gc(managed, grace=0)
+    assert result.refcounts_fixed == 1 and result.entries == 0
+    assert entry_doc(db, digest)["refcount"] == 2
+    assert entry_doc(db, digest)["history"][-1]["state"] == "recounted"
+    assert fsck(managed, grace=0).clean
+    managed.remove_for_environment("e", "a")
+    managed.remove_for_environment("e", "b")
+    assert counts(db)["catalog"] == 0 and counts(db)["resources.chunks"] == 0
+
+
+def test_refcount_too_low_is_reported_even_under_a_lease(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    digest = put(managed, "e", "a", b"content")
+    put(managed, "e", "b", b"content")
+    db.catalog.update_one({"hash": digest}, {"$set": {"refcount": 1}})
+    assert fsck(managed, grace=0).kinds() == {"refcount_mismatch"}
+    expire_lease(db, digest)
+    assert gc(managed, grace=0).refcounts_fixed == 1
+    assert entry_doc(db, digest)["refcount"] == 2
+    assert fsck(managed, grace=0).clean
+
+
+def test_unreferenced_entry_is_deleted_with_its_bytes(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    data = os.urandom(MiB + 1)
+    digest = put(managed, "e", "a", data)
+    db.paths.delete_one({"env": "e", "path": "a"})  # a crash between path and refcount
+    expire_lease(db, digest)
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"refcount_mismatch"}
+    result = gc(managed, grace=0)
+    assert result.unreferenced_entries == 1 and result.entries == 1
+    assert result.bytes == len(data)
+    assert counts(db) == dict.fromkeys(counts(db), 0)
+    assert fsck(managed, grace=0).clean
+
+
+def test_dropped_resource_is_restored_from_its_bytes(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    data = os.urandom(MiB + 3)
+    digest = put(managed, "e", "a", data)
+    put(managed, "other", "a", data)
+    put(managed, "e", "keep", b"keep")
+    rid = entry_doc(db, digest)["_id"]
+    db.catalog.delete_one({"_id": rid})
+    age_files(db)
+
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"dangling_path", "orphan_file"}
+    dangling = [p for p in report.problems if p.kind == "dangling_path"]
+    assert {(p.env, p.path) for p in dangling} == {("e", "a"), ("other", "a")}
+    with pytest.raises(NotFoundError):
+        read(managed, "e", "a")
+
+    before = snapshot(db)
+    dry = gc(managed, grace=0, dry_run=True)
+    assert dry.restored_entries == 1 and dry.orphan_files == 0
+    assert snapshot(db) == before
+
+    result = gc(managed, grace=0)
+    assert result.restored_entries == 1
+    assert result.orphan_files == 0 and result.bytes == 0  # its bytes were kept
+    restored = entry_doc(db, digest)
+    assert restored["_id"] == rid and restored["refcount"] == 2
+    assert read(managed, "e", "a") == data and read(managed, "other", "a") == data
+    assert fsck(managed, grace=0, verify_content=True).clean
+    managed.remove_for_environment("e", "a")
+    managed.remove_for_environment("other", "a")
+    assert db.catalog.count_documents({"hash": digest}) == 0
+
+
+def test_dropped_resource_repointed_to_a_new_entry(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    data = os.urandom(5000)
+    digest = put(managed, "e", "a", data)
+    old = entry_doc(db, digest)
+    db.catalog.delete_one({"_id": old["_id"]})
+    db["resources.files"].delete_many({"filename": old["path"]})
+    db["resources.chunks"].delete_many({})
+    put(managed, "e", "b", data)  # the same content arrives again: a new entry
+    assert fsck(managed, grace=0).kinds() == {"dangling_path"}
+    result = gc(managed, grace=0)
+    assert result.repointed_paths == 1
+    assert entry_doc(db, digest)["refcount"] == 2
+    assert read(managed, "e", "a") == data
+    assert fsck(managed, grace=0).clean
+
+
+def test_lost_content_stays_reported(managed: ManagedStorage, db: Database[Any]) -> None:
+    digest = put(managed, "e", "a", b"gone for good")
+    doc = entry_doc(db, digest)
+    db.catalog.delete_one({"_id": doc["_id"]})
+    db["resources.files"].delete_many({})
+    db["resources.chunks"].delete_many({})
+    result = gc(managed, grace=0)
+    assert not result.changed
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"dangling_path"}
+    assert report.problems[0].path == "a"
+
+
+def test_young_bytes_of_a_dangling_path_are_kept(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    digest = put(managed, "e", "a", b"recent")
+    db.catalog.delete_one({"hash": digest})
+    result = gc(managed, grace=600)  # the file is younger than the grace: no decision yet
+    assert not result.changed and result.in_flight == 1
+    assert counts(db)["resources.files"] == 1
+    assert fsck(managed, grace=600).kinds() == {"dangling_path"}
+
+
+def test_orphan_file_respects_grace(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    put(managed, "e", "a", b"referenced")
+    gridfs_storage.put("stray", io.BytesIO(b"x" * 70000), -1)
+
+    report = fsck(managed)  # default grace: a fresh file may be an upload about to commit
+    assert report.clean and report.in_flight == 1
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"orphan_file"}
+    assert "'stray'" in report.problems[0].subject and report.problems[0].bytes == 70000
+
+    assert not gc(managed).changed  # default grace 3600 s
+    assert gridfs_storage.exists("stray")
+    result = gc(managed, grace=0)
+    assert (result.orphan_files, result.orphan_file_bytes, result.bytes) == (1, 70000, 70000)
+    assert not gridfs_storage.exists("stray")
+    assert counts(db)["resources.chunks"] == 1  # only the referenced file's
+    assert fsck(managed, grace=0).clean
+
+
+def test_orphan_file_of_a_live_upload_is_kept(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """Between its files document and upload_complete, an upload's file is unreferenced."""
+    data = b"in flight" * 1000
+    stored = gridfs_storage.put_file("tmp-upload", io.BytesIO(data))
+    rid, _ = managed.catalog.put(stored.blake3 or "", len(data))  # pending, lease live
+    assert gc(managed, grace=0).orphan_files == 0
+    assert fsck(managed, grace=0).clean
+    managed.catalog.upload_complete(rid, "tmp-upload")
+    assert gridfs_storage.exists("tmp-upload")
+
+
+def age_files(db: Database[Any]) -> None:
+    db["resources.files"].update_many({}, {"$set": {"uploadDate": utcnow() - PAST}})
+
+
+def test_orphan_chunks_by_last_activity(managed: ManagedStorage, db: Database[Any]) -> None:
+    put(managed, "e", "a", b"referenced")
+    now = utcnow()
+    old_id, busy_id = oid_at(now - PAST), oid_at(now - PAST)
+    chunks = db["resources.chunks"]
+    # an upload that died two hours ago
+    chunks.insert_many(
+        [
+            {"_id": oid_at(now - PAST), "files_id": old_id, "n": n, "data": b"z" * 100}
+            for n in (0, 1)
+        ]
+    )
+    # an upload that started two hours ago and wrote its last batch just now
+    chunks.insert_many(
+        [
+            {"_id": oid_at(now - PAST), "files_id": busy_id, "n": 0, "data": b"y" * 100},
+            {"_id": ObjectId(), "files_id": busy_id, "n": 1, "data": b"y" * 100},
+        ]
+    )
+    report = fsck(managed, grace=60)
+    assert report.kinds() == {"orphan_chunks"} and report.in_flight == 1
+    (problem,) = report.problems
+    assert problem.file_id == str(old_id) and problem.bytes == 200
+
+    dry = gc(managed, grace=60, dry_run=True)
+    assert (dry.orphan_chunk_files, dry.orphan_chunks, dry.orphan_chunk_bytes) == (1, 2, 200)
+    assert chunks.count_documents({"files_id": old_id}) == 2
+
+    result = gc(managed, grace=60)
+    assert (result.orphan_chunks, result.bytes, result.in_flight) == (2, 200, 1)
+    assert chunks.count_documents({"files_id": old_id}) == 0
+    assert chunks.count_documents({"files_id": busy_id}) == 2
+    assert fsck(managed, grace=60).clean
+
+
+def test_abandoned_pending_entry(managed: ManagedStorage, db: Database[Any]) -> None:
+    put(managed, "e", "a", b"fine")
+    dead = "ab" * 32
+    live = "cd" * 32
+    managed.catalog.put(dead, 10)
+    managed.catalog.put(live, 10)
+    assert fsck(managed, grace=0).clean  # both leases live: uploads in flight
+    expire_lease(db, dead)
+    report = fsck(managed, grace=0)
+    assert report.kinds() == {"abandoned_pending"} and report.problems[0].hash == dead
+
+    assert gc(managed, grace=0, dry_run=True).abandoned_pending == 1
+    assert db.catalog.count_documents({"hash": dead}) == 1
+    result = gc(managed, grace=0)
+    assert (result.abandoned_pending, result.entries) == (1, 1)
+    assert db.catalog.count_documents({"hash": dead}) == 0
+    assert db.catalog.count_documents({"hash": live}) == 1
+    assert fsck(managed, grace=0).clean
+
+
+def test_pending_entry_with_a_path_is_not_deleted(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    digest = put(managed, "e", "a", b"data")
+    db.catalog.update_one(
+        {"hash": digest},
+        {"$set": {"state": "pending", "path": "", "lease_until": utcnow() - PAST}},
+    )
+    assert gc(managed, grace=0).abandoned_pending == 0
+    assert db.catalog.count_documents({"hash": digest}) == 1
+    kinds = fsck(managed, grace=0).kinds()
+    assert "path_to_pending" in kinds
+
+
+def test_expired_put_requests(managed: ManagedStorage, db: Database[Any]) -> None:
+    put(managed, "e", "a", b"proof me")
+    digest = managed.stat_for_environment("e", "a").hash
+    managed.put_for_environment_request("e", "b", digest)
+    managed.put_for_environment_request("e", "c", digest)
+    db.put_requests.update_one({}, {"$set": {"expires_at": utcnow() - PAST}})
+    assert gc(managed, grace=0, dry_run=True).expired_requests == 1
+    assert db.put_requests.count_documents({}) == 2
+    assert gc(managed, grace=0).expired_requests == 1
+    assert db.put_requests.count_documents({}) == 1
+
+
+def test_every_fault_at_once(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """All faults together: fsck names each, gc repairs the repairable, the rest remains."""
+    chunk_victim = put(managed, "e", "missing-chunk", os.urandom(2 * MiB + 1))
+    flip_victim = put(managed, "e", "flipped", os.urandom(MiB + 1))
+    bumped = put(managed, "e", "bumped", b"bumped")
+    dropped = put(managed, "e", "dropped", b"dropped")
+    put(managed, "e", "healthy", b"healthy")
+    gridfs_storage.put("orphan", io.BytesIO(b"o" * 1000), -1)
+    managed.catalog.put("ef" * 32, 5)
+    expire_lease(db, "ef" * 32)
+
+    files = db["resources.files"]
+    chunk_file = files.find_one({"filename": entry_doc(db, chunk_victim)["path"]})
+    flip_file = files.find_one({"filename": entry_doc(db, flip_victim)["path"]})
+    assert chunk_file is not None and flip_file is not None
+    db["resources.chunks"].delete_one({"files_id": chunk_file["_id"], "n": 0})
+    db["resources.chunks"].update_one(
+        {"files_id": flip_file["_id"], "n": 0}, {"$set": {"data": b"\0" * MiB}}
+    )
+    db.catalog.update_one({"hash": bumped}, {"$inc": {"refcount": 1}})
+    expire_lease(db, bumped)
+    db.catalog.delete_one({"hash": dropped})
+    age_files(db)
+
+    report = fsck(managed, grace=0, verify_content=True)
+    assert report.kinds() == {
+        "missing_chunk",
+        "corrupt_content",
+        "refcount_mismatch",
+        "dangling_path",
+        "orphan_file",
+        "abandoned_pending",
+    }
+    assert report.counts()["orphan_file"] == 2  # the stray one and the dropped entry's
+
+    gc(managed, grace=0)
+    report = fsck(managed, grace=0, verify_content=True)
+    assert report.kinds() == {"missing_chunk", "corrupt_content"}
+    assert read(managed, "e", "dropped") == b"dropped"
+    assert read(managed, "e", "healthy") == b"healthy"
