@@ -125,7 +125,9 @@ def _stdin_size(stream: BinaryIO) -> int | None:
 @cli.command()
 @click.argument("env")
 @click.argument("path")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, readable=True))
+@click.argument(
+    "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, readable=True)
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"path","hash","length"}.')
 @pass_ctx
 def put(ctx: Context, env: str, path: str, file: str, as_json: bool) -> None:
@@ -192,7 +194,10 @@ def get(ctx: Context, env: str, path: str, output: str | None) -> None:
             sink: BinaryIO = sys.stdout.buffer
         else:
             directory = os.path.dirname(os.path.abspath(output))
-            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".rescat-", suffix=".part")
+            try:
+                fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".rescat-", suffix=".part")
+            except OSError as exc:
+                raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
             sink = os.fdopen(fd, "wb")
         hasher = blake3.blake3()
         total = 0
@@ -384,14 +389,17 @@ def stats(ctx: Context, as_json: bool, by_env: bool) -> None:
             )
 
 
-@cli.group("env")
-def env_group() -> None:
+@cli.group("env", invoke_without_command=True)
+@click.pass_context
+def env_group(click_ctx: click.Context) -> None:
     """Environments.
 
     \b
     Example:
       rescat env ls
     """
+    if click_ctx.invoked_subcommand is None:
+        click.echo(click_ctx.get_help())
 
 
 @env_group.command("ls")
@@ -475,8 +483,8 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
     help="Unreferenced bytes younger than this are in-flight uploads, not problems.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def fsck(click_ctx: click.Context, verify_content: bool, grace: float, as_json: bool) -> None:
+@pass_ctx
+def fsck(ctx: Context, verify_content: bool, grace: float, as_json: bool) -> None:
     """Check every path, reference count, stored file and chunk.
 
     Exits 0 when everything is consistent, 1 with a report naming each
@@ -487,8 +495,6 @@ def fsck(click_ctx: click.Context, verify_content: bool, grace: float, as_json: 
       rescat fsck
       rescat fsck --verify-content --json
     """
-    ctx = click_ctx.find_object(Context)
-    assert ctx is not None
     report = maintenance.fsck(ctx.managed, verify_content=verify_content, grace=grace, progress=bar)
     if as_json:
         echo_json(report.to_dict())
@@ -505,5 +511,7 @@ def fsck(click_ctx: click.Context, verify_content: bool, grace: float, as_json: 
         click.echo(checked)
     if not report.clean:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
-        click.echo(f"rescat: fsck found {len(report.problems)} problems ({counts})", err=True)
-        click_ctx.exit(1)
+        n = len(report.problems)
+        click.echo(f"rescat: fsck found {n} problem{'s' * (n != 1)} ({counts})", err=True)
+        # sys.exit, not ctx.exit: click returns ctx.exit's code in non-standalone mode.
+        sys.exit(1)
