@@ -309,7 +309,8 @@ class CatalogClient:
                         hasher, offset = _restart(out, base)
                         resumed = False
                     etag = new_etag
-                    out.seek(base + offset)
+                    if base >= 0:  # else a pipe: it is where it is
+                        out.seek(base + offset)
                     try:
                         for chunk in response.iter_bytes(BLOCK):
                             out.write(chunk)
@@ -332,7 +333,8 @@ class CatalogClient:
                 if attempts > self.retries:
                     raise LengthMismatchError(f"received {offset} of {total} bytes")
                 continue
-            _truncate(out, base + offset)
+            if base >= 0:
+                _truncate(out, base + offset)
             digest = _etag_hash(etag)
             if offset != total or hasher.hexdigest() != digest:
                 if resumed and attempts <= self.retries:
@@ -500,6 +502,8 @@ def _unsatisfied_size(response: httpx.Response) -> int:
 
 def _restart(out: BinaryIO, base: int) -> tuple[Any, int]:
     try:
+        if base < 0:
+            raise OSError("not seekable")
         out.seek(base)
         out.truncate(base)
     except (OSError, ValueError):

@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import blake3
 import httpx
@@ -136,10 +137,6 @@ def test_put_chunked_and_unicode_path(http: httpx.Client) -> None:
             yield data[i : i + 100_000]
 
     path = "ünï cödé/with space/%41?#.bin"
-    quoted = "/".join(httpx.URL("http://x/" + s).raw_path.decode()[1:] for s in [])
-    del quoted
-    from urllib.parse import quote
-
     r = http.put(url("e", quote(path, safe="/")), content=body())
     assert r.status_code == 201, r.text
     assert r.json() == {"path": path, "hash": h(data), "length": len(data)}
