@@ -519,7 +519,12 @@ def fsck(
         )
         verify_bar = bar_for(total, "verify content", "B")
     bytes_verified = 0
-    scan = bar_for(entries.estimated_document_count(), "check resources", "entries")
+    # With --verify-content the byte bar is the one worth watching: show only that one.
+    scan = (
+        _NoBar()
+        if verify_content
+        else bar_for(entries.estimated_document_count(), "check resources", "entries")
+    )
     try:
         for batch in _batches(entries.find({}), BATCH):
             counts = _path_counts(managed, [doc["_id"] for doc in batch])
