@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pymongo.database import Database
 
@@ -109,6 +111,20 @@ def test_kill_9_during_a_200_mib_put(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert managed.stat_for_environment("env", "big.bin").length == 200 * MiB
+
+    # `rescat get` streams: its memory stays far below the object's size.
+    out = tmp_path / "out.bin"
+    args = ["--mongo-uri", mongo_uri, "--database", db.name, "get", "env", "big.bin"]
+    get = subprocess.Popen([RESCAT, *args, "-o", str(out)], stderr=subprocess.PIPE)
+    peak = 0
+    watched = psutil.Process(get.pid)
+    while get.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, watched.memory_info().rss)
+        time.sleep(0.01)
+    assert get.returncode == 0, get.stderr
+    assert out.stat().st_size == 200 * MiB
+    assert 0 < peak < 120 * MiB, peak
 
 
 @pytest.mark.slow

@@ -446,3 +446,21 @@ def test_every_fault_at_once(
     assert report.kinds() == {"missing_chunk", "corrupt_content"}
     assert read(managed, "e", "dropped") == b"dropped"
     assert read(managed, "e", "healthy") == b"healthy"
+
+
+def test_in_memory_store() -> None:
+    """mongomock (no transactions, no $binarySize): the same checks, client-side."""
+    import catalog
+
+    managed = catalog.connect(f"mongomock://maintenance-{os.getpid()}", "m")
+    db = managed.db
+    put(managed, "e", "a", os.urandom(2 * MiB + 1))
+    put(managed, "e", "b", b"small")
+    assert fsck(managed, grace=0, verify_content=True).clean
+    db["resources.chunks"].delete_one({"n": 1})
+    managed.resource_storage.put("stray", io.BytesIO(b"x" * 10), -1)
+    assert fsck(managed, grace=0).kinds() == {"missing_chunk", "orphan_file"}
+    result = gc(managed, grace=0)
+    assert (result.orphan_files, result.bytes) == (1, 10)
+    assert fsck(managed, grace=0).kinds() == {"missing_chunk"}
+    assert stats(managed).paths == 2
