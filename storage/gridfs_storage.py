@@ -14,6 +14,7 @@ indexes), so any GridFS client can read what this writes.
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from catalog.errors import LengthMismatchError, NotFoundError
 from storage.reader import GridFSReader
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
-DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
+DEFAULT_WRITERS = 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class GridFSStorage:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
+        writers: int = DEFAULT_WRITERS,
     ) -> None:
         if not namespace or "$" in namespace or "\0" in namespace:
             raise ValueError(f"invalid namespace: {namespace!r}")
@@ -79,6 +82,7 @@ class GridFSStorage:
         self.namespace = namespace
         self.chunk_size = chunk_size
         self.batch_bytes = max(batch_bytes, chunk_size)
+        self.writers = max(1, writers)
         files: Collection[Any] = db[f"{namespace}.files"]
         chunks: Collection[Any] = db[f"{namespace}.chunks"]
         self.files = files.with_options(write_concern=WriteConcern("majority"))
@@ -189,13 +193,14 @@ class GridFSStorage:
         self.chunks.delete_many({"files_id": file_id})
 
     def _write_chunks(self, file_id: Any, reader: BinaryIO, length: int) -> tuple[str, int]:
+        """Read, hash and insert chunks; up to `writers` batches are in flight at once."""
         hasher = blake3.blake3()
         total = 0
         n = 0
         batch: list[dict[str, Any]] = []
         batch_size = 0
-        in_flight: Future[Any] | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridfs-put") as pool:
+        in_flight: deque[Future[Any]] = deque()
+        with ThreadPoolExecutor(self.writers, thread_name_prefix="gridfs-put") as pool:
             try:
                 while True:
                     want = self.chunk_size if length < 0 else min(self.chunk_size, length - total)
@@ -210,9 +215,9 @@ class GridFSStorage:
                     batch_size += len(data)
                     n += 1
                     if batch_size >= self.batch_bytes:
-                        if in_flight is not None:
-                            in_flight.result()
-                        in_flight = pool.submit(self._fast_chunks.insert_many, batch)
+                        if len(in_flight) >= self.writers:
+                            in_flight.popleft().result()
+                        in_flight.append(pool.submit(self._fast_chunks.insert_many, batch))
                         batch, batch_size = [], 0
                     if len(data) < want:
                         break
@@ -220,14 +225,13 @@ class GridFSStorage:
                     raise LengthMismatchError(
                         f"expected {length} bytes, the input ended after {total}"
                     )
-                if in_flight is not None:
-                    in_flight.result()
-                    in_flight = None
                 if batch:
-                    self.chunks.insert_many(batch)
+                    in_flight.append(pool.submit(self._fast_chunks.insert_many, batch))
+                while in_flight:
+                    in_flight.popleft().result()
             finally:
-                if in_flight is not None:
-                    in_flight.exception()  # wait, so cleanup sees every chunk written
+                for future in in_flight:
+                    future.exception()  # wait, so cleanup sees every chunk written
         return hasher.hexdigest(), total
 
 
