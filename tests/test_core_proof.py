@@ -194,3 +194,44 @@ def test_request_replacing_a_path_releases_old_content(
 def test_requests_have_a_ttl_index(managed: ManagedStorage) -> None:
     indexes = managed.requests.index_information()
     assert any(ix.get("expireAfterSeconds") == 0 for ix in indexes.values())
+
+
+def test_lease_is_renewed_while_a_slow_upload_runs(db: Database[Any]) -> None:
+    """An uploader that is alive but slow is never taken for an abandoned one."""
+    import threading
+
+    ms = ManagedStorage(db, GridFSStorage(db), lease=0.4)
+    data = rand(3_000_000)
+
+    class Slow(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int | None = -1) -> bytes:
+            time.sleep(0.05)
+            n = min(100_000, len(data) - self.pos)
+            out = data[self.pos : self.pos + n]
+            self.pos += n
+            return out
+
+    uploader = threading.Thread(
+        target=ms.put_for_environment_and_check_hash,
+        args=("env", "slow", Slow(), len(data), b3(data)),
+    )
+    uploader.start()
+    seen = set()
+    while uploader.is_alive():
+        try:
+            ms.put_for_environment_request("env", "other", b3(data))
+            seen.add("ready")
+        except UploadPendingError:
+            seen.add("pending")
+        except NotFoundError:
+            seen.add("abandoned")
+        time.sleep(0.05)
+    uploader.join()
+    assert "abandoned" not in seen and "pending" in seen
+    assert ms.stat_for_environment("env", "slow").length == len(data)
