@@ -290,6 +290,14 @@ class ManagedStorage:
             length, verified = seen, True
         if expected is not None and length >= 0:
             return self._put_known(env_uuid, path, reader, length, expected, verified, start)
+        if expected is not None:
+            known = self._catalog.lookup(expected)
+            if known is not None and not known.pending:
+                # Length unknown (a chunked body) but the content is stored: hash only,
+                # and the input must end exactly where the stored content does.
+                return self._put_known(
+                    env_uuid, path, reader, known.length, expected, False, None, until_eof=True
+                )
         return self._put_unknown(env_uuid, path, reader, length, expected)
 
     def _put_known(
@@ -301,12 +309,16 @@ class ManagedStorage:
         digest: str,
         verified: bool,
         start: int | None,
+        *,
+        until_eof: bool = False,
     ) -> Resource:
         rid, stored_at = self._catalog.put(digest, length)
         try:
             if stored_at:
                 if not verified:
                     seen_hash, seen = hash_stream(reader, length)
+                    if until_eof and seen == length:
+                        seen += len(reader.read(1) or b"")
                     _check(digest, length, seen_hash, seen)
             else:
                 if start is not None:

@@ -285,3 +285,23 @@ def test_environment_view(managed: ManagedStorage) -> None:
     env.move("copy", "moved")
     env.remove("x/y")
     assert env.list() == ["moved"]
+
+
+def test_known_content_with_hash_and_unknown_length(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    data = rand(2_000_000)
+    first = managed.put_for_environment("env", "one", io.BytesIO(data))
+    files = db["resources.files"].count_documents({})
+    res = managed.put_for_environment_and_check_hash(
+        "env", "two", OneWayReader(data), -1, first.hash
+    )
+    assert res.id == first.id and managed.catalog.get(first.id).refcount == 2
+    assert db["resources.files"].count_documents({}) == files
+    # a longer input whose first bytes are the stored content is not that content
+    with pytest.raises((LengthMismatchError, HashMismatchError)):
+        managed.put_for_environment_and_check_hash(
+            "env", "three", OneWayReader(data + b"tail"), -1, first.hash
+        )
+    assert managed.catalog.get(first.id).refcount == 2
+    assert managed.list_for_environment("env") == ["one", "two"]
