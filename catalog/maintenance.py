@@ -603,6 +603,8 @@ def fsck(
                 continue
             if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
                 continue  # referenced meanwhile
+            if not store.file_exists(info.file_id):
+                continue  # its entry's removal deleted it meanwhile
             problems.append(
                 Problem(
                     "orphan_file",
@@ -711,6 +713,8 @@ def _check_entry(
             file_id=file_id,
         )
     chunk_issues = store.chunk_problems(stored) if stored.chunk_size > 0 else ["no chunk size"]
+    if chunk_issues and not store.file_exists(stored.file_id):
+        return found, return_flying, 0  # removed meanwhile: files document first, then chunks
     if chunk_issues:
         missing = [c for c in chunk_issues if "missing" in c]
         other = [c for c in chunk_issues if "missing" not in c]
@@ -725,10 +729,11 @@ def _check_entry(
         except NotFoundError:
             return found, return_flying, 0  # deleted meanwhile
         except CatalogError as exc:
-            problem("corrupt_content", f"{res.path!r} cannot be read: {exc}", file_id=file_id)
+            if store.file_exists(stored.file_id):
+                problem("corrupt_content", f"{res.path!r} cannot be read: {exc}", file_id=file_id)
             return found, return_flying, 0
         verified = stored.length
-        if digest != res.hash:
+        if digest != res.hash and store.file_exists(stored.file_id):
             problem(
                 "corrupt_content",
                 f"stored bytes at {res.path!r} hash to {digest}",

@@ -17,7 +17,7 @@ from pymongo.database import Database
 
 from catalog import ManagedStorage
 from catalog.clock import utcnow
-from catalog.maintenance import GcReport, fsck, gc
+from catalog.maintenance import FsckReport, GcReport, fsck, gc
 from storage import GridFSStorage
 
 MiB = 1024 * 1024
@@ -56,10 +56,18 @@ def read_hash(managed: ManagedStorage, env: str, path: str) -> str:
         reader.close()
 
 
-def gc_loop(managed: ManagedStorage, done: threading.Event, grace: float) -> list[GcReport]:
+def gc_loop(
+    managed: ManagedStorage,
+    done: threading.Event,
+    grace: float,
+    checks: list[FsckReport] | None = None,
+) -> list[GcReport]:
+    """gc again and again until `done`; with `checks`, an fsck after each gc."""
     reports = []
     while not done.is_set():
         reports.append(gc(managed, grace=grace))
+        if checks is not None:
+            checks.append(fsck(managed, grace=grace))
         time.sleep(0.02)
     return reports
 
@@ -146,7 +154,8 @@ def test_gc_while_8_threads_upload(db: Database[Any], gridfs_storage: GridFSStor
 
     started = time.monotonic()
     done, errors = run_threads([uploader(i) for i in range(THREADS)] + [slow_uploader])
-    reports = gc_loop(managed, done, GRACE)
+    checks: list[FsckReport] = []
+    reports = gc_loop(managed, done, GRACE, checks)
     assert not errors, errors
     assert time.monotonic() - started > GRACE + 1  # the slow upload outlived the grace
     assert len(reports) >= 3
@@ -158,6 +167,9 @@ def test_gc_while_8_threads_upload(db: Database[Any], gridfs_storage: GridFSStor
     assert sum(r.abandoned_pending for r in reports) == 1
     assert sum(r.bytes for r in reports) == garbage
     assert sum(r.refcounts_fixed + r.unreferenced_entries for r in reports) == 0
+    # fsck under load, after gc took the seeded garbage: no false positives
+    assert all(c.clean for c in checks), [c.problems for c in checks if not c.clean]
+    assert sum(c.in_flight for c in checks) > 0
 
     final = gc(managed, grace=0)
     assert not final.changed, final.actions  # the uploads left no garbage of their own
