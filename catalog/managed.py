@@ -48,7 +48,13 @@ from catalog.errors import (
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.proof import PutResponse, RequestResponse, choose_ranges, ranges_checksum
+from catalog.proof import (
+    PutResponse,
+    RequestResponse,
+    choose_ranges,
+    new_put_response,
+    ranges_checksum,
+)
 from catalog.resources import DEFAULT_LEASE, Resource, ResourceCatalog, object_id
 from catalog.streams import WatchedReader, hash_stream, is_seekable
 
@@ -229,6 +235,19 @@ class ManagedStorage:
         self, response: PutResponse, *, env_uuid: str | None = None
     ) -> Resource:
         """Check a client's answer; on success its path points at the content."""
+        return self._prove(response, env_uuid)[0]
+
+    def prove_for_environment(self, env_uuid: str, request_id: str, checksum: str) -> PathInfo:
+        """Answer a request made in `env_uuid`; return what the path now holds."""
+        check_env(env_uuid)
+        _, env, path = self._prove(new_put_response(request_id, checksum), env_uuid)
+        return self.stat_for_environment(env, path)
+
+    def ping(self) -> None:
+        """Raise unless the database answers (for health checks)."""
+        self.db.command("ping")
+
+    def _prove(self, response: PutResponse, env_uuid: str | None) -> tuple[Resource, str, str]:
         request_id = getattr(response, "request_id", None)
         if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
             raise RequestExpiredError("unknown put request")
@@ -261,7 +280,7 @@ class ManagedStorage:
                 raise ResourceDeletedError("the content was deleted since the request")
             return self._link_in(doc["env"], doc["path"], res.id, session, doomed)
 
-        return self.transact(link)
+        return self.transact(link), doc["env"], doc["path"]
 
     # -- internals: put ------------------------------------------------------
     def _put(

@@ -235,3 +235,17 @@ def test_lease_is_renewed_while_a_slow_upload_runs(db: Database[Any]) -> None:
     uploader.join()
     assert "abandoned" not in seen and "pending" in seen
     assert ms.stat_for_environment("env", "slow").length == len(data)
+
+
+def test_prove_for_environment_returns_the_path(managed: ManagedStorage, stored: bytes) -> None:
+    req = managed.put_for_environment_request("claimer", "new/copy", b3(stored))
+    info = managed.prove_for_environment("claimer", req.request_id, answer(stored, req.ranges))
+    assert (info.env_uuid, info.path, info.hash, info.length) == (
+        "claimer",
+        "new/copy",
+        b3(stored),
+        len(stored),
+    )
+    req = managed.put_for_environment_request("claimer", "other", b3(stored))
+    with pytest.raises(RequestExpiredError):
+        managed.prove_for_environment("intruder", req.request_id, answer(stored, req.ranges))
