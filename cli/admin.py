@@ -97,6 +97,11 @@ def _human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _n(count: int, word: str) -> str:
+    """`3 paths`, `1 path`."""
+    return f"{count} {word}{'s' * (count != 1)}"
+
+
 def _iso(value: Any) -> str:
     return str(value.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
 
@@ -367,7 +372,7 @@ def stats(ctx: Context, as_json: bool, by_env: bool) -> None:
     ratio = f"{result.dedup_ratio:.2f}" if result.dedup_ratio is not None else "-"
     rows = [
         ("resources", f"{result.resources} ready, {result.pending} pending"),
-        ("paths", f"{result.paths} in {result.environments} environments"),
+        ("paths", f"{result.paths} in {_n(result.environments, 'environment')}"),
         ("logical bytes", f"{result.logical_bytes} ({_human(result.logical_bytes)})"),
         ("physical bytes", f"{result.physical_bytes} ({_human(result.physical_bytes)})"),
         ("dedup ratio", ratio),
@@ -470,7 +475,8 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
             click.echo(f"{key + ':':<22} {value}")
     if report.in_flight:
         click.echo(f"{'in flight (kept):':<22} {report.in_flight}")
-    click.echo(f"{verb} {report.entries} entries, {report.bytes} bytes ({_human(report.bytes)})")
+    entries = _n(report.entries, "entry").replace("entrys", "entries")
+    click.echo(f"{verb} {entries}, {_n(report.bytes, 'byte')} ({_human(report.bytes)})")
 
 
 @cli.command()
@@ -502,7 +508,8 @@ def fsck(ctx: Context, verify_content: bool, grace: float, as_json: bool) -> Non
         for problem in report.problems:
             click.echo(str(problem))
         checked = (
-            f"checked {report.resources} resources, {report.paths} paths, {report.files} files"
+            f"checked {_n(report.resources, 'resource')}, {_n(report.paths, 'path')}, "
+            f"{_n(report.files, 'file')}"
         )
         if verify_content:
             checked += f", re-hashed {_human(report.bytes_verified)}"
@@ -511,7 +518,7 @@ def fsck(ctx: Context, verify_content: bool, grace: float, as_json: bool) -> Non
         click.echo(checked)
     if not report.clean:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
-        n = len(report.problems)
-        click.echo(f"rescat: fsck found {n} problem{'s' * (n != 1)} ({counts})", err=True)
+        found = _n(len(report.problems), "problem")
+        click.echo(f"rescat: fsck found {found} ({counts})", err=True)
         # sys.exit, not ctx.exit: click returns ctx.exit's code in non-standalone mode.
         sys.exit(1)
