@@ -999,6 +999,9 @@ def _gc_dangling(
         if info.blake3:
             by_hash.setdefault(info.blake3, []).append(info)
     for rid, (digest, length) in missing.items():
+        if not isinstance(rid, ObjectId):
+            protected.add(digest)  # not a reference this catalog could have made
+            continue
         candidates = [
             f
             for f in by_hash.get(digest, [])

@@ -273,3 +273,22 @@ def test_console_script(mongo_uri: str, db: Database[Any], tmp_path: Path) -> No
     assert fsck.stderr == b"rescat: fsck found 1 problem (1 missing_chunk)\n"
     assert rescat_run("get", "e", "dir/file", "-o", str(tmp_path / "x")).returncode == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_stat_shows_repairs_in_the_history(base: list[str], db: Database[Any]) -> None:
+    invoke(base, "put", "e", "a", "-", input=b"history")
+    invoke(base, "put", "e", "b", "-", input=b"history")
+    db.catalog.update_one(
+        {}, {"$inc": {"refcount": 1}, "$set": {"lease_until": utcnow().replace(year=2000)}}
+    )
+    assert invoke(base, "gc", "--grace", "0").exit_code == 0
+    info = json.loads(invoke(base, "stat", "e", "a", "--json").stdout)
+    assert [h["state"] for h in info["history"]][-1] == "recounted"
+    assert invoke(base, "stat", "e", "a").stdout.rstrip().endswith("recounted")
+
+
+def test_debug_shows_the_exception(base: list[str]) -> None:
+    from catalog import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        main([*base, "--debug", "stat", "e", "missing"])
