@@ -56,7 +56,7 @@ from catalog.proof import (
     ranges_checksum,
 )
 from catalog.resources import DEFAULT_LEASE, Resource, ResourceCatalog, object_id
-from catalog.streams import WatchedReader, hash_stream, is_seekable
+from catalog.streams import Heartbeat, WatchedReader, hash_stream, is_seekable
 
 if TYPE_CHECKING:
     from catalog.environment import Environment
@@ -333,17 +333,18 @@ class ManagedStorage:
     ) -> Resource:
         rid, stored_at = self._catalog.put(digest, length)
         try:
-            if stored_at:
-                if not verified:
-                    seen_hash, seen = hash_stream(reader, length)
-                    if until_eof and seen == length:
-                        seen += len(reader.read(1) or b"")
-                    _check(digest, length, seen_hash, seen)
-            else:
-                if start is not None:
-                    reader.seek(start)
-                self._upload(rid, reader, length, digest)
-            return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+            with self._holding(rid):
+                if stored_at:
+                    if not verified:
+                        seen_hash, seen = hash_stream(reader, length)
+                        if until_eof and seen == length:
+                            seen += len(reader.read(1) or b"")
+                        _check(digest, length, seen_hash, seen)
+                else:
+                    if start is not None:
+                        reader.seek(start)
+                    self._upload(rid, reader, length, digest)
+                return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
         except BaseException:
             self._release(rid)
             raise
@@ -362,11 +363,12 @@ class ManagedStorage:
             self._discard(tmp)
             raise
         try:
-            if stored_at:
-                self._discard(tmp)
-            else:
-                self._complete(rid, tmp)
-            return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+            with self._holding(rid):
+                if stored_at:
+                    self._discard(tmp)
+                else:
+                    self._complete(rid, tmp)
+                return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
         except BaseException:
             self._release(rid)
             raise
@@ -375,14 +377,20 @@ class ManagedStorage:
         """Write the bytes of a pending entry; lose gracefully to a faster uploader."""
         self._catalog.renew_lease(rid, state="uploading")
         tmp = new_storage_path()
-        watched = WatchedReader(
-            reader, tick=lambda: self._catalog.renew_lease(rid), every=self._catalog.lease / 4
-        )
+        watched = WatchedReader(reader)
         written = self.resource_storage.put(tmp, watched, length)
         if written != digest or watched.count != length:
             self._discard(tmp)
             _check(digest, length, written, watched.count)
         self._complete(rid, tmp)
+
+    def _holding(self, rid: str) -> Heartbeat:
+        """Keep the lease of a reference no path backs yet alive until the link commits.
+
+        gc recounts an entry only once its lease has run out, so this is what keeps
+        an in-flight reference from being recounted away however slow the client.
+        """
+        return Heartbeat(lambda: self._catalog.renew_lease(rid), self._catalog.lease / 4)
 
     def _complete(self, rid: str, storage_path: str) -> None:
         try:

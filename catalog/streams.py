@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, BinaryIO
 
 import blake3
@@ -33,29 +34,52 @@ def hash_stream(reader: BinaryIO, length: int = -1) -> tuple[str, int]:
 
 
 class WatchedReader:
-    """Counts the bytes read through it and calls `tick` at most every `every` seconds.
+    """Counts the bytes read through it (the storage protocol returns only a hash)."""
 
-    The upload path uses it to renew its lease while the storage pulls bytes,
-    without the storage layer knowing leases exist.
-    """
-
-    def __init__(
-        self, inner: BinaryIO, tick: Callable[[], None] | None = None, every: float = 10.0
-    ) -> None:
+    def __init__(self, inner: BinaryIO) -> None:
         self._inner = inner
-        self._tick = tick
-        self._every = every
-        self._last = time.monotonic()
         self.count = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._inner.read(size)
         if data:
             self.count += len(data)
-        if self._tick is not None and time.monotonic() - self._last >= self._every:
-            self._last = time.monotonic()
-            self._tick()
         return data if data is not None else b""
 
     def readable(self) -> bool:
         return True
+
+
+class Heartbeat:
+    """Calls `beat` every `every` seconds on a daemon thread while the block runs.
+
+    An uploader's lease must mean "the uploader is alive", not "it read bytes
+    recently": a write stalled on a busy server must not let the lease lapse,
+    while a killed process stops beating at once.
+    """
+
+    def __init__(self, beat: Callable[[], None], every: float) -> None:
+        self._beat = beat
+        self._every = max(every, 0.01)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rescat-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._beat()
+            except Exception:  # a missed beat is retried; the upload decides the outcome
+                continue
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()

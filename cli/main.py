@@ -18,7 +18,10 @@ from cli.app import cli
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="rescat", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="rescat", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `rescat`, `rescat token`: help
+        click.echo(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"rescat: {type(exc).__name__}: {_one_line(exc)}", err=True)
         sys.exit(1)
-    sys.exit(0)
+    # standalone_mode=False returns ctx.exit(n)'s status instead of exiting.
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def _one_line(exc: BaseException) -> str:

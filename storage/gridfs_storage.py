@@ -27,7 +27,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from catalog.errors import LengthMismatchError, NotFoundError
-from storage.reader import GridFSReader
+from storage.reader import CorruptFileError, GridFSReader
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
@@ -115,6 +115,13 @@ class GridFSStorage:
         file_id = ObjectId()
         try:
             digest, total = self._write_chunks(file_id, reader, length)
+            # Check before the commit point: never commit a file whose chunks vanished.
+            expected = -(-total // self.chunk_size)
+            found = self.chunks.count_documents({"files_id": file_id})
+            if found != expected:
+                raise CorruptFileError(
+                    f"{path!r}: {found} of {expected} chunks are left after the upload"
+                )
             upload_date = datetime.datetime.now(datetime.timezone.utc)
             self.files.insert_one(
                 {
