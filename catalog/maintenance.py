@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from bson import ObjectId
 from pymongo.client_session import ClientSession
@@ -41,6 +41,7 @@ from catalog.clock import aware, utcnow
 from catalog.errors import CatalogError, NotFoundError
 from catalog.managed import ManagedStorage
 from catalog.resources import READY, to_resource
+from storage.gridfs_storage import StoredFile
 
 DEFAULT_GC_GRACE = 3600.0
 DEFAULT_FSCK_GRACE = 60.0
@@ -201,11 +202,7 @@ def stats(managed: ManagedStorage, *, by_env: bool = False) -> Stats:
     stored_files = stored_bytes = 0
     store = _maybe_store(managed)
     if store is not None:
-        for doc in _aggregate(
-            store.files,
-            [{"$group": {"_id": None, "n": {"$sum": 1}, "bytes": {"$sum": "$length"}}}],
-        ):
-            stored_files, stored_bytes = int(doc["n"]), int(doc["bytes"])
+        stored_files, stored_bytes = store.totals()
     db_stats: dict[str, Any] = {}
     try:
         db_stats = managed.db.command("dbStats", freeStorage=1)
@@ -264,99 +261,64 @@ def _int_or_none(value: Any) -> int | None:
 
 
 # -- the byte store, as gc and fsck see it --------------------------------------
-@dataclass(frozen=True)
-class FileInfo:
-    """One stored GridFS file (duck-compatible with storage's StoredFile)."""
-
-    file_id: Any
-    path: str
-    length: int
-    chunk_size: int
-    upload_date: datetime.datetime
-    blake3: str | None
+FileInfo = StoredFile
 
 
 class _Store:
-    """What gc and fsck need of a GridFS-compatible resource storage."""
+    """What gc and fsck need of a resource storage: GridFSStorage's inspection methods."""
+
+    NEEDED = (
+        "iter_files",
+        "file_exists",
+        "totals",
+        "stat",
+        "get",
+        "remove_file",
+        "orphan_chunk_file_ids",
+        "last_write",
+        "chunk_usage",
+        "chunk_problems",
+    )
 
     def __init__(self, storage: Any) -> None:
-        needed = ("files", "chunks", "stat", "get", "remove_file", "chunk_problems")
-        missing = [name for name in needed if not hasattr(storage, name)]
+        missing = [name for name in self.NEEDED if not hasattr(storage, name)]
         if missing:
             raise CatalogError(
                 f"gc and fsck need a GridFS resource storage ({type(storage).__name__} "
                 f"lacks {', '.join(missing)})"
             )
         self.storage = storage
-        self.files = storage.files
-        self.chunks = storage.chunks
 
     def iter_files(self) -> Iterator[FileInfo]:
-        """Every stored file, in no particular order (no sort: no memory limit)."""
-        projection = {"length": 1, "chunkSize": 1, "uploadDate": 1, "filename": 1, "metadata": 1}
-        for doc in self.files.find({}, projection):
-            yield _file_info(doc)
+        return iter(self.storage.iter_files())
 
     def file_exists(self, file_id: Any) -> bool:
-        return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
+        return bool(self.storage.file_exists(file_id))
+
+    def totals(self) -> tuple[int, int]:
+        files, size = self.storage.totals()
+        return int(files), int(size)
 
     def stat(self, path: str) -> FileInfo | None:
         try:
-            stored = self.storage.stat(path)
+            return cast(FileInfo, self.storage.stat(path))
         except NotFoundError:
             return None
-        return FileInfo(
-            stored.file_id,
-            stored.path,
-            int(stored.length),
-            int(stored.chunk_size),
-            aware(stored.upload_date),
-            stored.blake3,
-        )
 
     def orphan_chunk_ids(self) -> list[Any]:
-        """files_id values of chunks that have no files document (files read first)."""
-        known = set(self.files.distinct("_id"))
-        return [fid for fid in self.chunks.distinct("files_id") if fid not in known]
+        return list(self.storage.orphan_chunk_file_ids())
 
     def last_activity(self, files_id: Any) -> datetime.datetime | None:
-        """When chunks of `files_id` were last written, from ObjectIds; None if unknown.
-
-        The writer inserts chunks in `n` order with client-generated ObjectIds,
-        so the highest-numbered chunk carries the time of the last batch.
-        """
-        times = [_oid_time(files_id)]
-        last = self.chunks.find_one({"files_id": files_id}, {"_id": 1}, sort=[("n", -1)])
-        if last is not None:
-            times.append(_oid_time(last["_id"]))
-        known = [t for t in times if t is not None]
-        return max(known) if known else None
+        """When chunks of `files_id` were last written, plus slack for clock granularity."""
+        when = self.storage.last_write(files_id)
+        return aware(when) + _OID_SLACK if when is not None else None
 
     def chunk_usage(self, files_id: Any) -> tuple[int, int]:
-        """(chunks, bytes) stored for `files_id`."""
-        pipeline: list[dict[str, Any]] = [
-            {"$match": {"files_id": files_id}},
-            {
-                "$group": {
-                    "_id": None,
-                    "n": {"$sum": 1},
-                    "bytes": {"$sum": {"$binarySize": "$data"}},
-                }
-            },
-        ]
-        try:
-            for doc in _aggregate(self.chunks, pipeline):
-                return int(doc["n"]), int(doc["bytes"])
-            return 0, 0
-        except OperationFailure:  # no $binarySize (mongomock): count on this side
-            sizes = [len(d["data"]) for d in self.chunks.find({"files_id": files_id})]
-            return len(sizes), sum(sizes)
+        chunks, size = self.storage.chunk_usage(files_id)
+        return int(chunks), int(size)
 
     def chunk_problems(self, info: FileInfo) -> list[str]:
-        try:
-            return list(self.storage.chunk_problems(info))
-        except OperationFailure:  # no $binarySize (mongomock): check on this side
-            return _chunk_problems_here(self.chunks, info)
+        return list(self.storage.chunk_problems(info))
 
     def remove_file(self, file_id: Any) -> None:
         """Delete a files document and its chunks (also works for chunks alone)."""
@@ -381,51 +343,11 @@ class _Store:
         return str(hasher.hexdigest())
 
 
-def _chunk_problems_here(chunks: Any, info: FileInfo) -> list[str]:
-    """storage's chunk_problems, computed client-side (reads the chunks)."""
-    expected_n = -(-info.length // info.chunk_size) if info.length else 0
-    problems: list[str] = []
-    seen = 0
-    for doc in chunks.find({"files_id": info.file_id}, sort=[("n", 1)]):
-        n, size = int(doc["n"]), len(doc["data"])
-        last = n == expected_n - 1
-        want = info.length - n * info.chunk_size if last else info.chunk_size
-        if n != seen:
-            problems.append(f"chunk {seen} missing")
-            seen = n
-        if n >= expected_n:
-            problems.append(f"unexpected chunk {n}")
-        elif size != want:
-            problems.append(f"chunk {n} has {size} bytes, expected {want}")
-        seen += 1
-    if seen < expected_n:
-        problems.append(f"chunks {seen}..{expected_n - 1} missing")
-    return problems
-
-
 def _maybe_store(managed: ManagedStorage) -> _Store | None:
     try:
         return _Store(managed.resource_storage)
     except CatalogError:
         return None
-
-
-def _file_info(doc: dict[str, Any]) -> FileInfo:
-    upload_date = doc.get("uploadDate") or datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
-    return FileInfo(
-        doc["_id"],
-        str(doc.get("filename", "")),
-        int(doc.get("length", 0)),
-        int(doc.get("chunkSize", 0) or 0),
-        aware(upload_date),
-        (doc.get("metadata") or {}).get("blake3"),
-    )
-
-
-def _oid_time(value: Any) -> datetime.datetime | None:
-    if isinstance(value, ObjectId):
-        return aware(value.generation_time) + _OID_SLACK
-    return None
 
 
 # -- fsck -----------------------------------------------------------------------
@@ -594,7 +516,7 @@ def fsck(
         scan.close()
 
     # 3. stored files no entry points at
-    n_files = store.files.count_documents({})
+    n_files = store.totals()[0]
     scan = bar_for(n_files, "check files", "files")
     try:
         for info in _unreferenced_files(managed, store, scan):
@@ -900,7 +822,7 @@ def gc(
 
     _gc_requests(managed, report)
     _gc_abandoned(managed, report)
-    scan = bar_for(store.files.estimated_document_count(), "scan files", "files")
+    scan = bar_for(store.totals()[0], "scan files", "files")
     try:
         orphans = list(_unreferenced_files(managed, store, scan))
     finally:

@@ -25,6 +25,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
+from pymongo.errors import OperationFailure
 
 from catalog.errors import LengthMismatchError, NotFoundError
 from storage.reader import CorruptFileError, GridFSReader
@@ -150,45 +151,80 @@ class GridFSStorage:
         return self.files.find_one({"filename": path}, {"_id": 1}) is not None
 
     def iter_files(self) -> Iterator[StoredFile]:
-        """Every stored file, oldest first."""
-        for doc in self.files.find({}, sort=[("uploadDate", ASCENDING)]):
+        """Every stored file, in no particular order (unsorted: no server memory limit)."""
+        projection = {"length": 1, "chunkSize": 1, "uploadDate": 1, "filename": 1, "metadata": 1}
+        for doc in self.files.find({}, projection):
             yield _stored(doc)
 
+    def file_exists(self, file_id: Any) -> bool:
+        return self.files.find_one({"_id": file_id}, {"_id": 1}) is not None
+
+    def totals(self) -> tuple[int, int]:
+        """(files, bytes) stored."""
+        pipeline = [{"$group": {"_id": None, "n": {"$sum": 1}, "bytes": {"$sum": "$length"}}}]
+        for doc in self.files.aggregate(pipeline):
+            return int(doc["n"]), int(doc["bytes"])
+        return 0, 0
+
     def remove_file(self, file_id: Any) -> None:
-        """Delete one file: the files document first, so it vanishes at once."""
+        """Delete one file: the files document first, so it vanishes at once.
+
+        Also removes chunks that have no files document (an interrupted upload).
+        """
         self.files.delete_one({"_id": file_id})
         self._delete_chunks(file_id)
 
     def orphan_chunk_file_ids(self) -> list[Any]:
-        """files_id values of chunks whose files document does not exist."""
+        """files_id values of chunks whose files document does not exist (files read first)."""
         known = set(self.files.distinct("_id"))
         return [fid for fid in self.chunks.distinct("files_id") if fid not in known]
 
+    def last_write(self, file_id: Any) -> datetime.datetime | None:
+        """When chunks of `file_id` were last written; None if unknown.
+
+        Chunks are inserted in `n` order with client-generated ObjectIds, so the
+        highest-numbered chunk carries the time of the last batch written.
+        """
+        times = [_oid_time(file_id)]
+        last = self.chunks.find_one({"files_id": file_id}, {"_id": 1}, sort=[("n", -1)])
+        if last is not None:
+            times.append(_oid_time(last["_id"]))
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
+    def chunk_usage(self, file_id: Any) -> tuple[int, int]:
+        """(chunks, bytes) stored for `file_id`."""
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"files_id": file_id}},
+            {
+                "$group": {
+                    "_id": None,
+                    "n": {"$sum": 1},
+                    "bytes": {"$sum": {"$binarySize": "$data"}},
+                }
+            },
+        ]
+        try:
+            for doc in self.chunks.aggregate(pipeline):
+                return int(doc["n"]), int(doc["bytes"])
+            return 0, 0
+        except OperationFailure:  # no $binarySize (mongomock): count on this side
+            sizes = [len(d["data"]) for d in self.chunks.find({"files_id": file_id})]
+            return len(sizes), sum(sizes)
+
     def chunk_problems(self, stored: StoredFile) -> list[str]:
         """What is wrong with a file's chunks (count, indexes, sizes); [] when sound."""
-        expected_n = -(-stored.length // stored.chunk_size) if stored.length else 0
-        problems: list[str] = []
-        seen = 0
         pipeline = [
             {"$match": {"files_id": stored.file_id}},
             {"$project": {"n": 1, "size": {"$binarySize": "$data"}}},
             {"$sort": {"n": 1}},
         ]
-        for doc in self.chunks.aggregate(pipeline):
-            n = doc["n"]
-            last = n == expected_n - 1
-            want = stored.length - n * stored.chunk_size if last else stored.chunk_size
-            if n != seen:
-                problems.append(f"chunk {seen} missing")
-                seen = n
-            if n >= expected_n:
-                problems.append(f"unexpected chunk {n}")
-            elif doc["size"] != want:
-                problems.append(f"chunk {n} has {doc['size']} bytes, expected {want}")
-            seen += 1
-        if seen < expected_n:
-            problems.append(f"chunks {seen}..{expected_n - 1} missing")
-        return problems
+        try:
+            sizes = [(int(d["n"]), int(d["size"])) for d in self.chunks.aggregate(pipeline)]
+        except OperationFailure:  # no $binarySize (mongomock): measure on this side
+            found = self.chunks.find({"files_id": stored.file_id}, sort=[("n", 1)])
+            sizes = [(int(d["n"]), len(d["data"])) for d in found]
+        return _chunk_problems(stored, sizes)
 
     # -- internals ------------------------------------------------------------
     def _newest(self, path: str) -> dict[str, Any] | None:
@@ -242,15 +278,42 @@ class GridFSStorage:
         return hasher.hexdigest(), total
 
 
+def _oid_time(value: Any) -> datetime.datetime | None:
+    if isinstance(value, ObjectId):
+        return value.generation_time
+    return None
+
+
+def _chunk_problems(stored: StoredFile, sizes: list[tuple[int, int]]) -> list[str]:
+    """Check (n, size) pairs, in n order, against a file's length and chunk size."""
+    expected_n = -(-stored.length // stored.chunk_size) if stored.length else 0
+    problems: list[str] = []
+    seen = 0
+    for n, size in sizes:
+        last = n == expected_n - 1
+        want = stored.length - n * stored.chunk_size if last else stored.chunk_size
+        if n != seen:
+            problems.append(f"chunk {seen} missing")
+            seen = n
+        if n >= expected_n:
+            problems.append(f"unexpected chunk {n}")
+        elif size != want:
+            problems.append(f"chunk {n} has {size} bytes, expected {want}")
+        seen += 1
+    if seen < expected_n:
+        problems.append(f"chunks {seen}..{expected_n - 1} missing")
+    return problems
+
+
 def _stored(doc: dict[str, Any]) -> StoredFile:
-    upload_date = doc["uploadDate"]
+    upload_date = doc.get("uploadDate") or datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
     if upload_date.tzinfo is None:
         upload_date = upload_date.replace(tzinfo=datetime.timezone.utc)
     return StoredFile(
         doc["_id"],
         doc.get("filename", ""),
-        int(doc["length"]),
-        int(doc["chunkSize"]),
+        int(doc.get("length", 0)),
+        int(doc.get("chunkSize", 0) or 0),
         upload_date,
         (doc.get("metadata") or {}).get("blake3"),
     )
