@@ -17,7 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +222,26 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+@contextlib.contextmanager
+def throwaway(override_env: str | None = None) -> Iterator[str]:
+    """Yield the URI of a fresh single-node replica set, deleted afterwards.
+
+    For tests and benchmarks: a fresh dbpath in a temporary folder, a free
+    loopback port, stopped by the PID we started. If `override_env` names a set
+    environment variable, its URI is yielded instead and nothing is started.
+    """
+    external = os.environ.get(override_env) if override_env else None
+    if external:
+        yield external
+        return
+    dbpath = Path(tempfile.mkdtemp(prefix="rescat-mongod-"))
+    port = free_port()
+    proc = start_mongod(dbpath, port)
+    try:
+        wait_primary(port, proc)
+        yield uri_for(port)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(dbpath, ignore_errors=True)

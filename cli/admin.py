@@ -8,7 +8,6 @@ Hashes print as `blake3:<hex>` in text; JSON fields carry the bare hex.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import stat as stat_module
@@ -25,50 +24,12 @@ from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
 from catalog.managed import PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
 from cli.app import Context, cli, echo_json, pass_ctx
-from cli.progress import bar
+from cli.progress import ProgressReader, bar
 
 READ_BLOCK = 1024 * 1024
 
 
 # -- helpers ----------------------------------------------------------------------
-class _ProgressFile:
-    """A reader that advances a progress bar and stays seekable when its source is.
-
-    Staying seekable matters: ManagedStorage hashes a seekable reader first and
-    then writes nothing at all when the content is stored already. The bar
-    restarts when the reader is rewound for the upload pass.
-    """
-
-    def __init__(self, inner: BinaryIO, progress: Any) -> None:
-        self._inner = inner
-        self._bar = progress
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        if data:
-            self._bar.update(len(data))
-        return data or b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        try:
-            return bool(self._inner.seekable())
-        except (AttributeError, OSError, ValueError):
-            return False
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        pos = self._inner.seek(offset, whence)
-        self._bar.reset(total=self._bar.total)
-        self._bar.set_description("upload")
-        self._bar.update(pos)
-        return pos
-
-
 def _path_json(info: PathInfo, env: bool = True) -> dict[str, Any]:
     data: dict[str, Any] = {
         "path": info.path,
@@ -159,7 +120,7 @@ def put(ctx: Context, env: str, path: str, file: str, as_json: bool) -> None:
             size = os.fstat(source.fileno()).st_size
             length = size
         progress = stack.enter_context(bar(size, "hash" if size is not None else "upload"))
-        reader = cast(BinaryIO, _ProgressFile(source, progress))
+        reader = cast(BinaryIO, ProgressReader(source, progress))
         res = managed.put_for_environment(env, path, reader, length)
     if as_json:
         echo_json({"path": path, "hash": res.hash, "length": res.length})

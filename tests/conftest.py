@@ -8,8 +8,6 @@ gets a database of its own, dropped after the test.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,25 +17,14 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from catalog import ManagedStorage
-from catalog.mongod import free_port, start_mongod, stop_process, uri_for, wait_primary
+from catalog.mongod import throwaway
 from storage import GridFSStorage
 
 
 @pytest.fixture(scope="session")
-def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    external = os.environ.get("RESCAT_TEST_MONGO_URI")
-    if external:
-        yield external
-        return
-    dbpath = tmp_path_factory.mktemp("mongod")
-    port = free_port()
-    proc = start_mongod(dbpath, port)
-    try:
-        wait_primary(port, proc)
-        yield uri_for(port)
-    finally:
-        stop_process(proc)
-        shutil.rmtree(dbpath, ignore_errors=True)
+def mongo_uri() -> Iterator[str]:
+    with throwaway("RESCAT_TEST_MONGO_URI") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")
