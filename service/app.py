@@ -22,6 +22,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
@@ -49,9 +50,8 @@ from catalog.errors import (
 )
 from catalog.managed import ManagedStorage
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.proof import new_put_response
 from catalog.tokens import TokenInfo, TokenStore
-from service.body import HOP_BYTES, BodyReader, ClientGone, iter_content
+from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, ClientGone, iter_content
 from service.errors import MethodNotAllowedError, RangeNotSatisfiableError, error_body, status_for
 from service.metrics import Metrics
 from service.openapi import openapi_document
@@ -141,6 +141,8 @@ class ServiceApp:
         self._upload_limiter: anyio.CapacityLimiter | None = None
         self._io_limiter: anyio.CapacityLimiter | None = None
         self._openapi = json.dumps(openapi_document(max_size)).encode()
+        # Read-ahead for GETs: the next block comes from MongoDB while one is sent.
+        self._read_ahead = ThreadPoolExecutor(io_threads, thread_name_prefix="rescat-read")
 
     # -- ASGI -----------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -198,6 +200,7 @@ class ServiceApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self._read_ahead.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -336,7 +339,7 @@ class ServiceApp:
 
     # -- handlers ----------------------------------------------------------------
     async def _health(self, method: str) -> Response:
-        await self._sync(self.managed.db.command, "ping")
+        await self._sync(self.managed.ping)
         return JSONResponse({"status": "ok"})
 
     async def _list(self, request: Request, env: str) -> Response:
@@ -390,7 +393,13 @@ class ServiceApp:
             reader.close()
             raise
         return StreamingResponse(
-            iter_content(reader, start, count, self.io_limiter),
+            iter_content(
+                reader,
+                start,
+                count,
+                self.io_limiter,
+                self._read_ahead if count > OUT_HOP_BYTES else None,
+            ),
             status_code=status,
             headers=headers,
             media_type="application/octet-stream",
@@ -468,25 +477,17 @@ class ServiceApp:
         doc = await _json_object(request)
         checksum = _field(doc, "checksum")
 
-        def answer() -> tuple[str, Any]:
-            # The core returns the resource; the path comes from the request itself.
-            pending = self.managed.requests.find_one({"_id": request_id}, {"path": 1})
-            res = self.managed.proof_of_access_response(
-                new_put_response(request_id, checksum), env_uuid=env
-            )
-            return (str(pending["path"]) if pending else ""), res
-
         try:
-            path, res = await self._sync(answer)
+            info = await self._sync(self.managed.prove_for_environment, env, request_id, checksum)
         except (RequestExpiredError, ResponseMismatchError, ResourceDeletedError) as exc:
             self.metrics.proof_failures.labels(exc.code).inc()
             raise
         self.metrics.dedup_hits.inc()
-        self.metrics.dedup_bytes.inc(res.length)
+        self.metrics.dedup_bytes.inc(info.length)
         return JSONResponse(
-            {"path": path, "hash": res.hash, "length": res.length},
+            {"path": info.path, "hash": info.hash, "length": info.length},
             status_code=201,
-            headers={"etag": etag_for(res.hash)},
+            headers={"etag": etag_for(info.hash)},
         )
 
 

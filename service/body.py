@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from catalog.errors import TooLargeError
 from service.errors import RequestTimeoutError
 
 HOP_BYTES = 1024 * 1024
+FILL_BYTES = 4 * 1024 * 1024
 MAX_HOP_BYTES = 8 * 1024 * 1024
 OUT_HOP_BYTES = 4 * 1024 * 1024
 
@@ -91,7 +93,7 @@ class BodyReader:
         if size == 0:
             return b""
         if self._buffered < size and not self._eof:
-            target = min(max(size, HOP_BYTES), MAX_HOP_BYTES)
+            target = min(max(size, FILL_BYTES), MAX_HOP_BYTES)
             anyio.from_thread.run(self.fill, target)
         return self._take(size)
 
@@ -144,17 +146,38 @@ def _read_pieces(reader: Any, want: int) -> list[bytes]:
 
 
 async def iter_content(
-    reader: Any, start: int, length: int, limiter: anyio.CapacityLimiter | None = None
+    reader: Any,
+    start: int,
+    length: int,
+    limiter: anyio.CapacityLimiter | None = None,
+    executor: Executor | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield `length` bytes of `reader` from `start`; raise if the content ends early."""
+    """Yield `length` bytes of `reader` from `start`; raise if the content ends early.
+
+    With an `executor`, the next block is read from the database while the
+    current one is being sent (one block of read-ahead, so memory stays at
+    two blocks); without, reads and sends alternate.
+    """
+    pending: Future[list[bytes]] | None = None
     try:
         if start:
             await anyio.to_thread.run_sync(reader.seek, start, limiter=limiter)
         left = length
+        ahead = left
+        if executor is not None and left > 0:
+            pending = executor.submit(_read_pieces, reader, min(ahead, OUT_HOP_BYTES))
+            ahead -= min(ahead, OUT_HOP_BYTES)
         while left > 0:
-            pieces = await anyio.to_thread.run_sync(
-                _read_pieces, reader, min(left, OUT_HOP_BYTES), limiter=limiter
-            )
+            if pending is not None:
+                pieces = await anyio.to_thread.run_sync(pending.result, limiter=limiter)
+                pending = None
+                if executor is not None and ahead > 0:
+                    pending = executor.submit(_read_pieces, reader, min(ahead, OUT_HOP_BYTES))
+                    ahead -= min(ahead, OUT_HOP_BYTES)
+            else:
+                pieces = await anyio.to_thread.run_sync(
+                    _read_pieces, reader, min(left, OUT_HOP_BYTES), limiter=limiter
+                )
             if not pieces:
                 raise OSError(f"stored content ended {left} bytes early")
             for piece in pieces:
@@ -162,4 +185,11 @@ async def iter_content(
                 yield piece
     finally:
         with anyio.CancelScope(shield=True):
+            if pending is not None:
+                await anyio.to_thread.run_sync(_settle, pending, limiter=limiter)
             await anyio.to_thread.run_sync(reader.close, limiter=limiter)
+
+
+def _settle(future: Future[Any]) -> None:
+    """Wait for a read-ahead to finish (its result is not needed any more)."""
+    future.exception()

@@ -17,7 +17,9 @@ import contextlib
 import io
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -283,7 +285,7 @@ class CatalogClient:
         attempts = 0
         while True:
             attempts += 1
-            headers: dict[str, str] = {}
+            headers = {"accept-encoding": "identity"}  # the ETag is of the bytes as stored
             if offset > 0:
                 headers["range"] = f"bytes={offset}-"
                 if etag is not None:
@@ -311,10 +313,10 @@ class CatalogClient:
                     etag = new_etag
                     if base >= 0:  # else a pipe: it is where it is
                         out.seek(base + offset)
+                    writer = _HashingWriter(out, hasher)
                     try:
-                        for chunk in response.iter_bytes(BLOCK):
-                            out.write(chunk)
-                            hasher.update(chunk)
+                        for chunk in response.iter_raw():
+                            writer.write(chunk)
                             offset += len(chunk)
                             received += len(chunk)
                             if progress is not None:
@@ -323,6 +325,8 @@ class CatalogClient:
                         if attempts > self.retries:
                             raise
                         continue  # resume from offset
+                    finally:
+                        writer.close()
             except httpx.TransportError as exc:
                 if attempts > self.retries:
                     raise ServiceUnavailableError(
@@ -468,6 +472,54 @@ def _ranges_checksum(reader: BinaryIO, start: int, ranges: list[tuple[int, int]]
             hasher.update(data)
             left -= len(data)
     return str(hasher.hexdigest())
+
+
+class _HashingWriter:
+    """Writes and hashes on a worker thread, so both overlap with network reads.
+
+    Pieces are gathered into blocks of about 1 MiB; at most a few blocks are in
+    flight, so memory stays bounded. `close` waits for everything and re-raises
+    a write error.
+    """
+
+    MAX_IN_FLIGHT = 4
+
+    def __init__(self, out: BinaryIO, hasher: Any) -> None:
+        self._out = out
+        self._hasher = hasher
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rescat-download")
+        self._pending: deque[Future[None]] = deque()
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        block = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts, self._size = [], 0
+        self._pending.append(self._pool.submit(self._consume, block))
+        while len(self._pending) > self.MAX_IN_FLIGHT:
+            self._pending.popleft().result()
+
+    def _consume(self, block: bytes) -> None:
+        self._out.write(block)
+        self._hasher.update(block)
+
+    def close(self) -> None:
+        try:
+            self._flush()
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True)
 
 
 def _etag_hash(etag: str | None) -> str:

@@ -1,0 +1,292 @@
+"""HTTP service benchmark: one run, ratios against baselines measured in the same run.
+
+1. PUT and GET of a 256 MiB object over HTTP (CatalogClient against `rescat
+   serve` in a subprocess) vs the same through an in-process ManagedStorage.
+   Target: >= 0.8x.
+2. Dedup upload of a 1 GiB file the server already has vs a full upload of it.
+   Target: <= 0.05x the time.
+3. 4 KiB PUTs per second with 16 concurrent clients vs raw pymongo
+   `insert_one`s of 4 KiB documents per second with 16 threads. Target: >= 0.3x.
+
+Starts its own throwaway mongod (fresh dbpath in a temp dir, deleted after).
+
+    .venv/bin/python bench/http.py [--size-mib 256] [--dedup-mib 1024] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named http.py: run as a script, its directory would shadow the
+# standard library's `http` package (which httpx imports). Drop it from the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Any  # noqa: E402
+
+import blake3  # noqa: E402
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+from pymongo import MongoClient  # noqa: E402
+
+from catalog import connect  # noqa: E402
+from catalog.mongod import free_port, start_mongod, stop_process, uri_for, wait_primary  # noqa: E402
+from service.client import CatalogClient  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+class Sink:
+    """A write-only, non-seekable file object that discards what it gets."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+
+def random_file(path: Path, size: int) -> str:
+    hasher = blake3.blake3()
+    seed = os.urandom(32)
+    with open(path, "wb") as out:
+        for i in range(0, size, 16 * MiB):
+            # Fast distinct bytes: SHAKE-256 keystream of (seed, block index).
+            block = hashlib.shake_256(seed + i.to_bytes(8, "big")).digest(min(16 * MiB, size - i))
+            hasher.update(block)
+            out.write(block)
+    return str(hasher.hexdigest())
+
+
+@contextmanager
+def rss_peak(pid: int) -> Iterator[list[int]]:
+    """Sample a process's RSS every 20 ms; yields [peak_bytes] (filled on exit)."""
+    proc = psutil.Process(pid)
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@contextmanager
+def serve(uri: str, database: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-c", "from cli.main import main; main()",
+        "--mongo-uri", uri, "--database", database,
+        "serve", "--port", str(port), "--no-auth", "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("rescat serve did not start")
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], None]]) -> float:
+    """Operations per second of `workers` threads each calling its op in a loop."""
+    counts = [0] * workers
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(workers + 1)
+    deadline = [0.0]
+
+    def run(w: int) -> None:
+        try:
+            op = make(w)
+            barrier.wait()
+            i = 0
+            while time.perf_counter() < deadline[0]:
+                op(i)
+                i += 1
+            counts[w] = i
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + seconds + 0.0
+    start = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = max(time.perf_counter() - start, seconds)
+    if errors:
+        raise errors[0]
+    return sum(counts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--dedup-mib", type=int, default=1024)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="rescat-bench-http-"))
+    dbpath = tmp / "db"
+    port = free_port()
+    mongod = start_mongod(dbpath, port)
+    results: list[tuple[str, float, str, bool]] = []
+    try:
+        wait_primary(port, mongod)
+        uri = uri_for(port)
+        ms = connect(uri, "bench")
+        size = args.size_mib * MiB
+        obj = tmp / "object.bin"
+        digest = random_file(obj, size)
+        print(f"mongod {uri}, dbpath {dbpath}; object {args.size_mib} MiB", flush=True)
+
+        with serve(uri, "bench") as (url, server_pid), CatalogClient(url, timeout=600) as client:
+            # -- 1. 256 MiB PUT and GET ---------------------------------------------
+            def inproc_put() -> None:
+                with open(obj, "rb") as f:
+                    ms.put_for_environment_and_check_hash("b", "inproc", f, size, digest)
+
+            def inproc_get() -> None:
+                reader, _ = ms.get_for_environment("b", "inproc")
+                sink = Sink()
+                for chunk in reader.iter_chunks():  # type: ignore[attr-defined]
+                    sink.write(chunk)
+                reader.close()
+
+            # Warm up mongod (a fresh server writes far faster than a steady one).
+            inproc_put()
+            ms.remove_for_environment("b", "inproc")
+            put_in, put_http, get_in, get_http = [], [], [], []
+            peak_put, peak_get = 0, 0
+            for _ in range(3):  # alternate, keep the best of three of each
+                put_in.append(timed(inproc_put))
+                get_in.append(timed(inproc_get))
+                ms.remove_for_environment("b", "inproc")  # so the HTTP put stores anew
+                with rss_peak(server_pid) as peak:
+                    put_http.append(timed(lambda: client.put("b", "http", obj, hash=digest)))
+                peak_put = max(peak_put, peak[0])
+                with rss_peak(server_pid) as peak:
+                    get_http.append(timed(lambda: client.download("b", "http", Sink())))
+                peak_get = max(peak_get, peak[0])
+                client.remove("b", "http")
+            mbs = size / MiB
+            put_ratio = min(put_in) / min(put_http)
+            get_ratio = min(get_in) / min(get_http)
+            print(
+                f"PUT {args.size_mib} MiB: in-process {mbs / min(put_in):.0f} MiB/s, "
+                f"HTTP {mbs / min(put_http):.0f} MiB/s -> {put_ratio:.2f}x (target >= 0.8x); "
+                f"server peak RSS {peak_put / MiB:.0f} MiB"
+            )
+            print(
+                f"GET {args.size_mib} MiB: in-process {mbs / min(get_in):.0f} MiB/s, "
+                f"HTTP {mbs / min(get_http):.0f} MiB/s -> {get_ratio:.2f}x (target >= 0.8x); "
+                f"server peak RSS {peak_get / MiB:.0f} MiB"
+            )
+            results.append(("PUT 256 MiB HTTP / in-process", put_ratio, ">= 0.8", put_ratio >= 0.8))
+            results.append(("GET 256 MiB HTTP / in-process", get_ratio, ">= 0.8", get_ratio >= 0.8))
+            obj.unlink()
+
+            # -- 2. dedup upload of 1 GiB ---------------------------------------------
+            big = tmp / "big.bin"
+            random_file(big, args.dedup_mib * MiB)
+            full_result: list[Any] = []
+            dedup_result: list[Any] = []
+            full = timed(lambda: full_result.append(client.upload("b", "full", big)))
+            dedup = timed(lambda: dedup_result.append(client.upload("b", "dedup", big)))
+            assert not full_result[0].deduplicated and dedup_result[0].deduplicated
+            dedup_ratio = dedup / full
+            print(
+                f"upload {args.dedup_mib} MiB: full {full:.2f} s "
+                f"({full_result[0].bytes_sent / MiB:.0f} MiB sent), dedup {dedup:.3f} s "
+                f"({dedup_result[0].bytes_sent} B sent) -> {dedup_ratio:.3f}x (target <= 0.05x)"
+            )
+            results.append(
+                ("dedup / full upload time", dedup_ratio, "<= 0.05", dedup_ratio <= 0.05)
+            )
+            client.remove("b", "full")
+            client.remove("b", "dedup")
+            big.unlink()
+
+            # -- 3. 4 KiB PUTs, 16 clients ------------------------------------------------
+            def http_worker(w: int) -> Callable[[int], None]:
+                c = CatalogClient(url, timeout=60)
+                return lambda i: (c.put("small", f"w{w}/{i}", os.urandom(4096)), None)[1]
+
+            raw_client: MongoClient[Any] = MongoClient(uri)
+            raw = raw_client["bench_raw"]["docs"]
+
+            def raw_worker(w: int) -> Callable[[int], None]:
+                return lambda i: (raw.insert_one({"w": w, "i": i, "data": os.urandom(4096)}), None)[
+                    1
+                ]
+
+            raw_rate = rate(16, args.seconds, raw_worker)
+            http_rate = rate(16, args.seconds, http_worker)
+            small_ratio = http_rate / raw_rate
+            print(
+                f"4 KiB writes, 16 concurrent: HTTP PUT {http_rate:.0f}/s, raw pymongo "
+                f"insert_one {raw_rate:.0f}/s -> {small_ratio:.2f}x (target >= 0.3x)"
+            )
+            results.append(
+                ("4 KiB PUT/s HTTP / raw inserts", small_ratio, ">= 0.3", small_ratio >= 0.3)
+            )
+            raw_client.close()
+    finally:
+        stop_process(mongod)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\nsummary")
+    for name, value, target, ok in results:
+        print(f"  {name:34s} {value:6.3f}x  target {target:7s} {'met' if ok else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
