@@ -26,8 +26,10 @@ sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -96,6 +98,18 @@ def rss_peak(pid: int) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def hash_file(path: Path) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as f:
+        while data := f.read(4 * MiB):
+            hasher.update(data)
+    return str(hasher.hexdigest())
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -206,7 +220,7 @@ def main() -> None:
             ms.remove_for_environment("b", "inproc")
             put_in, put_http, get_in, get_http = [], [], [], []
             peak_put, peak_get = 0, 0
-            for _ in range(3):  # alternate, keep the best of three of each
+            for _ in range(3):  # alternate; compare medians
                 put_in.append(timed(inproc_put))
                 get_in.append(timed(inproc_get))
                 ms.remove_for_environment("b", "inproc")  # so the HTTP put stores anew
@@ -218,20 +232,24 @@ def main() -> None:
                 peak_get = max(peak_get, peak[0])
                 client.remove("b", "http")
             mbs = size / MiB
-            put_ratio = min(put_in) / min(put_http)
-            get_ratio = min(get_in) / min(get_http)
+            put_ratio = median(put_in) / median(put_http)
+            get_ratio = median(get_in) / median(get_http)
+
+            def speeds(times: list[float]) -> str:
+                return "/".join(f"{mbs / t:.0f}" for t in times)
+
             print(
-                f"PUT {args.size_mib} MiB: in-process {mbs / min(put_in):.0f} MiB/s, "
-                f"HTTP {mbs / min(put_http):.0f} MiB/s -> {put_ratio:.2f}x (target >= 0.8x); "
-                f"server peak RSS {peak_put / MiB:.0f} MiB"
+                f"PUT {args.size_mib} MiB: in-process {speeds(put_in)} MiB/s, "
+                f"HTTP {speeds(put_http)} MiB/s -> median ratio {put_ratio:.2f}x "
+                f"(target >= 0.8x); server peak RSS {peak_put / MiB:.0f} MiB"
             )
             print(
-                f"GET {args.size_mib} MiB: in-process {mbs / min(get_in):.0f} MiB/s, "
-                f"HTTP {mbs / min(get_http):.0f} MiB/s -> {get_ratio:.2f}x (target >= 0.8x); "
-                f"server peak RSS {peak_get / MiB:.0f} MiB"
+                f"GET {args.size_mib} MiB: in-process {speeds(get_in)} MiB/s, "
+                f"HTTP {speeds(get_http)} MiB/s -> median ratio {get_ratio:.2f}x "
+                f"(target >= 0.8x); server peak RSS {peak_get / MiB:.0f} MiB"
             )
-            results.append(("PUT 256 MiB HTTP / in-process", put_ratio, ">= 0.8", put_ratio >= 0.8))
-            results.append(("GET 256 MiB HTTP / in-process", get_ratio, ">= 0.8", get_ratio >= 0.8))
+            results.append(("PUT HTTP / in-process", put_ratio, ">= 0.8", put_ratio >= 0.8))
+            results.append(("GET HTTP / in-process", get_ratio, ">= 0.8", get_ratio >= 0.8))
             obj.unlink()
 
             # -- 2. dedup upload of 1 GiB ---------------------------------------------
@@ -241,12 +259,14 @@ def main() -> None:
             dedup_result: list[Any] = []
             full = timed(lambda: full_result.append(client.upload("b", "full", big)))
             dedup = timed(lambda: dedup_result.append(client.upload("b", "dedup", big)))
+            hash_only = timed(lambda: hash_file(big))
             assert not full_result[0].deduplicated and dedup_result[0].deduplicated
             dedup_ratio = dedup / full
             print(
                 f"upload {args.dedup_mib} MiB: full {full:.2f} s "
                 f"({full_result[0].bytes_sent / MiB:.0f} MiB sent), dedup {dedup:.3f} s "
-                f"({dedup_result[0].bytes_sent} B sent) -> {dedup_ratio:.3f}x (target <= 0.05x)"
+                f"({dedup_result[0].bytes_sent} B sent; of which hashing the file locally "
+                f"{hash_only:.3f} s) -> {dedup_ratio:.3f}x (target <= 0.05x)"
             )
             results.append(
                 ("dedup / full upload time", dedup_ratio, "<= 0.05", dedup_ratio <= 0.05)
@@ -268,12 +288,21 @@ def main() -> None:
                     1
                 ]
 
+            def core_worker(w: int) -> Callable[[int], None]:
+                return lambda i: (
+                    ms.put_for_environment("core", f"w{w}/{i}", io.BytesIO(os.urandom(4096))),
+                    None,
+                )[1]
+
             raw_rate = rate(16, args.seconds, raw_worker)
             http_rate = rate(16, args.seconds, http_worker)
+            core_rate = rate(16, args.seconds, core_worker)
             small_ratio = http_rate / raw_rate
             print(
                 f"4 KiB writes, 16 concurrent: HTTP PUT {http_rate:.0f}/s, raw pymongo "
-                f"insert_one {raw_rate:.0f}/s -> {small_ratio:.2f}x (target >= 0.3x)"
+                f"insert_one {raw_rate:.0f}/s -> {small_ratio:.2f}x (target >= 0.3x); "
+                f"in-process ManagedStorage puts {core_rate:.0f}/s "
+                f"(HTTP / in-process {http_rate / core_rate:.2f}x)"
             )
             results.append(
                 ("4 KiB PUT/s HTTP / raw inserts", small_ratio, ">= 0.3", small_ratio >= 0.3)
