@@ -322,7 +322,11 @@ class ServiceApp:
         if len(rest) == 3 and rest[0] == b"put-requests" and rest[2] == b"response":
             call.route = ROUTE_RESPONSE
             _allow(method, "POST")
-            return await self._answer_put_request(request, env, _segment(rest[1]))
+            try:
+                request_id = _segment(rest[1])
+            except InvalidPathError:
+                request_id = ""  # malformed: the core answers 410 request_expired
+            return await self._answer_put_request(request, env, request_id)
         raise NotFoundError("no such route")
 
     async def _authenticate(self, request: Request) -> TokenInfo | None:

@@ -462,6 +462,9 @@ def test_put_request_errors(http: httpx.Client, managed: ManagedStorage) -> None
     assert r.status_code == 410 and error_code(r) == "request_expired"
     r = _answer(http, "e", doc["request_id"] + "x", "not-a-hash")
     assert r.status_code == 410
+    for rid in ("%ff%fe", "a%00b", "x" * 300):
+        r = _answer(http, "e", rid, "0" * 64)
+        assert r.status_code == 410 and error_code(r) == "request_expired", rid
     doc = _request(http, "e", "p", h(data)).json()
     r = _answer(http, "e", doc["request_id"], "not a checksum")
     assert r.status_code == 403 and error_code(r) == "response_mismatch"
