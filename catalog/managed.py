@@ -20,6 +20,7 @@ Design, after juju/blobstore's managedStorage, with what it lacked:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hmac
 import re
@@ -55,7 +56,7 @@ from catalog.proof import (
     new_put_response,
     ranges_checksum,
 )
-from catalog.resources import DEFAULT_LEASE, Resource, ResourceCatalog, object_id
+from catalog.resources import DEFAULT_LEASE, READY, Resource, ResourceCatalog, object_id
 from catalog.streams import Heartbeat, WatchedReader, hash_stream, is_seekable
 
 if TYPE_CHECKING:
@@ -331,10 +332,11 @@ class ManagedStorage:
         *,
         until_eof: bool = False,
     ) -> Resource:
-        rid, stored_at = self._catalog.put(digest, length)
+        res, created = self._catalog.acquire(digest, length, uploading=True, durable=False)
+        rid = res.id
         try:
             with self._holding(rid):
-                if stored_at:
+                if res.path:
                     if not verified:
                         seen_hash, seen = hash_stream(reader, length)
                         if until_eof and seen == length:
@@ -343,8 +345,10 @@ class ManagedStorage:
                 else:
                     if start is not None:
                         reader.seek(start)
-                    self._upload(rid, reader, length, digest)
-                return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+                    if not created:  # another uploader's entry: note that we upload too
+                        self._catalog.renew_lease(rid, state="uploading")
+                    res = self._upload(res, reader, length, digest)
+                return self._link(env_uuid, path, res)
         except BaseException:
             self._release(rid)
             raise
@@ -358,31 +362,31 @@ class ManagedStorage:
         try:
             if expected is not None and digest != expected:
                 raise HashMismatchError(f"content hashes to {digest}, not {expected}")
-            rid, stored_at = self._catalog.put(digest, counted.count)
+            res, _ = self._catalog.acquire(digest, counted.count, uploading=True, durable=False)
         except BaseException:
             self._discard(tmp)
             raise
+        rid = res.id
         try:
             with self._holding(rid):
-                if stored_at:
+                if res.path:
                     self._discard(tmp)
                 else:
-                    self._complete(rid, tmp)
-                return self.transact(lambda s, d: self._link_in(env_uuid, path, rid, s, d))
+                    res = self._complete(res, tmp)
+                return self._link(env_uuid, path, res)
         except BaseException:
             self._release(rid)
             raise
 
-    def _upload(self, rid: str, reader: BinaryIO, length: int, digest: str) -> None:
+    def _upload(self, res: Resource, reader: BinaryIO, length: int, digest: str) -> Resource:
         """Write the bytes of a pending entry; lose gracefully to a faster uploader."""
-        self._catalog.renew_lease(rid, state="uploading")
         tmp = new_storage_path()
         watched = WatchedReader(reader)
         written = self.resource_storage.put(tmp, watched, length)
         if written != digest or watched.count != length:
             self._discard(tmp)
             _check(digest, length, written, watched.count)
-        self._complete(rid, tmp)
+        return self._complete(res, tmp)
 
     def _holding(self, rid: str) -> Heartbeat:
         """Keep the lease of a reference no path backs yet alive until the link commits.
@@ -392,16 +396,44 @@ class ManagedStorage:
         """
         return Heartbeat(lambda: self._catalog.renew_lease(rid), self._catalog.lease / 4)
 
-    def _complete(self, rid: str, storage_path: str) -> None:
+    def _complete(self, res: Resource, storage_path: str) -> Resource:
+        """Record our copy as the entry's bytes; return the entry as it now is."""
         try:
-            self._catalog.upload_complete(rid, storage_path)
+            self._catalog.upload_complete(res.id, storage_path, durable=False)
         except AlreadyExistsError:
-            self._discard(storage_path)  # another uploader completed first
+            self._discard(storage_path)  # another uploader completed first: use theirs
+            return self._catalog.entry(res.id)
         except BaseException:
             self._discard(storage_path)
             raise
+        return dataclasses.replace(res, path=storage_path, state=READY)
 
     # -- internals: references -------------------------------------------------
+    def _link(self, env_uuid: str, path: str, res: Resource) -> Resource:
+        """Point a path at a resource we hold a reference to.
+
+        A new path releases nothing, so one insert is enough; only repointing a
+        path, which drops another reference, needs the transaction.
+        """
+        now = utcnow()
+        try:
+            self.paths.insert_one(
+                {
+                    "env": env_uuid,
+                    "path": path,
+                    "resource_id": object_id(res.id),
+                    "hash": res.hash,
+                    "length": res.length,
+                    "created_at": now,
+                    "updated_at": now,
+                    "revision": 1,
+                    "rev_base": time.time_ns() // 1000,
+                }
+            )
+        except DuplicateKeyError:
+            return self.transact(lambda s, d: self._link_in(env_uuid, path, res.id, s, d))
+        return res
+
     def _link_in(
         self,
         env_uuid: str,

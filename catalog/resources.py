@@ -103,6 +103,7 @@ class ResourceCatalog:
         self, db: Database[Any], *, collection: str = "catalog", lease: float = DEFAULT_LEASE
     ) -> None:
         self.collection = db[collection].with_options(write_concern=WriteConcern("majority"))
+        self._fast = self.collection.with_options(write_concern=WriteConcern(w=1))
         self.lease = lease
         self.collection.create_index([("hash", ASCENDING)], unique=True)
         self.collection.create_index([("path", ASCENDING)])
@@ -112,13 +113,35 @@ class ResourceCatalog:
         self, hash: str, length: int, *, session: ClientSession | None = None
     ) -> tuple[str, str]:
         """Take a reference to `hash`, creating a pending entry if it is new."""
+        res, _ = self.acquire(hash, length, session=session)
+        return res.id, res.path
+
+    def acquire(
+        self,
+        hash: str,
+        length: int,
+        *,
+        uploading: bool = False,
+        durable: bool = True,
+        session: ClientSession | None = None,
+    ) -> tuple[Resource, bool]:
+        """put(), returning the entry and whether this call created it.
+
+        uploading: the caller will upload if the entry is new, so its history
+        says so at once (one write less). durable=False acknowledges at w=1: for
+        callers whose next step is a majority write that orders after this one.
+        """
         digest = parse_hash(hash)
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise BadRequestError(f"invalid length: {length!r}")
+        collection = self.collection if durable else self._fast
         while True:
             now = utcnow()
+            history = [{"state": "created", "at": now}]
+            if uploading:
+                history.append({"state": "uploading", "at": now})
             try:
-                doc = self.collection.find_one_and_update(
+                doc = collection.find_one_and_update(
                     {"hash": digest, "length": length},
                     {
                         "$inc": {"refcount": 1},
@@ -130,7 +153,7 @@ class ResourceCatalog:
                             "path": "",
                             "state": PENDING,
                             "created_at": now,
-                            "history": [{"state": "created", "at": now}],
+                            "history": history,
                         },
                     },
                     upsert=True,
@@ -147,7 +170,8 @@ class ResourceCatalog:
                     raise  # inside a transaction the whole transaction is retried
                 continue  # lost an upsert race: the entry exists now
             assert doc is not None  # upsert with AFTER always returns the document
-            return str(doc["_id"]), doc["path"]
+            res = to_resource(doc)
+            return res, res.refcount == 1 and res.created_at == aware(now)
 
     def get(self, id: str, *, session: ClientSession | None = None) -> Resource:
         res = self.entry(id, session=session)
@@ -165,13 +189,21 @@ class ResourceCatalog:
             raise UploadPendingError(f"resource {res.hash} is still being uploaded")
         return res.id
 
-    def upload_complete(self, id: str, path: str, *, session: ClientSession | None = None) -> None:
+    def upload_complete(
+        self,
+        id: str,
+        path: str,
+        *,
+        session: ClientSession | None = None,
+        durable: bool = True,
+    ) -> None:
         """Record where the bytes are; the entry becomes ready."""
         if not isinstance(path, str) or not path:
             raise BadRequestError("upload_complete needs a non-empty storage path")
         oid = object_id(id)
         now = utcnow()
-        doc = self.collection.find_one_and_update(
+        collection = self.collection if durable else self._fast
+        doc = collection.find_one_and_update(
             {"_id": oid, "path": ""},
             {
                 "$set": {"path": path, "state": READY, "updated_at": now},
@@ -237,4 +269,4 @@ class ResourceCatalog:
         }
         if state is not None:
             update["$push"] = _history_push(state, now)
-        self.collection.update_one({"_id": object_id(id)}, update)
+        self._fast.update_one({"_id": object_id(id)}, update)

@@ -104,7 +104,7 @@ class GridFSReader(io.RawIOBase):
             return b""
         offset = self._pos - self._buf_start
         if not (0 <= offset < len(self._buf)):
-            self._load(self._pos // self.chunk_size)
+            self._load(self._pos // self.chunk_size, limit)
             offset = self._pos - self._buf_start
         end = len(self._buf) if limit < 0 else min(len(self._buf), offset + limit)
         piece = self._buf[offset:end] if offset or end != len(self._buf) else self._buf
@@ -122,12 +122,17 @@ class GridFSReader(io.RawIOBase):
                 left -= len(piece)
             yield piece
 
-    def _load(self, n: int) -> None:
+    def _load(self, n: int, limit: int = -1) -> None:
         if self._cursor is None or n != self._next_n:
             if self._cursor is not None:
                 self._cursor.close()
+            # A short read after a seek (a proof range, a small Range GET) must not
+            # pull the server's default first batch of up to 16 MiB of chunks.
+            batch = 0 if limit < 0 else 2 + limit // self.chunk_size
             self._cursor = self._chunks.find(
-                {"files_id": self.file_id, "n": {"$gte": n}}, sort=[("n", 1)]
+                {"files_id": self.file_id, "n": {"$gte": n}},
+                sort=[("n", 1)],
+                batch_size=batch if batch <= 16 else 0,
             )
             self._next_n = n
         doc = next(self._cursor, None)

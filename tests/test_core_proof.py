@@ -230,7 +230,8 @@ def test_lease_is_renewed_while_a_slow_upload_runs(db: Database[Any]) -> None:
         except UploadPendingError:
             seen.add("pending")
         except NotFoundError:
-            seen.add("abandoned")
+            if seen:  # before the uploader declared the content, unknown is right
+                seen.add("abandoned")
         time.sleep(0.05)
     uploader.join()
     assert "abandoned" not in seen and "pending" in seen
