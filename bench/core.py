@@ -204,7 +204,7 @@ def main() -> None:
         ("peak RSS, get", r["get_peak_rss_over_baseline_MiB"], " MiB over baseline", "< 64"),
     ]
     print(
-        f"== rescat core benchmark: {args.mib} MiB (RSS: {args.rss_mib} MiB), median of {args.rounds}"
+        f"== rescat core: {args.mib} MiB (RSS {args.rss_mib} MiB), median of {args.rounds} rounds"
     )
     print(f"   pymongo put {t['pymongo_put_s']:.2f}s, read {t['pymongo_read_s']:.2f}s")
     for label, value, unit, target in rows:
