@@ -22,6 +22,20 @@ def is_seekable(reader: Any) -> bool:
 def hash_stream(reader: BinaryIO, length: int = -1) -> tuple[str, int]:
     """BLAKE3 hex and byte count of the next `length` bytes (< 0: to EOF)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    total = hash_into(hasher, reader, length)
+    return hasher.hexdigest(), total
+
+
+def hash_into(
+    hasher: Any,
+    reader: BinaryIO,
+    length: int = -1,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Feed the next `length` bytes (< 0: to EOF) to `hasher`; return how many there were.
+
+    on_progress(done) is called after each block, for progress bars.
+    """
     total = 0
     while length < 0 or total < length:
         want = HASH_BLOCK if length < 0 else min(HASH_BLOCK, length - total)
@@ -30,7 +44,9 @@ def hash_stream(reader: BinaryIO, length: int = -1) -> tuple[str, int]:
             break
         hasher.update(data)
         total += len(data)
-    return hasher.hexdigest(), total
+        if on_progress is not None:
+            on_progress(total)
+    return total
 
 
 class WatchedReader:

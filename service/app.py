@@ -115,7 +115,12 @@ def _rfc3339(value: Any) -> str:
 
 
 class ServiceApp:
-    """The ASGI application. Build it with `create_app`."""
+    """The ASGI application serving `managed` (`create_app` is this class).
+
+    auth: require a bearer token on every /v1 route; max_size: largest body
+    accepted (413 beyond); read_timeout: seconds an upload may stall;
+    upload_threads / io_threads: worker threads for uploads and for the rest.
+    """
 
     def __init__(
         self,
@@ -552,30 +557,8 @@ def _field(doc: dict[str, Any], name: str) -> str:
     return value
 
 
-def create_app(
-    managed: ManagedStorage,
-    *,
-    auth: bool = True,
-    max_size: int | None = None,
-    read_timeout: float | None = 300.0,
-    upload_threads: int = 64,
-    io_threads: int = 64,
-    tokens: TokenStore | None = None,
-) -> ServiceApp:
-    """The ASGI app serving `managed`.
-
-    auth: require a bearer token on every /v1 route; max_size: largest body
-    accepted (413 beyond); read_timeout: seconds an upload may stall.
-    """
-    return ServiceApp(
-        managed,
-        auth=auth,
-        max_size=max_size,
-        read_timeout=read_timeout,
-        upload_threads=upload_threads,
-        io_threads=io_threads,
-        tokens=tokens,
-    )
+# The app factory: `create_app(managed, auth=..., max_size=..., ...)`.
+create_app = ServiceApp
 
 
 def app_from_env() -> ServiceApp:

@@ -38,6 +38,8 @@ from catalog.errors import (
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, format_hash, parse_hash
+from catalog.proof import ranges_checksum
+from catalog.streams import hash_into
 from service.errors import ServiceError, error_classes, exception_from
 
 BLOCK = 1024 * 1024
@@ -447,31 +449,17 @@ def _hash_into(
     total: int | None = None,
     phase: str = "verify",
 ) -> int:
-    done = 0
-    while length < 0 or done < length:
-        want = HASH_BLOCK if length < 0 else min(HASH_BLOCK, length - done)
-        data = reader.read(want)
-        if not data:
-            break
-        hasher.update(data)
-        done += len(data)
-        if progress is not None:
-            progress(phase, done, total if total is not None else length)
-    return done
+    if progress is None:
+        return hash_into(hasher, reader, length)
+    of = total if total is not None else length
+    return hash_into(hasher, reader, length, lambda done: progress(phase, done, of))
 
 
 def _ranges_checksum(reader: BinaryIO, start: int, ranges: list[tuple[int, int]]) -> str:
-    hasher = blake3.blake3()
-    for offset, size in ranges:
-        reader.seek(start + offset)
-        left = size
-        while left > 0:
-            data = reader.read(min(left, BLOCK))
-            if not data:
-                raise LengthMismatchError("the local file is shorter than the challenge")
-            hasher.update(data)
-            left -= len(data)
-    return str(hasher.hexdigest())
+    try:
+        return ranges_checksum(reader, [(start + offset, size) for offset, size in ranges])
+    except EOFError:
+        raise LengthMismatchError("the local file is shorter than the challenge") from None
 
 
 class _HashingWriter:
