@@ -20,6 +20,10 @@ class NotFoundError(CatalogError, KeyError):
 
     code = "not_found"
 
+    def __init__(self, *args: object, path: str = "") -> None:
+        super().__init__(*args)
+        self.path = path
+
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
         return str(self.args[0]) if self.args else "not found"
 

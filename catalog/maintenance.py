@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
+import blake3
 from bson import ObjectId
 from pymongo.client_session import ClientSession
 from pymongo.errors import OperationFailure
@@ -40,7 +41,7 @@ from pymongo.errors import OperationFailure
 from catalog.clock import aware, utcnow
 from catalog.errors import CatalogError, NotFoundError
 from catalog.managed import ManagedStorage
-from catalog.resources import READY, to_resource
+from catalog.resources import READY, Resource, to_resource
 from storage.gridfs_storage import StoredFile
 
 DEFAULT_GC_GRACE = 3600.0
@@ -616,6 +617,9 @@ def _check_entry(
     else:
         return_flying = 0
 
+    if res.inline:
+        verified = _check_inline(res, doc, problem, verify_content, verify_bar)
+        return found, return_flying, verified
     stored = store.stat(res.path) if res.path else None
     if stored is None:
         if _entry_still(managed, doc):
@@ -662,6 +666,32 @@ def _check_entry(
                 file_id=file_id,
             )
     return found, return_flying, verified
+
+
+def _check_inline(
+    res: Resource,
+    doc: dict[str, Any],
+    problem: Callable[..., None],
+    verify_content: bool,
+    verify_bar: ProgressBar,
+) -> int:
+    """Small content lives in its entry: check its length, and re-hash it when asked."""
+    data = doc.get("data")
+    if data is None:
+        problem("missing_file", "the entry has no inline bytes", bytes=res.length)
+        return 0
+    if len(data) != res.length:
+        problem(
+            "length_mismatch", f"inline bytes are {len(data)} long, the entry says {res.length}"
+        )
+        return 0
+    if not verify_content:
+        return 0
+    verify_bar.update(len(data))
+    digest = blake3.blake3(bytes(data)).hexdigest()
+    if digest != res.hash:
+        problem("corrupt_content", f"inline bytes hash to {digest}")
+    return len(data)
 
 
 def _check_path(doc: dict[str, Any], entry: dict[str, Any] | None) -> Problem | None:

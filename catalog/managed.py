@@ -23,14 +23,15 @@ import contextlib
 import dataclasses
 import datetime
 import hmac
+import io
 import re
 import secrets
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
+import blake3
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
@@ -43,12 +44,14 @@ from catalog.errors import (
     HashMismatchError,
     LengthMismatchError,
     NotFoundError,
+    PreconditionFailedError,
     RequestExpiredError,
     ResourceDeletedError,
     ResponseMismatchError,
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, parse_hash
+from catalog.pathdocs import PathUpdates
 from catalog.proof import (
     PutResponse,
     RequestResponse,
@@ -57,13 +60,25 @@ from catalog.proof import (
     ranges_checksum,
 )
 from catalog.resources import DEFAULT_LEASE, READY, Resource, ResourceCatalog, object_id
-from catalog.streams import Heartbeat, WatchedReader, hash_stream, is_seekable
+from catalog.streams import (
+    Heartbeat,
+    PrefixedReader,
+    WatchedReader,
+    hash_stream,
+    is_seekable,
+    read_exact,
+)
 
 if TYPE_CHECKING:
     from catalog.environment import Environment
 
 T = TypeVar("T")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+# Content up to this size lives in its catalog entry: one document to write and
+# to read instead of a GridFS files document plus chunks (bench/core.py measures).
+INLINE_MAX = 64 * 1024
+# Path documents carry their history; reads never need it.
+NO_EVENTS = {"events": 0}
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,27 @@ class PathInfo:
     resource_id: str = ""
     state: str = "ready"
     history: tuple[tuple[str, datetime.datetime], ...] = field(default=())
+    content_type: str = ""
+    expires_at: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a put may change its path, checked in the same atomic step as the write.
+
+    if_match: the path's current revision (int) or content hash (str) must match;
+    if_none_match: the path must not exist. expires_at / owner: a TTL key, gone
+    from reads after expires_at unless its owner renews it.
+    """
+
+    if_match: int | str | None = None
+    if_none_match: bool = False
+    expires_at: datetime.datetime | None = None
+    owner: str | None = None
+    content_type: str | None = None
+
+
+PLAIN = WriteOptions()
 
 
 def new_storage_path() -> str:
@@ -97,18 +133,23 @@ class ManagedStorage:
         *,
         request_expiry: float = 60.0,
         lease: float = DEFAULT_LEASE,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         self.db = db
         self.resource_storage = resource_storage
         self.request_expiry = request_expiry
+        self.inline_max = inline_max
         self._catalog = ResourceCatalog(db, lease=lease)
         majority = WriteConcern("majority")
         self.paths = db["paths"].with_options(write_concern=majority)
         self.requests = db["put_requests"].with_options(write_concern=majority)
         self.paths.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.paths.create_index([("resource_id", ASCENDING)])
+        self.history = db["path_history"].with_options(write_concern=majority)
+        self.history.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
         self._transactions = _supports_transactions(db)
+        self._updates = PathUpdates(_clock_mode(db, self._transactions))
 
     @property
     def catalog(self) -> ResourceCatalog:
@@ -127,7 +168,7 @@ class ManagedStorage:
         for attempt in range(3):
             res = self._resolve(env_uuid, path)
             try:
-                return self.resource_storage.get(res.path), res.length
+                return self._open_content(res), res.length
             except NotFoundError:
                 if attempt == 2:
                     raise
@@ -137,9 +178,7 @@ class ManagedStorage:
     def stat_for_environment(self, env_uuid: str, path: str) -> PathInfo:
         check_env(env_uuid)
         check_path(path)
-        doc = self.paths.find_one({"env": env_uuid, "path": path})
-        if doc is None:
-            raise NotFoundError(f"{env_uuid}: no such path {path!r}")
+        doc = self._path_doc(env_uuid, path)
         try:
             res = self._catalog.entry(str(doc["resource_id"]))
             state, history = res.state, res.history
@@ -154,33 +193,83 @@ class ManagedStorage:
         """Path documents of an environment in path order (for listings with hashes)."""
         check_env(env_uuid)
         check_prefix(prefix)
-        query: dict[str, Any] = {"env": env_uuid}
+        query: dict[str, Any] = {"env": env_uuid, "expires_at": {"$not": {"$lte": utcnow()}}}
         if prefix:
             query["path"] = {"$regex": "^" + re.escape(prefix)}
-        return self.paths.find(query, sort=[("path", ASCENDING)])
+        return self.paths.find(query, NO_EVENTS, sort=[("path", ASCENDING)])
+
+    def history_for_environment(self, env_uuid: str, path: str) -> list[dict[str, Any]]:
+        """Every recorded event of a path, oldest first, also after it was deleted."""
+        check_env(env_uuid)
+        check_path(path)
+        events: list[dict[str, Any]] = []
+        gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": 1})
+        if gone is not None:
+            events.extend(gone.get("events") or [])
+        live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": 1})
+        if live is not None:
+            events.extend(live.get("events") or [])
+        events.sort(key=lambda e: (int(e.get("revision", 0)), aware(e["at"])))
+        for event in events:
+            event["at"] = aware(event["at"])
+        return events
 
     # -- writes ---------------------------------------------------------------
     def put_for_environment(
         self, env_uuid: str, path: str, reader: BinaryIO, length: int = -1
     ) -> Resource:
-        return self._put(env_uuid, path, reader, length, None)
+        return self._put(env_uuid, path, reader, length, None, PLAIN)[0]
 
     def put_for_environment_and_check_hash(
         self, env_uuid: str, path: str, reader: BinaryIO, length: int, check_hash: str | None
     ) -> Resource:
-        return self._put(env_uuid, path, reader, length, check_hash or None)
+        return self._put(env_uuid, path, reader, length, check_hash or None, PLAIN)[0]
+
+    def put_path(
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        length: int = -1,
+        *,
+        check_hash: str | None = None,
+        options: WriteOptions = PLAIN,
+    ) -> PathInfo:
+        """A put whose conditions are checked atomically with the write; the path as left.
+
+        A failed condition raises PreconditionFailedError and changes nothing (the
+        content uploaded for it is released like that of any failed put).
+        """
+        res, doc = self._put(env_uuid, path, reader, length, check_hash or None, options)
+        return _path_info(doc, res.state, res.history)
 
     def remove_for_environment(self, env_uuid: str, path: str) -> None:
+        self.delete_path(env_uuid, path)
+
+    def delete_path(self, env_uuid: str, path: str, *, if_match: int | str | None = None) -> int:
+        """Remove a path (only if its revision or hash matches `if_match`); its last revision."""
         check_env(env_uuid)
         check_path(path)
 
-        def unlink(session: ClientSession | None, doomed: list[str]) -> None:
-            doc = self.paths.find_one_and_delete({"env": env_uuid, "path": path}, session=session)
+        def unlink(session: ClientSession | None, doomed: list[str]) -> int:
+            query = self._live_query(env_uuid, path)
+            if if_match is not None:
+                query.update(_match_query(if_match))
+            doc = self.paths.find_one_and_delete(query, session=session)
             if doc is None:
-                raise NotFoundError(f"{env_uuid}: no such path {path!r}")
+                self._raise_missing_or_mismatch(env_uuid, path, if_match, session)
+            closed = self.history.find_one_and_update(
+                {"env": env_uuid, "path": path},
+                self._updates.closing(doc, "delete"),
+                upsert=True,
+                projection={"last_rev": 1},
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
             self._release_in(str(doc["resource_id"]), session, doomed)
+            return int(closed["last_rev"]) if closed else 0
 
-        self.transact(unlink)
+        return self.transact(unlink)
 
     def move_for_environment(self, env_uuid: str, src: str, dst: str) -> PathInfo:
         """Repoint `dst` at what `src` holds and drop `src`; copies no bytes."""
@@ -191,12 +280,21 @@ class ManagedStorage:
             return self.stat_for_environment(env_uuid, src)
 
         def move(session: ClientSession | None, doomed: list[str]) -> None:
-            doc = self.paths.find_one_and_delete({"env": env_uuid, "path": src}, session=session)
+            doc = self.paths.find_one_and_delete(self._live_query(env_uuid, src), session=session)
             if doc is None:
-                raise NotFoundError(f"{env_uuid}: no such path {src!r}")
-            old = self._point(env_uuid, dst, doc, session)
-            if old is not None:
-                self._release_in(str(old["resource_id"]), session, doomed)
+                raise NotFoundError(f"{env_uuid}: no such path {src!r}", path=src)
+            self.history.update_one(
+                {"env": env_uuid, "path": src},
+                self._updates.closing(doc, "move", {"to": dst}),
+                upsert=True,
+                session=session,
+            )
+            extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
+            update = self._updates.link(
+                doc, event="move", detail={"from": src}, extra=extra,
+                unset=("expires_at", "owner"),
+            )  # fmt: skip
+            self._apply_link(env_uuid, dst, {}, update, True, session, doomed)
 
         self.transact(move)
         return self.stat_for_environment(env_uuid, dst)
@@ -266,7 +364,7 @@ class ManagedStorage:
         res = self._ready(str(doc["resource_id"]), doc["hash"])
         ranges = [(int(s), int(n)) for s, n in doc["ranges"]]
         try:
-            reader = self.resource_storage.get(res.path)
+            reader = self._open_content(res)
         except NotFoundError:
             raise ResourceDeletedError("the content was deleted since the request") from None
         try:
@@ -279,7 +377,9 @@ class ManagedStorage:
         def link(session: ClientSession | None, doomed: list[str]) -> Resource:
             if self._catalog.add_ref(res.id, session=session) is None:
                 raise ResourceDeletedError("the content was deleted since the request")
-            return self._link_in(doc["env"], doc["path"], res.id, session, doomed)
+            target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
+            self._link_in(doc["env"], doc["path"], target, PLAIN, session, doomed)
+            return res
 
         return self.transact(link), doc["env"], doc["path"]
 
@@ -291,15 +391,30 @@ class ManagedStorage:
         reader: BinaryIO,
         length: int,
         check_hash: str | None,
-    ) -> Resource:
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
         check_env(env_uuid)
         check_path(path)
         if not isinstance(length, int) or isinstance(length, bool):
             raise BadRequestError(f"invalid length: {length!r}")
         length = max(length, -1)
         expected = parse_hash(check_hash) if check_hash else None
+        if 0 <= length <= self.inline_max:
+            data = read_exact(reader, length)
+            if len(data) != length:
+                raise LengthMismatchError(f"expected {length} bytes, the input has {len(data)}")
+            return self._put_small(env_uuid, path, data, expected, options)
+        if length < 0:
+            start = reader.tell() if is_seekable(reader) else None
+            head = read_exact(reader, self.inline_max + 1)
+            if len(head) <= self.inline_max:
+                return self._put_small(env_uuid, path, head, expected, options)
+            if start is not None:
+                reader.seek(start)
+            else:
+                reader = cast(BinaryIO, PrefixedReader(head, reader))
         verified = False
-        start: int | None = None
+        start = None
         if expected is None and is_seekable(reader):
             # A hashing pass is ~20x cheaper than writing, and lets known content
             # cost nothing more.
@@ -309,16 +424,38 @@ class ManagedStorage:
                 raise LengthMismatchError(f"expected {length} bytes, the input has {seen}")
             length, verified = seen, True
         if expected is not None and length >= 0:
-            return self._put_known(env_uuid, path, reader, length, expected, verified, start)
+            return self._put_known(
+                env_uuid, path, reader, length, expected, verified, start, options
+            )
         if expected is not None:
             known = self._catalog.lookup(expected)
             if known is not None and not known.pending:
                 # Length unknown (a chunked body) but the content is stored: hash only,
                 # and the input must end exactly where the stored content does.
                 return self._put_known(
-                    env_uuid, path, reader, known.length, expected, False, None, until_eof=True
-                )
-        return self._put_unknown(env_uuid, path, reader, length, expected)
+                    env_uuid, path, reader, known.length, expected, False, None, options,
+                    until_eof=True,
+                )  # fmt: skip
+        return self._put_unknown(env_uuid, path, reader, length, expected, options)
+
+    def _put_small(
+        self,
+        env_uuid: str,
+        path: str,
+        data: bytes,
+        expected: str | None,
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
+        """Two majority writes, no thread: the entry (with the bytes) and the path."""
+        digest = blake3.blake3(data).hexdigest()
+        if expected is not None and digest != expected:
+            raise HashMismatchError(f"content hashes to {digest}, not {expected}")
+        res = self._catalog.acquire_inline(digest, data)
+        try:
+            return res, self._link(env_uuid, path, res, options)
+        except BaseException:
+            self._release(res.id)
+            raise
 
     def _put_known(
         self,
@@ -329,10 +466,11 @@ class ManagedStorage:
         digest: str,
         verified: bool,
         start: int | None,
+        options: WriteOptions,
         *,
         until_eof: bool = False,
-    ) -> Resource:
-        res, created = self._catalog.acquire(digest, length, uploading=True, durable=False)
+    ) -> tuple[Resource, dict[str, Any]]:
+        res, created = self._catalog.acquire(digest, length, uploading=True)
         rid = res.id
         try:
             with self._holding(rid):
@@ -348,21 +486,27 @@ class ManagedStorage:
                     if not created:  # another uploader's entry: note that we upload too
                         self._catalog.renew_lease(rid, state="uploading")
                     res = self._upload(res, reader, length, digest)
-                return self._link(env_uuid, path, res)
+                return res, self._link(env_uuid, path, res, options)
         except BaseException:
             self._release(rid)
             raise
 
     def _put_unknown(
-        self, env_uuid: str, path: str, reader: BinaryIO, length: int, expected: str | None
-    ) -> Resource:
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        length: int,
+        expected: str | None,
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
         tmp = new_storage_path()
         counted = WatchedReader(reader)
         digest = self.resource_storage.put(tmp, counted, length)
         try:
             if expected is not None and digest != expected:
                 raise HashMismatchError(f"content hashes to {digest}, not {expected}")
-            res, _ = self._catalog.acquire(digest, counted.count, uploading=True, durable=False)
+            res, _ = self._catalog.acquire(digest, counted.count, uploading=True)
         except BaseException:
             self._discard(tmp)
             raise
@@ -373,7 +517,7 @@ class ManagedStorage:
                     self._discard(tmp)
                 else:
                     res = self._complete(res, tmp)
-                return self._link(env_uuid, path, res)
+                return res, self._link(env_uuid, path, res, options)
         except BaseException:
             self._release(rid)
             raise
@@ -399,7 +543,7 @@ class ManagedStorage:
     def _complete(self, res: Resource, storage_path: str) -> Resource:
         """Record our copy as the entry's bytes; return the entry as it now is."""
         try:
-            self._catalog.upload_complete(res.id, storage_path, durable=False)
+            self._catalog.upload_complete(res.id, storage_path)
         except AlreadyExistsError:
             self._discard(storage_path)  # another uploader completed first: use theirs
             return self._catalog.entry(res.id)
@@ -409,72 +553,127 @@ class ManagedStorage:
         return dataclasses.replace(res, path=storage_path, state=READY)
 
     # -- internals: references -------------------------------------------------
-    def _link(self, env_uuid: str, path: str, res: Resource) -> Resource:
-        """Point a path at a resource we hold a reference to.
+    def _link(
+        self, env_uuid: str, path: str, res: Resource, options: WriteOptions = PLAIN
+    ) -> dict[str, Any]:
+        """Point a path at a resource we hold a reference to; the path document after.
 
-        A new path releases nothing, so one insert is enough; only repointing a
-        path, which drops another reference, needs the transaction.
+        A new path releases nothing, so one upsert that only ever inserts is
+        enough; repointing a path, which drops another reference, and every
+        conditional write run in a transaction.
         """
-        now = utcnow()
-        try:
-            self.paths.insert_one(
-                {
-                    "env": env_uuid,
-                    "path": path,
-                    "resource_id": object_id(res.id),
-                    "hash": res.hash,
-                    "length": res.length,
-                    "created_at": now,
-                    "updated_at": now,
-                    "revision": 1,
-                    "rev_base": time.time_ns() // 1000,
-                }
-            )
-        except DuplicateKeyError:
-            return self.transact(lambda s, d: self._link_in(env_uuid, path, res.id, s, d))
-        return res
+        target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
+        if options.if_match is None:
+            update = self._link_update(target, options)
+            query = {"env": env_uuid, "path": path, "resource_id": {"$exists": False}}
+            try:
+                doc = self.paths.find_one_and_update(
+                    query,
+                    update,
+                    upsert=True,
+                    projection=NO_EVENTS,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                pass
+            else:
+                assert doc is not None  # an upsert returning AFTER always has one
+                return dict(doc)
+        return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
+
+    def _link_update(self, target: dict[str, Any], options: WriteOptions) -> Any:
+        extra: dict[str, Any] = {}
+        unset: tuple[str, ...] = ()
+        if options.expires_at is not None:
+            extra["expires_at"] = options.expires_at
+            extra["owner"] = options.owner or ""
+        else:
+            unset = ("expires_at", "owner")
+        if options.content_type:
+            extra["content_type"] = options.content_type
+        return self._updates.link(target, extra=extra, unset=unset)
 
     def _link_in(
         self,
         env_uuid: str,
         path: str,
-        rid: str,
+        target: dict[str, Any],
+        options: WriteOptions,
         session: ClientSession | None,
         doomed: list[str],
-    ) -> Resource:
-        """Point a path at a resource we hold a reference to; release what it held."""
-        res = self._catalog.entry(rid, session=session)
-        target = {"resource_id": object_id(rid), "hash": res.hash, "length": res.length}
-        old = self._point(env_uuid, path, target, session)
-        if old is not None:
-            self._release_in(str(old["resource_id"]), session, doomed)
-        return res
+    ) -> dict[str, Any]:
+        """Point a path at a resource we hold a reference to; release what it held.
 
-    def _point(
+        Conditions are read and then written as one document update inside the
+        transaction: a concurrent change of that path is a write conflict, and
+        the loser's transaction reruns (and then fails its condition).
+        """
+        query: dict[str, Any] = {}
+        if options.if_match is not None or options.if_none_match:
+            current = self.paths.find_one(
+                {"env": env_uuid, "path": path}, NO_EVENTS, session=session
+            )
+            live = current is not None and not _expired(current)
+            if options.if_none_match and live:
+                raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
+            if options.if_match is not None:
+                if current is None or not live:
+                    raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
+                if not _matches(current, options.if_match):
+                    raise PreconditionFailedError(
+                        f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+                    )
+            if current is not None:
+                query["rev"] = current.get("rev")
+        update = self._link_update(target, options)
+        return self._apply_link(env_uuid, path, query, update, True, session, doomed)
+
+    def _apply_link(
         self,
         env_uuid: str,
         path: str,
-        target: dict[str, Any],
+        query: dict[str, Any],
+        update: Any,
+        upsert: bool,
         session: ClientSession | None,
-    ) -> dict[str, Any] | None:
-        now = utcnow()
-        return self.paths.find_one_and_update(
-            {"env": env_uuid, "path": path},
-            {
-                "$set": {
-                    "resource_id": target["resource_id"],
-                    "hash": target["hash"],
-                    "length": target["length"],
-                    "updated_at": now,
-                },
-                "$inc": {"revision": 1},
-                # rev_base keeps revisions growing across delete and re-create.
-                "$setOnInsert": {"created_at": now, "rev_base": time.time_ns() // 1000},
-            },
-            upsert=True,
-            return_document=ReturnDocument.BEFORE,
-            session=session,
-        )
+        doomed: list[str],
+    ) -> dict[str, Any]:
+        """Run a link update; release the reference the path held before."""
+        query = {"env": env_uuid, "path": path, **query}
+        if self._updates.pipelines:
+            doc = self.paths.find_one_and_update(
+                query,
+                update,
+                upsert=upsert,
+                projection=NO_EVENTS,
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+            if doc is None:
+                raise PreconditionFailedError(f"{env_uuid}: {path!r} changed meanwhile")
+            old = doc.get("prev_rid")
+        else:
+            before = self.paths.find_one_and_update(
+                query, update, upsert=upsert, projection=NO_EVENTS, session=session
+            )
+            old = before.get("resource_id") if before is not None else None
+            doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS, session=session)
+            assert doc is not None
+        if old is not None:
+            self._release_in(str(old), session, doomed)
+        return dict(doc)
+
+    def _live_query(self, env_uuid: str, path: str) -> dict[str, Any]:
+        return {"env": env_uuid, "path": path, "expires_at": {"$not": {"$lte": utcnow()}}}
+
+    def _raise_missing_or_mismatch(
+        self, env_uuid: str, path: str, if_match: int | str | None, session: ClientSession | None
+    ) -> NoReturn:
+        if if_match is not None:
+            doc = self.paths.find_one(self._live_query(env_uuid, path), {"_id": 1}, session=session)
+            if doc is not None:
+                raise PreconditionFailedError(f"{env_uuid}: {path!r} does not match {if_match!r}")
+        raise NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
 
     def _release_in(self, rid: str, session: ClientSession | None, doomed: list[str]) -> None:
         try:
@@ -519,16 +718,28 @@ class ManagedStorage:
             return fn(session, doomed)
 
         with self.db.client.start_session() as session:
-            return session.with_transaction(body)
+            return session.with_transaction(body, write_concern=WriteConcern("majority"))
+
+    def _open_content(self, res: Resource) -> BinaryIO:
+        """The bytes of a ready entry, wherever they live."""
+        if res.inline:
+            return io.BytesIO(res.data if res.data is not None else b"")
+        return cast(BinaryIO, self.resource_storage.get(res.path))
+
+    def _path_doc(self, env_uuid: str, path: str) -> dict[str, Any]:
+        doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
+        if doc is None or _expired(doc):
+            raise NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
+        return dict(doc)
 
     def _resolve(self, env_uuid: str, path: str) -> Resource:
-        doc = self.paths.find_one({"env": env_uuid, "path": path})
-        if doc is None:
-            raise NotFoundError(f"{env_uuid}: no such path {path!r}")
+        doc = self._path_doc(env_uuid, path)
         try:
             return self._catalog.get(str(doc["resource_id"]))
         except NotFoundError:
-            raise NotFoundError(f"{env_uuid}: {path!r} points at missing content") from None
+            raise NotFoundError(
+                f"{env_uuid}: {path!r} points at missing content", path=path
+            ) from None
 
     def _ready(self, rid: str, digest: str) -> Resource:
         try:
@@ -547,9 +758,31 @@ def _check(digest: str, length: int, seen_hash: str, seen: int) -> None:
         raise HashMismatchError(f"content hashes to {seen_hash}, not {digest}")
 
 
+def _expired(doc: dict[str, Any]) -> bool:
+    expires_at = doc.get("expires_at")
+    return expires_at is not None and aware(expires_at) <= utcnow()
+
+
+def _match_query(if_match: int | str) -> dict[str, Any]:
+    if isinstance(if_match, int) and not isinstance(if_match, bool):
+        return {"rev": if_match}
+    return {"hash": parse_hash(str(if_match))}
+
+
+def _matches(doc: dict[str, Any], if_match: int | str) -> bool:
+    return all(doc.get(k) == v for k, v in _match_query(if_match).items())
+
+
+def _revision(doc: dict[str, Any]) -> int:
+    if "rev" in doc:
+        return int(doc["rev"])
+    return int(doc.get("rev_base", 0)) + int(doc.get("revision", 0))  # written before revs
+
+
 def _path_info(
     doc: dict[str, Any], state: str, history: tuple[tuple[str, datetime.datetime], ...]
 ) -> PathInfo:
+    expires_at = doc.get("expires_at")
     return PathInfo(
         env_uuid=doc["env"],
         path=doc["path"],
@@ -557,11 +790,19 @@ def _path_info(
         length=int(doc["length"]),
         created_at=aware(doc["created_at"]),
         updated_at=aware(doc["updated_at"]),
-        revision=int(doc.get("rev_base", 0)) + int(doc.get("revision", 0)),
+        revision=_revision(doc),
         resource_id=str(doc["resource_id"]),
         state=state,
         history=history,
+        content_type=str(doc.get("content_type") or ""),
+        expires_at=aware(expires_at) if expires_at is not None else None,
     )
+
+
+def _clock_mode(db: Database[Any], replica_set: bool) -> str:
+    if type(db.client).__module__.startswith("mongomock"):
+        return "local"
+    return "cluster" if replica_set else "server"
 
 
 def _supports_transactions(db: Database[Any]) -> bool:

@@ -11,11 +11,12 @@ appended to a short, bounded history that `stat` shows.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import ObjectId
+from bson import Binary, ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
@@ -36,6 +37,8 @@ PENDING = "pending"
 READY = "ready"
 HISTORY_LIMIT = 16
 DEFAULT_LEASE = 60.0
+# The `path` of an entry whose bytes live in the entry itself (field `data`).
+INLINE = "inline:"
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,16 @@ class Resource:
     updated_at: datetime.datetime | None = None
     lease_until: datetime.datetime | None = None
     history: tuple[tuple[str, datetime.datetime], ...] = field(default=())
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def pending(self) -> bool:
         return self.state != READY
+
+    @property
+    def inline(self) -> bool:
+        """The bytes are in the entry itself (small content), not in the resource storage."""
+        return self.path == INLINE
 
     def lease_expired(self, now: datetime.datetime | None = None) -> bool:
         if self.lease_until is None:
@@ -83,6 +92,7 @@ def to_resource(doc: dict[str, Any]) -> Resource:
         updated_at=when("updated_at"),
         lease_until=when("lease_until"),
         history=tuple((h["state"], aware(h["at"])) for h in doc.get("history", [])),
+        data=bytes(doc["data"]) if doc.get("data") is not None else None,
     )
 
 
@@ -122,19 +132,22 @@ class ResourceCatalog:
         length: int,
         *,
         uploading: bool = False,
-        durable: bool = True,
         session: ClientSession | None = None,
     ) -> tuple[Resource, bool]:
         """put(), returning the entry and whether this call created it.
 
         uploading: the caller will upload if the entry is new, so its history
-        says so at once (one write less). durable=False acknowledges at w=1: for
-        callers whose next step is a majority write that orders after this one.
+        says so at once (one write less).
+
+        Acknowledged at w="majority": a reference acknowledged at w=1 can be rolled
+        back by a failover while a later majority write that depends on it (the
+        path that uses it) is retried on the new primary and survives; the count
+        would then be one short and the content deleted under a live path.
         """
         digest = parse_hash(hash)
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise BadRequestError(f"invalid length: {length!r}")
-        collection = self.collection if durable else self._fast
+        collection = self.collection
         while True:
             now = utcnow()
             history = [{"state": "created", "at": now}]
@@ -173,6 +186,74 @@ class ResourceCatalog:
             res = to_resource(doc)
             return res, res.refcount == 1 and res.created_at == aware(now)
 
+    def acquire_inline(
+        self, digest: str, data: bytes, *, session: ClientSession | None = None
+    ) -> Resource:
+        """Take a reference to small content, storing its bytes in the entry if new.
+
+        One majority write whether the content is new or known: small content is
+        never pending, so nothing waits on an uploader and no lease is renewed.
+        """
+        length = len(data)
+        while True:
+            now = utcnow()
+            try:
+                doc = self.collection.find_one_and_update(
+                    {"hash": digest, "length": length},
+                    {
+                        "$inc": {"refcount": 1},
+                        "$set": {
+                            "updated_at": now,
+                            "lease_until": now + datetime.timedelta(seconds=self.lease),
+                        },
+                        "$setOnInsert": {
+                            "path": INLINE,
+                            "data": Binary(data),
+                            "state": READY,
+                            "created_at": now,
+                            "history": [{"state": "created", "at": now}],
+                        },
+                    },
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                    projection={"data": 0},
+                    session=session,
+                )
+            except DuplicateKeyError:
+                other = self.collection.find_one({"hash": digest}, {"length": 1}, session=session)
+                if other is not None and other["length"] != length:
+                    raise LengthMismatchError(
+                        f"content {digest} is recorded with length {other['length']}, not {length}"
+                    ) from None
+                if session is not None:
+                    raise
+                continue
+            assert doc is not None
+            if doc.get("path", "") == "":
+                # A pending entry made through ResourceCatalog.put: complete it with our bytes.
+                doc = self.collection.find_one_and_update(
+                    {"_id": doc["_id"], "path": ""},
+                    {
+                        "$set": {"path": INLINE, "data": Binary(data), "state": READY},
+                        "$push": _history_push(READY, now),
+                    },
+                    return_document=ReturnDocument.AFTER,
+                    projection={"data": 0},
+                    session=session,
+                ) or self.collection.find_one({"_id": doc["_id"]}, {"data": 0}, session=session)
+                if doc is None:
+                    continue
+            res = to_resource(doc)
+            if res.inline:
+                res = dataclasses.replace(res, data=data)
+            return res
+
+    def read_inline(self, id: str, *, session: ClientSession | None = None) -> bytes:
+        doc = self.collection.find_one({"_id": object_id(id)}, {"data": 1}, session=session)
+        if doc is None or doc.get("data") is None:
+            raise NotFoundError(f"no inline content for resource {id}")
+        return bytes(doc["data"])
+
     def get(self, id: str, *, session: ClientSession | None = None) -> Resource:
         res = self.entry(id, session=session)
         if res.pending:
@@ -195,15 +276,13 @@ class ResourceCatalog:
         path: str,
         *,
         session: ClientSession | None = None,
-        durable: bool = True,
     ) -> None:
-        """Record where the bytes are; the entry becomes ready."""
+        """Record where the bytes are; the entry becomes ready (majority-acknowledged)."""
         if not isinstance(path, str) or not path:
             raise BadRequestError("upload_complete needs a non-empty storage path")
         oid = object_id(id)
         now = utcnow()
-        collection = self.collection if durable else self._fast
-        doc = collection.find_one_and_update(
+        doc = self.collection.find_one_and_update(
             {"_id": oid, "path": ""},
             {
                 "$set": {"path": path, "state": READY, "updated_at": now},
@@ -217,24 +296,29 @@ class ResourceCatalog:
             raise AlreadyExistsError(f"resource {id} already has its content stored")
 
     def remove(self, id: str, *, session: ClientSession | None = None) -> tuple[bool, str]:
-        """Drop one reference; delete the entry at zero. Returns (was_deleted, path)."""
+        """Drop one reference; delete the entry at zero. Returns (was_deleted, path).
+
+        Only a call that took a reference away succeeds (the others raise
+        NotFoundError), and the one that took the last deletes the entry with
+        find_one_and_delete, so the path it returns is the one recorded when the
+        entry went: an upload_complete that got in first is never forgotten.
+        """
         oid = object_id(id)
         doc = self.collection.find_one_and_update(
             {"_id": oid, "refcount": {"$gt": 0}},
             {"$inc": {"refcount": -1}, "$set": {"updated_at": utcnow()}},
             return_document=ReturnDocument.AFTER,
+            projection={"data": 0},
             session=session,
         )
         if doc is None:
-            doc = self.collection.find_one({"_id": oid}, session=session)
-            if doc is None:
-                raise NotFoundError(f"no resource with id {id}")
+            raise NotFoundError(f"no resource with id {id}")
         if doc["refcount"] <= 0:
-            gone = self.collection.delete_one(
-                {"_id": oid, "refcount": {"$lte": 0}}, session=session
+            gone = self.collection.find_one_and_delete(
+                {"_id": oid, "refcount": {"$lte": 0}}, projection={"path": 1}, session=session
             )
-            if gone.deleted_count:
-                return True, doc.get("path", "")
+            if gone is not None:
+                return True, gone.get("path", "")
         return False, doc.get("path", "")
 
     # -- beyond the contract -------------------------------------------------

@@ -9,6 +9,10 @@ from typing import Any, BinaryIO
 
 import blake3
 
+from storage.gridfs_storage import read_exact
+
+__all__ = ["Heartbeat", "PrefixedReader", "WatchedReader", "hash_stream", "read_exact"]
+
 HASH_BLOCK = 4 * 1024 * 1024
 
 
@@ -60,6 +64,30 @@ class WatchedReader:
         data = self._inner.read(size)
         if data:
             self.count += len(data)
+        return data if data is not None else b""
+
+    def readable(self) -> bool:
+        return True
+
+
+class PrefixedReader:
+    """Bytes already read from a one-way stream, then the rest of that stream.
+
+    A put reads up to the inline limit to learn whether content is small; when
+    it is not, the bytes it took must still come first.
+    """
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            n = len(self._head) if size is None or size < 0 else min(size, len(self._head))
+            out = bytes(self._head[:n])
+            self._head = self._head[n:]
+            return out
+        data = self._rest.read(size)
         return data if data is not None else b""
 
     def readable(self) -> bool:

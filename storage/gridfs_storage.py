@@ -26,6 +26,7 @@ from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
+from pymongo.read_concern import ReadConcern
 
 from catalog.errors import LengthMismatchError, NotFoundError
 from storage.reader import CorruptFileError, GridFSReader
@@ -89,6 +90,7 @@ class GridFSStorage:
         self.files = files.with_options(write_concern=WriteConcern("majority"))
         self.chunks = chunks.with_options(write_concern=WriteConcern("majority"))
         self._fast_chunks = chunks.with_options(write_concern=WriteConcern(w=1))
+        self._majority_chunks = chunks.with_options(read_concern=_majority_read(db))
         self.chunks.create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
         self.files.create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
 
@@ -116,15 +118,7 @@ class GridFSStorage:
         file_id = ObjectId()
         try:
             digest, total = self._write_chunks(file_id, reader, length)
-            # Check before the commit point: never commit a file whose chunks vanished
-            # (an upload spanning several batches is what a careless gc could cut).
             expected = -(-total // self.chunk_size)
-            several = total > self.batch_bytes
-            found = self.chunks.count_documents({"files_id": file_id}) if several else expected
-            if found != expected:
-                raise CorruptFileError(
-                    f"{path!r}: {found} of {expected} chunks are left after the upload"
-                )
             upload_date = datetime.datetime.now(datetime.timezone.utc)
             self.files.insert_one(
                 {
@@ -136,7 +130,19 @@ class GridFSStorage:
                     "metadata": {"blake3": digest},
                 }
             )
+            # The chunks went at w=1 and the files document at w="majority". If the
+            # primary died in between, the driver retried the files document on a new
+            # primary that never got the chunks: the write is acknowledged, the chunks
+            # are gone. A majority read after the commit point sees exactly what
+            # survives a failover, so the file is only returned once it is whole there
+            # (and a gc that cut a long upload's chunks is caught the same way).
+            found = self._majority_chunks.count_documents({"files_id": file_id})
+            if found != expected:
+                raise CorruptFileError(
+                    f"{path!r}: {found} of {expected} chunks are durable after the upload"
+                )
         except BaseException:
+            self.files.delete_one({"_id": file_id})
             self._delete_chunks(file_id)
             raise
         for old in self.files.find({"filename": path, "_id": {"$ne": file_id}}, {"_id": 1}):
@@ -278,6 +284,13 @@ class GridFSStorage:
                 for future in in_flight:
                     future.exception()  # wait, so cleanup sees every chunk written
         return hasher.hexdigest(), total
+
+
+def _majority_read(db: Database[Any]) -> ReadConcern:
+    """Majority reads where the server has them (mongomock has no read concerns)."""
+    if type(db.client).__module__.startswith("mongomock"):
+        return ReadConcern()
+    return ReadConcern("majority")
 
 
 def _oid_time(value: Any) -> datetime.datetime | None:

@@ -14,12 +14,15 @@ from catalog import (
     ManagedStorage,
     NotFoundError,
 )
+from catalog.resources import INLINE
 from storage import GridFSStorage
 from tests.helpers import BrokenReader, OneWayReader, b3, rand
 
 
 def stored_files(db: Database[Any]) -> int:
-    return db["resources.files"].count_documents({})
+    """Physical copies: GridFS files plus small contents kept inline in their entry."""
+    inline = db["catalog"].count_documents({"path": INLINE})
+    return db["resources.files"].count_documents({}) + inline
 
 
 def chunks(db: Database[Any]) -> int:
@@ -228,8 +231,12 @@ def test_stat(managed: ManagedStorage) -> None:
     info = managed.stat_for_environment("env", "p")
     assert (info.env_uuid, info.path, info.hash, info.length) == ("env", "p", res.hash, 7)
     assert info.created_at.tzinfo is not None and info.updated_at.tzinfo is not None
-    assert [s for s, _ in info.history] == ["created", "uploading", "ready"]
+    assert [s for s, _ in info.history] == ["created"]  # small content is never pending
     assert info.state == "ready"
+    big = rand(managed.inline_max + 1)
+    managed.put_for_environment("env", "big", io.BytesIO(big))
+    info = managed.stat_for_environment("env", "big")
+    assert [s for s, _ in info.history] == ["created", "uploading", "ready"]
 
 
 def test_move(managed: ManagedStorage, db: Database[Any]) -> None:

@@ -73,14 +73,15 @@ def test_clean_catalog_stats_and_nothing_to_do(managed: ManagedStorage, db: Data
 
     report = fsck(managed, verify_content=True, grace=0)
     assert report.clean, report.problems
-    assert (report.resources, report.paths, report.files) == (3, 5, 3)
+    # b and the empty content are small: kept inline in their entries, not as files
+    assert (report.resources, report.paths, report.files) == (3, 5, 1)
     assert report.bytes_verified == len(a) + len(b)
 
     s = stats(managed, by_env=True)
     assert (s.resources, s.pending, s.paths, s.environments) == (3, 0, 5, 2)
     assert s.logical_bytes == 3 * len(a) + len(b)
     assert s.physical_bytes == len(a) + len(b)
-    assert s.stored_files == 3 and s.stored_bytes == len(a) + len(b)
+    assert s.stored_files == 1 and s.stored_bytes == len(a)  # b and empty are inline
     assert s.dedup_ratio == pytest.approx((3 * len(a) + len(b)) / (len(a) + len(b)), rel=1e-3)
     assert s.storage_size is not None and s.storage_size > 0
     assert s.by_env is not None
@@ -277,7 +278,7 @@ def test_lost_content_stays_reported(managed: ManagedStorage, db: Database[Any])
 def test_young_bytes_of_a_dangling_path_are_kept(
     managed: ManagedStorage, db: Database[Any]
 ) -> None:
-    digest = put(managed, "e", "a", b"recent")
+    digest = put(managed, "e", "a", b"recent" * 12000)  # above the inline limit: a file
     db.catalog.delete_one({"hash": digest})
     result = gc(managed, grace=600)  # the file is younger than the grace: no decision yet
     assert not result.changed and result.in_flight == 1
@@ -288,7 +289,7 @@ def test_young_bytes_of_a_dangling_path_are_kept(
 def test_orphan_file_respects_grace(
     managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
 ) -> None:
-    put(managed, "e", "a", b"referenced")
+    put(managed, "e", "a", b"referenced" * 8000)  # above the inline limit: a file
     gridfs_storage.put("stray", io.BytesIO(b"x" * 70000), -1)
 
     report = fsck(managed)  # default grace: a fresh file may be an upload about to commit
@@ -411,7 +412,7 @@ def test_every_fault_at_once(
     chunk_victim = put(managed, "e", "missing-chunk", os.urandom(2 * MiB + 1))
     flip_victim = put(managed, "e", "flipped", os.urandom(MiB + 1))
     bumped = put(managed, "e", "bumped", b"bumped")
-    dropped = put(managed, "e", "dropped", b"dropped")
+    dropped = put(managed, "e", "dropped", b"dropped" * 12000)  # a file, not inline
     put(managed, "e", "healthy", b"healthy")
     gridfs_storage.put("orphan", io.BytesIO(b"o" * 1000), -1)
     managed.catalog.put("ef" * 32, 5)
@@ -444,7 +445,7 @@ def test_every_fault_at_once(
     gc(managed, grace=0)
     report = fsck(managed, grace=0, verify_content=True)
     assert report.kinds() == {"missing_chunk", "corrupt_content"}
-    assert read(managed, "e", "dropped") == b"dropped"
+    assert read(managed, "e", "dropped") == b"dropped" * 12000
     assert read(managed, "e", "healthy") == b"healthy"
 
 

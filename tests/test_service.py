@@ -55,7 +55,9 @@ def error_code(response: httpx.Response) -> str:
 
 
 def gridfs_files(managed: ManagedStorage) -> int:
-    return int(managed.db["resources.files"].count_documents({}))
+    """Physical copies: GridFS files plus small contents kept inline in their entry."""
+    inline = managed.db["catalog"].count_documents({"path": "inline:"})
+    return int(managed.db["resources.files"].count_documents({})) + inline
 
 
 def gridfs_chunks(managed: ManagedStorage) -> int:

@@ -1,0 +1,203 @@
+"""How a path document changes: revisions and the per-path history of events.
+
+Every change of a path is one atomic update of its document that also gives it
+a new revision and appends the event to the document's own `events` list, so a
+put of new content costs no extra write for its history. When a path goes
+(delete, or moved away) its events move to the `path_history` collection with
+the final event, in the same transaction that removes the path.
+
+Revisions grow on every change of a path and across the whole environment
+without a counter document that every write would contend on: the revision is
+the server's cluster time at the write (seconds << 32 | increment), and at
+least one more than the path's previous revision. A change that starts after
+another has finished reads a later cluster time, so it gets a larger revision.
+Where the server has no cluster time (a standalone mongod, mongomock), a
+process-local clock in microseconds takes its place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+# Cap on events kept inside one path document, so a path replaced millions of
+# times in the retention window cannot outgrow MongoDB's 16 MB document limit.
+EVENTS_CAP = 2000
+
+_CLUSTER_CLOCK: dict[str, Any] = {
+    "$add": [
+        {"$multiply": [{"$toLong": {"$tsSecond": "$$CLUSTER_TIME"}}, 4294967296]},
+        {"$toLong": {"$tsIncrement": "$$CLUSTER_TIME"}},
+    ]
+}
+_SERVER_MS_CLOCK: dict[str, Any] = {"$multiply": [{"$toLong": "$$NOW"}, 1000]}
+
+
+class LocalClock:
+    """Strictly increasing microseconds in this process (mongomock mode)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            now = max(time.time_ns() // 1000, self._last + 1)
+            self._last = now
+            return now
+
+
+def literal(value: Any) -> dict[str, Any]:
+    """A value in an aggregation pipeline, never taken for a field path or operator."""
+    return {"$literal": value}
+
+
+class PathUpdates:
+    """Builders for the updates that change a path document.
+
+    `mode` is "cluster" (replica set: revisions from cluster time), "server"
+    (standalone: the server's clock) or "local" (mongomock: no pipelines).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.clock = LocalClock()
+
+    @property
+    def pipelines(self) -> bool:
+        return self.mode != "local"
+
+    def _rev_expr(self) -> dict[str, Any]:
+        clock = _CLUSTER_CLOCK if self.mode == "cluster" else _SERVER_MS_CLOCK
+        return {"$max": [{"$add": [{"$ifNull": ["$rev", 0]}, 1]}, clock]}
+
+    def link(
+        self,
+        target: dict[str, Any],
+        *,
+        event: str | None = None,
+        extra: dict[str, Any] | None = None,
+        unset: tuple[str, ...] = (),
+        detail: dict[str, Any] | None = None,
+    ) -> Any:
+        """Point a path at `target` (resource_id, hash, length), with a new revision.
+
+        event: the history event; by default `create` for a new (or expired) path
+        and `replace` otherwise. `prev_rid` keeps the resource the path held
+        before, so a caller asking for the document after the update learns both.
+        """
+        fields = {k: target[k] for k in ("resource_id", "hash", "length")}
+        fields.update(extra or {})
+        if not self.pipelines:
+            return self._link_classic(fields, event, unset, detail)
+        kind: Any = (
+            literal(event)
+            if event
+            else {"$cond": [{"$ifNull": ["$prev_rid", False]}, "replace", "create"]}
+        )
+        entry = {
+            "at": "$$NOW",
+            "event": kind,
+            "state": "ok",
+            "hash": literal(fields["hash"]),
+            "length": literal(fields["length"]),
+            "revision": "$rev",
+        }
+        entry.update({k: literal(v) for k, v in (detail or {}).items()})
+        stages: list[dict[str, Any]] = [
+            {
+                "$set": {
+                    "prev_rid": {"$ifNull": ["$resource_id", None]},
+                    "rev": self._rev_expr(),
+                    "created_at": {"$ifNull": ["$created_at", "$$NOW"]},
+                    "updated_at": "$$NOW",
+                    **{k: literal(v) for k, v in fields.items()},
+                }
+            },
+            {
+                "$set": {
+                    "events": {
+                        "$slice": [
+                            {"$concatArrays": [{"$ifNull": ["$events", []]}, [entry]]},
+                            -EVENTS_CAP,
+                        ]
+                    }
+                }
+            },
+        ]
+        if unset:
+            stages.append({"$unset": list(unset)})
+        return stages
+
+    def _link_classic(
+        self,
+        fields: dict[str, Any],
+        event: str | None,
+        unset: tuple[str, ...],
+        detail: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        import datetime
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        rev = self.clock()
+        entry = {
+            "at": now,
+            "event": event or "put",
+            "state": "ok",
+            "hash": fields["hash"],
+            "length": fields["length"],
+            "revision": rev,
+            **(detail or {}),
+        }
+        update: dict[str, Any] = {
+            "$set": {**fields, "updated_at": now, "rev": rev},
+            "$setOnInsert": {"created_at": now},
+            "$push": {"events": {"$each": [entry], "$slice": -EVENTS_CAP}},
+        }
+        if unset:
+            update["$unset"] = dict.fromkeys(unset, "")
+        return update
+
+    def closing(self, doc: dict[str, Any], event: str, detail: dict[str, Any] | None = None) -> Any:
+        """The update of `path_history` when `doc`'s path goes: its events plus the last."""
+        kept = list(doc.get("events") or [])
+        entry: dict[str, Any] = {
+            "event": event,
+            "state": "ok",
+            "hash": doc.get("hash", ""),
+            "length": int(doc.get("length", 0)),
+            **(detail or {}),
+        }
+        floor = int(doc.get("rev", 0)) + 1
+        if not self.pipelines:
+            import datetime
+
+            entry["at"] = datetime.datetime.now(datetime.timezone.utc)
+            entry["revision"] = max(self.clock(), floor)
+            return {
+                "$set": {"last_rev": entry["revision"]},
+                "$push": {"events": {"$each": [*kept, entry], "$slice": -EVENTS_CAP * 4}},
+            }
+        clock = _CLUSTER_CLOCK if self.mode == "cluster" else _SERVER_MS_CLOCK
+        new_entry: dict[str, Any] = {k: literal(v) for k, v in entry.items()}
+        new_entry.update({"at": "$$NOW", "revision": "$last_rev"})
+        return [
+            {"$set": {"last_rev": {"$max": [floor, clock, {"$ifNull": ["$last_rev", 0]}]}}},
+            {
+                "$set": {
+                    "events": {
+                        "$slice": [
+                            {
+                                "$concatArrays": [
+                                    {"$ifNull": ["$events", []]},
+                                    literal(kept),
+                                    [new_entry],
+                                ]
+                            },
+                            -EVENTS_CAP * 4,
+                        ]
+                    }
+                }
+            },
+        ]
