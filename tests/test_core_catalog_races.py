@@ -44,7 +44,7 @@ def test_concurrent_removes_take_exactly_the_references_there_were(db: Database[
         for _ in range(refs):
             rid, _ = rc.put(digest, 10)
         rc.upload_complete(rid, f"stored/{round_}")
-        results = race(refs + 6, lambda _i: rc.remove(rid))
+        results = race(refs + 6, lambda _i, rid=rid: rc.remove(rid))
         succeeded = [r for r in results if isinstance(r, tuple)]
         failed = [r for r in results if isinstance(r, NotFoundError)]
         assert len(succeeded) == refs, (round_, results)
