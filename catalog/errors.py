@@ -100,6 +100,16 @@ class TooLargeError(CatalogError):
     code = "too_large"
 
 
+class TooManyRequestsError(CatalogError):
+    """A budget ran out (proof-of-access challenges); `retry_after` is in seconds."""
+
+    code = "too_many_requests"
+
+    def __init__(self, *args: object, retry_after: int = 60) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
+
+
 class PreconditionFailedError(CatalogError):
     """A conditional request's precondition did not hold."""
 
@@ -120,6 +130,7 @@ __all__ = [
     "ResourceDeletedError",
     "ResponseMismatchError",
     "TooLargeError",
+    "TooManyRequestsError",
     "UnauthorizedError",
     "UploadPendingError",
 ]

@@ -53,6 +53,8 @@ from catalog.errors import (
 from catalog.names import check_env, check_path, check_prefix, parse_hash
 from catalog.pathdocs import PathUpdates
 from catalog.proof import (
+    DAILY_BUDGET,
+    ProofBudget,
     PutResponse,
     RequestResponse,
     choose_ranges,
@@ -141,7 +143,13 @@ class ManagedStorage:
         request_expiry: float = 60.0,
         lease: float = DEFAULT_LEASE,
         inline_max: int = INLINE_MAX,
+        dedup_scope: str = "global",
+        proof_budget: int = DAILY_BUDGET,
     ) -> None:
+        if dedup_scope not in ("global", "environment"):
+            raise ValueError(f"dedup_scope must be 'global' or 'environment', not {dedup_scope!r}")
+        self.dedup_scope = dedup_scope
+        self._budget = ProofBudget(db, proof_budget)
         self.db = db
         self.resource_storage = resource_storage
         self.request_expiry = request_expiry
@@ -152,6 +160,7 @@ class ManagedStorage:
         self.requests = db["put_requests"].with_options(write_concern=majority)
         self.paths.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.paths.create_index([("resource_id", ASCENDING)])
+        self.paths.create_index([("env", ASCENDING), ("hash", ASCENDING)])
         self.history = db["path_history"].with_options(write_concern=majority)
         self.history.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
@@ -310,14 +319,23 @@ class ManagedStorage:
         check_path(path)
         digest = parse_hash(hash)
         res = self._catalog.lookup(digest)
+        # Storage is shared, but whether another environment holds this content is
+        # not this caller's business: with scope "environment" only its own counts.
+        if (
+            res is not None
+            and self.dedup_scope == "environment"
+            and self.paths.find_one({"env": env_uuid, "hash": digest}, {"_id": 1}) is None
+        ):
+            res = None
         if res is None:
             raise NotFoundError(f"no stored content with hash {digest}")
         if res.pending:
             if res.lease_expired():
                 raise NotFoundError(f"the upload of {digest} was abandoned; upload it")
             raise UploadPendingError(f"content {digest} is still being uploaded")
-        ranges = choose_ranges(res.length)
         now = utcnow()
+        budget_key = self._budget.take(env_uuid, digest, now)
+        ranges = choose_ranges(res.length)
         expires_at = now + datetime.timedelta(seconds=self.request_expiry)
         request_id = secrets.token_urlsafe(24)
         self.requests.insert_one(
@@ -330,6 +348,7 @@ class ManagedStorage:
                 "ranges": [[s, n] for s, n in ranges],
                 "created_at": now,
                 "expires_at": expires_at,
+                "budget": budget_key,
             }
         )
         return RequestResponse(request_id, ranges, expires_at)
@@ -377,6 +396,8 @@ class ManagedStorage:
             reader.close()
         if not hmac.compare_digest(expected, checksum):
             raise ResponseMismatchError("the proof checksum does not match the content")
+        if doc.get("budget"):
+            self._budget.give_back(doc["budget"])
 
         def link(session: ClientSession | None, doomed: list[str]) -> Resource:
             if self._catalog.add_ref(res.id, session=session) is None:

@@ -1,8 +1,16 @@
 """Proof of access: the server asks for BLAKE3 of random byte ranges.
 
-Ranges come from a CSPRNG and are spread over the content (one per equal
-segment), so a client that holds only part of the content misses some of them;
-content under 4 KiB is asked for whole.
+Why this many ranges: each range starts at an independent, uniformly random
+offset drawn from a CSPRNG, so a client holding a fraction f of the bytes, in
+any layout, holds a given range wholly with probability at most about f (the
+chance that its first byte is held). It answers a challenge of k ranges without
+the missing bytes with probability at most f**k: with k = 192 and f = 0.9 that
+is 1.7e-9 (4.4e-9 with the short tail that no range starts in). Challenges are
+budgeted per environment and content (`ProofBudget`): at most 2 * 10 unanswered
+or failed ones in any 24 hours, so a partial holder's chance per content per day
+stays below 1e-7 however it asks. Content shorter than 192 ranges' worth is asked
+for whole; there the bound is the entropy of the missing bytes, which a client
+could as well brute-force offline against the hash.
 """
 
 from __future__ import annotations
@@ -10,15 +18,19 @@ from __future__ import annotations
 import datetime
 import secrets
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import blake3
+from pymongo import ReturnDocument, WriteConcern
+from pymongo.database import Database
 
-MIN_SPREAD_LENGTH = 4096
-MIN_RANGES = 8
-MAX_RANGES = 16
-MIN_RANGE = 512
-MAX_RANGE = 64 * 1024
+from catalog.errors import TooManyRequestsError
+
+PROOF_RANGES = 192
+RANGE_SIZE = 64
+WHOLE_BELOW = PROOF_RANGES * RANGE_SIZE
+DAILY_BUDGET = 10
+WINDOW = datetime.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -43,22 +55,59 @@ def new_put_response(request_id: str, checksum: str) -> PutResponse:
 
 
 def choose_ranges(length: int) -> list[tuple[int, int]]:
-    """(start, length) ranges for content of `length` bytes."""
+    """(start, length) ranges for content of `length` bytes, sorted by start.
+
+    Sorted so that both sides read the content front to back; the checksum
+    is over the ranges in this order.
+    """
     if length <= 0:
         return []
-    if length < MIN_SPREAD_LENGTH:
+    if length < WHOLE_BELOW:
         return [(0, length)]
-    count = MIN_RANGES + secrets.randbelow(MAX_RANGES - MIN_RANGES + 1)
-    count = min(count, length // MIN_RANGE)
-    ranges: list[tuple[int, int]] = []
-    for i in range(count):
-        seg_start = length * i // count
-        seg_end = length * (i + 1) // count
-        seg_len = seg_end - seg_start
-        size = MIN_RANGE + secrets.randbelow(min(MAX_RANGE, seg_len) - MIN_RANGE + 1)
-        start = seg_start + secrets.randbelow(seg_len - size + 1)
-        ranges.append((start, size))
-    return ranges
+    span = length - RANGE_SIZE + 1
+    return sorted((secrets.randbelow(span), RANGE_SIZE) for _ in range(PROOF_RANGES))
+
+
+class ProofBudget:
+    """Challenges per (environment, content) and day: failed or unanswered ones count.
+
+    A fixed daily window per pair, counted with one atomic upsert; a correct
+    answer gives its challenge back, so honest clients never run out.
+    """
+
+    def __init__(self, db: Database[Any], per_day: int = DAILY_BUDGET) -> None:
+        self.per_day = per_day
+        self.collection = db["proof_budget"].with_options(write_concern=WriteConcern("majority"))
+        self.collection.create_index("expires_at", expireAfterSeconds=0)
+
+    def take(self, env_uuid: str, digest: str, now: datetime.datetime) -> str:
+        """Count one challenge; TooManyRequestsError past the budget. Returns the window key."""
+        start = _window_start(now)
+        key = f"{env_uuid}\0{digest}\0{int(start.timestamp())}"
+        doc = self.collection.find_one_and_update(
+            {"_id": key},
+            {"$inc": {"n": 1}, "$setOnInsert": {"expires_at": start + 2 * WINDOW}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None and int(doc["n"]) > self.per_day:
+            self.collection.update_one({"_id": key}, {"$inc": {"n": -1}})
+            retry = (start + WINDOW - now).total_seconds()
+            raise TooManyRequestsError(
+                f"too many proof-of-access challenges for {digest} in {env_uuid} today; "
+                f"upload the content, or retry in {int(retry) + 1} s",
+                retry_after=int(retry) + 1,
+            )
+        return key
+
+    def give_back(self, key: str) -> None:
+        self.collection.update_one({"_id": key, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+
+
+def _window_start(now: datetime.datetime) -> datetime.datetime:
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    days = (now - epoch) // WINDOW
+    return epoch + days * WINDOW
 
 
 def ranges_checksum(reader: BinaryIO, ranges: list[tuple[int, int]]) -> str:

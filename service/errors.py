@@ -31,6 +31,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "precondition_failed": 412,
     "too_large": 413,
     "range_not_satisfiable": 416,
+    "too_many_requests": 429,
     "hash_mismatch": 422,
     "internal_error": 500,
     "unavailable": 503,
