@@ -61,6 +61,7 @@ from catalog.proof import (
     new_put_response,
     ranges_checksum,
 )
+from catalog.readleases import ReadLeases
 from catalog.resources import (
     DEFAULT_LEASE,
     READY,
@@ -166,6 +167,9 @@ class ManagedStorage:
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
         self._transactions = _supports_transactions(db)
         self._updates = PathUpdates(_clock_mode(db, self._transactions))
+        # Read leases need a store that can hide a file before deleting it (GridFS).
+        self._leased = hasattr(resource_storage, "mark_doomed")
+        self._read_leases = ReadLeases(db)
 
     @property
     def catalog(self) -> ResourceCatalog:
@@ -715,6 +719,12 @@ class ManagedStorage:
             self._discard(storage_path)
 
     def _discard(self, storage_path: str) -> None:
+        """Delete bytes nothing references: now, or when their last reader closes."""
+        if self._leased:
+            if not self.resource_storage.mark_doomed(storage_path):
+                return  # gone already
+            if self._read_leases.live(storage_path):
+                return  # the last reader deletes them (gc if it dies)
         with contextlib.suppress(NotFoundError):
             self.resource_storage.remove(storage_path)
 
@@ -746,10 +756,31 @@ class ManagedStorage:
             return session.with_transaction(body, write_concern=WriteConcern("majority"))
 
     def _open_content(self, res: Resource) -> BinaryIO:
-        """The bytes of a ready entry, wherever they live."""
+        """The bytes of a ready entry, wherever they live, held open by a read lease."""
         if res.inline:
             return io.BytesIO(res.data if res.data is not None else b"")
-        return cast(BinaryIO, self.resource_storage.get(res.path))
+        if not self._leased:
+            return cast(BinaryIO, self.resource_storage.get(res.path))
+        lease = self._read_leases.take(res.path)
+        try:
+            reader = self.resource_storage.get(res.path)
+        except BaseException:
+            self._reader_closed(lease)
+            raise
+        reader.on_chunk = self._read_leases.renewer(lease)
+        reader.on_close = lambda: self._reader_closed(lease)
+        return cast(BinaryIO, reader)
+
+    def _reader_closed(self, lease: Any) -> None:
+        """The last reader of bytes whose last reference went deletes them."""
+        storage_path = self._read_leases.drop(lease)
+        if (
+            storage_path is not None
+            and self.resource_storage.is_doomed(storage_path)
+            and not self._read_leases.live(storage_path)
+        ):
+            with contextlib.suppress(NotFoundError):
+                self.resource_storage.remove(storage_path)
 
     def _path_doc(self, env_uuid: str, path: str) -> dict[str, Any]:
         doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)

@@ -237,8 +237,22 @@ class GridFSStorage:
     # -- internals ------------------------------------------------------------
     def _newest(self, path: str) -> dict[str, Any] | None:
         return self.files.find_one(
-            {"filename": path}, sort=[("uploadDate", DESCENDING), ("_id", DESCENDING)]
+            {"filename": path, "metadata.doomed": {"$ne": True}},
+            sort=[("uploadDate", DESCENDING), ("_id", DESCENDING)],
         )
+
+    def is_doomed(self, path: str) -> bool:
+        return (
+            self.files.find_one({"filename": path, "metadata.doomed": True}, {"_id": 1}) is not None
+        )
+
+    def mark_doomed(self, path: str) -> bool:
+        """Hide a file from new readers before it is deleted; False if there is none.
+
+        Readers that opened it before keep reading; whoever deletes it waits for them.
+        """
+        done = self.files.update_many({"filename": path}, {"$set": {"metadata.doomed": True}})
+        return bool(done.matched_count)
 
     def _delete_chunks(self, file_id: Any) -> None:
         self.chunks.delete_many({"files_id": file_id})

@@ -10,7 +10,7 @@ being read raises instead of returning a silently truncated stream.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pymongo.collection import Collection
@@ -42,6 +42,10 @@ class GridFSReader(io.RawIOBase):
         self._next_n = 0  # chunk index the cursor yields next
         self._buf = b""
         self._buf_start = 0  # file offset of _buf[0]
+        # Hooks for whoever hands the reader out (a read lease is renewed per chunk
+        # fetched and released on close); the store itself needs neither.
+        self.on_chunk: Callable[[], None] | None = None
+        self.on_close: Callable[[], None] | None = None
 
     # -- io.RawIOBase -------------------------------------------------------
     def readable(self) -> bool:
@@ -93,7 +97,10 @@ class GridFSReader(io.RawIOBase):
         if self._cursor is not None:
             self._cursor.close()
             self._cursor = None
+        hook, self.on_close = self.on_close, None
         super().close()
+        if hook is not None:
+            hook()
 
     # -- chunk access ---------------------------------------------------------
     def readchunk(self, limit: int = -1) -> bytes:
@@ -149,3 +156,5 @@ class GridFSReader(io.RawIOBase):
         self._buf = data
         self._buf_start = n * self.chunk_size
         self._next_n = n + 1
+        if self.on_chunk is not None:
+            self.on_chunk()
