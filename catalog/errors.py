@@ -107,8 +107,14 @@ class InvalidOffsetError(CatalogError, ValueError):
 
     code = "invalid_offset"
 
-    def __init__(self, path: str, offset: int, message: str | None = None) -> None:
-        super().__init__(message or f"invalid offset {offset} for {path!r}")
+    def __init__(self, *args: object, path: str = "", offset: int = 0) -> None:
+        # Both InvalidOffsetError(path, offset) and InvalidOffsetError(message,
+        # path=..., offset=...) work: the HTTP client rebuilds errors from a
+        # message alone, so a single positional argument must stay valid.
+        if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
+            path, offset = args[0], args[1]
+            args = (f"invalid offset {offset} for {path!r}",)
+        super().__init__(*args)
         self.path = path
         self.offset = offset
 
