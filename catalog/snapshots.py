@@ -146,6 +146,7 @@ class Transaction:
         self._snapshots = store._snapshots
         self._ids = store._ids
         self._writable = bool(writable)
+        self._wrote = False
         self._session: ClientSession | None = txn.start(store._client)
 
     # -- ending ---------------------------------------------------------------
@@ -161,8 +162,10 @@ class Transaction:
         """Make every change visible at once; a read-only transaction just ends."""
         session = self._end()
         try:
-            if not self._writable:
-                session.abort_transaction()  # nothing was written: nothing to commit
+            if not self._wrote:
+                # Nothing was written: an abort ends it the same, without
+                # waiting for a majority to acknowledge a commit.
+                session.abort_transaction()
                 return
             txn.commit(session)
         except PyMongoError as exc:
@@ -214,6 +217,7 @@ class Transaction:
             raise NoTransactionError("the transaction has ended")
         if write and not self._writable:
             raise NoTransactionError("a write in a read-only transaction")
+        self._wrote = self._wrote or write
         try:
             yield self._session
         except DuplicateKeyError as exc:
