@@ -102,6 +102,10 @@ class MetaStore:
         if not isinstance(namespace, str) or not namespace:
             raise InvalidArgumentError("a namespace is a non-empty string")
         self.namespace = namespace
+        if not getattr(managed, "_transactions", True):
+            raise FailedPreconditionError(
+                "the snapshot metastore needs MongoDB transactions (a replica set)"
+            )
         db = managed.db
         self._client = db.client
         self._snapshots: Collection[dict[str, Any]] = db["snapshots"]
@@ -210,13 +214,18 @@ class Transaction:
         if self._session is not None:
             self.rollback()
 
-    @contextmanager
-    def _call(self, write: bool) -> Iterator[ClientSession]:
-        """The session for one call; ends the transaction if the server failed it."""
+    def _ready(self, write: bool) -> None:
+        """Refuse a call on an ended transaction, or a write in a read-only one, first."""
         if self._session is None:
             raise NoTransactionError("the transaction has ended")
         if write and not self._writable:
             raise NoTransactionError("a write in a read-only transaction")
+
+    @contextmanager
+    def _call(self, write: bool) -> Iterator[ClientSession]:
+        """The session for one call; ends the transaction if the server failed it."""
+        self._ready(write)
+        assert self._session is not None
         self._wrote = self._wrote or write
         try:
             yield self._session
@@ -238,12 +247,14 @@ class Transaction:
 
     def get_info(self, key: str) -> tuple[str, Info]:
         """The snapshot's id and Info (containerd's GetInfo)."""
+        self._ready(write=False)
         _check_key(key, "key")
         with self._call(write=False) as session:
             doc = self._need(session, key)
         return str(doc["id"]), _info(doc)
 
     def get_active(self, key: str) -> Active:
+        self._ready(write=False)
         _check_key(key, "key")
         with self._call(write=False) as session:
             doc = self._need(session, key)
@@ -272,6 +283,7 @@ class Transaction:
         readonly: bool = False,
         labels: Mapping[str, str] | None = None,
     ) -> Active:
+        self._ready(write=True)
         _check_key(key, "key")
         _check_parent(parent)
         if not isinstance(readonly, bool):
@@ -319,6 +331,7 @@ class Transaction:
         the committed content, not the work in progress. `parent` may give an
         active created without one a parent at commit (containerd's rebase).
         """
+        self._ready(write=True)
         _check_key(key, "key")
         _check_key(name, "name")
         _check_parent(parent)
@@ -357,6 +370,7 @@ class Transaction:
 
     def remove(self, key: str) -> str:
         """Remove a snapshot that has no children; its id is never handed out again."""
+        self._ready(write=True)
         _check_key(key, "key")
         with self._call(write=True) as session:
             doc = self._need(session, key)
@@ -384,6 +398,7 @@ class Transaction:
         "labels.<k>" sets k from `labels`, or drops it when `labels` has no k.
         Snapshot GC keeps its references in labels, so this is how they move.
         """
+        self._ready(write=True)
         _check_key(key, "key")
         new_labels = dict(_labels_dict(_label_pairs(labels)))
         paths = [fieldpaths] if isinstance(fieldpaths, str) else list(fieldpaths)

@@ -89,6 +89,8 @@ def assert_ended(tx: Transaction) -> None:
         lambda: tx.stat("base"),
         lambda: tx.walk(lambda info: None),
         lambda: tx.update("base", {"a": "b"}),
+        lambda: tx.stat(""),  # the end is reported before bad input
+        lambda: tx.create_active(""),
         tx.commit,
         tx.rollback,
     ]
@@ -136,6 +138,7 @@ def test_read_only_transaction_never_writes(ms: MetaStore, db: Database[Any]) ->
         lambda: tx.commit_active("child", "c"),
         lambda: tx.remove("child"),
         lambda: tx.update("base", {"gc": "ref"}),
+        lambda: tx.create_active(""),  # refused as a write before its bad input
     ]
     for write in writes:
         with pytest.raises(NoTransactionError):
@@ -512,3 +515,11 @@ def test_no_orphan_children_with_retrying_transactions(
     children = {d["key"]: d["children"] for d in db["snapshots"].find({"kind": "committed"})}
     for key, count in children.items():
         assert count == db["snapshots"].count_documents({"parent": key}), key
+
+
+def test_needs_transactions() -> None:
+    """The in-memory mode (mongomock) has no transactions: refused up front."""
+    from catalog import connect
+
+    with pytest.raises(FailedPreconditionError):
+        MetaStore(connect("mongomock://snapshots"))
