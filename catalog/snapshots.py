@@ -290,8 +290,10 @@ class Transaction:
             raise InvalidArgumentError("readonly is a bool")
         label_pairs = _label_pairs(labels)
         with self._call(write=True) as session:
-            pdoc = self._committed_parent(session, parent) if parent else None
-            if self._find(session, key) is not None:
+            # One round trip for both: reads inside a transaction are not free.
+            found = self._find_all(session, key, parent)
+            pdoc = _committed_parent(found.get(parent), parent) if parent else None
+            if key in found:
                 raise AlreadyExistsError(f"snapshot {key!r} already exists")
             # Checked: from here on only writes.
             new_id = self._next_id(session)
@@ -337,9 +339,12 @@ class Transaction:
         _check_parent(parent)
         label_pairs = _label_pairs(labels)
         with self._call(write=True) as session:
-            if self._find(session, name) is not None:
+            found = self._find_all(session, name, key)
+            if name in found:
                 raise AlreadyExistsError(f"snapshot {name!r} already exists")
-            doc = self._need(session, key)
+            doc = found.get(key)
+            if doc is None:
+                raise _not_found(key)
             if doc["kind"] != Kind.ACTIVE.value:
                 raise FailedPreconditionError(f"snapshot {key!r} is committed, not active")
             if doc["readonly"]:
@@ -373,11 +378,15 @@ class Transaction:
         self._ready(write=True)
         _check_key(key, "key")
         with self._call(write=True) as session:
-            doc = self._need(session, key)
-            if doc.get("children", 0) > 0:
+            # The check and the delete in one step: a delete that matches
+            # nothing is no server error, so it leaves the transaction usable.
+            doc = self._snapshots.find_one_and_delete(
+                {"ns": self._ns, "key": key, "children": {"$lte": 0}}, session=session
+            )
+            if doc is None:
+                if self._find(session, key) is None:
+                    raise _not_found(key)
                 raise FailedPreconditionError(f"snapshot {key!r} has children")
-            # Checked: from here on only writes.
-            self._snapshots.delete_one({"_id": doc["_id"]}, session=session)
             if doc["parent"]:
                 self._snapshots.update_one(
                     {"ns": self._ns, "key": doc["parent"]},
@@ -441,13 +450,13 @@ class Transaction:
             raise _not_found(key)
         return doc
 
+    def _find_all(self, session: ClientSession, *keys: str) -> dict[str, dict[str, Any]]:
+        wanted = [k for k in keys if k]
+        cursor = self._snapshots.find({"ns": self._ns, "key": {"$in": wanted}}, session=session)
+        return {doc["key"]: doc for doc in cursor}
+
     def _committed_parent(self, session: ClientSession, parent: str) -> dict[str, Any]:
-        pdoc = self._find(session, parent)
-        if pdoc is None:
-            raise _not_found(parent, "parent ")
-        if pdoc["kind"] != Kind.COMMITTED.value:
-            raise InvalidArgumentError(f"parent {parent!r} is not a committed snapshot")
-        return pdoc
+        return _committed_parent(self._find(session, parent), parent)
 
     def _next_id(self, session: ClientSession) -> int:
         doc = self._ids.find_one_and_update(
@@ -460,6 +469,14 @@ class Transaction:
         if doc is None:  # pragma: no cover - an upsert always returns the document
             raise AssertionError("the id counter vanished")
         return int(doc["seq"])
+
+
+def _committed_parent(pdoc: dict[str, Any] | None, parent: str) -> dict[str, Any]:
+    if pdoc is None:
+        raise _not_found(parent, "parent ")
+    if pdoc["kind"] != Kind.COMMITTED.value:
+        raise InvalidArgumentError(f"parent {parent!r} is not a committed snapshot")
+    return pdoc
 
 
 def _not_found(key: str, what: str = "") -> NotFoundError:
