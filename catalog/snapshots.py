@@ -145,7 +145,6 @@ class Transaction:
     """One MongoDB transaction over a namespace's snapshots."""
 
     def __init__(self, store: MetaStore, writable: bool) -> None:
-        self._store = store
         self._ns = store.namespace
         self._snapshots = store._snapshots
         self._ids = store._ids
