@@ -35,6 +35,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "hash_mismatch": 422,
     "internal_error": 500,
     "unavailable": 503,
+    "invalid_argument": 400,
+    "invalid_offset": 400,
+    "no_transaction": 400,
+    "key_modified": 409,
+    "cannot_lock": 409,
+    "failed_precondition": 409,
+    "write_conflict": 409,
 }
 
 
