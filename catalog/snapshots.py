@@ -479,9 +479,7 @@ def _committed_parent(pdoc: dict[str, Any] | None, parent: str) -> dict[str, Any
 
 
 def _not_found(key: str, what: str = "") -> NotFoundError:
-    err = NotFoundError(f"{what}snapshot {key!r} does not exist")
-    err.path = key  # type: ignore[attr-defined]
-    return err
+    return NotFoundError(f"{what}snapshot {key!r} does not exist", path=key)
 
 
 def _check_key(key: object, what: str) -> None:
