@@ -81,6 +81,7 @@ from catalog.streams import (
 
 if TYPE_CHECKING:
     from catalog.environment import Environment
+    from catalog.transaction import ContentTransaction
 
 T = TypeVar("T")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -123,6 +124,9 @@ class WriteOptions:
     expires_at: datetime.datetime | None = None
     owner: str | None = None
     content_type: str | None = None
+    # False: store the bytes and keep the reference, but link no path (a content
+    # transaction links its puts together when its block ends).
+    link: bool = True
 
 
 PLAIN = WriteOptions()
@@ -263,30 +267,17 @@ class ManagedStorage:
     def remove_for_environment(self, env_uuid: str, path: str) -> None:
         self.delete_path(env_uuid, path)
 
+    def transaction(self) -> ContentTransaction:
+        """Puts, removes and moves that take effect together when the block ends, or not at all."""
+        from catalog.transaction import ContentTransaction
+
+        return ContentTransaction(self)
+
     def delete_path(self, env_uuid: str, path: str, *, if_match: int | str | None = None) -> int:
         """Remove a path (only if its revision or hash matches `if_match`); its last revision."""
         check_env(env_uuid)
         check_path(path)
-
-        def unlink(session: ClientSession | None, doomed: list[str]) -> int:
-            query = self._live_query(env_uuid, path)
-            if if_match is not None:
-                query.update(_match_query(if_match))
-            doc = self.paths.find_one_and_delete(query, session=session)
-            if doc is None:
-                self._raise_missing_or_mismatch(env_uuid, path, if_match, session)
-            closed = self.history.find_one_and_update(
-                {"env": env_uuid, "path": path},
-                self._updates.closing(doc, "delete"),
-                upsert=True,
-                projection={"last_rev": 1},
-                return_document=ReturnDocument.AFTER,
-                session=session,
-            )
-            self._release_in(str(doc["resource_id"]), session, doomed)
-            return int(closed["last_rev"]) if closed else 0
-
-        return self.transact(unlink)
+        return self.transact(lambda s, d: self._unlink_in(env_uuid, path, if_match, s, d))
 
     def move_for_environment(self, env_uuid: str, src: str, dst: str) -> PathInfo:
         """Repoint `dst` at what `src` holds and drop `src`; copies no bytes."""
@@ -295,26 +286,75 @@ class ManagedStorage:
         check_path(dst)
         if src == dst:
             return self.stat_for_environment(env_uuid, src)
-
-        def move(session: ClientSession | None, doomed: list[str]) -> None:
-            doc = self.paths.find_one_and_delete(self._live_query(env_uuid, src), session=session)
-            if doc is None:
-                raise NotFoundError(f"{env_uuid}: no such path {src!r}", path=src)
-            self.history.update_one(
-                {"env": env_uuid, "path": src},
-                self._updates.closing(doc, "move", {"to": dst}),
-                upsert=True,
-                session=session,
-            )
-            extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
-            update = self._updates.link(
-                doc, event="move", detail={"from": src}, extra=extra,
-                unset=("expires_at", "owner"),
-            )  # fmt: skip
-            self._apply_link(env_uuid, dst, {}, update, True, session, doomed)
-
-        self.transact(move)
+        self.transact(lambda s, d: self._move_in(env_uuid, src, dst, s, d))
         return self.stat_for_environment(env_uuid, dst)
+
+    def copy_path(self, src_env: str, src: str, dst_env: str, dst: str) -> PathInfo:
+        """Point `dst_env:dst` at what `src_env:src` holds: one more reference, no bytes."""
+        for env, path in ((src_env, src), (dst_env, dst)):
+            check_env(env)
+            check_path(path)
+
+        def copy(session: ClientSession | None, doomed: list[str]) -> None:
+            doc = self.paths.find_one(self._live_query(src_env, src), NO_EVENTS, session=session)
+            if doc is None:
+                raise NotFoundError(f"{src_env}: no such path {src!r}", path=src)
+            if self._catalog.add_ref(str(doc["resource_id"]), session=session) is None:
+                raise NotFoundError(f"{src_env}: {src!r} points at missing content", path=src)
+            target = {k: doc[k] for k in ("resource_id", "hash", "length")}
+            self._link_in(dst_env, dst, target, PLAIN, session, doomed)
+
+        if (src_env, src) != (dst_env, dst):
+            self.transact(copy)
+        return self.stat_for_environment(dst_env, dst)
+
+    def _unlink_in(
+        self,
+        env_uuid: str,
+        path: str,
+        if_match: int | str | None,
+        session: ClientSession | None,
+        doomed: list[str],
+    ) -> int:
+        query = self._live_query(env_uuid, path)
+        if if_match is not None:
+            query.update(_match_query(if_match))
+        doc = self.paths.find_one_and_delete(query, session=session)
+        if doc is None:
+            self._raise_missing_or_mismatch(env_uuid, path, if_match, session)
+        closed = self.history.find_one_and_update(
+            {"env": env_uuid, "path": path},
+            self._updates.closing(doc, "delete"),
+            upsert=True,
+            projection={"last_rev": 1},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        self._release_in(str(doc["resource_id"]), session, doomed)
+        return int(closed["last_rev"]) if closed else 0
+
+    def _move_in(
+        self,
+        env_uuid: str,
+        src: str,
+        dst: str,
+        session: ClientSession | None,
+        doomed: list[str],
+    ) -> None:
+        doc = self.paths.find_one_and_delete(self._live_query(env_uuid, src), session=session)
+        if doc is None:
+            raise NotFoundError(f"{env_uuid}: no such path {src!r}", path=src)
+        self.history.update_one(
+            {"env": env_uuid, "path": src},
+            self._updates.closing(doc, "move", {"to": dst}),
+            upsert=True,
+            session=session,
+        )
+        extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
+        update = self._updates.link(
+            doc, event="move", detail={"from": src}, extra=extra, unset=("expires_at", "owner")
+        )
+        self._apply_link(env_uuid, dst, {}, update, True, session, doomed)
 
     # -- proof of access ------------------------------------------------------
     def put_for_environment_request(self, env_uuid: str, path: str, hash: str) -> RequestResponse:
@@ -591,6 +631,8 @@ class ManagedStorage:
         enough; repointing a path, which drops another reference, and every
         conditional write run in a transaction.
         """
+        if not options.link:
+            return {}
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
         if options.if_match is None:
             update = self._link_update(target, options)

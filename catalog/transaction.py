@@ -1,0 +1,119 @@
+"""Content transactions: several puts, removes and moves that land together or not at all.
+
+Bytes cannot go through a MongoDB transaction (it is killed after 60 s and
+capped in size), so each `put` stores its bytes and takes its reference at
+once, outside it; what the transaction holds back is only the linking. When
+the block ends, one MongoDB transaction links every put and applies every
+remove and move in the order called; if it fails, or the block raised, the
+puts' references are released again, so their bytes go (at once when nobody
+else holds them, or by gc after its grace if this process dies first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pymongo.client_session import ClientSession
+
+from catalog.errors import NoTransactionError
+from catalog.managed import PLAIN, WriteOptions
+from catalog.names import check_env, check_path
+from catalog.resources import Resource, object_id
+
+if TYPE_CHECKING:
+    from catalog.managed import ManagedStorage
+
+Step = Callable[[ClientSession | None, list[str]], Any]
+
+
+class ContentTransaction:
+    """`with managed.transaction() as tx:` — tx.put, tx.remove, tx.move."""
+
+    def __init__(self, managed: ManagedStorage) -> None:
+        self._managed = managed
+        self._steps: list[Step] = []
+        self._held: list[Resource] = []
+        self._open = True
+
+    def put(
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        length: int = -1,
+        check_hash: str | None = None,
+    ) -> Resource:
+        """Store the bytes now; the path points at them when the block ends."""
+        self._check_open()
+        check_env(env_uuid)
+        check_path(path)
+        staged = WriteOptions(link=False)
+        res, _ = self._managed._put(env_uuid, path, reader, length, check_hash or None, staged)
+        self._held.append(res)
+        target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
+        self._steps.append(lambda s, d: self._managed._link_in(env_uuid, path, target, PLAIN, s, d))
+        return res
+
+    def remove(self, env_uuid: str, path: str) -> None:
+        self._check_open()
+        check_env(env_uuid)
+        check_path(path)
+        self._managed.stat_for_environment(env_uuid, path)  # NotFoundError at the call
+        self._steps.append(lambda s, d: self._managed._unlink_in(env_uuid, path, None, s, d))
+
+    def move(self, env_uuid: str, src: str, dst: str) -> None:
+        self._check_open()
+        check_env(env_uuid)
+        check_path(src)
+        check_path(dst)
+        self._managed.stat_for_environment(env_uuid, src)
+        if src != dst:
+            self._steps.append(lambda s, d: self._managed._move_in(env_uuid, src, dst, s, d))
+
+    def commit(self) -> None:
+        """Apply everything in one MongoDB transaction; on failure nothing changed."""
+        self._check_open()
+        self._open = False
+        try:
+            self._managed.transact(self._apply)
+        except BaseException:
+            self._release_held()
+            raise
+        self._held.clear()  # each reference now belongs to the path it was linked to
+
+    def rollback(self) -> None:
+        self._check_open()
+        self._open = False
+        self._release_held()
+
+    def __enter__(self) -> ContentTransaction:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._open:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def _apply(self, session: ClientSession | None, doomed: list[str]) -> None:
+        for step in self._steps:
+            step(session, doomed)
+
+    def _release_held(self) -> None:
+        for res in self._held:
+            self._managed._release(res.id)
+        self._held.clear()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NoTransactionError("the transaction has ended")
