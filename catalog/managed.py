@@ -37,6 +37,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from catalog import history
 from catalog.clock import aware, utcnow
 from catalog.errors import (
     AlreadyExistsError,
@@ -482,6 +483,63 @@ class ManagedStorage:
                 reader.seek(start)
             else:
                 reader = cast(BinaryIO, PrefixedReader(head, reader))
+        return self._put_large(env_uuid, path, reader, length, expected, options)
+
+    def _put_large(
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        length: int,
+        expected: str | None,
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
+        """A streamed upload, shown as `pending` in the path's history while it runs."""
+        if options.if_none_match and options.link:
+            self._check_creatable(env_uuid, path)
+        op = None
+        if options.link:
+            replacing = self.paths.find_one({"env": env_uuid, "path": path}, {"_id": 1})
+            lease = self._catalog.lease
+            op = history.start_upload(
+                self.history, env_uuid, path, lease, replacing=replacing is not None
+            )
+        try:
+            if op is None:
+                result = self._put_streamed(env_uuid, path, reader, length, expected, options)
+            else:
+                beat = Heartbeat(
+                    lambda: history.renew_upload(self.history, env_uuid, path, op, lease),
+                    lease / 4,
+                )
+                with beat:
+                    result = self._put_streamed(env_uuid, path, reader, length, expected, options)
+        except BaseException:
+            if op is not None:
+                with contextlib.suppress(Exception):
+                    history.finish_upload(self.history, env_uuid, path, op, ok=False)
+            raise
+        if op is not None:
+            history.finish_upload(self.history, env_uuid, path, op, ok=True)
+        return result
+
+    def _check_creatable(self, env_uuid: str, path: str) -> None:
+        """Create-only fails early if the path exists or its first upload is running."""
+        doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
+        if doc is not None and not _expired(doc):
+            raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
+        if history.upload_in_progress(self.history, env_uuid, path):
+            raise PreconditionFailedError(f"{env_uuid}: {path!r} is being uploaded")
+
+    def _put_streamed(
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        length: int,
+        expected: str | None,
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
         verified = False
         start = None
         if expected is None and is_seekable(reader):
@@ -519,6 +577,8 @@ class ManagedStorage:
         digest = blake3.blake3(data).hexdigest()
         if expected is not None and digest != expected:
             raise HashMismatchError(f"content hashes to {digest}, not {expected}")
+        if options.if_none_match and options.link:
+            self._check_creatable(env_uuid, path)
         res = self._catalog.acquire_inline(digest, data)
         try:
             return res, self._link(env_uuid, path, res, options)

@@ -1,0 +1,107 @@
+"""Per-path history: events in order, kept after delete and across instances; pending uploads."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Any
+
+import pytest
+from pymongo.database import Database
+
+from catalog import ManagedStorage, NotFoundError, PreconditionFailedError
+from catalog import history as hist
+from catalog.managed import WriteOptions
+from storage import GridFSStorage
+from tests.helpers import BrokenReader, OneWayReader, b3, rand
+
+
+def events(managed: ManagedStorage, path: str) -> list[tuple[str, str]]:
+    return [(e["event"], e["state"]) for e in managed.history_for_environment("e", path)]
+
+
+def test_create_twenty_replaces_delete_in_order_and_after_restart(db: Database[Any]) -> None:
+    managed = ManagedStorage(db, GridFSStorage(db))
+    managed.put_for_environment("e", "p", io.BytesIO(b"v0"))
+    for i in range(1, 21):
+        managed.put_for_environment("e", "p", io.BytesIO(f"v{i}".encode()))
+    managed.remove_for_environment("e", "p")
+    items = managed.history_for_environment("e", "p")
+    assert [e["event"] for e in items] == ["create"] + ["replace"] * 20 + ["delete"]
+    assert all(e["state"] == "ok" for e in items)
+    revisions = [e["revision"] for e in items]
+    assert revisions == sorted(set(revisions))
+    assert items[5]["hash"] == b3(b"v5") and items[5]["length"] == 2
+    assert all(e["at"].tzinfo is not None for e in items)
+    again = ManagedStorage(db, GridFSStorage(db)).history_for_environment("e", "p")
+    assert again == items
+    # A new life of the path continues the same history, with larger revisions.
+    managed.put_for_environment("e", "p", io.BytesIO(b"back"))
+    items = managed.history_for_environment("e", "p")
+    assert [e["event"] for e in items][-2:] == ["delete", "create"]
+    assert items[-1]["revision"] > items[-2]["revision"]
+
+
+def test_move_is_recorded_on_both_paths(managed: ManagedStorage) -> None:
+    managed.put_for_environment("e", "a", io.BytesIO(b"x"))
+    managed.move_for_environment("e", "a", "b")
+    assert events(managed, "a") == [("create", "ok"), ("move", "ok")]
+    assert events(managed, "b") == [("move", "ok")]
+
+
+def test_pending_while_the_first_upload_runs(managed: ManagedStorage) -> None:
+    data = rand(3 * 1024 * 1024)
+    gate = threading.Event()
+
+    class Slow(OneWayReader):
+        def read(self, size: int | None = -1) -> bytes:
+            if self._pos > 1024 * 1024:
+                gate.wait(30)
+            return super().read(size)
+
+    thread = threading.Thread(
+        target=managed.put_for_environment, args=("e", "new", Slow(data, step=256 * 1024))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while events(managed, "new") != [("upload", "pending")]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(NotFoundError):
+            managed.stat_for_environment("e", "new")
+        assert managed.list_for_environment("e") == []
+        with pytest.raises(PreconditionFailedError):  # create-only: its first upload runs
+            managed.put_path("e", "new", io.BytesIO(b"x"), options=WriteOptions(if_none_match=True))
+    finally:
+        gate.set()
+        thread.join(60)
+    assert events(managed, "new") == [("create", "ok")]
+    reader, _ = managed.get_for_environment("e", "new")
+    assert reader.read() == data
+
+
+def test_failed_upload_is_recorded(managed: ManagedStorage) -> None:
+    with pytest.raises(OSError):
+        managed.put_for_environment("e", "p", BrokenReader(rand(200_000), 150_000))
+    assert events(managed, "p") == [("upload", "failed")]
+    with pytest.raises(NotFoundError):
+        managed.stat_for_environment("e", "p")
+
+
+def test_abandoned_upload_becomes_failed_when_its_lease_runs_out(managed: ManagedStorage) -> None:
+    hist.start_upload(managed.history, "e", "p", 0.1, replacing=False)  # an uploader that died
+    assert hist.upload_in_progress(managed.history, "e", "p")
+    time.sleep(0.2)
+    assert not hist.upload_in_progress(managed.history, "e", "p")
+    assert hist.fail_abandoned(managed.history) == 1
+    assert events(managed, "p") == [("upload", "failed")]
+
+
+def test_retention_by_age(managed: ManagedStorage, db: Database[Any]) -> None:
+    managed.put_for_environment("e", "p", io.BytesIO(b"1"))
+    managed.put_for_environment("e", "p", io.BytesIO(b"2"))
+    db.paths.update_one({"path": "p"}, {"$set": {"events.0.at": hist.utcnow().replace(year=2000)}})
+    assert hist.trim([managed.paths, managed.history], 30) == 1
+    assert events(managed, "p") == [("replace", "ok")]
