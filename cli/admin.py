@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat as stat_module
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
@@ -21,10 +18,11 @@ import click
 
 from catalog import maintenance
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
-from catalog.managed import PathInfo
+from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
 from cli.app import Context, cli, echo_json, pass_ctx
 from cli.progress import ProgressReader, bar
+from service.localfiles import Output, open_source, regular_size
 
 READ_BLOCK = 1024 * 1024
 
@@ -79,14 +77,6 @@ def _pieces(reader: Any) -> Iterator[bytes]:
         yield data
 
 
-def _stdin_size(stream: BinaryIO) -> int | None:
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        st = os.fstat(stream.fileno())
-        if stat_module.S_ISREG(st.st_mode):
-            return st.st_size - stream.tell()
-    return None
-
-
 # -- transfers --------------------------------------------------------------------
 @cli.command()
 @click.argument("env")
@@ -111,14 +101,10 @@ def put(ctx: Context, env: str, path: str, file: str, as_json: bool) -> None:
     check_path(path)
     managed = ctx.managed
     with contextlib.ExitStack() as stack:
-        if file == "-":
-            source = sys.stdin.buffer
-            size = _stdin_size(source)
-            length = -1
-        else:
-            source = stack.enter_context(open(file, "rb"))
-            size = os.fstat(source.fileno()).st_size
-            length = size
+        source = sys.stdin.buffer if file == "-" else stack.enter_context(open_source(file))
+        # Only a regular file's size is real: a pipe, FIFO or /dev/stdin is read to EOF.
+        size = regular_size(source)
+        length = -1 if size is None else size
         progress = stack.enter_context(bar(size, "hash" if size is not None else "upload"))
         reader = cast(BinaryIO, ProgressReader(source, progress))
         res = managed.put_for_environment(env, path, reader, length)
@@ -153,18 +139,19 @@ def get(ctx: Context, env: str, path: str, output: str | None) -> None:
     check_path(path)
     managed = ctx.managed
     info = managed.stat_for_environment(env, path)
+    if output is None or output == "-":
+        _copy_out(managed, env, path, info, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    with Output(output) as out:
+        _copy_out(managed, env, path, info, out.file)
+        out.commit()
+
+
+def _copy_out(managed: ManagedStorage, env: str, path: str, info: PathInfo, sink: BinaryIO) -> None:
+    """Stream a path's bytes into `sink`, checked against its length and BLAKE3."""
     reader, length = managed.get_for_environment(env, path)
-    tmp_name: str | None = None
     try:
-        if output is None or output == "-":
-            sink: BinaryIO = sys.stdout.buffer
-        else:
-            directory = os.path.dirname(os.path.abspath(output))
-            try:
-                fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".rescat-", suffix=".part")
-            except OSError as exc:
-                raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-            sink = os.fdopen(fd, "wb")
         hasher = blake3.blake3()
         total = 0
         with bar(length, "get") as progress:
@@ -174,25 +161,16 @@ def get(ctx: Context, env: str, path: str, output: str | None) -> None:
                 total += len(piece)
                 progress.update(len(piece))
         sink.flush()
-        if total != length:
-            raise LengthMismatchError(f"{path}: read {total} bytes, expected {length}")
-        digest = hasher.hexdigest()
-        if digest != info.hash:
-            now = managed.stat_for_environment(env, path)
-            if now.revision != info.revision:
-                raise CatalogError(f"{path} changed while it was being read; try again")
-            raise HashMismatchError(f"{path}: stored bytes hash to {digest}, not {info.hash}")
-        if tmp_name is not None:
-            sink.close()
-            os.replace(tmp_name, cast(str, output))
-            tmp_name = None
     finally:
         reader.close()
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                sink.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+    if total != length:
+        raise LengthMismatchError(f"{path}: read {total} bytes, expected {length}")
+    digest = hasher.hexdigest()
+    if digest != info.hash:
+        now = managed.stat_for_environment(env, path)
+        if now.revision != info.revision:
+            raise CatalogError(f"{path} changed while it was being read; try again")
+        raise HashMismatchError(f"{path}: stored bytes hash to {digest}, not {info.hash}")
 
 
 # -- paths ------------------------------------------------------------------------
