@@ -198,8 +198,12 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("rescat"))
 
 
-def ensure_embedded(data_dir: Path | None = None) -> str:
-    """The URI of this user's own mongod, started (detached) if it is not running."""
+def ensure_embedded(data_dir: Path | None = None, *, same_port: bool = False) -> str:
+    """The URI of this user's own mongod, started (detached) if it is not running.
+
+    `same_port`: restart only on the recorded port (MongodError while it is
+    busy), for a running service whose clients hold that URI.
+    """
     root = data_dir or default_data_dir()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "mongod.json"
@@ -218,6 +222,8 @@ def ensure_embedded(data_dir: Path | None = None) -> str:
                 if not _alive(pid):
                     break
                 time.sleep(0.1)
+        if same_port and port and not _port_free(port):
+            raise MongodError(f"port {port} of the embedded mongod is busy; not restarting yet")
         port = port if port and _port_free(port) else free_port()
         pid = start_daemon(root / "db", port)
         state_file.write_text(json.dumps({"port": port, "pid": pid}))
@@ -227,6 +233,9 @@ def ensure_embedded(data_dir: Path | None = None) -> str:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As mongod binds: connections of a killed server linger in TIME_WAIT, and
+        # without SO_REUSEADDR they would make its own port look taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -362,7 +371,7 @@ class Watchdog(threading.Thread):
                 json.dumps({"event": "mongod_gone", "pid": pid, "data_dir": str(self.root)})
             )
             try:
-                uri = ensure_embedded(self.root)
+                uri = ensure_embedded(self.root, same_port=True)
             except Exception as exc:  # keep watching: the next tick tries again
                 self._log.error(json.dumps({"event": "mongod_restart_failed", "error": str(exc)}))
                 continue

@@ -21,7 +21,7 @@ from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
 from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
-from cli.app import Context, cli, echo_json, pass_ctx
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
 from cli.completion import complete_env, complete_path
 from cli.files import get_tree, jobs_option, put_tree, remove_tree
 from cli.progress import ProgressReader, bar
@@ -84,7 +84,7 @@ def _pieces(reader: Any) -> Iterator[bytes]:
 @cli.command()
 @click.argument("env", shell_complete=complete_env)
 @click.argument("path", shell_complete=complete_path)
-@click.argument("file", type=click.Path(exists=True, allow_dash=True, readable=True))
+@click.argument("file", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help='Print {"path","hash","length"}.')
 @click.option("-r", "--recursive", is_flag=True, help="FILE is a directory, PATH a folder.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be stored only.")

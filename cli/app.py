@@ -45,6 +45,9 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+# What `put` and `upload` read: one type, so both say the same about a bad FILE.
+SOURCE = click.Path(exists=True, allow_dash=True, readable=True)
+
 
 class EnvCommand(click.Command):
     """A command whose leading ENV argument may be left out when a profile names one.

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cli.app import Context, cli, echo_json, pass_ctx
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
 from cli.progress import bar
 from service.localfiles import is_regular_source
 
@@ -93,9 +93,6 @@ def serve(
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
     )
-    if log_level != "debug":
-        # uvicorn's startup lines repeat what the banner says; its errors still show.
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     sock = _listen(host, port)
     try:
         embedded = ctx.uses_embedded
@@ -107,7 +104,8 @@ def serve(
             port=port,
             access_log=False,  # the app logs one structured line per request
             log_config=None,
-            log_level=log_level,
+            # uvicorn's startup lines repeat what the banner says; its errors still show.
+            log_level=log_level if log_level == "debug" else "warning",
             lifespan="on",
             timeout_graceful_shutdown=15,
         )
@@ -130,11 +128,6 @@ def serve(
         finally:
             if watchdog is not None:
                 watchdog.stop()
-        if embedded:
-            click.echo(
-                "rescat: stopped; the embedded mongod keeps running (`rescat db stop` stops it)",
-                err=True,
-            )
     finally:
         sock.close()
 
@@ -174,7 +167,8 @@ def _data_banner(ctx: Context, embedded: bool) -> str:
     status = embedded_status()
     return (
         f"data in {status['data_dir']} (embedded mongod, pid {status['pid']}, port "
-        f"{status['port']}, database {ctx.database}; it keeps running after serve stops)"
+        f"{status['port']}, database {ctx.database}; it keeps running after serve stops: "
+        "`rescat db stop`)"
     )
 
 
@@ -304,9 +298,7 @@ class _Bars:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead.")
 @click.argument("env")
 @click.argument("path")
-@click.argument(
-    "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, readable=True)
-)
+@click.argument("file", type=SOURCE)
 def upload(server: str, token: str | None, as_json: bool, env: str, path: str, file: str) -> None:
     """Upload FILE (- for stdin) to PATH, sending no bytes the service already has.
 

@@ -65,7 +65,7 @@ def open_source(path: str) -> BinaryIO:
     """Open a file to upload, with the one-line message `put` gives when it cannot."""
     try:
         if os.path.isdir(path):
-            raise LocalFileError(f"{path}: is a directory (use -r to upload a directory)")
+            raise LocalFileError(f"{path}: is a directory (`rescat put -r` stores one)")
         return open(path, "rb")
     except FileNotFoundError:
         raise LocalFileError(f"{path}: no such file") from None
