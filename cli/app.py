@@ -59,14 +59,22 @@ class EnvCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         default_env = _default_env(ctx)
         if default_env and not ctx.resilient_parsing:
-            required = sum(1 for p in self.params if isinstance(p, click.Argument) and p.required)
+            arguments = [p for p in self.params if isinstance(p, click.Argument)]
+            required = sum(1 for p in arguments if p.required)
             try:
-                _, positional, _ = self.make_parser(ctx).parse_args(args=list(args))
+                values, _, _ = self.make_parser(ctx).parse_args(args=list(args))
             except click.UsageError:
-                positional = None
-            if positional is not None and len(positional) == required - 1:
-                args = [default_env, *args]
+                values = None
+            if values is not None:
+                given = sum(1 for p in arguments if _given(values.get(p.name or "")))
+                if given == required - 1:
+                    args = [default_env, *args]
         return super().parse_args(ctx, args)
+
+
+def _given(value: object) -> bool:
+    """Whether the parser saw a value (click >= 8.2 marks a missing one with a sentinel)."""
+    return value is not None and type(value).__name__ != "Sentinel"
 
 
 def _default_env(ctx: click.Context) -> str | None:
