@@ -84,8 +84,5 @@ def complete_path(
                 seen.append(item)
             if len(seen) >= LIMIT:
                 break
-        return [
-            CompletionItem(p, type="plain") if not p.endswith("/") else CompletionItem(p)
-            for p in seen
-        ]
+        return [CompletionItem(p) for p in seen]
     return []

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,7 @@ def test_watchdog_restarts_a_killed_embedded_mongod(clean_env: dict[str, str]) -
         assert "stopped" in text and str(data_dir) in text
     finally:
         stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)  # a fresh dbpath is ~300 MiB
 
 
 def test_db_commands_never_start_mongod(clean_env: dict[str, str]) -> None:
@@ -246,3 +248,17 @@ def test_completion_of_environments_and_paths(
     # No URI and no embedded mongod running: nothing, quickly, and nothing started.
     assert complete(clean_env, ["ls", ""]) == []
     assert not (Path(clean_env["RESCAT_DATA_DIR"]) / "db").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["sync"], ["db"], ["db", "status"], ["db", "stop"], ["config"]], ids=" ".join
+)
+def test_new_commands_have_examples(command: list[str]) -> None:
+    from click.testing import CliRunner
+
+    import cli.main  # noqa: F401  (registers every command)
+    from cli.app import cli as rescat
+
+    result = CliRunner().invoke(rescat, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "rescat " + command[0] in result.stdout.split("Example:")[1]
