@@ -52,8 +52,9 @@ SOURCE = click.Path(exists=True, allow_dash=True, readable=True)
 class EnvCommand(click.Command):
     """A command whose leading ENV argument may be left out when a profile names one.
 
-    ENV is filled in only when exactly one required argument is missing, so an
-    explicit ENV always means what it says.
+    ENV is filled in when exactly one required argument is missing, or when the
+    first argument cannot be an environment id (it holds a '/', as in
+    `rescat ls charms/`), so an explicit ENV always means what it says.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -65,9 +66,12 @@ class EnvCommand(click.Command):
                 values, _, _ = self.make_parser(ctx).parse_args(args=list(args))
             except click.UsageError:
                 values = None
-            if values is not None:
+            if values is not None and arguments:
                 given = sum(1 for p in arguments if _given(values.get(p.name or "")))
-                if given == required - 1:
+                first = values.get(arguments[0].name or "")
+                if given == required - 1 or (
+                    given and isinstance(first, str) and not _is_env(first)
+                ):
                     args = [default_env, *args]
         return super().parse_args(ctx, args)
 
@@ -75,6 +79,17 @@ class EnvCommand(click.Command):
 def _given(value: object) -> bool:
     """Whether the parser saw a value (click >= 8.2 marks a missing one with a sentinel)."""
     return value is not None and type(value).__name__ != "Sentinel"
+
+
+def _is_env(text: str) -> bool:
+    from catalog.errors import InvalidPathError
+    from catalog.names import check_env
+
+    try:
+        check_env(text)
+    except InvalidPathError:
+        return False
+    return True
 
 
 def _default_env(ctx: click.Context) -> str | None:

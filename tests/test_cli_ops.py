@@ -198,6 +198,10 @@ def test_profiles(
     assert run(clean_env, "ls").stdout == "x/one\n"  # ENV from the profile
     assert run(clean_env, "ls", "team-b").stdout == "y/two\n"  # an explicit ENV wins
     assert run(clean_env, "get", "x/one").stdout == "1"
+    assert run(clean_env, "ls", "x/").stdout == "x/one\n"  # 'x/' cannot be an ENV
+    out = Path(clean_env["RESCAT_DATA_DIR"]).parent / "fetched"
+    assert run(clean_env, "get", "-r", "x/", str(out)).returncode == 0
+    assert (out / "one").read_bytes() == b"1"
     assert run(clean_env, "--profile", "b", "ls").stdout == "y/two\n"
     assert run({**clean_env, "RESCAT_PROFILE": "b"}, "ls").stdout == "y/two\n"
 
