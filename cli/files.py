@@ -343,21 +343,29 @@ def _describe(action: Action, env: str, query: str, root: Path) -> str:
 
 
 def report(outcome: Outcome, plan: Plan, dry_run: bool) -> None:
-    """One summary line on stderr; the first failure as the error, exit 1."""
+    """One line on stderr: the summary, or the first failure with the summary (exit 1)."""
+    if dry_run:
+        copies = [a for a in plan.actions if a.kind in ("upload", "download")]
+        deletions = len(plan.actions) - len(copies)
+        click.echo(
+            f"rescat: dry run: {len(copies)} to copy ({sum(a.size for a in copies)} bytes), "
+            f"{plan.unchanged} unchanged, {deletions} to delete",
+            err=True,
+        )
+        return
     moved = sum(a.size for a in outcome.done if a.kind in ("upload", "download"))
     transfers = sum(1 for a in outcome.done if a.kind in ("upload", "download"))
     deleted = sum(1 for a in outcome.done if a.kind.startswith("delete"))
-    if not dry_run:
-        click.echo(
-            f"rescat: {transfers} copied ({moved} bytes), {plan.unchanged} unchanged, "
-            f"{deleted} deleted",
-            err=True,
-        )
+    summary = f"{transfers} copied ({moved} bytes), {plan.unchanged} unchanged, {deleted} deleted"
     if outcome.failed:
         action, exc = outcome.failed[0]
-        more = f" (and {len(outcome.failed) - 1} more)" if len(outcome.failed) > 1 else ""
+        more = f" and {len(outcome.failed) - 1} more" if len(outcome.failed) > 1 else ""
         text = " ".join(str(exc).split()) or type(exc).__name__
-        raise click.ClickException(f"{action.kind} {action.rel} failed: {text}{more}")
+        raise click.ClickException(
+            f"{action.kind} {action.rel} failed{more}: {text} ({summary}; nothing deleted; "
+            "run again to retry)"
+        )
+    click.echo(f"rescat: {summary}", err=True)
 
 
 # -- commands -------------------------------------------------------------------------

@@ -180,3 +180,28 @@ def test_ls_long_bytes_and_delimiter(base: list[str], managed: ManagedStorage) -
     exact = invoke(base, "ls", "e", "charms/app", "-l", "--bytes").stdout.split()
     assert exact[2] == str(3 * 1024 * 1024)
     assert invoke(base, "ls", "e", "-d", "ab").exit_code != 0
+
+
+def test_a_failed_copy_is_one_line_and_deletes_nothing(
+    base: list[str], managed: ManagedStorage, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import cli.files
+
+    src = tmp_path / "src"
+    make_tree(src, {"ok": b"fine", "broken": b"fails"})
+    managed.put_for_environment("e", "d/extra", io.BytesIO(b"stays"))
+    real = cli.files._upload_one
+
+    def flaky(managed: ManagedStorage, env: str, path: str, *rest: Any) -> None:
+        if path.endswith("broken"):
+            raise OSError("disk on fire")
+        real(managed, env, path, *rest)
+
+    monkeypatch.setattr(cli.files, "_upload_one", flaky)
+    result = invoke(base, "sync", str(src), "e:d", "--delete")
+    text = error(result)
+    assert "upload broken failed: disk on fire (1 copied" in text and "nothing deleted" in text
+    assert managed.list_for_environment("e") == ["d/extra", "d/ok"]
+
+    dry = invoke(base, "sync", str(src), "e:d", "--delete", "--dry-run")
+    assert dry.stderr == "rescat: dry run: 1 to copy (5 bytes), 1 unchanged, 1 to delete\n"
