@@ -35,7 +35,7 @@ from catalog.managed import ManagedStorage
 from catalog.names import check_env, check_path
 from cli.app import Context, cli, pass_ctx
 from cli.progress import bar
-from service.localfiles import LocalFileError, Output
+from service.localfiles import LocalFileError, Output, current_umask
 
 DEFAULT_JOBS = 4
 _REMOTE_RE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
@@ -304,6 +304,7 @@ def execute(
 
         if transfers:
             _ = ctx.managed  # connect once, before the threads
+            current_umask()  # and read the umask before they create files
             with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rescat-sync") as pool:
                 futures = {pool.submit(run, a): a for a in transfers}
                 for future in as_completed(futures):

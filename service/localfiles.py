@@ -28,6 +28,7 @@ from typing import BinaryIO
 from catalog.errors import CatalogError
 
 _umask_lock = threading.Lock()
+_umask: int | None = None
 
 
 class LocalFileError(CatalogError):
@@ -37,11 +38,18 @@ class LocalFileError(CatalogError):
 
 
 def current_umask() -> int:
-    """The process umask (reading it means setting it: serialised)."""
+    """The process umask, read once.
+
+    Reading it means setting it for a moment; doing that once, before the
+    worker threads of a directory transfer create files, keeps them from ever
+    seeing the temporary value.
+    """
+    global _umask
     with _umask_lock:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
+        if _umask is None:
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+        return _umask
 
 
 def is_regular_source(path: str | os.PathLike[str]) -> bool:
@@ -152,8 +160,12 @@ class Output:
                 mode = stat.S_IMODE(os.stat(self.real).st_mode)
             except FileNotFoundError:
                 mode = 0o666 & ~current_umask()
-            os.fchmod(self.file.fileno(), mode)
-            self.file.close()
+            if hasattr(os, "fchmod"):
+                os.fchmod(self.file.fileno(), mode)
+                self.file.close()
+            else:  # pragma: no cover - Windows before Python 3.13
+                self.file.close()
+                os.chmod(self.temp, mode)
             os.replace(self.temp, self.real)
             self.temp = None
         except OSError as exc:
