@@ -75,7 +75,20 @@ def local_entries(root: Path) -> dict[str, Entry]:
     line on stderr: reading a FIFO would hang, a device would never end.
     """
     found: dict[str, Entry] = {}
+    seen: set[tuple[int, int]] = set()  # directories by (device, inode): links can loop
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            here = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (here.st_dev, here.st_ino) in seen:
+            click.echo(
+                f"rescat: skipping {dirpath}: a link back to a directory already walked", err=True
+            )
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             full = Path(dirpath) / name

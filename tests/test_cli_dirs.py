@@ -205,3 +205,15 @@ def test_a_failed_copy_is_one_line_and_deletes_nothing(
 
     dry = invoke(base, "sync", str(src), "e:d", "--delete", "--dry-run")
     assert dry.stderr == "rescat: dry run: 1 to copy (5 bytes), 1 unchanged, 1 to delete\n"
+
+
+def test_put_r_survives_a_symlink_loop(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"d/f": b"f"})
+    (src / "d" / "loop").symlink_to("..")
+    result = invoke(base, "put", "-r", "e", "p", str(src))
+    assert result.exit_code == 0, result.output
+    assert managed.list_for_environment("e") == ["p/d/f"]
+    assert "already walked" in result.stderr
