@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
+import pymongo
 from pymongo import MongoClient
 
+from catalog.errors import CatalogError
 from catalog.managed import ManagedStorage
 from catalog.resources import DEFAULT_LEASE
 
 MEMORY_SCHEME = "mongomock://"
+# Seconds a configured server has to answer the first ping (RESCAT_CONNECT_TIMEOUT).
+CONNECT_TIMEOUT = float(os.environ.get("RESCAT_CONNECT_TIMEOUT", "5"))
 
 
 def open_database(uri: str | None = None, database: str = "rescat") -> Any:
@@ -22,8 +27,58 @@ def open_database(uri: str | None = None, database: str = "rescat") -> Any:
         from catalog.mongod import ensure_embedded
 
         uri = ensure_embedded()
-    client: MongoClient[Any] = MongoClient(uri, tz_aware=True)
-    return client[database]
+        client: MongoClient[Any] = MongoClient(uri, tz_aware=True)
+        return client[database]
+    return _checked_client(uri)[database]
+
+
+class DatabaseUnavailableError(CatalogError):
+    """A configured MongoDB URI is malformed or its server does not answer."""
+
+    code = "database_unavailable"
+
+
+def redact(uri: str) -> str:
+    """The URI with its password masked: it goes into messages and logs."""
+    return re.sub(r"^(mongodb(?:\+srv)?://[^:/@]*):[^@/]*@", r"\1:***@", uri)
+
+
+def _checked_client(uri: str) -> MongoClient[Any]:
+    """A client for `uri`, known to reach its server, or one line that says what to check.
+
+    Without the check the first operation waits out the driver's 30 s server
+    selection and then fails with a dump of its topology; a user who mistyped
+    a host wants to know within seconds.
+    """
+    from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+
+    shown = redact(uri)
+    try:
+        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise InvalidURI("it does not start with mongodb:// or mongodb+srv://")
+        client: MongoClient[Any] = MongoClient(uri, tz_aware=True)
+    except (InvalidURI, ConfigurationError, ValueError, TypeError) as exc:
+        raise DatabaseUnavailableError(
+            f"not a MongoDB URI: {shown!r} ({_first_line(exc)}); "
+            "expected mongodb://HOST:PORT/?replicaSet=NAME (check --mongo-uri / RESCAT_MONGO_URI)"
+        ) from None
+    try:
+        with pymongo.timeout(CONNECT_TIMEOUT):
+            client.admin.command("ping")
+    except PyMongoError as exc:
+        client.close()
+        raise DatabaseUnavailableError(
+            f"cannot reach MongoDB at {shown} within {CONNECT_TIMEOUT:g} s "
+            f"({_first_line(exc)[:120]}): check the host, the port, that mongod runs and "
+            "accepts connections from here, and the credentials "
+            "(--mongo-uri / RESCAT_MONGO_URI)"
+        ) from None
+    return client
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.split(r" \(configured timeouts|, Timeout:|, Topology Description", str(exc))[0]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 _memory_clients: dict[str, Any] = {}

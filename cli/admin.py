@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat as stat_module
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
@@ -20,11 +17,15 @@ import blake3
 import click
 
 from catalog import maintenance
+from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
-from catalog.managed import PathInfo
+from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
-from cli.app import Context, cli, echo_json, pass_ctx
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
+from cli.completion import complete_env, complete_path
+from cli.files import get_tree, jobs_option, put_tree, remove_tree
 from cli.progress import ProgressReader, bar
+from service.localfiles import Output, open_source, regular_size
 
 READ_BLOCK = 1024 * 1024
 
@@ -79,46 +80,52 @@ def _pieces(reader: Any) -> Iterator[bytes]:
         yield data
 
 
-def _stdin_size(stream: BinaryIO) -> int | None:
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        st = os.fstat(stream.fileno())
-        if stat_module.S_ISREG(st.st_mode):
-            return st.st_size - stream.tell()
-    return None
-
-
 # -- transfers --------------------------------------------------------------------
 @cli.command()
-@click.argument("env")
-@click.argument("path")
-@click.argument(
-    "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, readable=True)
-)
+@click.argument("env", shell_complete=complete_env)
+@click.argument("path", shell_complete=complete_path)
+@click.argument("file", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help='Print {"path","hash","length"}.')
+@click.option("-r", "--recursive", is_flag=True, help="FILE is a directory, PATH a folder.")
+@click.option("--dry-run", is_flag=True, help="With -r: print what would be stored only.")
+@jobs_option
 @pass_ctx
-def put(ctx: Context, env: str, path: str, file: str, as_json: bool) -> None:
+def put(
+    ctx: Context,
+    env: str,
+    path: str,
+    file: str,
+    as_json: bool,
+    recursive: bool,
+    dry_run: bool,
+    jobs: int,
+) -> None:
     """Store FILE (or stdin for -) at PATH in environment ENV.
 
     Prints the content hash, blake3:<hex>, on one line. Content that is
-    stored already is not written again.
+    stored already is not written again. FILE may be a pipe or FIFO: it is
+    read to its end. With -r, every file under the directory FILE is stored
+    under the folder PATH, in parallel, skipping those already equal.
 
     \b
     Example:
       rescat put team-a charms/app.tar ./app.tar
       tar c src | rescat put team-a backups/src.tar -
+      rescat put -r team-a charms/ ./build/charms
     """
+    if recursive:
+        if file == "-":
+            raise click.UsageError("put -r needs a directory, not -")
+        put_tree(ctx, env, path, file, jobs=jobs, dry_run=dry_run, delete=False)
+        return
     check_env(env)
     check_path(path)
     managed = ctx.managed
     with contextlib.ExitStack() as stack:
-        if file == "-":
-            source = sys.stdin.buffer
-            size = _stdin_size(source)
-            length = -1
-        else:
-            source = stack.enter_context(open(file, "rb"))
-            size = os.fstat(source.fileno()).st_size
-            length = size
+        source = sys.stdin.buffer if file == "-" else stack.enter_context(open_source(file))
+        # Only a regular file's size is real: a pipe, FIFO or /dev/stdin is read to EOF.
+        size = regular_size(source)
+        length = -1 if size is None else size
         progress = stack.enter_context(bar(size, "hash" if size is not None else "upload"))
         reader = cast(BinaryIO, ProgressReader(source, progress))
         res = managed.put_for_environment(env, path, reader, length)
@@ -129,42 +136,68 @@ def put(ctx: Context, env: str, path: str, file: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("env")
-@click.argument("path")
+@click.argument("env", shell_complete=complete_env)
+@click.argument("path", shell_complete=complete_path)
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="Write to this file (replaced only once complete) instead of stdout.",
+    type=click.Path(allow_dash=True),
+    help="Write to this file instead of stdout (a regular file is replaced only once "
+    "complete; devices and FIFOs are written through; links are followed).",
 )
+@click.option("-r", "--recursive", is_flag=True, help="PATH is a folder: copy it into DIRECTORY.")
+@click.option("--dry-run", is_flag=True, help="With -r: print what would be fetched only.")
+@jobs_option
 @pass_ctx
-def get(ctx: Context, env: str, path: str, output: str | None) -> None:
+def get(
+    ctx: Context,
+    env: str,
+    path: str,
+    directory: str | None,
+    output: str | None,
+    recursive: bool,
+    dry_run: bool,
+    jobs: int,
+) -> None:
     """Write the content of PATH in environment ENV to stdout (or -o FILE).
 
     The bytes stream through and are checked against the recorded length and
     BLAKE3 hash; a mismatch exits non-zero (and -o leaves FILE untouched).
+    With -r, every path under the folder PATH goes to a file under DIRECTORY,
+    in parallel, skipping files already equal.
 
     \b
     Example:
       rescat get team-a charms/app.tar -o app.tar
       rescat get team-a charms/app.tar | tar t
+      rescat get -r team-a charms/ ./charms
     """
+    if recursive:
+        target = directory or output
+        if target is None or target == "-":
+            raise click.UsageError("get -r needs a DIRECTORY to write into")
+        get_tree(ctx, env, path, target, jobs=jobs, dry_run=dry_run, delete=False)
+        return
+    if directory is not None:
+        raise click.UsageError(f"unexpected argument {directory!r} (use -o FILE, or -r)")
     check_env(env)
     check_path(path)
     managed = ctx.managed
     info = managed.stat_for_environment(env, path)
+    if output is None or output == "-":
+        _copy_out(managed, env, path, info, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    with Output(output) as out:
+        _copy_out(managed, env, path, info, out.file)
+        out.commit()
+
+
+def _copy_out(managed: ManagedStorage, env: str, path: str, info: PathInfo, sink: BinaryIO) -> None:
+    """Stream a path's bytes into `sink`, checked against its length and BLAKE3."""
     reader, length = managed.get_for_environment(env, path)
-    tmp_name: str | None = None
     try:
-        if output is None or output == "-":
-            sink: BinaryIO = sys.stdout.buffer
-        else:
-            directory = os.path.dirname(os.path.abspath(output))
-            try:
-                fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".rescat-", suffix=".part")
-            except OSError as exc:
-                raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-            sink = os.fdopen(fd, "wb")
         hasher = blake3.blake3()
         total = 0
         with bar(length, "get") as progress:
@@ -174,48 +207,47 @@ def get(ctx: Context, env: str, path: str, output: str | None) -> None:
                 total += len(piece)
                 progress.update(len(piece))
         sink.flush()
-        if total != length:
-            raise LengthMismatchError(f"{path}: read {total} bytes, expected {length}")
-        digest = hasher.hexdigest()
-        if digest != info.hash:
-            now = managed.stat_for_environment(env, path)
-            if now.revision != info.revision:
-                raise CatalogError(f"{path} changed while it was being read; try again")
-            raise HashMismatchError(f"{path}: stored bytes hash to {digest}, not {info.hash}")
-        if tmp_name is not None:
-            sink.close()
-            os.replace(tmp_name, cast(str, output))
-            tmp_name = None
     finally:
         reader.close()
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                sink.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+    if total != length:
+        raise LengthMismatchError(f"{path}: read {total} bytes, expected {length}")
+    digest = hasher.hexdigest()
+    if digest != info.hash:
+        now = managed.stat_for_environment(env, path)
+        if now.revision != info.revision:
+            raise CatalogError(f"{path} changed while it was being read; try again")
+        raise HashMismatchError(f"{path}: stored bytes hash to {digest}, not {info.hash}")
 
 
 # -- paths ------------------------------------------------------------------------
 @cli.command()
-@click.argument("env")
-@click.argument("path")
+@click.argument("env", shell_complete=complete_env)
+@click.argument("path", shell_complete=complete_path)
+@click.option("-r", "--recursive", is_flag=True, help="Also every path under the folder PATH.")
+@click.option("--dry-run", is_flag=True, help="With -r: print what would be removed only.")
 @pass_ctx
-def rm(ctx: Context, env: str, path: str) -> None:
+def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> None:
     """Remove PATH from environment ENV (content nothing else uses is deleted).
+
+    With -r, PATH and every path under PATH/ go (never `PATHxyz`).
 
     \b
     Example:
       rescat rm team-a charms/app.tar
+      rescat rm -r team-a charms/old/
     """
+    if recursive:
+        remove_tree(ctx, env, path, dry_run=dry_run)
+        return
     check_env(env)
     check_path(path)
     ctx.managed.remove_for_environment(env, path)
 
 
 @cli.command()
-@click.argument("env")
-@click.argument("src")
-@click.argument("dst")
+@click.argument("env", shell_complete=complete_env)
+@click.argument("src", shell_complete=complete_path)
+@click.argument("dst", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help="Print the moved path's stat as JSON.")
 @pass_ctx
 def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
@@ -236,44 +268,97 @@ def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("env")
-@click.argument("prefix", default="")
+@click.argument("env", shell_complete=complete_env)
+@click.argument("prefix", default="", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help='Print [{"path","hash","length"},...].')
-@click.option("-l", "--long", "long_", is_flag=True, help="Also print hash and length.")
+@click.option("-l", "--long", "long_", is_flag=True, help="Also print date, size and hash.")
+@click.option("--bytes", "exact", is_flag=True, help="With -l: sizes in bytes, not KiB/MiB.")
+@click.option(
+    "-d",
+    "--delimiter",
+    default=None,
+    help="Group paths by this character after PREFIX, like folders (`--delimiter /`).",
+)
 @pass_ctx
-def ls(ctx: Context, env: str, prefix: str, as_json: bool, long_: bool) -> None:
+def ls(
+    ctx: Context,
+    env: str,
+    prefix: str,
+    as_json: bool,
+    long_: bool,
+    exact: bool,
+    delimiter: str | None,
+) -> None:
     """List the paths of environment ENV (starting with PREFIX), sorted.
 
-    PREFIX is a plain string prefix. One path per line.
+    PREFIX is a plain string prefix. One path per line; with --delimiter /,
+    paths below the next / after PREFIX show once as their folder, `dir/`
+    (as `aws s3 ls` does). -l adds the time the path last changed (UTC), the
+    size and the content hash.
 
     \b
     Example:
       rescat ls team-a charms/
+      rescat ls team-a charms/ -l --delimiter /
       rescat ls team-a --json
     """
     check_env(env)
     check_prefix(prefix)
+    if delimiter is not None and len(delimiter) != 1:
+        raise click.BadParameter("one character, such as /", param_hint="--delimiter")
     docs = ctx.managed.iter_paths(env, prefix)
     if as_json:
         # Streamed: a large listing is never built in memory.
         first = True
         click.echo("[", nl=False)
-        for doc in docs:
-            item = {"path": doc["path"], "hash": doc["hash"], "length": int(doc["length"])}
+        for item in _grouped(docs, prefix, delimiter):
+            if "folder" in item:
+                item = {"prefix": item["folder"]}
+            else:
+                item = {"path": item["path"], "hash": item["hash"], "length": int(item["length"])}
             click.echo(("\n  " if first else ",\n  ") + json.dumps(item, sort_keys=True), nl=False)
             first = False
         click.echo("]" if first else "\n]")
         return
-    for doc in docs:
-        if long_:
-            click.echo(f"{format_hash(doc['hash'])}  {int(doc['length']):>12}  {doc['path']}")
+    for item in _grouped(docs, prefix, delimiter):
+        if "folder" in item:
+            click.echo(f"{'':<19}  {'DIR':>10}  {item['folder']}" if long_ else item["folder"])
+        elif long_:
+            size = str(int(item["length"])) if exact else _human(int(item["length"]))
+            when = _when(item.get("updated_at"))
+            click.echo(f"{when}  {size:>10}  {format_hash(item['hash'])}  {item['path']}")
         else:
-            click.echo(doc["path"])
+            click.echo(item["path"])
+
+
+def _grouped(docs: Any, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+    """Path documents, with those below the delimiter folded into one `folder` item each.
+
+    The listing is sorted, so a folder's paths are adjacent: one pass, no set.
+    """
+    last = None
+    for doc in docs:
+        if delimiter is not None:
+            rest = str(doc["path"])[len(prefix) :]
+            cut = rest.find(delimiter)
+            if cut >= 0:
+                name = prefix + rest[: cut + 1]
+                if name != last:
+                    last = name
+                    yield {"folder": name}
+                continue
+        yield doc
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(aware(value).strftime("%Y-%m-%d %H:%M:%S"))
 
 
 @cli.command()
-@click.argument("env")
-@click.argument("path")
+@click.argument("env", shell_complete=complete_env)
+@click.argument("path", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_ctx
 def stat(ctx: Context, env: str, path: str, as_json: bool) -> None:
@@ -290,21 +375,22 @@ def stat(ctx: Context, env: str, path: str, as_json: bool) -> None:
     if as_json:
         echo_json(_path_json(info))
         return
+    # Two clocks live here: the path's own (created/updated/revision) and the
+    # stored content's, which every path holding the same bytes shares.
     rows = [
         ("env", info.env_uuid),
         ("path", info.path),
         ("hash", format_hash(info.hash)),
         ("length", f"{info.length} ({_human(info.length)})"),
-        ("state", info.state),
-        ("revision", str(info.revision)),
-        ("resource", info.resource_id),
-        ("created", _iso(info.created_at)),
-        ("updated", _iso(info.updated_at)),
+        ("path created", f"{_iso(info.created_at)}  (this path first stored)"),
+        ("path updated", f"{_iso(info.updated_at)}  (this path last pointed at new content)"),
+        ("revision", f"{info.revision}  (of this path)"),
+        ("content", f"resource {info.resource_id}, {info.state}"),
     ]
     for key, value in rows:
-        click.echo(f"{key + ':':<10} {value}")
+        click.echo(f"{key + ':':<14} {value}")
     if info.history:
-        click.echo("history:")
+        click.echo("content history (of the stored bytes, shared by every path holding them):")
         for state, at in info.history:
             click.echo(f"  {_iso(at)}  {state}")
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from catalog.errors import CatalogError
-from cli import admin, remote  # noqa: F401  (they register their commands)
+from cli import admin, db, files, remote  # noqa: F401  (they register their commands)
 from cli.app import cli
 
 

@@ -6,6 +6,7 @@ never start the embedded mongod). `serve` and `token` work on the database.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -14,8 +15,9 @@ from typing import Any
 
 import click
 
-from cli.app import Context, cli, echo_json, pass_ctx
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
 from cli.progress import bar
+from service.localfiles import is_regular_source
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
@@ -83,6 +85,7 @@ def serve(
       rescat --mongo-uri mongodb://db:27017/?replicaSet=rs0 serve --host 0.0.0.0 --max-size 10G
       rescat serve --no-auth            # local use, embedded MongoDB
     """
+
     import uvicorn
 
     from service.app import create_app
@@ -90,20 +93,83 @@ def serve(
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
     )
-    app = create_app(ctx.managed, auth=not no_auth, max_size=max_size, read_timeout=read_timeout)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        access_log=False,  # the app logs one structured line per request
-        log_config=None,
-        log_level=log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=15,
+    sock = _listen(host, port)
+    try:
+        embedded = ctx.uses_embedded
+        managed = ctx.managed
+        app = create_app(managed, auth=not no_auth, max_size=max_size, read_timeout=read_timeout)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            access_log=False,  # the app logs one structured line per request
+            log_config=None,
+            # uvicorn's startup lines repeat what the banner says; its errors still show.
+            log_level=log_level if log_level == "debug" else "warning",
+            lifespan="on",
+            timeout_graceful_shutdown=15,
+        )
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        auth = "off (--no-auth)" if no_auth else "on"
+        click.echo(
+            f"rescat: serving on http://{shown_host}:{bound_port} (auth {auth}); "
+            + _data_banner(ctx, embedded),
+            err=True,
+        )
+        watchdog = None
+        if embedded:
+            from catalog.mongod import Watchdog
+
+            watchdog = Watchdog()
+            watchdog.start()
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> Any:
+    """Bind before anything else, so a busy port is one line and no banner."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        hint = " (is another service on it? pick another with --port, or --port 0)"
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            + (hint if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "")
+        ) from None
+    return sock
+
+
+def _data_banner(ctx: Context, embedded: bool) -> str:
+    if not embedded:
+        from catalog.connect import redact
+
+        return f"data in MongoDB at {redact(ctx.mongo_uri or '')}, database {ctx.database}"
+    from catalog.mongod import embedded_status
+
+    status = embedded_status()
+    return (
+        f"data in {status['data_dir']} (embedded mongod, pid {status['pid']}, port "
+        f"{status['port']}, database {ctx.database}; it keeps running after serve stops: "
+        "`rescat db stop`)"
     )
-    auth = "off (--no-auth)" if no_auth else "on"
-    click.echo(f"rescat: serving on http://{host}:{port} (auth {auth})", err=True)
-    uvicorn.Server(config).run()
 
 
 # -- token --------------------------------------------------------------------
@@ -232,7 +298,7 @@ class _Bars:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead.")
 @click.argument("env")
 @click.argument("path")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("file", type=SOURCE)
 def upload(server: str, token: str | None, as_json: bool, env: str, path: str, file: str) -> None:
     """Upload FILE (- for stdin) to PATH, sending no bytes the service already has.
 
@@ -249,8 +315,13 @@ def upload(server: str, token: str | None, as_json: bool, env: str, path: str, f
     progress = _Bars(path)
     try:
         with CatalogClient(server, token) as client:
-            source: Any = sys.stdin.buffer if file == "-" else file
-            result = client.upload(env, path, source, progress=progress)
+            if file == "-" or not is_regular_source(file):
+                # A pipe streams (no spooling, no dedup round trip): its hash is
+                # only known at the end, checked against the service's.
+                source: Any = sys.stdin.buffer if file == "-" else file
+                result = client.put(env, path, source, progress=progress)
+            else:
+                result = client.upload(env, path, file, progress=progress)
     finally:
         progress.close()
     if as_json:

@@ -14,6 +14,7 @@ caller sees the same exceptions as with the in-process library.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import os
 import tempfile
@@ -21,7 +22,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -41,6 +41,7 @@ from catalog.names import check_env, check_path, check_prefix, format_hash, pars
 from catalog.proof import ranges_checksum
 from catalog.streams import hash_into
 from service.errors import ServiceError, error_classes, exception_from
+from service.localfiles import Output, is_regular_source, open_source, resolve_target, target_kind
 
 BLOCK = 1024 * 1024
 HASH_BLOCK = 4 * 1024 * 1024
@@ -166,9 +167,46 @@ class CatalogClient:
         check_path(path)
         if isinstance(file, bytes):
             file = io.BytesIO(file)
+        if isinstance(file, (str, os.PathLike)) and not is_regular_source(file):
+            with open_source(os.fspath(file)) as pipe:
+                return self.put(env, path, pipe, hash=hash, progress=progress)
+        if not isinstance(file, (str, os.PathLike)) and _tell(file) < 0:
+            return self._put_pipe(env, path, file, hash, progress)
         with _source(file) as (reader, start):
             length = _remaining(reader, start)
             doc, sent = self._put_stream(env, path, reader, length, hash, progress)
+        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+
+    def _put_pipe(
+        self, env: str, path: str, pipe: BinaryIO, hash: str | None, progress: Progress | None
+    ) -> UploadResult:
+        """A chunked PUT straight from a pipe: nothing spooled, the hash checked after.
+
+        Without the hash up front there is no dedup round trip; the service still
+        stores the content once. The local BLAKE3 must match the one the service
+        computed, so a pipe that broke mid-way cannot leave a wrong object.
+        """
+        hasher = blake3.blake3()
+        sent = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            while data := pipe.read(BLOCK):
+                hasher.update(data)
+                sent += len(data)
+                if progress is not None:
+                    progress("upload", sent, None)
+                yield data
+
+        headers = {"content-type": "application/octet-stream"}
+        if hash:
+            headers["x-content-hash"] = format_hash(parse_hash(hash))
+        doc = self._json("PUT", _object_url(env, path), content=body(), headers=headers)
+        if doc["hash"] != hasher.hexdigest() or int(doc["length"]) != sent:
+            raise HashMismatchError(
+                f"{path}: the service stored {doc['length']} bytes hashing to {doc['hash']}, "
+                f"but {sent} bytes hashing to {hasher.hexdigest()} were sent"
+            )
         return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
 
     def upload(
@@ -246,26 +284,73 @@ class CatalogClient:
     ) -> DownloadResult:
         """Stream `path` into `file` and verify it.
 
-        A file named by path is written in place; when it exists and `resume` is
-        true, only the bytes after its current length are asked for (Range), and
-        the whole is verified, falling back to a full download if the old part
-        turns out stale. A file object is written from its current position.
+        A file named by path is never rewritten in place: the bytes go to a
+        partial file beside it, `.NAME.<hash>.rescat-part`, renamed over it once
+        verified. The partial file is named after the content it holds a prefix
+        of, so an interrupted download resumes (Range) only into bytes of this
+        very content; a different file at the target is replaced, never taken
+        for a partial one. A target that already holds the content costs one
+        local hash and no transfer. Devices and FIFOs are written through; a
+        symlink is followed. A file object is written from its current position.
         """
         url = _object_url(env, path)
         if isinstance(file, (str, os.PathLike)):
-            target = Path(file)
-            existing = target.stat().st_size if resume and target.is_file() else 0
-            try:
-                with open(target, "r+b" if existing else "wb") as out:
-                    return self._download_into(url, path, out, 0, existing, progress)
-            except BaseException:
-                # Keep a partial file for the next attempt to resume, not an empty one.
-                with contextlib.suppress(OSError):
-                    if target.stat().st_size == 0:
-                        target.unlink()
-                raise
+            return self._download_to_path(url, env, path, file, progress, resume)
         start = _tell(file)
         return self._download_into(url, path, file, start, 0, progress)
+
+    def _download_to_path(
+        self,
+        url: str,
+        env: str,
+        path: str,
+        target: str | os.PathLike[str],
+        progress: Progress | None,
+        resume: bool,
+    ) -> DownloadResult:
+        kind = target_kind(target)
+        if kind == "special":
+            with Output(target) as special:
+                result = self._download_into(url, path, special.file, -1, 0, progress)
+                special.commit()
+            return result
+        real = resolve_target(target)
+        info = self.stat(env, path)
+        digest, length = str(info["hash"]), int(info["length"])
+        if resume and kind == "regular" and real.stat().st_size == length:
+            with open(real, "rb") as current:
+                hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                _hash_into(hasher, current, -1, progress, length)
+            if hasher.hexdigest() == digest:
+                return DownloadResult(path, digest, length, 0, True)
+        part_name = f".{real.name[:100]}.{digest}.rescat-part"
+        part = real.parent / part_name
+        if not resume:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        existing = 0
+        with contextlib.suppress(OSError):
+            existing = part.stat().st_size
+        if existing > length:
+            existing = 0
+        out = Output(target, temp_name=part_name)
+        keep = False
+        try:
+            result = self._download_into(
+                url, path, out.file, 0, existing, progress, etag=f'"blake3:{digest}"'
+            )
+            out.commit()
+        except BaseException:
+            # Keep what arrived for the next attempt to resume; never an empty file.
+            with contextlib.suppress(OSError, ValueError):
+                out.file.flush()
+                keep = os.fstat(out.file.fileno()).st_size > 0
+            out.abort(keep=keep)
+            raise
+        for stale in real.parent.glob(f".{glob.escape(real.name[:100])}.*.rescat-part"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        return result
 
     def _download_into(
         self,
@@ -275,6 +360,8 @@ class CatalogClient:
         base: int,
         existing: int,
         progress: Progress | None,
+        *,
+        etag: str | None = None,
     ) -> DownloadResult:
         hasher = blake3.blake3()
         if existing:
@@ -282,7 +369,6 @@ class CatalogClient:
             _hash_into(hasher, out, existing, progress)
         offset = existing
         resumed = existing > 0
-        etag: str | None = None
         received = 0
         attempts = 0
         while True:
@@ -404,8 +490,12 @@ def _raise_for(response: httpx.Response) -> None:
 def _source(file: str | os.PathLike[str] | BinaryIO) -> Iterator[tuple[BinaryIO, int]]:
     """A seekable reader of the upload and the offset its content starts at."""
     if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as reader:
-            yield reader, 0
+        with open_source(os.fspath(file)) as reader:
+            if is_regular_source(file):
+                yield reader, 0
+            else:  # a FIFO or /dev/stdin named by path: its size means nothing
+                with _source(reader) as spooled:
+                    yield spooled
         return
     start = _tell(file)
     if start >= 0:

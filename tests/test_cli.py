@@ -82,7 +82,11 @@ def test_put_get_ls_stat_mv_rm(base: list[str], tmp_path: Path) -> None:
     listing = json.loads(invoke(base, "ls", "team-a", "notes/", "--json").stdout)
     assert listing == [{"path": "notes/readme", "hash": b3(b"hello"), "length": 5}]
     long_listing = invoke(base, "ls", "team-a", "-l").stdout.splitlines()
-    assert long_listing[2].split() == [f"blake3:{b3(b'hello')}", "5", "notes/readme"]
+    day, time, size, unit, digest, name = long_listing[2].split()
+    assert (size, unit, digest, name) == ("5", "B", f"blake3:{b3(b'hello')}", "notes/readme")
+    assert len(day) == 10 and len(time) == 8  # 2026-11-30 01:38:57 (UTC)
+    exact = invoke(base, "ls", "team-a", "-l", "--bytes").stdout.splitlines()
+    assert exact[0].split()[2] == str(len(data)) and "MiB" in long_listing[0]
 
     info = json.loads(invoke(base, "stat", "team-a", "charms/app.tar", "--json").stdout)
     assert {"path", "hash", "length", "revision", "state", "history"} <= set(info)
@@ -91,8 +95,9 @@ def test_put_get_ls_stat_mv_rm(base: list[str], tmp_path: Path) -> None:
     states = [h["state"] for h in info["history"]]
     assert states[0] == "created" and "ready" in states
     text = invoke(base, "stat", "team-a", "charms/app.tar").stdout
-    assert f"hash:      blake3:{b3(data)}" in text
-    assert "history:" in text and "created" in text and "ready" in text
+    assert f"hash:          blake3:{b3(data)}" in text
+    assert "path created:" in text and "path updated:" in text
+    assert "content history (of the stored bytes" in text and "ready" in text
 
     out = tmp_path / "out.tar"
     result = invoke(base, "get", "team-a", "charms/copy.tar", "-o", str(out))

@@ -170,11 +170,29 @@ def test_download_verifies_and_resumes(
     assert result.bytes_received == len(data) and not result.resumed
     assert seen[-1] == ("download", len(data), len(data))
 
-    # A partial file resumes with Range: only the rest goes over the wire.
+    # An interrupted download keeps its own partial file (named after the content,
+    # never the target itself) and the next one resumes it with Range.
+    fresh = tmp_path / "fresh.bin"
+
+    def interrupt(phase: str, done: int, total: int | None) -> None:
+        if phase == "download" and done >= 2_000_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.download("e", "big", fresh, progress=interrupt)
+    assert not fresh.exists()
+    (part,) = tmp_path.glob(".fresh.bin.*.rescat-part")
+    kept = part.stat().st_size
+    assert 0 < kept < len(data) and part.read_bytes() == data[:kept]
+    result = client.download("e", "big", fresh)
+    assert fresh.read_bytes() == data and not part.exists()
+    assert result.resumed and result.bytes_received == len(data) - kept
+
+    # A shorter file at the target is not taken for a partial one: replaced whole.
     target.write_bytes(data[:2_000_000])
     result = client.download("e", "big", target)
     assert target.read_bytes() == data
-    assert result.resumed and result.bytes_received == len(data) - 2_000_000
+    assert not result.resumed and result.bytes_received == len(data)
 
     # A complete file costs nothing.
     result = client.download("e", "big", target)

@@ -1,0 +1,516 @@
+"""Whole directories: `put -r`, `get -r`, `rm -r` and `sync`, over the database directly.
+
+One engine serves them all, in three steps, so that bad input stops the
+command before anything is written:
+
+1. plan: list both sides, validate every name (a local file whose name cannot
+   be a path, a remote path that cannot be a local file) and decide per file;
+2. compare: a file whose size matches the other side is hashed (BLAKE3, local
+   side) and skipped when equal, so a re-run moves nothing;
+3. transfer on a small thread pool, each file atomically (a put becomes
+   visible only complete; a local file is renamed into place only verified),
+   under one progress bar on stderr (silent off a terminal).
+
+A PREFIX is a folder: `a/b` means the paths under `a/b/`, never `a/bc`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import blake3
+import click
+
+from catalog.errors import CatalogError, InvalidPathError, NotFoundError
+from catalog.managed import ManagedStorage
+from catalog.names import check_env, check_path
+from cli.app import Context, cli, pass_ctx
+from cli.progress import bar
+from service.localfiles import LocalFileError, Output, current_umask
+
+DEFAULT_JOBS = 4
+_REMOTE_RE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
+
+
+def folder(prefix: str) -> str:
+    """The query prefix of a folder: '' stays '', `a/b` and `a/b/` become `a/b/`."""
+    if prefix == "":
+        return ""
+    stripped = prefix.rstrip("/")
+    if not stripped:
+        raise InvalidPathError(f"invalid prefix {prefix!r}: a folder is a path, like a/b")
+    check_path(stripped)
+    return stripped + "/"
+
+
+def local_hash(path: Path) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as f:
+        while block := f.read(4 * 1024 * 1024):
+            hasher.update(block)
+    return str(hasher.hexdigest())
+
+
+# -- the two sides --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    rel: str  # '/'-separated, relative to the folder
+    size: int
+    hash: str | None = None  # known for remote entries
+
+
+def local_entries(root: Path) -> dict[str, Entry]:
+    """Regular files under `root` (symlinks to files followed, like `cp -r -L`).
+
+    Anything else (FIFOs, sockets, devices, broken links) is skipped with one
+    line on stderr: reading a FIFO would hang, a device would never end.
+    """
+    found: dict[str, Entry] = {}
+    seen: set[tuple[int, int]] = set()  # directories by (device, inode): links can loop
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            here = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (here.st_dev, here.st_ino) in seen:
+            click.echo(
+                f"rescat: skipping {dirpath}: a link back to a directory already walked", err=True
+            )
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                click.echo(f"rescat: skipping {full}: {exc.strerror or exc}", err=True)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                click.echo(f"rescat: skipping {full}: not a regular file", err=True)
+                continue
+            found[rel] = Entry(rel, st.st_size)
+    return found
+
+
+def remote_entries(managed: ManagedStorage, env: str, prefix: str) -> dict[str, Entry]:
+    query = folder(prefix)
+    found: dict[str, Entry] = {}
+    for doc in managed.iter_paths(env, query):
+        rel = str(doc["path"])[len(query) :]
+        found[rel] = Entry(rel, int(doc["length"]), str(doc["hash"]))
+    return found
+
+
+# -- plan -------------------------------------------------------------------------------
+@dataclass
+class Action:
+    kind: str  # "upload", "download", "delete-remote", "delete-local"
+    rel: str
+    size: int
+    hash: str | None = None  # the source's hash, when known
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    unchanged: int
+
+
+def plan_upload(
+    local: dict[str, Entry],
+    remote: dict[str, Entry],
+    root: Path,
+    prefix: str,
+    *,
+    delete: bool,
+) -> Plan:
+    query = folder(prefix)
+    for rel in local:  # every name first: nothing is written if one is bad
+        try:
+            check_path(query + rel)
+        except InvalidPathError as exc:
+            raise InvalidPathError(f"{root / rel}: cannot be stored: {exc}") from None
+    actions: list[Action] = []
+    unchanged = 0
+    for rel, entry in local.items():
+        other = remote.get(rel)
+        digest = None
+        if other is not None and other.size == entry.size:
+            digest = local_hash(root / rel)
+            if digest == other.hash:
+                unchanged += 1
+                continue
+        actions.append(Action("upload", rel, entry.size, digest))
+    if delete:
+        actions += [
+            Action("delete-remote", rel, e.size) for rel, e in remote.items() if rel not in local
+        ]
+    return Plan(actions, unchanged)
+
+
+def plan_download(
+    remote: dict[str, Entry],
+    local: dict[str, Entry],
+    root: Path,
+    env: str,
+    *,
+    delete: bool,
+) -> Plan:
+    dirs = {rel.rsplit("/", n)[0] for rel in remote for n in range(1, rel.count("/") + 1)}
+    for rel in remote:
+        if rel in dirs:
+            raise CatalogError(
+                f"{env}: {rel!r} is both a path and a folder of other paths: it cannot be "
+                f"a file and a directory under {root}; fetch its folders separately"
+            )
+        target = root / rel
+        if target.is_dir() and not target.is_symlink():
+            raise LocalFileError(f"{target}: is a directory, cannot be replaced by {env}:{rel}")
+    actions: list[Action] = []
+    unchanged = 0
+    for rel, entry in remote.items():
+        mine = local.get(rel)
+        if mine is not None and mine.size == entry.size and local_hash(root / rel) == entry.hash:
+            unchanged += 1
+            continue
+        actions.append(Action("download", rel, entry.size, entry.hash))
+    if delete:
+        actions += [
+            Action("delete-local", rel, e.size) for rel, e in local.items() if rel not in remote
+        ]
+    return Plan(actions, unchanged)
+
+
+# -- transfers ----------------------------------------------------------------------
+class _Counted:
+    """A reader that advances the shared bar, at most once per byte of the file.
+
+    The core may read a seekable file twice (a hash pass, then the upload):
+    the bar shows progress through the file, not bytes read.
+    """
+
+    def __init__(self, inner: BinaryIO, advance: Callable[[int], None]) -> None:
+        self._inner = inner
+        self._advance = advance
+        self._pos = 0
+        self._shown = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._pos += len(data)
+        if self._pos > self._shown:
+            self._advance(self._pos - self._shown)
+            self._shown = self._pos
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = self._inner.seek(offset, whence)
+        return self._pos
+
+
+def _upload_one(
+    managed: ManagedStorage,
+    env: str,
+    path: str,
+    source: Path,
+    action: Action,
+    advance: Callable[[int], None],
+) -> None:
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        reader = cast(BinaryIO, _Counted(f, advance))
+        managed.put_for_environment_and_check_hash(env, path, reader, size, action.hash)
+
+
+def _download_one(
+    managed: ManagedStorage,
+    env: str,
+    path: str,
+    target: Path,
+    action: Action,
+    advance: Callable[[int], None],
+) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reader, length = managed.get_for_environment(env, path)
+    try:
+        with Output(target) as out:
+            hasher = blake3.blake3()
+            total = 0
+            while True:
+                piece = reader.read(1024 * 1024)
+                if not piece:
+                    break
+                out.file.write(piece)
+                hasher.update(piece)
+                total += len(piece)
+                advance(len(piece))
+            if total != length or (action.hash and hasher.hexdigest() != action.hash):
+                raise CatalogError(f"{env}:{path} changed while it was read; run again")
+            out.commit()
+    finally:
+        reader.close()
+
+
+@dataclass
+class Outcome:
+    done: list[Action]
+    failed: list[tuple[Action, BaseException]]
+
+
+def execute(
+    ctx: Context,
+    plan: Plan,
+    *,
+    env: str,
+    prefix: str,
+    root: Path,
+    jobs: int,
+    dry_run: bool,
+    label: str,
+) -> Outcome:
+    """Run the plan's actions (deletions after every transfer succeeded)."""
+    query = folder(prefix)
+    transfers = [a for a in plan.actions if a.kind in ("upload", "download")]
+    deletions = [a for a in plan.actions if a.kind.startswith("delete")]
+    if dry_run:
+        for action in plan.actions:
+            click.echo(f"(dry run) {_describe(action, env, query, root)}")
+        return Outcome([], [])
+    outcome = Outcome([], [])
+    lock = threading.Lock()
+    total = sum(a.size for a in transfers)
+    with bar(total, label) as progress:
+
+        def advance(n: int) -> None:
+            with lock:
+                progress.update(n)
+
+        def run(action: Action) -> None:
+            remote_path = query + action.rel
+            local_path = root / action.rel
+            if action.kind == "upload":
+                _upload_one(ctx.managed, env, remote_path, local_path, action, advance)
+            else:
+                _download_one(ctx.managed, env, remote_path, local_path, action, advance)
+
+        if transfers:
+            _ = ctx.managed  # connect once, before the threads
+            current_umask()  # and read the umask before they create files
+            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rescat-sync") as pool:
+                futures = {pool.submit(run, a): a for a in transfers}
+                for future in as_completed(futures):
+                    action = futures[future]
+                    exc = future.exception()
+                    if exc is None:
+                        outcome.done.append(action)
+                        progress.write(_describe(action, env, query, root), file=sys.stdout)
+                    else:
+                        outcome.failed.append((action, exc))
+    if outcome.failed:
+        return outcome  # never delete on the strength of an incomplete copy
+    for action in deletions:
+        try:
+            if action.kind == "delete-remote":
+                ctx.managed.remove_for_environment(env, query + action.rel)
+            else:
+                (root / action.rel).unlink()
+        except (OSError, NotFoundError) as exc:
+            outcome.failed.append((action, exc))
+            continue
+        outcome.done.append(action)
+        click.echo(_describe(action, env, query, root))
+    return outcome
+
+
+def _describe(action: Action, env: str, query: str, root: Path) -> str:
+    remote = f"{env}:{query}{action.rel}"
+    local = root / action.rel
+    if action.kind == "upload":
+        return f"upload: {local} -> {remote}"
+    if action.kind == "download":
+        return f"download: {remote} -> {local}"
+    if action.kind == "delete-remote":
+        return f"delete: {remote}"
+    return f"delete: {local}"
+
+
+def report(outcome: Outcome, plan: Plan, dry_run: bool) -> None:
+    """One line on stderr: the summary, or the first failure with the summary (exit 1)."""
+    if dry_run:
+        copies = [a for a in plan.actions if a.kind in ("upload", "download")]
+        deletions = len(plan.actions) - len(copies)
+        click.echo(
+            f"rescat: dry run: {len(copies)} to copy ({sum(a.size for a in copies)} bytes), "
+            f"{plan.unchanged} unchanged, {deletions} to delete",
+            err=True,
+        )
+        return
+    moved = sum(a.size for a in outcome.done if a.kind in ("upload", "download"))
+    transfers = sum(1 for a in outcome.done if a.kind in ("upload", "download"))
+    deleted = sum(1 for a in outcome.done if a.kind.startswith("delete"))
+    summary = f"{transfers} copied ({moved} bytes), {plan.unchanged} unchanged, {deleted} deleted"
+    if outcome.failed:
+        action, exc = outcome.failed[0]
+        more = f" and {len(outcome.failed) - 1} more" if len(outcome.failed) > 1 else ""
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise click.ClickException(
+            f"{action.kind} {action.rel} failed{more}: {text} ({summary}; nothing deleted; "
+            "run again to retry)"
+        )
+    click.echo(f"rescat: {summary}", err=True)
+
+
+# -- commands -------------------------------------------------------------------------
+def put_tree(
+    ctx: Context, env: str, prefix: str, directory: str, *, jobs: int, dry_run: bool, delete: bool
+) -> None:
+    check_env(env)
+    root = Path(directory)
+    if not root.is_dir():
+        raise LocalFileError(f"{directory}: not a directory")
+    local = local_entries(root)
+    remote = remote_entries(ctx.managed, env, prefix)
+    plan = plan_upload(local, remote, root, prefix, delete=delete)
+    outcome = execute(
+        ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="put"
+    )
+    report(outcome, plan, dry_run)
+
+
+def get_tree(
+    ctx: Context, env: str, prefix: str, directory: str, *, jobs: int, dry_run: bool, delete: bool
+) -> None:
+    check_env(env)
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise LocalFileError(f"{directory}: exists and is not a directory")
+    remote = remote_entries(ctx.managed, env, prefix)
+    local = local_entries(root) if root.is_dir() else {}
+    plan = plan_download(remote, local, root, env, delete=delete)
+    if not dry_run and plan.actions:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalFileError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    outcome = execute(
+        ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="get"
+    )
+    report(outcome, plan, dry_run)
+
+
+def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
+    """Remove PREFIX and every path under it; how many went."""
+    check_env(env)
+    stripped = prefix.rstrip("/")
+    if not stripped:
+        raise click.UsageError(
+            "rm -r needs a PREFIX (a folder such as charms/); it never empties a whole environment"
+        )
+    query = folder(stripped)
+    paths = [str(doc["path"]) for doc in ctx.managed.iter_paths(env, query)]
+    try:
+        ctx.managed.stat_for_environment(env, stripped)
+        paths.insert(0, stripped)
+    except NotFoundError:
+        pass
+    if not paths:
+        raise NotFoundError(f"{env}: nothing at or under {stripped!r}")
+    removed = 0
+    for path in paths:
+        if dry_run:
+            click.echo(f"(dry run) delete: {env}:{path}")
+            continue
+        try:
+            ctx.managed.remove_for_environment(env, path)
+        except NotFoundError:
+            continue  # removed concurrently: the end state is the same
+        removed += 1
+        click.echo(f"delete: {env}:{path}")
+    return removed
+
+
+def parse_location(spec: str) -> tuple[str, str] | None:
+    """`ENV:PREFIX` -> (env, prefix); a local path -> None.
+
+    A name that exists locally is local even if it looks like ENV:PREFIX;
+    write ./a:b for a local name that does not exist yet.
+    """
+    match = _REMOTE_RE.fullmatch(spec)
+    if match is None or os.path.exists(spec):
+        return None
+    return match.group(1), match.group(2)
+
+
+def jobs_option(fn: Any) -> Any:
+    return click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 64),
+        default=DEFAULT_JOBS,
+        show_default=True,
+        help="Files transferred in parallel.",
+    )(fn)
+
+
+@cli.command(cls=click.Command)
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be copied or deleted; change nothing."
+)
+@click.option("--delete", is_flag=True, help="Also delete what DST has and SRC does not.")
+@jobs_option
+@pass_ctx
+def sync(ctx: Context, src: str, dst: str, dry_run: bool, delete: bool, jobs: int) -> None:
+    """Make DST hold what SRC holds: a local directory and ENV:PREFIX, either way.
+
+    Files equal by BLAKE3 on both sides are skipped, so a second run copies
+    nothing. --delete removes what DST has beyond SRC, and only once every
+    copy succeeded. ENV:PREFIX names a folder (`team-a:charms/`, or `team-a:`
+    for the whole environment; `:charms/` uses the profile's environment).
+
+    \b
+    Example:
+      rescat sync ./charms team-a:charms/
+      rescat sync team-a:charms/ ./charms --delete --dry-run
+    """
+    source, target = parse_location(src), parse_location(dst)
+    if (source is None) == (target is None):
+        raise click.UsageError(
+            "give one local directory and one ENV:PREFIX (e.g. rescat sync ./dir team-a:dir/)"
+        )
+    remote = source or target
+    assert remote is not None
+    env, prefix = remote
+    if not env:
+        if ctx.default_env is None:
+            raise click.UsageError(
+                f"{src if source else dst}: no ENV before ':' and no env in the profile"
+            )
+        env = ctx.default_env
+    if source is None:
+        put_tree(ctx, env, prefix, src, jobs=jobs, dry_run=dry_run, delete=delete)
+    else:
+        get_tree(ctx, env, prefix, dst, jobs=jobs, dry_run=dry_run, delete=delete)

@@ -1,0 +1,219 @@
+"""Issue 14: whole directories (put -r, get -r, rm -r, sync) and object-store listings."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from pymongo.database import Database
+
+import cli.main  # noqa: F401  (registers every command)
+from catalog import ManagedStorage, NotFoundError
+from cli.app import cli as rescat
+
+
+@pytest.fixture
+def base(mongo_uri: str, db: Database[Any], tmp_path: Path, monkeypatch: Any) -> list[str]:
+    monkeypatch.setenv("RESCAT_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.delenv("RESCAT_PROFILE", raising=False)
+    return ["--mongo-uri", mongo_uri, "--database", db.name]
+
+
+def invoke(base: list[str], *args: str) -> Result:
+    return CliRunner().invoke(rescat, [*base, *args])
+
+
+def error(result: Result) -> str:
+    """What `rescat` prints for a failure: click's own, or main()'s one line for the rest."""
+    assert result.exit_code != 0
+    return result.output + (str(result.exception) if result.exception else "")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+FILES = {
+    "top.txt": b"top",
+    "a/one.bin": os.urandom(150_000),
+    "a/b/two.bin": os.urandom(70_000),
+    "a/b/empty": b"",
+    "c/same": b"dup",
+    "c/same-too": b"dup",
+}
+
+
+def test_put_r_get_r_round_trip(base: list[str], managed: ManagedStorage, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, FILES)
+    result = invoke(base, "put", "-r", "e", "pre/", str(src))
+    assert result.exit_code == 0, result.output
+    assert managed.list_for_environment("e") == sorted(f"pre/{rel}" for rel in FILES)
+    total = sum(map(len, FILES.values()))
+    assert result.stderr == f"rescat: {len(FILES)} copied ({total} bytes), 0 unchanged, 0 deleted\n"
+
+    # Nothing changed: nothing moves (equal by BLAKE3), and revisions stay.
+    revision = managed.stat_for_environment("e", "pre/top.txt").revision
+    again = invoke(base, "put", "-r", "e", "pre", str(src))
+    assert again.exit_code == 0 and again.stdout == ""
+    assert f"0 copied (0 bytes), {len(FILES)} unchanged" in again.stderr
+    assert managed.stat_for_environment("e", "pre/top.txt").revision == revision
+
+    out = tmp_path / "out"
+    got = invoke(base, "get", "-r", "e", "pre", str(out))
+    assert got.exit_code == 0, got.output
+    assert tree(out) == FILES
+    assert invoke(base, "get", "-r", "e", "pre/a", str(tmp_path / "sub")).exit_code == 0
+    assert tree(tmp_path / "sub") == {
+        "one.bin": FILES["a/one.bin"],
+        "b/two.bin": FILES["a/b/two.bin"],
+        "b/empty": b"",
+    }
+
+    # A folder prefix respects segments: pre/a never means pre/ab.
+    managed.put_for_environment("e", "pre/ab", io.BytesIO(b"neighbour"))
+    assert "ab" not in tree(tmp_path / "sub")
+    removed = invoke(base, "rm", "-r", "e", "pre/a")
+    assert removed.exit_code == 0, removed.output
+    assert managed.list_for_environment("e", "pre/a") == ["pre/ab"]
+    missing = invoke(base, "rm", "-r", "e", "pre/a")
+    assert missing.exit_code != 0
+
+
+def test_sync_both_ways_dry_run_and_delete(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, FILES)
+    dry = invoke(base, "sync", str(src), "e:site/", "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.count("(dry run) upload: ") == len(FILES)
+    assert managed.list_for_environment("e") == []  # a dry run changes nothing
+
+    assert invoke(base, "sync", str(src), "e:site", "-j", "3").exit_code == 0
+    (src / "top.txt").write_bytes(b"changed")
+    (src / "a" / "one.bin").unlink()
+    (src / "new").write_bytes(b"new")
+    result = invoke(base, "sync", str(src), "e:site")
+    assert result.exit_code == 0, result.output
+    assert sorted(result.stdout.splitlines()) == [
+        f"upload: {src / 'new'} -> e:site/new",
+        f"upload: {src / 'top.txt'} -> e:site/top.txt",
+    ]
+    assert "site/a/one.bin" in managed.list_for_environment("e")  # no --delete: kept
+    result = invoke(base, "sync", str(src), "e:site", "--delete")
+    assert result.stdout == "delete: e:site/a/one.bin\n"
+    assert "site/a/one.bin" not in managed.list_for_environment("e")
+
+    # Remote to local: only what differs moves; --delete removes local extras.
+    dst = tmp_path / "dst"
+    make_tree(dst, {"top.txt": b"changed", "stale": b"old", "a/b/two.bin": b"other"})
+    result = invoke(base, "sync", "e:site/", str(dst), "--delete")
+    assert result.exit_code == 0, result.output
+    assert tree(dst) == tree(src)
+    lines = sorted(result.stdout.splitlines())
+    assert f"delete: {dst / 'stale'}" in lines
+    assert not any("top.txt" in line for line in lines)  # equal: skipped
+
+    usage = invoke(base, "sync", str(src), str(dst))
+    assert "ENV:PREFIX" in error(usage)
+
+
+def test_bad_names_stop_before_anything_is_written(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"fine.txt": b"ok", "ctl\x01name": b"bad"})
+    result = invoke(base, "put", "-r", "e", "p", str(src))
+    assert "control character" in error(result)
+    assert managed.list_for_environment("e") == []
+
+    # A remote path that is also a folder cannot become a local file and a directory.
+    managed.put_for_environment("e", "x/a", io.BytesIO(b"file"))
+    managed.put_for_environment("e", "x/a/b", io.BytesIO(b"below"))
+    out = tmp_path / "out"
+    result = invoke(base, "get", "-r", "e", "x", str(out))
+    assert "both a path and a folder" in error(result)
+    assert not out.exists()
+
+    not_dir = invoke(base, "put", "e", "p", str(src))
+    assert "put -r" in error(not_dir)
+    assert invoke(base, "rm", "-r", "e", "/").exit_code != 0
+    with pytest.raises(NotFoundError):
+        managed.stat_for_environment("e", "p")
+
+
+def test_ls_long_bytes_and_delimiter(base: list[str], managed: ManagedStorage) -> None:
+    for path, data in [
+        ("charms/app.tar", os.urandom(3 * 1024 * 1024)),
+        ("charms/lib/x", b"x"),
+        ("charms/lib/y", b"y"),
+        ("charms/zeta/z", b"z"),
+        ("readme", b"hello"),
+    ]:
+        managed.put_for_environment("e", path, io.BytesIO(data))
+    folders = invoke(base, "ls", "e", "--delimiter", "/")
+    assert folders.stdout.splitlines() == ["charms/", "readme"]
+    inner = invoke(base, "ls", "e", "charms/", "-d", "/")
+    assert inner.stdout.splitlines() == ["charms/app.tar", "charms/lib/", "charms/zeta/"]
+    as_json = json.loads(invoke(base, "ls", "e", "charms/", "-d", "/", "--json").stdout)
+    assert as_json[1:] == [{"prefix": "charms/lib/"}, {"prefix": "charms/zeta/"}]
+    assert as_json[0]["path"] == "charms/app.tar"
+
+    long_ = invoke(base, "ls", "e", "charms/", "-l", "-d", "/").stdout.splitlines()
+    assert "3.0 MiB" in long_[0] and long_[0].endswith("charms/app.tar")
+    assert long_[1].split() == ["DIR", "charms/lib/"]
+    exact = invoke(base, "ls", "e", "charms/app", "-l", "--bytes").stdout.split()
+    assert exact[2] == str(3 * 1024 * 1024)
+    assert invoke(base, "ls", "e", "-d", "ab").exit_code != 0
+
+
+def test_a_failed_copy_is_one_line_and_deletes_nothing(
+    base: list[str], managed: ManagedStorage, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import cli.files
+
+    src = tmp_path / "src"
+    make_tree(src, {"ok": b"fine", "broken": b"fails"})
+    managed.put_for_environment("e", "d/extra", io.BytesIO(b"stays"))
+    real = cli.files._upload_one
+
+    def flaky(managed: ManagedStorage, env: str, path: str, *rest: Any) -> None:
+        if path.endswith("broken"):
+            raise OSError("disk on fire")
+        real(managed, env, path, *rest)
+
+    monkeypatch.setattr(cli.files, "_upload_one", flaky)
+    result = invoke(base, "sync", str(src), "e:d", "--delete")
+    text = error(result)
+    assert "upload broken failed: disk on fire (1 copied" in text and "nothing deleted" in text
+    assert managed.list_for_environment("e") == ["d/extra", "d/ok"]
+
+    dry = invoke(base, "sync", str(src), "e:d", "--delete", "--dry-run")
+    assert dry.stderr == "rescat: dry run: 1 to copy (5 bytes), 1 unchanged, 1 to delete\n"
+
+
+def test_put_r_survives_a_symlink_loop(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"d/f": b"f"})
+    (src / "d" / "loop").symlink_to("..")
+    result = invoke(base, "put", "-r", "e", "p", str(src))
+    assert result.exit_code == 0, result.output
+    assert managed.list_for_environment("e") == ["p/d/f"]
+    assert "already walked" in result.stderr
