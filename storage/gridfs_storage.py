@@ -27,7 +27,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
-from catalog.errors import LengthMismatchError, NotFoundError
+from storage.errors import LengthMismatchError, NotFoundError
 from storage.reader import CorruptFileError, GridFSReader
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
