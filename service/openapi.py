@@ -134,8 +134,7 @@ def _operation(
             "content": {"application/json": {"schema": _ref(endpoint.body, components)}},
         }
     elif endpoint.raw_body:
-        op["requestBody"] = {
-            "required": True,
+        op["requestBody"] = {  # optional: no body is empty content
             "description": endpoint.raw_body,
             "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
