@@ -24,9 +24,10 @@ def test_healthz_answers_503_within_2s_while_the_database_is_down(tmp_path: Path
     try:
         wait_primary(port, mongod)
         managed = connect(uri_for(port), "health")
-        with ServerThread(create_app(managed, auth=True)) as srv, httpx.Client(
-            base_url=srv.url, timeout=30
-        ) as http:
+        with (
+            ServerThread(create_app(managed, auth=True)) as srv,
+            httpx.Client(base_url=srv.url, timeout=30) as http,
+        ):
             assert http.get("/healthz").status_code == 200
             stop_process(mongod)
             for method in ("GET", "HEAD", "GET", "GET"):

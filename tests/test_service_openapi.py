@@ -45,25 +45,20 @@ def test_schemathesis_finds_nothing(
     serve_args = ("--max-size", str(1 << 20), "--log-level", "warning")
     with server_process(mongo_uri, database, *serve_args) as url:
         started = time.monotonic()
-        run = subprocess.run(
-            [
-                sys.executable, "-m", "schemathesis.cli",
-                "--config-file", str(HERE / "schemathesis.toml"),
-                "run", f"{url}/openapi.json",
-                "--header", f"Authorization: Bearer {token}",
-                "--checks", "all",
-                "--max-examples", "20",
-                "--seed", "20261130",
-                "--workers", "1",
-                "--request-timeout", "10",
-                "--generation-database", "none",
-                "--no-color",
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=300,
-        )
+        command = [
+            sys.executable, "-m", "schemathesis.cli",
+            "--config-file", str(HERE / "schemathesis.toml"),
+            "run", f"{url}/openapi.json",
+            "--header", f"Authorization: Bearer {token}",
+            "--checks", "all",
+            "--max-examples", "20",
+            "--seed", "20261130",
+            "--workers", "1",
+            "--request-timeout", "10",
+            "--generation-database", "none",
+            "--no-color",
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
         seconds = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     print(f"schemathesis: {seconds:.1f} s\n{run.stdout[-1500:]}")
