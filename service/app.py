@@ -288,7 +288,8 @@ class ServiceApp:
             call.route = match.path_format
         elif raw.startswith("/v1/") or raw == "/v1":
             call.route = "/v1 (unmatched)"
-        token = await self._authenticate(request) if self.router.needs_auth(raw, match) else None
+        needs_token = self.router.needs_auth(raw, match, request.method)
+        token = await self._authenticate(request) if needs_token else None
         call.token_id = token.id if token is not None else None
         params = self.router.guarded(raw)
         call.env = params.get("env")

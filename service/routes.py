@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from swagger_ui_bundle import swagger_ui_path
 
 from catalog.errors import (
     BadRequestError,
@@ -83,8 +84,6 @@ async def docs(ctx: Ctx[None]) -> Response:
 
 
 async def docs_asset(ctx: Ctx[None]) -> Response:
-    from swagger_ui_bundle import swagger_ui_path
-
     name = ctx.params["asset"]
     return FileResponse(
         str(swagger_ui_path / name),

@@ -215,11 +215,16 @@ class Router:
                 return Match(group, found.groupdict())
         return None
 
-    def needs_auth(self, raw_path: str, match: Match | None) -> bool:
-        """A route that needs a token, or any path under a root whose routes do (/v1/...)."""
-        if match is not None:
-            return match.auth
-        return _root(raw_path) in self._auth_roots
+    def needs_auth(self, raw_path: str, match: Match | None, method: str) -> bool:
+        """A route that needs a token, or any path under a root whose routes do (/v1/...).
+
+        An unknown route or method there is 401 without a token, so that what
+        exists is not told to those who may not use it.
+        """
+        if match is None:
+            return _root(raw_path) in self._auth_roots
+        endpoint = match.endpoint(method)
+        return endpoint.auth if endpoint is not None else match.auth
 
     def guarded(self, raw_path: str) -> dict[str, str]:
         """Decode (and so validate) the parameters of every guard prefix the path starts with."""
@@ -245,7 +250,8 @@ def decode_params(match: Match, known: dict[str, str]) -> dict[str, str]:
 
 
 def _root(path: str) -> str:
-    return path.lstrip("/").split("/", 1)[0]
+    """The first segment: `v1` of `/v1/environments/...`."""
+    return path[1:].split("/", 1)[0] if path.startswith("/") else path
 
 
 def _guards(endpoints: Sequence[Endpoint[Any]]) -> list[Guard]:
