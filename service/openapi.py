@@ -67,11 +67,13 @@ def openapi_document(
 ) -> dict[str, Any]:
     """The document for a service with these routes, token checks on or off, and size limit."""
     components: dict[str, Any] = {"Error": _error_schema(PUBLIC_CODES)}
+    errors: dict[str, Any] = {}
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in routes:
         item = paths.setdefault(endpoint.path_format, {})
         for method in endpoint.methods:
-            item[method.lower()] = _operation(endpoint, method, auth, max_size, components)
+            op = _operation(endpoint, method, auth, max_size, components, errors)
+            item[method.lower()] = op
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "rescat", "version": "1", "description": _INFO},
@@ -81,7 +83,7 @@ def openapi_document(
             {"name": "service", "description": "Health, metrics and documentation"},
         ],
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "responses": dict(sorted(errors.items()))},
     }
     if auth:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -110,6 +112,7 @@ def _operation(
     auth: bool,
     max_size: int | None,
     components: dict[str, Any],
+    errors: dict[str, Any],
 ) -> dict[str, Any]:
     head = method == "HEAD"
     params = [*endpoint.path_params, *endpoint.query, *endpoint.headers]
@@ -144,7 +147,10 @@ def _operation(
     for answer in endpoint.answers:
         responses[str(answer.status)] = _answer(answer, head, components)
     for status, codes in sorted(_error_codes(endpoint, params, needs_token).items()):
-        responses[str(status)] = _error_response(status, codes, head)
+        # Shared by every operation with the same codes at that status.
+        name = "-".join([str(status), *codes]) + ("-head" if head else "")
+        errors.setdefault(name, _error_response(status, codes, head))
+        responses[str(status)] = {"$ref": f"#/components/responses/{name}"}
     return op
 
 

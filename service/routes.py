@@ -366,7 +366,7 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         ("GET",),
         "/v1/environments/{env}/resources",
         list_resources,
-        "List paths, sorted by path; `prefix` is a plain string prefix",
+        "List paths, sorted by path; prefix is a plain string prefix",
         (Answer(200, "The paths", ListingOut),),
         query=(PREFIX,),
     ),
@@ -374,7 +374,7 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         ("GET",),
         _OBJECT,
         get_resource,
-        "Read a resource's bytes (streamed); HEAD: the headers only",
+        "Read a resource's bytes (streamed)",
         (
             Answer(
                 200,

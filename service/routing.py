@@ -135,6 +135,9 @@ class Endpoint(Generic[B]):
             methods += ("HEAD",)
         object.__setattr__(self, "methods", methods)
         names = re.findall(r"{([A-Za-z_][A-Za-z0-9_]*)}", self.template)
+        unknown = [name for name in names if name not in PATH_PARAMS]
+        if unknown:
+            raise ValueError(f"{self.template}: declare a path Param for {unknown}")
         params = tuple(PATH_PARAMS[name] for name in names)
         typed = self.template
         for param in params:
@@ -148,7 +151,7 @@ class Endpoint(Generic[B]):
 
 
 PATH_PARAMS: dict[str, Param] = {}
-"""Path parameters by name; `service.routes` registers them before declaring routes."""
+"""Path parameters by name (`service.schemas` declares them with `path_param`)."""
 
 
 def path_param(param: Param) -> Param:

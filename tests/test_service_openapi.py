@@ -87,9 +87,11 @@ def test_document_has_every_route_and_its_errors(http: httpx.Client) -> None:
                 assert 400 in statuses and 403 in statuses
             for status, response in op["responses"].items():
                 if int(status) >= 400:
-                    assert "X-Rescat-Error" in response["headers"], (endpoint.template, status)
+                    name = response["$ref"].rsplit("/", 1)[1]
+                    error = doc["components"]["responses"][name]
+                    assert "X-Rescat-Error" in error["headers"], (endpoint.template, status)
                     if method != "HEAD":
-                        schema = response["content"]["application/json"]["schema"]
+                        schema = error["content"]["application/json"]["schema"]
                         assert schema["allOf"][0] == {"$ref": "#/components/schemas/Error"}
     # The contract's rules are stated as patterns and lengths.
     env = doc["paths"]["/v1/environments/{env}/resources"]["get"]["parameters"][0]
