@@ -60,7 +60,7 @@ from service.schemas import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from service.app import ServiceApp
 
 __all__ = ["ROUTES"]
 
@@ -110,43 +110,15 @@ async def list_resources(ctx: Ctx[None]) -> Response:
 
 async def get_resource(ctx: Ctx[None]) -> Response:
     env, path = ctx.params["env"], ctx.params["path"]
-    managed = ctx.app.managed
-    headers = ctx.request.headers
-
-    def open_object() -> tuple[Any, int, str]:
-        reader, length = managed.get_for_environment(env, path)
-        digest = getattr(reader, "blake3", None)
-        if not digest:
-            digest = managed.stat_for_environment(env, path).hash
-        return reader, length, str(digest)
-
-    reader, size, digest = await ctx.app.sync(open_object)
-    etag = etag_for(digest)
-    out = {"etag": etag, "accept-ranges": "bytes"}
+    reader, size, digest = await ctx.app.sync(_open_object, ctx.app, env, path)
     try:
-        if match_fails(headers.get("if-match"), etag):
-            raise PreconditionFailedError("If-Match does not match the current content")
-        if none_match(headers.get("if-none-match"), etag):
+        status, start, count, headers = _selection(ctx.request, etag_for(digest), size)
+        if status == 304:
             reader.close()
-            return Response(status_code=304, headers=out)
-        start, count, status = 0, size, 200
-        range_header = headers.get("range")
-        if range_header is not None and if_range_holds(headers.get("if-range"), etag):
-            try:
-                selected = parse_range(range_header, size)
-            except Unsatisfiable:
-                raise with_headers(
-                    RangeNotSatisfiableError(f"range {range_header!r}: content has {size} B"),
-                    {**out, "content-range": f"bytes */{size}"},
-                ) from None
-            if selected is not None:
-                start, end = selected
-                count, status = end - start + 1, 206
-                out["content-range"] = f"bytes {start}-{end}/{size}"
-        out["content-length"] = str(count)
+            return Response(status_code=304, headers=headers)
         if ctx.method == "HEAD" or count == 0:
             reader.close()
-            return Response(status_code=status, headers=out, media_type="application/octet-stream")
+            return Response(status_code=status, headers=headers, media_type=OCTETS)
     except BaseException:
         reader.close()
         raise
@@ -154,8 +126,8 @@ async def get_resource(ctx: Ctx[None]) -> Response:
     return StreamingResponse(
         iter_content(reader, start, count, ctx.app.io_limiter, read_ahead),
         status_code=status,
-        headers=out,
-        media_type="application/octet-stream",
+        headers=headers,
+        media_type=OCTETS,
     )
 
 
@@ -238,6 +210,49 @@ async def answer_put_request(ctx: Ctx[AnswerBody]) -> Response:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+OCTETS = "application/octet-stream"
+
+
+def _open_object(app: ServiceApp, env: str, path: str) -> tuple[Any, int, str]:
+    """Reader, length and hash of what a path holds (one worker-thread hop)."""
+    reader, length = app.managed.get_for_environment(env, path)
+    digest = getattr(reader, "blake3", None)
+    if not digest:
+        digest = app.managed.stat_for_environment(env, path).hash
+    return reader, length, str(digest)
+
+
+def _selection(request: Request, etag: str, size: int) -> tuple[int, int, int, dict[str, str]]:
+    """(status, start, count, headers) a GET answers with, from its conditions and Range.
+
+    304 when If-None-Match matches; 412 (raised) when If-Match fails; one
+    satisfiable range is 206, an unsatisfiable one 416 (raised), a malformed or
+    multi-range header is ignored, and a stale If-Range falls back to 200.
+    """
+    headers = {"etag": etag, "accept-ranges": "bytes"}
+    conditions = request.headers
+    if match_fails(conditions.get("if-match"), etag):
+        raise PreconditionFailedError("If-Match does not match the current content")
+    if none_match(conditions.get("if-none-match"), etag):
+        return 304, 0, 0, headers
+    start, count, status = 0, size, 200
+    range_header = conditions.get("range")
+    if range_header is not None and if_range_holds(conditions.get("if-range"), etag):
+        try:
+            selected = parse_range(range_header, size)
+        except Unsatisfiable:
+            raise with_headers(
+                RangeNotSatisfiableError(f"range {range_header!r}: content has {size} B"),
+                {**headers, "content-range": f"bytes */{size}"},
+            ) from None
+        if selected is not None:
+            start, end = selected
+            count, status = end - start + 1, 206
+            headers["content-range"] = f"bytes {start}-{end}/{size}"
+    headers["content-length"] = str(count)
+    return status, start, count, headers
+
+
 async def _check_preconditions(ctx: Ctx[None], env: str, path: str) -> None:
     """If-Match / If-None-Match of a write, checked just before it (not atomically with it)."""
     if_match = ctx.request.headers.get("if-match")
