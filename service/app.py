@@ -371,9 +371,7 @@ def _validated(model: type[BaseModel], doc: Any) -> BaseModel:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
-        raise BadRequestError(
-            f"the JSON body needs a string field {field!r} ({first['msg']})"
-        ) from None
+        raise BadRequestError(f"the JSON body's field {field!r}: {first['msg']}") from None
 
 
 # The app factory: `create_app(managed, auth=..., max_size=..., ...)`.
