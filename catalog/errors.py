@@ -1,31 +1,17 @@
 """Errors raised by every rescat layer.
 
-They live in one module so that storage, catalog, service and CLI speak the
-same language: the HTTP service maps each class to a status and code, and the
+Every public one is importable from here (the root and the errors the byte
+store raises are defined in `storage.errors`, the bottom layer, and
+re-exported), so that storage, catalog, service and CLI speak the same
+language: the HTTP service maps each class to a status and code, and the
 client maps the code back to the class, so a caller sees the same exception
 whether it talks to MongoDB directly or over HTTP.
 """
 
 from __future__ import annotations
 
-
-class CatalogError(Exception):
-    """Base of every rescat error."""
-
-    code = "catalog_error"
-
-
-class NotFoundError(CatalogError, KeyError):
-    """No such resource, path, hash or stored file."""
-
-    code = "not_found"
-
-    def __init__(self, *args: object, path: str = "") -> None:
-        super().__init__(*args)
-        self.path = path
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
-        return str(self.args[0]) if self.args else "not found"
+# The root and the errors the byte store raises live in storage (the bottom layer).
+from storage.errors import CatalogError, LengthMismatchError, NotFoundError
 
 
 class UploadPendingError(CatalogError):
@@ -38,12 +24,6 @@ class AlreadyExistsError(CatalogError):
     """A path is already recorded for the resource."""
 
     code = "already_exists"
-
-
-class LengthMismatchError(CatalogError):
-    """The content is not the length that was declared."""
-
-    code = "length_mismatch"
 
 
 class HashMismatchError(CatalogError):

@@ -1,6 +1,6 @@
 """Admin commands over the core library (direct database access).
 
-Thin faces over `catalog` and `catalog.maintenance`: they validate names
+Thin faces over `catalog` (and its `stats`, `gc`, `fsck` modules): they validate names
 before connecting, stream bytes, and format what the library returns.
 Hashes print as `blake3:<hex>` in text; JSON fields carry the bare hex.
 """
@@ -16,7 +16,9 @@ from typing import Any, BinaryIO, cast
 import blake3
 import click
 
-from catalog import maintenance
+from catalog import fsck as fsck_check
+from catalog import gc as gc_sweep
+from catalog import stats as catalog_stats
 from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
 from catalog.managed import ManagedStorage, PathInfo
@@ -412,7 +414,7 @@ def stats(ctx: Context, as_json: bool, by_env: bool) -> None:
       rescat stats
       rescat stats --by-env --json
     """
-    result = maintenance.stats(ctx.managed, by_env=by_env)
+    result = catalog_stats.stats(ctx.managed, by_env=by_env)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -465,7 +467,7 @@ def env_ls(ctx: Context, as_json: bool) -> None:
       rescat env ls
       rescat env ls --json
     """
-    envs = maintenance.environments(ctx.managed)
+    envs = catalog_stats.environments(ctx.managed)
     if as_json:
         echo_json([e.to_dict() for e in envs])
         return
@@ -478,7 +480,7 @@ def env_ls(ctx: Context, as_json: bool) -> None:
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
-    default=maintenance.DEFAULT_GC_GRACE,
+    default=gc_sweep.DEFAULT_GC_GRACE,
     show_default=True,
     help="Seconds unreferenced bytes must have been idle before they are reclaimed.",
 )
@@ -499,7 +501,7 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
       rescat gc --dry-run
       rescat gc --grace 600 --json
     """
-    report = maintenance.gc(ctx.managed, grace=grace, dry_run=dry_run, progress=bar)
+    report = gc_sweep.gc(ctx.managed, grace=grace, dry_run=dry_run, progress=bar)
     if as_json:
         echo_json(report.to_dict())
         return
@@ -531,7 +533,7 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
-    default=maintenance.DEFAULT_FSCK_GRACE,
+    default=fsck_check.DEFAULT_FSCK_GRACE,
     show_default=True,
     help="Unreferenced bytes younger than this are in-flight uploads, not problems.",
 )
@@ -548,7 +550,7 @@ def fsck(ctx: Context, verify_content: bool, grace: float, as_json: bool) -> Non
       rescat fsck
       rescat fsck --verify-content --json
     """
-    report = maintenance.fsck(ctx.managed, verify_content=verify_content, grace=grace, progress=bar)
+    report = fsck_check.fsck(ctx.managed, verify_content=verify_content, grace=grace, progress=bar)
     if as_json:
         echo_json(report.to_dict())
     else:

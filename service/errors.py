@@ -8,7 +8,7 @@ see the same exception over HTTP as in-process.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import catalog.errors as errors
 from catalog.errors import CatalogError
@@ -84,6 +84,31 @@ class RequestTimeoutError(CatalogError):
 
 class RangeNotSatisfiableError(CatalogError):
     code = "range_not_satisfiable"
+
+
+class UnavailableError(CatalogError):
+    """The database does not answer (503): nothing the client sent is at fault."""
+
+    code = "unavailable"
+
+
+class InternalError(CatalogError):
+    """A bug (500); logged with its traceback, never caused by what a client sends."""
+
+    code = "internal_error"
+
+
+E = TypeVar("E", bound=CatalogError)
+
+
+def with_headers(exc: E, headers: dict[str, str]) -> E:
+    """Attach response headers to an error (Allow, WWW-Authenticate, Content-Range)."""
+    exc.headers = headers  # type: ignore[attr-defined]
+    return exc
+
+
+def headers_of(exc: CatalogError) -> dict[str, str]:
+    return dict(getattr(exc, "headers", {}))
 
 
 def status_for(exc: CatalogError) -> int:

@@ -1,285 +1,252 @@
-"""The OpenAPI 3.1 document served at /openapi.json (written by hand, kept small)."""
+"""The OpenAPI document, generated from the route table (served at /openapi.json).
+
+Every operation lists every status it can answer: its own successes, the
+errors its handler declares, and the errors that follow from its declaration
+(an invalid parameter, a missing or foreign token, a malformed JSON body, the
+database being down). Each error answer carries the error body schema with
+its codes narrowed to the ones that status can have on that route, so a
+client (and schemathesis) can hold the service to them.
+
+OpenAPI 3.0.3 rather than 3.1: the Swagger UI shipped for /docs (from the
+`swagger-ui-bundle` wheel) renders 3.0; nothing here needs 3.1.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-_ERROR_CODES = [
-    "not_found",
-    "upload_pending",
-    "hash_mismatch",
-    "invalid_path",
-    "bad_request",
-    "request_expired",
-    "resource_deleted",
-    "response_mismatch",
-    "forbidden",
-    "unauthorized",
-    "too_large",
-    "precondition_failed",
-    "method_not_allowed",
-    "range_not_satisfiable",
-    "request_timeout",
-    "length_mismatch",
-]
+from pydantic import TypeAdapter
 
+from service.errors import STATUS_BY_CODE
+from service.routing import Answer, Endpoint, Param
+from service.schemas import ENV_RULE, HASH_RULE, PATH_RULE, PREFIX_RULE
 
-def _err(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-
-
-def _json(description: str, ref: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-_ENV = {
-    "name": "env",
-    "in": "path",
-    "required": True,
-    "description": "Environment id: 1-128 chars of [A-Za-z0-9._-], not '.' or '..'.",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+# What each error code means, for the document.
+ERROR_TEXT: dict[str, str] = {
+    "invalid_path": "an invalid environment id, path or prefix (however encoded)",
+    "bad_request": "a malformed JSON body, hash or header",
+    "length_mismatch": "the body is not the length it declared",
+    "unauthorized": "no token, or an unknown or revoked one",
+    "forbidden": "the token is for another environment",
+    "response_mismatch": "the checksum does not match the content",
+    "not_found": "no such path, content or file",
+    "request_timeout": "the body stalled past the read timeout",
+    "upload_pending": "the content is still being uploaded",
+    "request_expired": "unknown, malformed, used or expired request (or another environment's)",
+    "resource_deleted": "the content was deleted since the request",
+    "precondition_failed": "If-Match / If-None-Match did not hold",
+    "too_large": "the body is larger than the service accepts",
+    "range_not_satisfiable": "the range lies outside the content",
+    "hash_mismatch": "the body does not hash to X-Content-Hash; nothing was stored",
+    "unavailable": "the database does not answer",
 }
-_PATH = {
-    "name": "path",
-    "in": "path",
-    "required": True,
-    "description": "Resource path: 1-1024 bytes of UTF-8, '/'-separated, no empty, '.' or "
-    "'..' segment, no control characters. Each segment percent-encoded.",
-    "schema": {"type": "string"},
-}
-_COMMON = {
-    "400": _err("invalid_path or bad_request"),
-    "401": _err("unauthorized: no or unknown token"),
-    "403": _err("forbidden: the token is for another environment"),
-}
-_OBJECT_HEADERS = {
-    "ETag": {"schema": {"type": "string"}, "description": '"blake3:<hex>"'},
-    "Content-Length": {"schema": {"type": "integer"}},
-    "Accept-Ranges": {"schema": {"type": "string", "const": "bytes"}},
+# Codes a client can see (internal_error is a bug, never an answer to input).
+PUBLIC_CODES = sorted(code for code in STATUS_BY_CODE if code != "internal_error")
+
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": 'The content\'s hash: `"blake3:<hex>"`',
+        "schema": {"type": "string", "pattern": '^"blake3:[0-9a-f]{64}"$'},
+    },
+    "Content-Length": {"schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+    "Content-Range": {
+        "description": "`bytes a-b/size` (206) or `bytes */size` (416)",
+        "schema": {"type": "string", "pattern": r"^bytes (?:[0-9]+-[0-9]+|\*)/[0-9]+$"},
+    },
+    "WWW-Authenticate": {"schema": {"type": "string", "pattern": "^Bearer "}},
 }
 
 
-def openapi_document(max_size: int | None = None) -> dict[str, Any]:
-    limit = f" The service accepts at most {max_size} bytes." if max_size is not None else ""
-    get_op = {
-        "summary": "Read a resource's bytes (streamed)",
-        "parameters": [
-            _ENV,
-            _PATH,
-            {"name": "Range", "in": "header", "schema": {"type": "string"}},
-            {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
-            {"name": "If-Match", "in": "header", "schema": {"type": "string"}},
-            {"name": "If-Range", "in": "header", "schema": {"type": "string"}},
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def openapi_document(
+    routes: Sequence[Endpoint[Any]], *, auth: bool = True, max_size: int | None = None
+) -> dict[str, Any]:
+    """The document for a service with these routes, token checks on or off, and size limit."""
+    components: dict[str, Any] = {"Error": _error_schema(PUBLIC_CODES)}
+    errors: dict[str, Any] = {}
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in routes:
+        item = paths.setdefault(endpoint.path_format, {})
+        for method in endpoint.methods:
+            op = _operation(endpoint, method, auth, max_size, components, errors)
+            item[method.lower()] = op
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "rescat", "version": "1", "description": _INFO},
+        "tags": [
+            {"name": "resources", "description": "Paths of an environment and their bytes"},
+            {"name": "proof of access", "description": "New paths to content without uploading"},
+            {"name": "service", "description": "Health, metrics and documentation"},
         ],
-        "responses": {
-            "200": {
-                "description": "The content",
-                "headers": _OBJECT_HEADERS,
-                "content": {"application/octet-stream": {}},
-            },
-            "206": {"description": "One byte range (Range: bytes=a-b, a-, -n)"},
-            "304": {"description": "If-None-Match matched"},
-            **_COMMON,
-            "404": _err("not_found"),
-            "412": _err("precondition_failed (If-Match)"),
-            "416": _err("range_not_satisfiable; Content-Range: bytes */<size>"),
-        },
+        "paths": paths,
+        "components": {"schemas": components, "responses": dict(sorted(errors.items()))},
     }
+    if auth:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    return doc
+
+
+_INFO = f"""Content-addressed, reference-counted resource catalog.
+
+* Environment ids: {ENV_RULE}.
+* Paths: {PATH_RULE}. Each segment of the URL is percent-decoded on its own (`%2F` is a
+  separator like `/`). Every invalid id or path answers 400 `invalid_path`, however encoded.
+* Prefixes: {PREFIX_RULE}.
+* Hashes: {HASH_RULE}; answers carry bare lowercase hex, ETags `"blake3:<hex>"`.
+* Every `/v1` route needs `Authorization: Bearer <token>` unless the service runs with
+  `--no-auth`; a token for one environment gets 403 `forbidden` on another.
+* Errors are JSON: `{{"error": {{"code", "message"}}}}`, with the code also in the
+  `X-Rescat-Error` header (for HEAD). An unknown route is 404 `not_found`, a method a
+  route does not have 405 `method_not_allowed` (with `Allow`).
+"""
+
+
+def _operation(
+    endpoint: Endpoint[Any],
+    method: str,
+    auth: bool,
+    max_size: int | None,
+    components: dict[str, Any],
+    errors: dict[str, Any],
+) -> dict[str, Any]:
+    head = method == "HEAD"
+    params = [*endpoint.path_params, *endpoint.query, *endpoint.headers]
+    description = endpoint.description
+    if endpoint.raw_body and max_size is not None:
+        description = f"{description} The service accepts at most {max_size} bytes.".strip()
+    op: dict[str, Any] = {
+        "tags": [endpoint.tag],
+        "summary": endpoint.summary + (" (headers only)" if head else ""),
+        "operationId": endpoint.name + ("_head" if head else ""),
+        "parameters": [_parameter(p) for p in params],
+        "responses": {},
+    }
+    if description:
+        op["description"] = description
+    needs_token = auth and endpoint.auth
+    if not needs_token:
+        op["security"] = []
+    if endpoint.body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(endpoint.body, components)}},
+        }
+    elif endpoint.raw_body:
+        op["requestBody"] = {  # optional: no body is empty content
+            "description": endpoint.raw_body,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    responses: dict[str, Any] = op["responses"]
+    for answer in endpoint.answers:
+        responses[str(answer.status)] = _answer(answer, head, components)
+    for status, codes in sorted(_error_codes(endpoint, params, needs_token).items()):
+        # Shared by every operation with the same codes at that status.
+        name = "-".join([str(status), *codes]) + ("-head" if head else "")
+        errors.setdefault(name, _error_response(status, codes, head))
+        responses[str(status)] = {"$ref": f"#/components/responses/{name}"}
+    return op
+
+
+def _error_codes(
+    endpoint: Endpoint[Any], params: Sequence[Param], needs_token: bool
+) -> dict[int, list[str]]:
+    codes = set(endpoint.errors)
+    codes.update(p.error for p in params if p.error)
+    if needs_token:
+        codes.add("unauthorized")
+        if any(p.name == "env" for p in endpoint.path_params):
+            codes.add("forbidden")
+    if endpoint.body is not None:
+        codes.update(("bad_request", "too_large"))
+    if endpoint.database:
+        codes.add("unavailable")
+    by_status: dict[int, list[str]] = {}
+    for code in sorted(codes):
+        by_status.setdefault(STATUS_BY_CODE[code], []).append(code)
+    return by_status
+
+
+def _parameter(param: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": param.name,
+        "in": param.where,
+        "description": param.description,
+        "schema": param.schema,
+    }
+    if param.required or param.where == "path":
+        out["required"] = True
+    return out
+
+
+def _answer(answer: Answer, head: bool, components: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": answer.description}
+    if answer.headers:
+        out["headers"] = {
+            name: {**RESPONSE_HEADERS[name], "required": True} for name in answer.headers
+        }
+    if head:
+        return out
+    if answer.json is not None:
+        out["content"] = {"application/json": {"schema": _ref(answer.json, components)}}
+    elif answer.media:
+        out["content"] = {media: {} for media in answer.media}
+    return out
+
+
+def _error_response(status: int, codes: list[str], head: bool) -> dict[str, Any]:
+    text = "; ".join(f"`{code}`: {ERROR_TEXT.get(code, code)}" for code in codes)
+    headers: dict[str, Any] = {
+        "X-Rescat-Error": {
+            "description": "The error code (also for HEAD, whose answers have no body)",
+            "required": True,
+            "schema": {"type": "string", "enum": codes},
+        }
+    }
+    if status == 401:
+        headers["WWW-Authenticate"] = {**RESPONSE_HEADERS["WWW-Authenticate"], "required": True}
+    if status == 416:
+        headers["Content-Range"] = {**RESPONSE_HEADERS["Content-Range"], "required": True}
+    out: dict[str, Any] = {"description": text, "headers": headers}
+    if not head:
+        narrowed = {
+            "type": "object",
+            "properties": {"error": {"type": "object", "properties": {"code": {"enum": codes}}}},
+        }
+        schema = {"allOf": [{"$ref": "#/components/schemas/Error"}, narrowed]}
+        out["content"] = {"application/json": {"schema": schema}}
+    return out
+
+
+def _error_schema(codes: list[str]) -> dict[str, Any]:
     return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "rescat",
-            "version": "1",
-            "description": "Content-addressed, reference-counted resource catalog. Every /v1 "
-            "route needs `Authorization: Bearer <token>` unless the service runs with "
-            '--no-auth. Errors are JSON: {"error": {"code", "message"}}.',
-        },
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string", "enum": _ERROR_CODES},
-                                "message": {"type": "string"},
-                            },
-                        }
-                    },
+        "type": "object",
+        "description": 'Every error: `{"error": {"code", "message"}}`',
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": codes},
+                    "message": {"type": "string"},
                 },
-                "Resource": {
-                    "type": "object",
-                    "required": ["path", "hash", "length"],
-                    "properties": {
-                        "path": {"type": "string"},
-                        "hash": {"type": "string", "description": "BLAKE3 hex"},
-                        "length": {"type": "integer", "minimum": 0},
-                    },
-                },
-                "Listing": {
-                    "type": "object",
-                    "properties": {
-                        "items": {
-                            "type": "array",
-                            "items": {"$ref": "#/components/schemas/Resource"},
-                        }
-                    },
-                },
-                "PutRequest": {
-                    "type": "object",
-                    "required": ["path", "hash"],
-                    "properties": {
-                        "path": {"type": "string"},
-                        "hash": {"type": "string", "description": "hex or blake3:<hex>"},
-                    },
-                },
-                "Challenge": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "ranges": {
-                            "type": "array",
-                            "description": "[start, length] pairs; answer with BLAKE3 of "
-                            "their bytes concatenated in this order",
-                            "items": {
-                                "type": "array",
-                                "items": {"type": "integer"},
-                                "minItems": 2,
-                                "maxItems": 2,
-                            },
-                        },
-                        "expires_at": {"type": "string", "format": "date-time"},
-                    },
-                },
-                "Answer": {
-                    "type": "object",
-                    "required": ["checksum"],
-                    "properties": {"checksum": {"type": "string"}},
-                },
-            },
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness and database reachability (no auth)",
-                    "security": [],
-                    "responses": {"200": {"description": "ok"}, "503": _err("database down")},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (no auth)",
-                    "security": [],
-                    "responses": {"200": {"description": "text exposition format"}},
-                }
-            },
-            "/v1/environments/{env}/resources/{path}": {
-                "put": {
-                    "summary": "Store a resource (body streamed; Content-Length or chunked)."
-                    + limit,
-                    "parameters": [
-                        _ENV,
-                        _PATH,
-                        {
-                            "name": "X-Content-Hash",
-                            "in": "header",
-                            "description": "blake3:<hex>; 422 and nothing stored on mismatch",
-                            "schema": {"type": "string"},
-                        },
-                        {"name": "If-Match", "in": "header", "schema": {"type": "string"}},
-                        {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/octet-stream": {}},
-                    },
-                    "responses": {
-                        "201": _json("Stored (also when it replaced the path)", "Resource"),
-                        **_COMMON,
-                        "412": _err("precondition_failed"),
-                        "413": _err("too_large"),
-                        "422": _err("hash_mismatch"),
-                    },
-                },
-                "get": get_op,
-                "head": {**get_op, "summary": "Headers of GET, no body"},
-                "delete": {
-                    "summary": "Remove a path (its content goes with its last reference)",
-                    "parameters": [_ENV, _PATH],
-                    "responses": {
-                        "204": {"description": "Removed"},
-                        **_COMMON,
-                        "404": _err("not_found"),
-                        "412": _err("precondition_failed (If-Match)"),
-                    },
-                },
-            },
-            "/v1/environments/{env}/resources": {
-                "get": {
-                    "summary": "List paths, sorted; prefix is a plain string prefix",
-                    "parameters": [
-                        _ENV,
-                        {"name": "prefix", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": _json("The paths", "Listing"), **_COMMON},
-                }
-            },
-            "/v1/environments/{env}/put-requests": {
-                "post": {
-                    "summary": "Ask to create a path to content the service has (dedup)",
-                    "parameters": [_ENV],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/PutRequest"}
-                            }
-                        },
-                    },
-                    "responses": {
-                        "201": _json("A proof-of-access challenge", "Challenge"),
-                        **_COMMON,
-                        "404": _err("not_found: unknown content; upload it"),
-                        "409": _err("upload_pending: the content is being uploaded"),
-                    },
-                }
-            },
-            "/v1/environments/{env}/put-requests/{request_id}/response": {
-                "post": {
-                    "summary": "Answer a challenge; any answer consumes the request",
-                    "parameters": [
-                        _ENV,
-                        {
-                            "name": "request_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        },
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}
-                        },
-                    },
-                    "responses": {
-                        "201": _json("The path now points at the content", "Resource"),
-                        **_COMMON,
-                        "403": _err("response_mismatch or forbidden"),
-                        "410": _err("request_expired or resource_deleted"),
-                    },
-                }
-            },
+            }
         },
     }
+
+
+def _ref(model: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """Register the JSON schema of a model or TypedDict (and what it uses) as components."""
+    schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        components.setdefault(name, sub)
+    name = schema.get("title", model.__name__)
+    components.setdefault(name, schema)
+    return {"$ref": f"#/components/schemas/{name}"}

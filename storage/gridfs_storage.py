@@ -28,7 +28,7 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
-from catalog.errors import LengthMismatchError, NotFoundError
+from storage.errors import LengthMismatchError, NotFoundError
 from storage.reader import CorruptFileError, GridFSReader
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024

@@ -16,7 +16,7 @@ from typing import Any
 from pymongo.collection import Collection
 from pymongo.cursor import Cursor
 
-from catalog.errors import CatalogError
+from storage.errors import CatalogError
 
 
 class CorruptFileError(CatalogError):

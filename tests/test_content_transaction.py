@@ -11,7 +11,8 @@ from pymongo.database import Database
 
 from catalog import ManagedStorage, NotFoundError
 from catalog.errors import NoTransactionError
-from catalog.maintenance import fsck, gc
+from catalog.fsck import fsck
+from catalog.gc import gc
 from tests.helpers import b3, rand
 
 

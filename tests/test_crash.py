@@ -17,7 +17,8 @@ import pytest
 from pymongo.database import Database
 
 from catalog import ManagedStorage, NotFoundError
-from catalog.maintenance import fsck, gc
+from catalog.fsck import fsck
+from catalog.gc import gc
 
 RESCAT = str(Path(sys.executable).with_name("rescat"))
 MiB = 1024 * 1024

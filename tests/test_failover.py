@@ -21,7 +21,8 @@ import pytest
 from pymongo import MongoClient
 
 from catalog import CatalogError, ManagedStorage
-from catalog.maintenance import fsck, gc
+from catalog.fsck import fsck
+from catalog.gc import gc
 from storage import GridFSStorage
 from tests.helpers import OneWayReader, b3, rand
 from tests.replset import ReplicaSet, replica_set

@@ -14,7 +14,9 @@ from pymongo.database import Database
 
 from catalog import ManagedStorage, NotFoundError
 from catalog.clock import utcnow
-from catalog.maintenance import environments, fsck, gc, stats
+from catalog.fsck import fsck
+from catalog.gc import gc
+from catalog.stats import environments, stats
 from storage import GridFSStorage
 
 MiB = 1024 * 1024

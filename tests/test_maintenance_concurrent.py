@@ -17,7 +17,8 @@ from pymongo.database import Database
 
 from catalog import ManagedStorage
 from catalog.clock import utcnow
-from catalog.maintenance import FsckReport, GcReport, fsck, gc
+from catalog.fsck import FsckReport, fsck
+from catalog.gc import GcReport, gc
 from storage import GridFSStorage
 
 MiB = 1024 * 1024

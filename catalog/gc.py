@@ -1,0 +1,450 @@
+"""gc: reclaim what nothing references, online, while uploads run.
+
+A pure library function over a ManagedStorage that returns a report; the CLI
+only formats it.
+
+Safety of `gc` while uploads run rests on four rules:
+
+* Bytes that no catalog entry points at are reclaimed only once they are older
+  than a grace period. For a stored file that is its uploadDate (written at
+  the commit point, a moment before the catalog records the path); for chunks
+  without a files document it is the *last activity* of the upload: the
+  newest of the files_id ObjectId (upload start) and the ObjectId of the
+  highest-numbered chunk (its last batch), so a long upload that keeps writing
+  is never touched, however long ago it started. A stored file whose hash is
+  that of a pending entry whose uploader's lease is live is also left alone.
+* A pending entry is deleted only by a conditional delete on "still pending
+  and lease expired", so an uploader that renews its lease (or takes a new
+  reference) at the same moment wins; and only when no path references it.
+* Reference counts are recounted only for ready entries whose lease has run
+  out (no uploader holds an unlinked reference), inside a transaction that
+  writes the entry document, so it conflicts with every concurrent change
+  that alters the count.
+* A path whose catalog entry is gone is repaired (the entry rebuilt from a
+  stored file with the same hash, or the path repointed at the entry that now
+  holds that hash) before anything unreferenced is deleted, and a stored file
+  that could still repair a path is never deleted.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+from pymongo.client_session import ClientSession
+
+from catalog.clock import utcnow
+from catalog.errors import CatalogError
+from catalog.managed import ManagedStorage
+from catalog.resources import READY, to_resource
+from catalog.scan import (
+    BATCH,
+    BarFactory,
+    FileInfo,
+    StoreView,
+    batches,
+    iso,
+    live_pending,
+    no_bar,
+    path_counts,
+    unreferenced_files,
+)
+
+DEFAULT_GC_GRACE = 3600.0
+
+
+# -- gc ---------------------------------------------------------------------------
+@dataclass
+class GcReport:
+    """What gc reclaimed (or, with dry_run, would reclaim)."""
+
+    dry_run: bool
+    grace: float
+    expired_requests: int = 0
+    abandoned_pending: int = 0
+    refcounts_fixed: int = 0
+    unreferenced_entries: int = 0
+    unreferenced_bytes: int = 0
+    restored_entries: int = 0
+    repointed_paths: int = 0
+    orphan_files: int = 0
+    orphan_file_bytes: int = 0
+    orphan_chunk_files: int = 0
+    orphan_chunks: int = 0
+    orphan_chunk_bytes: int = 0
+    in_flight: int = 0
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def entries(self) -> int:
+        """Catalog entries deleted: abandoned uploads and content no path references."""
+        return self.abandoned_pending + self.unreferenced_entries
+
+    @property
+    def bytes(self) -> int:
+        """Stored bytes deleted."""
+        return self.unreferenced_bytes + self.orphan_file_bytes + self.orphan_chunk_bytes
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.entries
+            or self.bytes
+            or self.orphan_files
+            or self.orphan_chunks
+            or self.expired_requests
+            or self.refcounts_fixed
+            or self.restored_entries
+            or self.repointed_paths
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "grace": self.grace,
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "expired_requests": self.expired_requests,
+            "abandoned_pending": self.abandoned_pending,
+            "refcounts_fixed": self.refcounts_fixed,
+            "unreferenced_entries": self.unreferenced_entries,
+            "unreferenced_bytes": self.unreferenced_bytes,
+            "restored_entries": self.restored_entries,
+            "repointed_paths": self.repointed_paths,
+            "orphan_files": self.orphan_files,
+            "orphan_file_bytes": self.orphan_file_bytes,
+            "orphan_chunk_files": self.orphan_chunk_files,
+            "orphan_chunks": self.orphan_chunks,
+            "orphan_chunk_bytes": self.orphan_chunk_bytes,
+            "in_flight": self.in_flight,
+            "actions": list(self.actions),
+        }
+
+
+def gc(
+    managed: ManagedStorage,
+    *,
+    grace: float = DEFAULT_GC_GRACE,
+    dry_run: bool = False,
+    progress: BarFactory | None = None,
+) -> GcReport:
+    """Reclaim what nothing references; safe while uploads run (see the module doc).
+
+    In order: expired proof requests; abandoned pending entries; paths whose
+    entry is gone (rebuilt or repointed when the bytes are still there);
+    reference counts that drifted (recounted, entries at zero deleted with their
+    bytes); stored files no entry points at; chunks without a files document.
+    """
+    if grace < 0:
+        raise CatalogError(f"grace must be >= 0 seconds, not {grace}")
+    bar_for = progress or no_bar
+    store = StoreView(managed.resource_storage)
+    report = GcReport(dry_run=dry_run, grace=grace)
+    cutoff = utcnow() - datetime.timedelta(seconds=grace)
+
+    _gc_requests(managed, report)
+    _gc_abandoned(managed, report)
+    scan = bar_for(store.totals()[0], "scan files", "files")
+    try:
+        orphans = list(unreferenced_files(managed, store, scan))
+    finally:
+        scan.close()
+    protected = _gc_dangling(managed, orphans, cutoff, report, bar_for)
+    _gc_refcounts(managed, report, bar_for)
+    _gc_orphan_files(managed, store, orphans, cutoff, protected, report)
+    _gc_orphan_chunks(store, cutoff, report)
+    return report
+
+
+def _gc_requests(managed: ManagedStorage, report: GcReport) -> None:
+    query = {"expires_at": {"$lt": utcnow()}}
+    if report.dry_run:
+        report.expired_requests = managed.requests.count_documents(query)
+    else:
+        report.expired_requests = managed.requests.delete_many(query).deleted_count
+    if report.expired_requests:
+        report.actions.append(f"expired put requests: {report.expired_requests}")
+
+
+def _abandoned_query(now: datetime.datetime) -> dict[str, Any]:
+    return {
+        "state": {"$ne": READY},
+        "path": "",
+        "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}],
+    }
+
+
+def _gc_abandoned(managed: ManagedStorage, report: GcReport) -> None:
+    entries = managed.catalog.collection
+    for doc in entries.find(_abandoned_query(utcnow()), {"_id": 1, "hash": 1}):
+        oid = doc["_id"]
+        if managed.paths.count_documents({"resource_id": oid}, limit=1):
+            continue  # a path points at it: fsck reports that, gc leaves it alone
+        if not report.dry_run:
+            # Conditional: an uploader that renewed its lease (or a new reference,
+            # which sets a fresh lease) since the scan wins.
+            gone = entries.delete_one({"_id": oid, **_abandoned_query(utcnow())})
+            if not gone.deleted_count:
+                continue
+        report.abandoned_pending += 1
+        report.actions.append(f"abandoned pending entry {oid} (blake3:{doc['hash']})")
+
+
+def _gc_dangling(
+    managed: ManagedStorage,
+    orphans: list[FileInfo],
+    cutoff: datetime.datetime,
+    report: GcReport,
+    bar_for: BarFactory,
+) -> set[str]:
+    """Repair paths whose catalog entry is gone; return hashes whose bytes must be kept."""
+    entries = managed.catalog.collection
+    missing: dict[Any, tuple[str, int]] = {}
+    scan = bar_for(managed.paths.estimated_document_count(), "scan paths", "paths")
+    try:
+        projection = {"resource_id": 1, "hash": 1, "length": 1}
+        for batch in batches(managed.paths.find({}, projection), BATCH):
+            rids = list({doc["resource_id"] for doc in batch})
+            have = {d["_id"] for d in entries.find({"_id": {"$in": rids}}, {"_id": 1})}
+            for doc in batch:
+                scan.update(1)
+                if doc["resource_id"] not in have:
+                    missing[doc["resource_id"]] = (doc["hash"], int(doc["length"]))
+    finally:
+        scan.close()
+    protected: set[str] = set()
+    by_hash: dict[str, list[FileInfo]] = {}
+    for info in orphans:
+        if info.blake3:
+            by_hash.setdefault(info.blake3, []).append(info)
+    for rid, (digest, length) in missing.items():
+        if not isinstance(rid, ObjectId):
+            protected.add(digest)  # not a reference this catalog could have made
+            continue
+        candidates = [
+            f
+            for f in by_hash.get(digest, [])
+            if f.length == length and f.upload_date <= cutoff and f.chunk_size > 0
+        ]
+        outcome, n = _restore(managed, rid, digest, length, candidates, report.dry_run)
+        if outcome == "restored":
+            report.restored_entries += 1
+            report.actions.append(f"restored entry {rid} (blake3:{digest}) for {n} paths")
+            used = candidates[0]
+            orphans[:] = [f for f in orphans if f.file_id != used.file_id]
+        elif outcome == "repointed":
+            report.repointed_paths += n
+            report.actions.append(
+                f"repointed {n} paths from missing entry {rid} to the entry of blake3:{digest}"
+            )
+        elif outcome == "lost":
+            protected.add(digest)
+    return protected
+
+
+def _restore(
+    managed: ManagedStorage,
+    rid: Any,
+    digest: str,
+    length: int,
+    candidates: list[FileInfo],
+    dry_run: bool,
+) -> tuple[str, int]:
+    """Give the paths of missing entry `rid` their content back, in one transaction."""
+    entries = managed.catalog.collection
+
+    def fix(session: ClientSession | None, doomed: list[str]) -> tuple[str, int]:
+        if entries.find_one({"_id": rid}, {"_id": 1}, session=session) is not None:
+            return "exists", 0
+        n = managed.paths.count_documents({"resource_id": rid}, session=session)
+        if n == 0:
+            return "gone", 0
+        now = utcnow()
+        other = entries.find_one({"hash": digest}, session=session)
+        if other is not None:
+            if other.get("state") != READY or int(other["length"]) != length:
+                return "lost", 0
+            if dry_run:
+                return "repointed", n
+            taken = entries.find_one_and_update(
+                {"_id": other["_id"], "state": READY, "refcount": {"$gt": 0}},
+                {
+                    "$inc": {"refcount": n},
+                    "$set": {"updated_at": now},
+                    "$push": _history("paths repointed", now),
+                },
+                session=session,
+            )
+            if taken is None:
+                return "lost", 0
+            moved = managed.paths.update_many(
+                {"resource_id": rid},
+                {"$set": {"resource_id": other["_id"], "updated_at": now}, "$inc": {"revision": 1}},
+                session=session,
+            ).modified_count
+            if moved != n:
+                raise _Retry()  # pragma: no cover - a snapshot cannot disagree with itself
+            return "repointed", n
+        for info in candidates:
+            if entries.find_one({"path": info.path}, {"_id": 1}, session=session) is not None:
+                continue
+            if dry_run:
+                return "restored", n
+            entries.insert_one(
+                {
+                    "_id": rid,
+                    "hash": digest,
+                    "length": length,
+                    "refcount": n,
+                    "path": info.path,
+                    "state": READY,
+                    "lease_until": now,
+                    "created_at": now,
+                    "updated_at": now,
+                    "history": [{"state": "restored", "at": now}],
+                },
+                session=session,
+            )
+            return "restored", n
+        return "lost", 0
+
+    for _ in range(3):
+        try:
+            return managed.transact(fix)
+        except _Retry:  # pragma: no cover
+            continue
+    return "lost", 0  # pragma: no cover
+
+
+class _Retry(Exception):
+    pass
+
+
+def _history(state: str, at: datetime.datetime) -> dict[str, Any]:
+    from catalog.resources import HISTORY_LIMIT
+
+    return {"history": {"$each": [{"state": state, "at": at}], "$slice": -HISTORY_LIMIT}}
+
+
+def _gc_refcounts(managed: ManagedStorage, report: GcReport, bar_for: BarFactory) -> None:
+    entries = managed.catalog.collection
+    now = utcnow()
+    query = {
+        "state": READY,
+        "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}],
+    }
+    scan = bar_for(entries.estimated_document_count(), "check refcounts", "entries")
+    try:
+        for batch in batches(entries.find(query, {"refcount": 1}), BATCH):
+            counts = path_counts(managed, [doc["_id"] for doc in batch])
+            for doc in batch:
+                scan.update(1)
+                if counts.get(doc["_id"], 0) == int(doc.get("refcount", 0)):
+                    continue
+                outcome = _recount(managed, doc["_id"], report.dry_run)
+                if outcome is None:
+                    continue
+                old, new, path, length = outcome
+                if new == 0:
+                    report.unreferenced_entries += 1
+                    report.unreferenced_bytes += length
+                    report.actions.append(
+                        f"entry {doc['_id']}: refcount {old}, no paths: deleted "
+                        f"with its {length} bytes at {path!r}"
+                    )
+                else:
+                    report.refcounts_fixed += 1
+                    report.actions.append(f"entry {doc['_id']}: refcount {old} -> {new}")
+    finally:
+        scan.close()
+
+
+def _recount(managed: ManagedStorage, oid: Any, dry_run: bool) -> tuple[int, int, str, int] | None:
+    """Set an idle ready entry's refcount to its number of paths (delete it at zero).
+
+    Runs in a transaction that writes the entry document, so it conflicts with
+    (and is retried after) any concurrent reference change of that entry.
+    """
+    entries = managed.catalog.collection
+
+    def fix(session: ClientSession | None, doomed: list[str]) -> tuple[int, int, str, int] | None:
+        doc = entries.find_one({"_id": oid}, session=session)
+        if doc is None:
+            return None
+        res = to_resource(doc)
+        if res.pending or not res.lease_expired():
+            return None  # an uploader holds a reference it has not linked yet
+        n = managed.paths.count_documents({"resource_id": oid}, session=session)
+        if n == res.refcount:
+            return None
+        if not dry_run:
+            if n == 0:
+                entries.delete_one({"_id": oid}, session=session)
+                if res.path:
+                    doomed.append(res.path)
+            else:
+                now = utcnow()
+                entries.update_one(
+                    {"_id": oid},
+                    {
+                        "$set": {"refcount": n, "updated_at": now},
+                        "$push": _history("recounted", now),
+                    },
+                    session=session,
+                )
+        return res.refcount, n, res.path, res.length
+
+    return managed.transact(fix)
+
+
+def _gc_orphan_files(
+    managed: ManagedStorage,
+    store: StoreView,
+    orphans: list[FileInfo],
+    cutoff: datetime.datetime,
+    protected: set[str],
+    report: GcReport,
+) -> None:
+    entries = managed.catalog.collection
+    for info in orphans:
+        if info.upload_date > cutoff or live_pending(managed, info.blake3):
+            report.in_flight += 1
+            continue
+        if info.blake3 in protected:
+            report.actions.append(
+                f"kept file {info.file_id} {info.path!r}: a path without an entry needs it"
+            )
+            continue
+        if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
+            continue  # referenced since the scan
+        if not report.dry_run:
+            store.remove_file(info.file_id)
+        report.orphan_files += 1
+        report.orphan_file_bytes += info.length
+        report.actions.append(
+            f"orphan file {info.file_id} {info.path!r}: {info.length} bytes "
+            f"from {iso(info.upload_date)}"
+        )
+
+
+def _gc_orphan_chunks(store: StoreView, cutoff: datetime.datetime, report: GcReport) -> None:
+    for files_id in store.orphan_chunk_ids():
+        last = store.last_activity(files_id)
+        if last is None or last > cutoff:
+            report.in_flight += 1  # still being written (or of unknown age: never guess)
+            continue
+        if store.file_exists(files_id):
+            continue  # the upload committed since the scan
+        chunks, size = store.chunk_usage(files_id)
+        if not chunks:
+            continue
+        if not report.dry_run:
+            store.remove_file(files_id)
+        report.orphan_chunk_files += 1
+        report.orphan_chunks += chunks
+        report.orphan_chunk_bytes += size
+        report.actions.append(
+            f"orphan chunks of {files_id}: {chunks} chunks, {size} bytes, last written {iso(last)}"
+        )

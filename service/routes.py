@@ -1,0 +1,457 @@
+"""The service's routes: one table, and a small handler per route.
+
+Each handler parses what the dispatcher has not (headers, query), calls one
+catalog method on a worker thread, and shapes the answer. Everything else
+about a route (template, methods, token, parameters, bodies, answers and
+errors) is its row in `ROUTES`, which the dispatcher, the OpenAPI document,
+/docs and the metrics labels all read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from urllib.parse import parse_qsl, quote
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from swagger_ui_bundle import swagger_ui_path
+
+from catalog.errors import (
+    BadRequestError,
+    HashMismatchError,
+    InvalidPathError,
+    LengthMismatchError,
+    NotFoundError,
+    PreconditionFailedError,
+    RequestExpiredError,
+    ResourceDeletedError,
+    ResponseMismatchError,
+    TooLargeError,
+)
+from catalog.names import check_path, check_prefix, parse_hash
+from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, iter_content
+from service.errors import RangeNotSatisfiableError, with_headers
+from service.ranges import (
+    Unsatisfiable,
+    etag_for,
+    if_range_holds,
+    match_fails,
+    none_match,
+    parse_range,
+)
+from service.routing import Answer, Ctx, Endpoint
+from service.schemas import (
+    DOCS_ASSETS,
+    IF_MATCH,
+    IF_NONE_MATCH_READ,
+    IF_NONE_MATCH_WRITE,
+    IF_RANGE,
+    PREFIX,
+    RANGE,
+    X_CONTENT_HASH,
+    AnswerBody,
+    ChallengeOut,
+    HealthOut,
+    ListingOut,
+    PutRequestBody,
+    ResourceOut,
+)
+
+if TYPE_CHECKING:
+    from service.app import ServiceApp
+
+__all__ = ["ROUTES"]
+
+
+# -- service routes ---------------------------------------------------------------------------
+async def health(ctx: Ctx[None]) -> Response:
+    await ctx.app.ping()
+    return JSONResponse(HealthOut(status="ok"))
+
+
+async def metrics(ctx: Ctx[None]) -> Response:
+    return Response(ctx.app.metrics.render(), media_type=ctx.app.metrics.content_type)
+
+
+async def openapi(ctx: Ctx[None]) -> Response:
+    return Response(ctx.app.openapi_json, media_type="application/json")
+
+
+async def docs(ctx: Ctx[None]) -> Response:
+    return Response(DOCS_HTML, media_type="text/html")
+
+
+async def docs_asset(ctx: Ctx[None]) -> Response:
+    name = ctx.params["asset"]
+    return FileResponse(
+        str(swagger_ui_path / name),
+        media_type=DOCS_ASSETS[name],
+        headers={"cache-control": "public, max-age=86400"},
+    )
+
+
+# -- resources ------------------------------------------------------------------------------------
+async def list_resources(ctx: Ctx[None]) -> Response:
+    env = ctx.params["env"]
+    prefix = check_prefix(_query(ctx.request).get("prefix", ""))
+
+    def items() -> ListingOut:
+        return ListingOut(
+            items=[
+                ResourceOut(path=doc["path"], hash=doc["hash"], length=int(doc["length"]))
+                for doc in ctx.app.managed.iter_paths(env, prefix)
+            ]
+        )
+
+    return JSONResponse(await ctx.app.sync(items))
+
+
+async def get_resource(ctx: Ctx[None]) -> Response:
+    env, path = ctx.params["env"], ctx.params["path"]
+    reader, size, digest = await ctx.app.sync(_open_object, ctx.app, env, path)
+    try:
+        status, start, count, headers = _selection(ctx.request, etag_for(digest), size)
+        if status == 304:
+            reader.close()
+            return Response(status_code=304, headers=headers)
+        if ctx.method == "HEAD" or count == 0:
+            reader.close()
+            return Response(status_code=status, headers=headers, media_type=OCTETS)
+    except BaseException:
+        reader.close()
+        raise
+    read_ahead = ctx.app.read_ahead if count > OUT_HOP_BYTES else None
+    return StreamingResponse(
+        iter_content(reader, start, count, ctx.app.io_limiter, read_ahead),
+        status_code=status,
+        headers=headers,
+        media_type=OCTETS,
+    )
+
+
+async def put_resource(ctx: Ctx[None]) -> Response:
+    env, path = ctx.params["env"], ctx.params["path"]
+    app, request = ctx.app, ctx.request
+    header = request.headers.get("x-content-hash")
+    expected = parse_hash(header) if header is not None else None
+    length = _content_length(request)
+    if app.max_size is not None and length > app.max_size:
+        raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
+    await _check_preconditions(ctx, env, path)
+    body = BodyReader(request.stream(), max_size=app.max_size, timeout=app.read_timeout)
+    try:
+        if 0 <= length <= HOP_BYTES:
+            await body.fill(length)  # small bodies: no hop back from the worker
+        res = await anyio.to_thread.run_sync(
+            app.managed.put_for_environment_and_check_hash,
+            env,
+            path,
+            cast(BinaryIO, body),
+            length,
+            expected,
+            limiter=app.upload_limiter,
+        )
+    except LengthMismatchError as exc:
+        if expected is not None:  # the declared hash is for content of another length
+            raise HashMismatchError(f"the body does not hash to {expected}: {exc}") from None
+        raise
+    finally:
+        ctx.call.bytes_in = body.count
+    return JSONResponse(
+        ResourceOut(path=path, hash=res.hash, length=res.length),
+        status_code=201,
+        headers={
+            "etag": etag_for(res.hash),
+            "location": f"/v1/environments/{env}/resources/{quote(path)}",
+        },
+    )
+
+
+async def delete_resource(ctx: Ctx[None]) -> Response:
+    env, path = ctx.params["env"], ctx.params["path"]
+    await _check_preconditions(ctx, env, path)
+    await ctx.app.sync(ctx.app.managed.remove_for_environment, env, path)
+    return Response(status_code=204)
+
+
+# -- proof of access ------------------------------------------------------------------------------
+async def create_put_request(ctx: Ctx[PutRequestBody]) -> Response:
+    env = ctx.params["env"]
+    path = check_path(ctx.body.path)
+    digest = parse_hash(ctx.body.hash)
+    rr = await ctx.app.sync(ctx.app.managed.put_for_environment_request, env, path, digest)
+    return JSONResponse(
+        ChallengeOut(
+            request_id=rr.request_id,
+            ranges=[[start, size] for start, size in rr.ranges],
+            expires_at=rr.expires_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        ),
+        status_code=201,
+    )
+
+
+async def answer_put_request(ctx: Ctx[AnswerBody]) -> Response:
+    env, request_id = ctx.params["env"], ctx.params["request_id"]
+    app = ctx.app
+    try:
+        info = await app.sync(app.managed.prove_for_environment, env, request_id, ctx.body.checksum)
+    except (RequestExpiredError, ResponseMismatchError, ResourceDeletedError) as exc:
+        app.metrics.proof_failures.labels(exc.code).inc()
+        raise
+    app.metrics.dedup_hits.inc()
+    app.metrics.dedup_bytes.inc(info.length)
+    return JSONResponse(
+        ResourceOut(path=info.path, hash=info.hash, length=info.length),
+        status_code=201,
+        headers={"etag": etag_for(info.hash)},
+    )
+
+
+# -- helpers -------------------------------------------------------------------------------------
+OCTETS = "application/octet-stream"
+
+
+def _open_object(app: ServiceApp, env: str, path: str) -> tuple[Any, int, str]:
+    """Reader, length and hash of what a path holds (one worker-thread hop)."""
+    reader, length = app.managed.get_for_environment(env, path)
+    digest = getattr(reader, "blake3", None)
+    if not digest:
+        digest = app.managed.stat_for_environment(env, path).hash
+    return reader, length, str(digest)
+
+
+def _selection(request: Request, etag: str, size: int) -> tuple[int, int, int, dict[str, str]]:
+    """(status, start, count, headers) a GET answers with, from its conditions and Range.
+
+    304 when If-None-Match matches; 412 (raised) when If-Match fails; one
+    satisfiable range is 206, an unsatisfiable one 416 (raised), a malformed or
+    multi-range header is ignored, and a stale If-Range falls back to 200.
+    """
+    headers = {"etag": etag, "accept-ranges": "bytes"}
+    conditions = request.headers
+    if match_fails(conditions.get("if-match"), etag):
+        raise PreconditionFailedError("If-Match does not match the current content")
+    if none_match(conditions.get("if-none-match"), etag):
+        return 304, 0, 0, headers
+    start, count, status = 0, size, 200
+    range_header = conditions.get("range")
+    if range_header is not None and if_range_holds(conditions.get("if-range"), etag):
+        try:
+            selected = parse_range(range_header, size)
+        except Unsatisfiable:
+            raise with_headers(
+                RangeNotSatisfiableError(f"range {range_header!r}: content has {size} B"),
+                {**headers, "content-range": f"bytes */{size}"},
+            ) from None
+        if selected is not None:
+            start, end = selected
+            count, status = end - start + 1, 206
+            headers["content-range"] = f"bytes {start}-{end}/{size}"
+    headers["content-length"] = str(count)
+    return status, start, count, headers
+
+
+async def _check_preconditions(ctx: Ctx[None], env: str, path: str) -> None:
+    """If-Match / If-None-Match of a write, checked just before it (not atomically with it)."""
+    if_match = ctx.request.headers.get("if-match")
+    if_none_match = ctx.request.headers.get("if-none-match")
+    if if_match is None and if_none_match is None:
+        return
+    try:
+        info = await ctx.app.sync(ctx.app.managed.stat_for_environment, env, path)
+        current: str | None = etag_for(info.hash)
+    except NotFoundError:
+        current = None
+    if match_fails(if_match, current):
+        raise PreconditionFailedError("If-Match does not match the current content")
+    if none_match(if_none_match, current):
+        raise PreconditionFailedError("If-None-Match matches the current content")
+
+
+def _content_length(request: Request) -> int:
+    """The declared body length, or -1 for a chunked body."""
+    value = request.headers.get("content-length")
+    if value is None:
+        te = request.headers.get("transfer-encoding", "")
+        return -1 if "chunked" in te.lower() else 0
+    if not value.isdigit() or len(value) > 19:
+        raise BadRequestError(f"invalid Content-Length: {value!r}")
+    return int(value)
+
+
+def _query(request: Request) -> dict[str, str]:
+    raw: bytes = request.scope.get("query_string", b"")
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidPathError("the query string is not valid UTF-8") from None
+    return dict(pairs)
+
+
+def _docs_page() -> bytes:
+    """The /docs page: Swagger UI from the files shipped in the wheel (no CDN)."""
+    return b"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>rescat API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css">
+<link rel="icon" type="image/png" href="docs/favicon-32x32.png" sizes="32x32">
+<link rel="icon" type="image/png" href="docs/favicon-16x16.png" sizes="16x16">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="docs/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({
+  url: "openapi.json",
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout"
+});
+</script>
+</body>
+</html>
+"""
+
+
+DOCS_HTML = _docs_page()
+
+# -- the table ---------------------------------------------------------------------------------
+_OBJECT = "/v1/environments/{env}/resources/{path}"
+_READ_HEADERS = (RANGE, IF_RANGE, IF_MATCH, IF_NONE_MATCH_READ)
+
+ROUTES: tuple[Endpoint[Any], ...] = (
+    Endpoint(
+        ("GET",),
+        "/healthz",
+        health,
+        "The service and its database answer (no token; 503 within 2 s when the database is down)",
+        (Answer(200, "Healthy", HealthOut),),
+        errors=("unavailable",),
+        auth=False,
+        tag="service",
+    ),
+    Endpoint(
+        ("GET",),
+        "/metrics",
+        metrics,
+        "Prometheus metrics (no token); labels are route templates, methods and statuses",
+        (Answer(200, "Text exposition format", media=("text/plain",)),),
+        auth=False,
+        database=False,
+        tag="service",
+    ),
+    Endpoint(
+        ("GET",),
+        "/openapi.json",
+        openapi,
+        "This document (no token)",
+        (Answer(200, "OpenAPI 3.0 document", media=("application/json",)),),
+        auth=False,
+        database=False,
+        tag="service",
+    ),
+    Endpoint(
+        ("GET",),
+        "/docs",
+        docs,
+        "Interactive API documentation (Swagger UI, served from the package; no token)",
+        (Answer(200, "HTML page", media=("text/html",)),),
+        auth=False,
+        database=False,
+        tag="service",
+    ),
+    Endpoint(
+        ("GET",),
+        "/docs/{asset}",
+        docs_asset,
+        "A file of the Swagger UI bundle that /docs loads (no token)",
+        (Answer(200, "The file", media=tuple(sorted(set(DOCS_ASSETS.values())))),),
+        errors=("not_found",),
+        auth=False,
+        database=False,
+        tag="service",
+    ),
+    Endpoint(
+        ("GET",),
+        "/v1/environments/{env}/resources",
+        list_resources,
+        "List paths, sorted by path; prefix is a plain string prefix",
+        (Answer(200, "The paths", ListingOut),),
+        query=(PREFIX,),
+    ),
+    Endpoint(
+        ("GET",),
+        _OBJECT,
+        get_resource,
+        "Read a resource's bytes (streamed)",
+        (
+            Answer(
+                200,
+                "The content",
+                media=("application/octet-stream",),
+                headers=("ETag", "Content-Length", "Accept-Ranges"),
+            ),
+            Answer(
+                206,
+                "One byte range of the content",
+                media=("application/octet-stream",),
+                headers=("ETag", "Content-Length", "Content-Range", "Accept-Ranges"),
+            ),
+            Answer(304, "If-None-Match matched the current ETag", headers=("ETag",)),
+        ),
+        errors=("not_found", "precondition_failed", "range_not_satisfiable"),
+        headers=_READ_HEADERS,
+    ),
+    Endpoint(
+        ("PUT",),
+        _OBJECT,
+        put_resource,
+        "Store a resource (body streamed; Content-Length or chunked); replaces the path",
+        (Answer(201, "Stored (also when it replaced the path)", ResourceOut, headers=("ETag",)),),
+        errors=(
+            "bad_request",
+            "length_mismatch",
+            "precondition_failed",
+            "too_large",
+            "hash_mismatch",
+            "request_timeout",
+        ),
+        raw_body="The content, streamed (`Content-Length` or chunked).",
+        headers=(X_CONTENT_HASH, IF_MATCH, IF_NONE_MATCH_WRITE),
+    ),
+    Endpoint(
+        ("DELETE",),
+        _OBJECT,
+        delete_resource,
+        "Remove a path (its content goes with its last reference)",
+        (Answer(204, "Removed"),),
+        errors=("not_found", "precondition_failed"),
+        headers=(IF_MATCH, IF_NONE_MATCH_WRITE),
+    ),
+    Endpoint(
+        ("POST",),
+        "/v1/environments/{env}/put-requests",
+        create_put_request,
+        "Ask for a new path to content the service already has (dedup): a challenge",
+        (Answer(201, "A proof-of-access challenge", ChallengeOut),),
+        errors=("invalid_path", "not_found", "upload_pending"),
+        body=PutRequestBody,
+        tag="proof of access",
+    ),
+    Endpoint(
+        ("POST",),
+        "/v1/environments/{env}/put-requests/{request_id}/response",
+        answer_put_request,
+        "Answer a challenge; any answer, right or wrong, consumes the request",
+        (Answer(201, "The path now points at the content", ResourceOut, headers=("ETag",)),),
+        errors=("response_mismatch", "request_expired", "resource_deleted", "not_found"),
+        body=AnswerBody,
+        tag="proof of access",
+    ),
+)
