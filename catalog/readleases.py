@@ -22,7 +22,7 @@ from pymongo.database import Database
 
 from catalog.clock import utcnow
 
-DEFAULT_READ_LEASE = 30.0
+DEFAULT_READ_LEASE = 120.0
 
 
 class ReadLeases:
