@@ -419,6 +419,9 @@ def _gc_orphan_files(
             continue
         if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
             continue  # referenced since the scan
+        if managed.read_leases.live(info.path):
+            report.in_flight += 1  # its last reference went while someone reads it
+            continue
         if not report.dry_run:
             store.remove_file(info.file_id)
         report.orphan_files += 1

@@ -174,7 +174,7 @@ class ManagedStorage:
         self._updates = PathUpdates(_clock_mode(db, self._transactions))
         # Read leases need a store that can hide a file before deleting it (GridFS).
         self._leased = hasattr(resource_storage, "mark_doomed")
-        self._read_leases = ReadLeases(db)
+        self.read_leases = ReadLeases(db)
 
     @property
     def catalog(self) -> ResourceCatalog:
@@ -825,7 +825,7 @@ class ManagedStorage:
         if self._leased:
             if not self.resource_storage.mark_doomed(storage_path):
                 return  # gone already
-            if self._read_leases.live(storage_path):
+            if self.read_leases.live(storage_path):
                 return  # the last reader deletes them (gc if it dies)
         with contextlib.suppress(NotFoundError):
             self.resource_storage.remove(storage_path)
@@ -863,23 +863,23 @@ class ManagedStorage:
             return io.BytesIO(res.data if res.data is not None else b"")
         if not self._leased:
             return cast(BinaryIO, self.resource_storage.get(res.path))
-        lease = self._read_leases.take(res.path)
+        lease = self.read_leases.take(res.path)
         try:
             reader = self.resource_storage.get(res.path)
         except BaseException:
             self._reader_closed(lease)
             raise
-        reader.on_chunk = self._read_leases.renewer(lease)
+        reader.on_chunk = self.read_leases.renewer(lease)
         reader.on_close = lambda: self._reader_closed(lease)
         return cast(BinaryIO, reader)
 
     def _reader_closed(self, lease: Any) -> None:
         """The last reader of bytes whose last reference went deletes them."""
-        storage_path = self._read_leases.drop(lease)
+        storage_path = self.read_leases.drop(lease)
         if (
             storage_path is not None
             and self.resource_storage.is_doomed(storage_path)
-            and not self._read_leases.live(storage_path)
+            and not self.read_leases.live(storage_path)
         ):
             with contextlib.suppress(NotFoundError):
                 self.resource_storage.remove(storage_path)

@@ -89,3 +89,17 @@ def test_open_reader_keeps_bytes_until_closed(managed: ManagedStorage, db: Datab
     assert first + stream.read() == old
     stream.close()
     assert files(db) == 1
+
+
+def test_gc_leaves_bytes_being_read(managed: ManagedStorage, db: Database[Any]) -> None:
+    from catalog.gc import gc
+
+    old = rand(2 * MiB)
+    managed.put_for_environment("e", "p", io.BytesIO(old))
+    stream, _ = managed.get_for_environment("e", "p")
+    managed.remove_for_environment("e", "p")
+    report = gc(managed, grace=0)
+    assert report.in_flight >= 1 and files(db) == 1
+    assert stream.read() == old
+    stream.close()
+    assert files(db) == 0
