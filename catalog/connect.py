@@ -100,6 +100,7 @@ def connect(
     namespace: str = "resources",
     request_expiry: float = 60.0,
     lease: float | None = None,
+    dedup_scope: str | None = None,
 ) -> ManagedStorage:
     """A ManagedStorage on GridFS.
 
@@ -107,13 +108,20 @@ def connect(
     user's own (started and reused). `mongomock://` (any suffix names a
     separate store) is an in-memory store for tests. `lease`: seconds an
     uploader's claim on a pending entry lasts without renewal (default 60, or
-    $RESCAT_UPLOAD_LEASE).
+    $RESCAT_UPLOAD_LEASE). `dedup_scope`: "global" (default, or
+    $RESCAT_DEDUP_SCOPE) or "environment" (a put-request only finds content the
+    same environment already references).
     """
     from storage import GridFSStorage
 
     db = open_database(uri, database)
     if lease is None:
         lease = float(os.environ.get("RESCAT_UPLOAD_LEASE", DEFAULT_LEASE))
+    scope = dedup_scope or os.environ.get("RESCAT_DEDUP_SCOPE", "global")
     return ManagedStorage(
-        db, GridFSStorage(db, namespace), request_expiry=request_expiry, lease=lease
+        db,
+        GridFSStorage(db, namespace),
+        request_expiry=request_expiry,
+        lease=lease,
+        dedup_scope=scope,
     )
