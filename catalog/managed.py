@@ -498,22 +498,19 @@ class ManagedStorage:
         if options.if_none_match and options.link:
             self._check_creatable(env_uuid, path)
         op = None
+        beat: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if options.link:
             replacing = self.paths.find_one({"env": env_uuid, "path": path}, {"_id": 1})
             lease = self._catalog.lease
             op = history.start_upload(
                 self.history, env_uuid, path, lease, replacing=replacing is not None
             )
+            beat = Heartbeat(
+                lambda: history.renew_upload(self.history, env_uuid, path, op, lease), lease / 4
+            )
         try:
-            if op is None:
+            with beat:
                 result = self._put_streamed(env_uuid, path, reader, length, expected, options)
-            else:
-                beat = Heartbeat(
-                    lambda: history.renew_upload(self.history, env_uuid, path, op, lease),
-                    lease / 4,
-                )
-                with beat:
-                    result = self._put_streamed(env_uuid, path, reader, length, expected, options)
         except BaseException:
             if op is not None:
                 with contextlib.suppress(Exception):
