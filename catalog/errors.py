@@ -106,15 +106,39 @@ class PreconditionFailedError(CatalogError):
     code = "precondition_failed"
 
 
+class InvalidOffsetError(CatalogError, ValueError):
+    """A read or write offset that cannot be used (negative, or past the end)."""
+
+    code = "invalid_offset"
+
+    def __init__(self, *args: object, path: str = "", offset: int = 0) -> None:
+        super().__init__(*args)
+        self.path = path
+        self.offset = offset
+
+
+class OffsetMismatchError(CatalogError):
+    """An upload session append at an offset other than the session's length so far."""
+
+    code = "offset_mismatch"
+
+    def __init__(self, *args: object, offset: int = 0, expected: int = 0) -> None:
+        super().__init__(*args)
+        self.offset = offset
+        self.expected = expected
+
+
 __all__ = [
     "AlreadyExistsError",
     "BadRequestError",
     "CatalogError",
     "ForbiddenError",
     "HashMismatchError",
+    "InvalidOffsetError",
     "InvalidPathError",
     "LengthMismatchError",
     "NotFoundError",
+    "OffsetMismatchError",
     "PreconditionFailedError",
     "RequestExpiredError",
     "ResourceDeletedError",

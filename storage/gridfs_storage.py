@@ -285,6 +285,105 @@ class GridFSStorage:
                     future.exception()  # wait, so cleanup sees every chunk written
         return hasher.hexdigest(), total
 
+    # -- session files: chunks written piecewise, committed later ---------------
+    # An upload session (catalog/sessions.py) owns a files_id whose chunks are
+    # written as its bytes arrive, possibly by several processes one after the
+    # other, and gets its files document only at commit: no second copy.
+    def write_session_chunks(
+        self, file_id: Any, first_n: int, chunks: list[bytes], *, replace_first: bool = False
+    ) -> None:
+        """Store chunks `first_n`, `first_n + 1`, ... of a session file (w=1).
+
+        replace_first: chunk `first_n` exists already (a partial tail written at an
+        earlier checkpoint) and is overwritten.
+        """
+        if not chunks:
+            return
+        docs = [
+            {"files_id": file_id, "n": first_n + i, "data": data} for i, data in enumerate(chunks)
+        ]
+        if replace_first:
+            first = docs.pop(0)
+            self._fast_chunks.replace_one({"files_id": file_id, "n": first_n}, first, upsert=True)
+        if docs:
+            self._fast_chunks.insert_many(docs, ordered=True)
+
+    def truncate_session_chunks(self, file_id: Any, length: int) -> bytes:
+        """Cut a session file back to `length` bytes; return its partial tail chunk.
+
+        Chunks past `length` (written after the last checkpoint by a writer that
+        died) are deleted; the chunk holding the tail is cut to size.
+        """
+        tail_n, tail_len = divmod(length, self.chunk_size)
+        self.chunks.delete_many({"files_id": file_id, "n": {"$gt": tail_n}})
+        if tail_len == 0:
+            self.chunks.delete_many({"files_id": file_id, "n": tail_n})
+            return b""
+        doc = self._majority_chunks.find_one({"files_id": file_id, "n": tail_n})
+        data = bytes(doc["data"]) if doc is not None else b""
+        if len(data) < tail_len:
+            raise CorruptFileError(
+                f"session file {file_id}: chunk {tail_n} has {len(data)} bytes, "
+                f"expected at least {tail_len}"
+            )
+        if len(data) != tail_len:
+            data = data[:tail_len]
+            self.chunks.update_one({"files_id": file_id, "n": tail_n}, {"$set": {"data": data}})
+        return data
+
+    def session_chunks_durable(self, file_id: Any, length: int) -> bool:
+        """Whether a majority read sees exactly the chunks of `length` bytes.
+
+        Call after a majority write that follows the chunk writes (the session
+        checkpoint), as put_file does after its files document.
+        """
+        expected = -(-length // self.chunk_size)
+        if self._majority_chunks.count_documents({"files_id": file_id}) != expected:
+            return False
+        if expected == 0:
+            return True
+        last = self._majority_chunks.find_one({"files_id": file_id, "n": expected - 1})
+        want = length - (expected - 1) * self.chunk_size
+        return last is not None and len(last["data"]) == want
+
+    def iter_session_chunks(self, file_id: Any) -> Iterator[bytes]:
+        """The chunks of a session file in order, read at majority."""
+        cursor = self._majority_chunks.find(
+            {"files_id": file_id}, {"data": 1, "n": 1}, sort=[("n", 1)]
+        )
+        for expected, doc in enumerate(cursor):
+            if doc["n"] != expected:
+                raise CorruptFileError(f"session file {file_id}: chunk {expected} is missing")
+            yield bytes(doc["data"])
+
+    def commit_session_file(self, file_id: Any, path: str, length: int, digest: str) -> StoredFile:
+        """Give a session's chunks their files document at `path`: the file is then stored.
+
+        Same rule as put_file: the files document at w="majority", then a majority
+        read must find every chunk, else the files document goes and this raises
+        (the chunks stay with their session).
+        """
+        upload_date = datetime.datetime.now(datetime.timezone.utc)
+        self.files.insert_one(
+            {
+                "_id": file_id,
+                "length": length,
+                "chunkSize": self.chunk_size,
+                "uploadDate": upload_date,
+                "filename": path,
+                "metadata": {"blake3": digest},
+            }
+        )
+        if not self.session_chunks_durable(file_id, length):
+            self.files.delete_one({"_id": file_id})
+            raise CorruptFileError(f"{path!r}: the session's chunks are not all durable")
+        return StoredFile(file_id, path, length, self.chunk_size, upload_date, digest)
+
+    def discard_session_chunks(self, file_id: Any) -> None:
+        """Delete a session's chunks, unless they became a stored file meanwhile."""
+        if not self.file_exists(file_id):
+            self._delete_chunks(file_id)
+
 
 def _majority_read(db: Database[Any]) -> ReadConcern:
     """Majority reads where the server has them (mongomock has no read concerns)."""
