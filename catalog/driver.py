@@ -19,6 +19,7 @@ Every error names the driver in its text; NotFoundError carries the path as give
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import datetime
@@ -55,6 +56,9 @@ class FileInfo:
     size: int
     mod_time: datetime.datetime
     is_dir: bool
+
+
+_FILE = FileInfo("", 0, datetime.datetime.min, False)
 
 
 class SkipDir(Exception):
@@ -169,27 +173,37 @@ class StorageDriver:
 
     def list(self, path: str) -> list[str]:
         """Absolute paths of the direct children of a directory, sorted."""
+        return [info.path for info in self.children(path)]
+
+    def children(self, path: str) -> builtins.list[FileInfo]:
+        """The direct children of a directory with their FileInfo, sorted by path.
+
+        A name that is both a file and a directory (possible in an environment,
+        not in a file system) is given as the directory.
+        """
         rel = self._rel(path, root_ok=True)
         prefix = rel + "/" if rel else ""
-        names: set[str] = set()
+        found: dict[str, FileInfo] = {}
         with self._errors(path):
             cursor = self._range(prefix)
             current, seen_inside = "", 0
             while (doc := cursor.peek()) is not None:
                 name, sep, _ = doc["path"][len(prefix) :].partition("/")
-                names.add(name)
                 if not sep:
+                    found.setdefault(name, _file_info(doc))
                     cursor.advance()
                     continue
+                if not found.get(name, _FILE).is_dir:
+                    found[name] = FileInfo("/" + prefix + name, 0, aware(doc["updated_at"]), True)
                 seen_inside = seen_inside + 1 if name == current else 1
                 current = name
                 if seen_inside > _LIST_READ_THROUGH:
                     cursor.seek(prefix + name + "0")
                 else:
                     cursor.advance()
-        if not names and rel:
+        if not found and rel:
             raise NotFoundError(f"{self._name}: no such directory {path}", path=path)
-        return ["/" + prefix + name for name in sorted(names)]
+        return [found[name] for name in sorted(found)]
 
     def move(self, src: str, dst: str) -> None:
         """Point dst at src's content and remove src: no bytes copied, dst replaced atomically."""
