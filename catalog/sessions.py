@@ -31,7 +31,8 @@ import datetime
 import io
 import secrets
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -63,6 +64,9 @@ OPEN = "open"
 COMMITTING = "committing"
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0
 COPY_BLOCK = 1024 * 1024
+# Chunk inserts in flight per writer while it hashes and cuts the next ones (the
+# server is the bottleneck: this keeps it busy without holding more in memory).
+IN_FLIGHT = 2
 
 
 class SessionLostError(CatalogError):
@@ -107,23 +111,24 @@ class _HasherCache:
     """
 
     def __init__(self, size: int = 256) -> None:
-        self._items: OrderedDict[str, tuple[str, int, Any]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str, int, Any, bytes]] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
 
-    def put(self, session_id: str, ckpt: str, length: int, hasher: Any) -> None:
+    def put(self, session_id: str, ckpt: str, length: int, hasher: Any, tail: bytes) -> None:
         with self._lock:
-            self._items[session_id] = (ckpt, length, hasher)
+            self._items[session_id] = (ckpt, length, hasher, tail)
             self._items.move_to_end(session_id)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
 
-    def take(self, session_id: str, ckpt: str, length: int) -> Any:
+    def take(self, session_id: str, ckpt: str, length: int) -> tuple[Any, bytes] | None:
+        """(hasher, partial tail chunk) if this process wrote the session's last checkpoint."""
         with self._lock:
             item = self._items.pop(session_id, None)
         if item is None or item[0] != ckpt or item[1] != length:
             return None
-        return item[2]
+        return item[2], item[3]
 
 
 _HASHERS = _HasherCache()
@@ -139,6 +144,9 @@ class SessionStore:
             raise CatalogError("upload sessions need a GridFSStorage resource storage")
         self.lease = managed.catalog.lease
         self.sessions = managed.db[COLLECTION].with_options(write_concern=WriteConcern("majority"))
+        # Claims and lease renewals: a claim rolled back by a failover only makes the
+        # writer's next checkpoint (majority, conditional on the claim) fail.
+        self._fast = self.sessions.with_options(write_concern=WriteConcern(w=1))
         self.sessions.create_index(
             [("env", ASCENDING), ("path", ASCENDING)],
             unique=True,
@@ -208,26 +216,38 @@ class SessionStore:
         check_env(env_uuid)
         owner = secrets.token_hex(12)
         now = utcnow()
-        doc = self.sessions.find_one_and_update(
+        doc = self._fast.find_one_and_update(
             {
                 "_id": _sid(session_id),
                 "env": env_uuid,
                 "state": OPEN,
                 "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
             },
-            {"$set": {"owner": owner, "lease_until": self._lease_end(now), "updated_at": now}},
-            return_document=ReturnDocument.AFTER,
+            {
+                "$set": {
+                    "owner": owner,
+                    "lease_until": self._lease_end(now),
+                    "updated_at": now,
+                    "tidy": False,
+                }
+            },
+            return_document=ReturnDocument.BEFORE,
         )
         if doc is None:
             self._doc(env_uuid, session_id)  # NotFoundError if it is gone
             raise UploadPendingError(f"upload session {session_id} is held by another writer")
+        size = int(doc["size"])
+        cached = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
+        tidy = bool(doc.get("tidy"))
         try:
-            size = int(doc["size"])
-            tail = self.storage.truncate_session_chunks(doc["file_id"], size)
+            if tidy and cached is not None:
+                hasher, tail = cached
+            else:
+                hasher = cached[0] if cached is not None else None
+                tail = self.storage.truncate_session_chunks(doc["file_id"], size, tidy=tidy)
         except BaseException:
             self._release(str(doc["_id"]), owner)
             raise
-        hasher = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
         return SessionWriter(self, doc, owner, tail, hasher)
 
     def append(
@@ -293,7 +313,7 @@ class SessionStore:
 
     def _renew(self, session_id: str, owner: str) -> None:
         now = utcnow()
-        self.sessions.update_one(
+        self._fast.update_one(
             {"_id": session_id, "owner": owner},
             {"$set": {"lease_until": self._lease_end(now), "updated_at": now}},
         )
@@ -325,11 +345,14 @@ class SessionWriter:
         if self._chunk_size != store.storage.chunk_size:
             raise CatalogError(f"upload session {self.session_id}: chunk size changed")
         self._size = int(doc["size"])
+        self._verified = self._size  # confirmed durable by the last checkpoint
         self._n = self._size // self._chunk_size  # index of the chunk being filled
         self._buf = bytearray(tail)
         self._tail_stored = bool(tail)  # chunk _n exists (a partial tail) and is replaced
         self._hasher = hasher if hasher is not None or self._size else blake3.blake3()
         self._state = OPEN
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: deque[Future[None]] = deque()
         self._heartbeat = Heartbeat(lambda: store._renew(self.session_id, owner), store.lease / 4)
         self._heartbeat.__enter__()
 
@@ -361,12 +384,38 @@ class SessionWriter:
         if len(view):
             self._buf += view
         if chunks:
-            self._store.storage.write_session_chunks(
-                self.file_id, first_n, chunks, replace_first=replace_first
-            )
+            self._submit(first_n, chunks, replace_first)
             self._n += len(chunks)
         self._size += count
         return count
+
+    def _submit(self, first_n: int, chunks: list[bytes], replace_first: bool) -> None:
+        """Insert chunks on a worker thread; at most IN_FLIGHT inserts outstanding."""
+        if len(self._in_flight) >= IN_FLIGHT:
+            self._wait(self._in_flight.popleft())
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="rescat-session")
+        write = self._store.storage.write_session_chunks
+        self._in_flight.append(
+            self._pool.submit(write, self.file_id, first_n, chunks, replace_first=replace_first)
+        )
+
+    def _wait(self, future: Future[None]) -> None:
+        try:
+            future.result()
+        except BaseException:
+            self._drain(raise_errors=False)
+            self._end("failed")  # the next writer cuts the session back to its checkpoint
+            raise
+
+    def _drain(self, *, raise_errors: bool = True) -> None:
+        """Wait for every chunk insert in flight (so cleanup and checkpoints see them all)."""
+        while self._in_flight:
+            future = self._in_flight.popleft()
+            if raise_errors:
+                self._wait(future)
+            else:
+                future.exception()
 
     def copy_from(self, reader: BinaryIO, length: int = -1) -> int:
         """Write the reader's next `length` bytes (< 0: to EOF); how many there were."""
@@ -396,13 +445,14 @@ class SessionWriter:
         finally:
             self._end("closed")
         if self._hasher is not None:
-            _HASHERS.put(self.session_id, ckpt, self._size, self._hasher)
+            _HASHERS.put(self.session_id, ckpt, self._size, self._hasher, bytes(self._buf))
 
     def cancel(self) -> None:
         """Discard the session and its bytes."""
         if self._state == "cancelled":
             return
         self._check_open("cancel")
+        self._drain(raise_errors=False)
         try:
             doc = self._store.sessions.find_one_and_delete(
                 {"_id": self.session_id, "owner": self._owner}
@@ -450,11 +500,16 @@ class SessionWriter:
 
     def _end(self, state: str) -> None:
         self._state = state
+        self._drain(raise_errors=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._heartbeat.__exit__(None, None, None)
 
     def _checkpoint(self, *, release: bool) -> str:
         """Store the partial tail, record the length (majority), check the chunks are durable."""
         store = self._store
+        self._drain()
         if self._buf:
             store.storage.write_session_chunks(
                 self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
@@ -465,6 +520,7 @@ class SessionWriter:
         update: dict[str, Any] = {"size": self._size, "ckpt": ckpt, "updated_at": now}
         if release:
             update["owner"] = None
+            update["tidy"] = True  # exactly `size` bytes are stored, nobody writes
         else:
             update["lease_until"] = store._lease_end(now)
         doc = store.sessions.find_one_and_update(
@@ -473,7 +529,7 @@ class SessionWriter:
         if doc is None:
             self._end("lost")
             raise SessionLostError(f"upload session {self.session_id} was taken over or removed")
-        if not store.storage.session_chunks_durable(self.file_id, self._size):
+        if not store.storage.session_chunks_durable(self.file_id, self._size, since=self._verified):
             durable = self._durable_length()
             store.sessions.update_one(
                 {"_id": self.session_id}, {"$set": {"size": durable, "owner": None}}
@@ -483,6 +539,7 @@ class SessionWriter:
                 f"upload session {self.session_id}: bytes after offset {durable} were lost "
                 f"(a failover?); resume from offset {durable}"
             )
+        self._verified = self._size
         return ckpt
 
     def _durable_length(self) -> int:
@@ -554,6 +611,8 @@ class SessionWriter:
     def __del__(self) -> None:
         if getattr(self, "_state", None) == OPEN:
             self._heartbeat.__exit__(None, None, None)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
 
 
 def _sid(session_id: object) -> str:

@@ -308,18 +308,22 @@ class GridFSStorage:
         if docs:
             self._fast_chunks.insert_many(docs, ordered=True)
 
-    def truncate_session_chunks(self, file_id: Any, length: int) -> bytes:
+    def truncate_session_chunks(self, file_id: Any, length: int, *, tidy: bool = False) -> bytes:
         """Cut a session file back to `length` bytes; return its partial tail chunk.
 
         Chunks past `length` (written after the last checkpoint by a writer that
-        died) are deleted; the chunk holding the tail is cut to size.
+        died) are deleted; the chunk holding the tail is cut to size. tidy: the
+        last checkpoint found exactly `length` bytes and nobody wrote since, so
+        only the tail is read. Writes at w=1: the next checkpoint confirms them.
         """
         tail_n, tail_len = divmod(length, self.chunk_size)
-        self.chunks.delete_many({"files_id": file_id, "n": {"$gt": tail_n}})
+        if not tidy:
+            self._fast_chunks.delete_many(
+                {"files_id": file_id, "n": {"$gte": tail_n if tail_len == 0 else tail_n + 1}}
+            )
         if tail_len == 0:
-            self.chunks.delete_many({"files_id": file_id, "n": tail_n})
             return b""
-        doc = self._majority_chunks.find_one({"files_id": file_id, "n": tail_n})
+        doc = self.chunks.find_one({"files_id": file_id, "n": tail_n})
         data = bytes(doc["data"]) if doc is not None else b""
         if len(data) < tail_len:
             raise CorruptFileError(
@@ -328,23 +332,44 @@ class GridFSStorage:
             )
         if len(data) != tail_len:
             data = data[:tail_len]
-            self.chunks.update_one({"files_id": file_id, "n": tail_n}, {"$set": {"data": data}})
+            self._fast_chunks.update_one(
+                {"files_id": file_id, "n": tail_n}, {"$set": {"data": data}}
+            )
         return data
 
-    def session_chunks_durable(self, file_id: Any, length: int) -> bool:
+    def session_chunks_durable(self, file_id: Any, length: int, *, since: int = 0) -> bool:
         """Whether a majority read sees exactly the chunks of `length` bytes.
 
         Call after a majority write that follows the chunk writes (the session
-        checkpoint), as put_file does after its files document.
+        checkpoint), as put_file does after its files document. since: bytes
+        confirmed by an earlier check; only the chunks after them are counted.
         """
         expected = -(-length // self.chunk_size)
-        if self._majority_chunks.count_documents({"files_id": file_id}) != expected:
+        first = min(since // self.chunk_size, expected)
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"files_id": file_id, "n": {"$gte": first}}},
+            {"$sort": {"n": -1}},
+            {
+                "$group": {
+                    "_id": None,
+                    "count": {"$sum": 1},
+                    "last_n": {"$first": "$n"},
+                    "last_size": {"$first": {"$binarySize": "$data"}},
+                }
+            },
+        ]
+        found = list(self._majority_chunks.aggregate(pipeline))
+        if expected == first:
+            return not found
+        if not found:
             return False
-        if expected == 0:
-            return True
-        last = self._majority_chunks.find_one({"files_id": file_id, "n": expected - 1})
         want = length - (expected - 1) * self.chunk_size
-        return last is not None and len(last["data"]) == want
+        doc = found[0]
+        return bool(
+            doc["count"] == expected - first
+            and doc["last_n"] == expected - 1
+            and doc["last_size"] == want
+        )
 
     def iter_session_chunks(self, file_id: Any) -> Iterator[bytes]:
         """The chunks of a session file in order, read at majority."""
