@@ -220,7 +220,7 @@ class SessionStore:
             {
                 "_id": _sid(session_id),
                 "env": env_uuid,
-                "state": OPEN,
+                "state": {"$in": [OPEN, COMMITTING]},
                 "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
             },
             {
@@ -229,6 +229,7 @@ class SessionStore:
                     "lease_until": self._lease_end(now),
                     "updated_at": now,
                     "tidy": False,
+                    "state": OPEN,
                 }
             },
             return_document=ReturnDocument.BEFORE,
@@ -236,6 +237,8 @@ class SessionStore:
         if doc is None:
             self._doc(env_uuid, session_id)  # NotFoundError if it is gone
             raise UploadPendingError(f"upload session {session_id} is held by another writer")
+        if doc.get("state") == COMMITTING:
+            self._after_dead_commit(doc)
         size = int(doc["size"])
         cached = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
         tidy = bool(doc.get("tidy"))
@@ -302,6 +305,21 @@ class SessionStore:
         self.storage.discard_session_chunks(doc["file_id"])
 
     # -- internals --------------------------------------------------------------
+    def _after_dead_commit(self, doc: dict[str, Any]) -> None:
+        """A writer died while committing: resume only if the bytes are still the session's."""
+        file_id, size = doc["file_id"], int(doc["size"])
+        if not self.storage.file_exists(file_id) and self.storage.session_chunks_durable(
+            file_id, size
+        ):
+            return
+        # Its bytes became a stored file, or were dropped for known content: the
+        # commit got far enough that the session cannot go on.
+        self.sessions.delete_one({"_id": doc["_id"]})
+        raise NotFoundError(
+            f"{doc['env']}: upload session {doc['_id']} ended in a commit that did not "
+            "finish; check the path and start over"
+        )
+
     def _doc(self, env_uuid: str, session_id: str) -> dict[str, Any]:
         doc = self.sessions.find_one({"_id": _sid(session_id), "env": env_uuid})
         if doc is None:

@@ -580,3 +580,25 @@ def test_database_secret_is_shared_and_created_once(
     with pytest.raises(ForbiddenError):
         c.verify("GET", "e", "p", _query(url))
     URLSigner("http://one", "from-env").verify("GET", "e", "p", _query(c.sign("GET", "e", "p")))
+
+
+def test_a_commit_that_died_midway(short_lease: ManagedStorage, db: Database[Any]) -> None:
+    store = SessionStore(short_lease)
+    data = rand(2 * MiB + 9)
+    intact = store.create("reg", "intact")
+    store.append("reg", intact.id, 0, io.BytesIO(data))
+    stored = store.create("reg", "stored")
+    store.append("reg", stored.id, 0, io.BytesIO(data))
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+    db["upload_sessions"].update_many(
+        {}, {"$set": {"state": "committing", "owner": "dead", "lease_until": past}}
+    )
+    # the second one's chunks had become a stored file when its writer died
+    short_lease.resource_storage.commit_session_file(stored.file_id, "x", len(data), b3(data))
+    writer = store.open("reg", intact.id)
+    assert writer.size() == len(data)
+    writer.commit()
+    assert short_lease.get_for_environment("reg", "intact")[0].read() == data
+    with pytest.raises(NotFoundError):
+        store.open("reg", stored.id)
+    assert db["upload_sessions"].count_documents({}) == 0
