@@ -46,6 +46,8 @@ _PATH_RE = re.compile(r"(?:/[A-Za-z0-9._-]+)+")
 # listing seeks past it (one more query): small subdirectories cost no query.
 _LIST_READ_THROUGH = 16
 _FIELDS = {"path": 1, "length": 1, "updated_at": 1}
+# Paths removed per transaction when a directory is deleted.
+_DELETE_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -221,13 +223,10 @@ class StorageDriver:
                 self.managed.delete_path(self.env_uuid, rel)
                 removed += 1
             while True:
-                batch = [d["path"] for d in self._range(rel + "/", limit=1000).rest()]
+                batch = [d["path"] for d in self._range(rel + "/", limit=_DELETE_BATCH).rest()]
                 if not batch:
                     break
-                for child in batch:
-                    with contextlib.suppress(NotFoundError):
-                        self.managed.delete_path(self.env_uuid, child)
-                        removed += 1
+                removed += self.managed.delete_paths(self.env_uuid, batch)
         if not removed:
             raise NotFoundError(f"{self._name}: no such file or directory {path}", path=path)
 

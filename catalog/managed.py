@@ -790,6 +790,35 @@ class ManagedStorage:
             drop()
         return _path_info(doc, res.state, res.history)
 
+    def delete_paths(self, env_uuid: str, paths: list[str]) -> int:
+        """Remove many paths in one transaction (missing ones skipped); how many went.
+
+        What delete_path does for each, with one commit for all of them (a driver's
+        directory delete).
+        """
+        check_env(env_uuid)
+        for path in paths:
+            check_path(path)
+
+        def unlink(session: ClientSession | None, doomed: list[str]) -> int:
+            removed = 0
+            for path in paths:
+                query = self._live_query(env_uuid, path)
+                doc = self.paths.find_one_and_delete(query, session=session)
+                if doc is None:
+                    continue
+                self.history.update_one(
+                    {"env": env_uuid, "path": path},
+                    self._updates.closing(doc, "delete"),
+                    upsert=True,
+                    session=session,
+                )
+                self._release_in(str(doc["resource_id"]), session, doomed)
+                removed += 1
+            return removed
+
+        return self.transact(unlink)
+
 
 def _check(digest: str, length: int, seen_hash: str, seen: int) -> None:
     if seen != length:

@@ -602,3 +602,14 @@ def test_a_commit_that_died_midway(short_lease: ManagedStorage, db: Database[Any
     with pytest.raises(NotFoundError):
         store.open("reg", stored.id)
     assert db["upload_sessions"].count_documents({}) == 0
+
+
+def test_delete_of_a_large_directory(driver: StorageDriver, db: Database[Any]) -> None:
+    for i in range(450):
+        driver.put_content(f"/big/d{i % 7}/f{i:03d}", b"same small content")
+    driver.put_content("/big-neighbour", b"stays")
+    assert db["catalog"].find_one({"hash": b3(b"same small content")})["refcount"] == 450
+    driver.delete("/big")
+    assert driver.list("/") == ["/big-neighbour"]
+    assert db["catalog"].count_documents({}) == 1  # the 450 references went with the paths
+    assert db["path_history"].count_documents({}) == 450
