@@ -487,28 +487,55 @@ class SessionWriter:
 
         expected_hash: HashMismatchError if the content hashes otherwise, and the
         session is kept (this writer stays open).
+
+        One majority write records the final length and the `committing` state
+        (a writer that resumes after this one died mid-commit checks what became
+        of the bytes); the durability of the chunks is checked where they are
+        used: after the files document of new content (as every put does), by
+        the majority read of small content; known content drops them.
         """
         self._check_open("commit")
         expected = parse_hash(expected_hash) if expected_hash else None
         store = self._store
-        self._checkpoint(release=False)
-        digest = self._digest()
-        if expected is not None and digest != expected:
-            raise HashMismatchError(f"content hashes to {digest}, not {expected}")
+        self._drain()
+        if self._buf:
+            store.storage.write_session_chunks(
+                self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
+            )
+            self._tail_stored = True
+        now = utcnow()
         claimed = store.sessions.find_one_and_update(
             {"_id": self.session_id, "owner": self._owner, "state": OPEN},
-            {"$set": {"state": COMMITTING, "updated_at": utcnow()}},
+            {
+                "$set": {
+                    "size": self._size,
+                    "ckpt": secrets.token_hex(8),
+                    "state": COMMITTING,
+                    "updated_at": now,
+                    "lease_until": store._lease_end(now),
+                }
+            },
         )
         if claimed is None:
             self._end("lost")
             raise SessionLostError(f"upload session {self.session_id} was taken over")
+        try:
+            digest = self._digest()
+            if expected is not None and digest != expected:
+                raise HashMismatchError(f"content hashes to {digest}, not {expected}")
+        except BaseException:
+            store.sessions.update_one(
+                {"_id": self.session_id, "owner": self._owner}, {"$set": {"state": OPEN}}
+            )
+            raise
         try:
             info = self._link(digest)
         except BaseException:
             self._after_failed_commit()
             raise
         self._end("committed")
-        store.sessions.delete_one({"_id": self.session_id})
+        # At w=1: if a failover loses this, the next opener finds a dead commit.
+        store._fast.delete_one({"_id": self.session_id})
         return info
 
     # -- internals --------------------------------------------------------------
@@ -595,6 +622,10 @@ class SessionWriter:
         size = self._size
         if size <= managed.inline_max:
             data = b"".join(storage.iter_session_chunks(self.file_id))
+            if len(data) != size:
+                raise CatalogError(
+                    f"upload session {self.session_id}: {len(data)} bytes durable, expected {size}"
+                )
             info = managed.put_path(
                 self.env_uuid, self.path, io.BytesIO(data), size, check_hash=digest
             )

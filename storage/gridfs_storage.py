@@ -346,30 +346,17 @@ class GridFSStorage:
         """
         expected = -(-length // self.chunk_size)
         first = min(since // self.chunk_size, expected)
-        pipeline: list[dict[str, Any]] = [
-            {"$match": {"files_id": file_id, "n": {"$gte": first}}},
-            {"$sort": {"n": -1}},
-            {
-                "$group": {
-                    "_id": None,
-                    "count": {"$sum": 1},
-                    "last_n": {"$first": "$n"},
-                    "last_size": {"$first": {"$binarySize": "$data"}},
-                }
-            },
-        ]
-        found = list(self._majority_chunks.aggregate(pipeline))
-        if expected == first:
-            return not found
-        if not found:
+        # Index-only count, then one chunk's size (never the other chunks' data).
+        found = self._majority_chunks.count_documents({"files_id": file_id, "n": {"$gte": first}})
+        if found != expected - first:
             return False
-        want = length - (expected - 1) * self.chunk_size
-        doc = found[0]
-        return bool(
-            doc["count"] == expected - first
-            and doc["last_n"] == expected - 1
-            and doc["last_size"] == want
+        if expected == 0:
+            return True
+        last = self._majority_chunks.find_one(
+            {"files_id": file_id, "n": expected - 1}, {"size": {"$binarySize": "$data"}}
         )
+        want = length - (expected - 1) * self.chunk_size
+        return last is not None and int(last["size"]) == want
 
     def iter_session_chunks(self, file_id: Any) -> Iterator[bytes]:
         """The chunks of a session file in order, read at majority."""
