@@ -141,9 +141,9 @@ class StorageDriver:
             if not append:
                 session = sessions.create(env, rel, kind=DRIVER)
                 return FileWriter(self, path, sessions.open(env, session.id))
-            found = sessions.find(env, rel)
-            if found is not None:
-                return FileWriter(self, path, sessions.open(env, found.id))
+            resumed = sessions.open_path(env, rel)
+            if resumed is not None:
+                return FileWriter(self, path, resumed)
             # Append to committed content: the session starts with a copy of it.
             reader, length = self.managed.get_for_environment(env, rel)
             try:

@@ -69,10 +69,8 @@ COPY_BLOCK = 1024 * 1024
 IN_FLIGHT = 2
 
 
-class SessionLostError(CatalogError):
+class SessionLostError(UploadPendingError):
     """The session changed under this writer (taken over, cancelled or reclaimed)."""
-
-    code = "upload_pending"
 
 
 @dataclass(frozen=True)
@@ -214,12 +212,28 @@ class SessionStore:
         it does not exist (never did, cancelled, committed or reclaimed).
         """
         check_env(env_uuid)
+        writer = self._claim({"_id": _sid(session_id), "env": env_uuid})
+        if writer is None:
+            self._doc(env_uuid, session_id)  # NotFoundError if it is gone
+            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+        return writer
+
+    def open_path(self, env_uuid: str, path: str) -> SessionWriter | None:
+        """Claim the driver session of `path` (one query); None when it has none."""
+        check_env(env_uuid)
+        check_path(path)
+        key = {"env": env_uuid, "path": path, "kind": DRIVER}
+        writer = self._claim(key)
+        if writer is None and self.sessions.find_one(key, {"_id": 1}) is not None:
+            raise UploadPendingError(f"{env_uuid}: the session of {path!r} is held by a writer")
+        return writer
+
+    def _claim(self, key: dict[str, Any]) -> SessionWriter | None:
         owner = secrets.token_hex(12)
         now = utcnow()
         doc = self._fast.find_one_and_update(
             {
-                "_id": _sid(session_id),
-                "env": env_uuid,
+                **key,
                 "state": {"$in": [OPEN, COMMITTING]},
                 "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
             },
@@ -235,8 +249,7 @@ class SessionStore:
             return_document=ReturnDocument.BEFORE,
         )
         if doc is None:
-            self._doc(env_uuid, session_id)  # NotFoundError if it is gone
-            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+            return None
         if doc.get("state") == COMMITTING:
             self._after_dead_commit(doc)
         size = int(doc["size"])
