@@ -67,6 +67,16 @@ COPY_BLOCK = 1024 * 1024
 # Chunk inserts in flight per writer while it hashes and cuts the next ones (the
 # server is the bottleneck: this keeps it busy without holding more in memory).
 IN_FLIGHT = 2
+_POOL_LOCK = threading.Lock()
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _insert_pool() -> ThreadPoolExecutor:
+    """Worker threads shared by every writer of the process (none started per writer)."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(8, thread_name_prefix="rescat-session"))
+        return _POOL[0]
 
 
 class SessionLostError(UploadPendingError):
@@ -382,7 +392,6 @@ class SessionWriter:
         self._tail_stored = bool(tail)  # chunk _n exists (a partial tail) and is replaced
         self._hasher = hasher if hasher is not None or self._size else blake3.blake3()
         self._state = OPEN
-        self._pool: ThreadPoolExecutor | None = None
         self._in_flight: deque[Future[None]] = deque()
         self._heartbeat = Heartbeat(lambda: store._renew(self.session_id, owner), store.lease / 4)
         self._heartbeat.__enter__()
@@ -424,11 +433,9 @@ class SessionWriter:
         """Insert chunks on a worker thread; at most IN_FLIGHT inserts outstanding."""
         if len(self._in_flight) >= IN_FLIGHT:
             self._wait(self._in_flight.popleft())
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="rescat-session")
         write = self._store.storage.write_session_chunks
         self._in_flight.append(
-            self._pool.submit(write, self.file_id, first_n, chunks, replace_first=replace_first)
+            _insert_pool().submit(write, self.file_id, first_n, chunks, replace_first=replace_first)
         )
 
     def _wait(self, future: Future[None]) -> None:
@@ -559,9 +566,6 @@ class SessionWriter:
     def _end(self, state: str) -> None:
         self._state = state
         self._drain(raise_errors=False)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._heartbeat.__exit__(None, None, None)
 
     def _checkpoint(self, *, release: bool) -> str:
@@ -673,8 +677,6 @@ class SessionWriter:
     def __del__(self) -> None:
         if getattr(self, "_state", None) == OPEN:
             self._heartbeat.__exit__(None, None, None)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
 
 
 def _sid(session_id: object) -> str:

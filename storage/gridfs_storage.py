@@ -346,16 +346,26 @@ class GridFSStorage:
         """
         expected = -(-length // self.chunk_size)
         first = min(since // self.chunk_size, expected)
+        want = length - (expected - 1) * self.chunk_size if expected else 0
+        if expected - first <= 16:
+            # The few chunks since the last check (just written: in cache): their sizes.
+            sizes = {
+                int(doc["n"]): int(doc["size"])
+                for doc in self._majority_chunks.find(
+                    {"files_id": file_id, "n": {"$gte": first}},
+                    {"_id": 0, "n": 1, "size": {"$binarySize": "$data"}},
+                )
+            }
+            return sizes == {
+                n: want if n == expected - 1 else self.chunk_size for n in range(first, expected)
+            }
         # Index-only count, then one chunk's size (never the other chunks' data).
         found = self._majority_chunks.count_documents({"files_id": file_id, "n": {"$gte": first}})
         if found != expected - first:
             return False
-        if expected == 0:
-            return True
         last = self._majority_chunks.find_one(
             {"files_id": file_id, "n": expected - 1}, {"size": {"$binarySize": "$data"}}
         )
-        want = length - (expected - 1) * self.chunk_size
         return last is not None and int(last["size"]) == want
 
     def iter_session_chunks(self, file_id: Any) -> Iterator[bytes]:
