@@ -27,6 +27,7 @@ whole content in memory: a writer buffers at most the one chunk it is filling).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import secrets
@@ -444,6 +445,8 @@ class SessionWriter:
         except BaseException:
             self._drain(raise_errors=False)
             self._end("failed")  # the next writer cuts the session back to its checkpoint
+            with contextlib.suppress(Exception):
+                self._store._release(self.session_id, self._owner)
             raise
 
     def _drain(self, *, raise_errors: bool = True) -> None:

@@ -613,3 +613,28 @@ def test_delete_of_a_large_directory(driver: StorageDriver, db: Database[Any]) -
     assert driver.list("/") == ["/big-neighbour"]
     assert db["catalog"].count_documents({}) == 1  # the 450 references went with the paths
     assert db["path_history"].count_documents({}) == 450
+
+
+def test_a_failed_chunk_write_ends_the_writer_and_frees_the_session(
+    driver: StorageDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = driver.writer("/f")
+    writer.write(rand(MiB + 10))
+    writer.close()
+    writer = driver.writer("/f", append=True)
+    storage = driver.managed.resource_storage
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(storage, "write_session_chunks", broken)
+    with pytest.raises(OSError):
+        for _ in range(4):
+            writer.write(rand(MiB))
+    monkeypatch.undo()
+    with pytest.raises(BadRequestError) as err:
+        writer.write(b"x")
+    assert NAME in str(err.value)
+    resumed = driver.writer("/f", append=True)  # no lease to wait for
+    assert resumed.size() == MiB + 10
+    resumed.cancel()
