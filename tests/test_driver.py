@@ -638,3 +638,20 @@ def test_a_failed_chunk_write_ends_the_writer_and_frees_the_session(
     resumed = driver.writer("/f", append=True)  # no lease to wait for
     assert resumed.size() == MiB + 10
     resumed.cancel()
+
+
+def test_in_memory_mode() -> None:
+    from catalog import connect
+
+    d = StorageDriver(connect(f"mongomock://driver-{os.getpid()}-{time.time_ns()}"), "mem")
+    data = rand(2 * MiB + 3)
+    writer = d.writer("/m/w")
+    writer.write(data[:MiB])
+    writer.close()
+    writer = d.writer("/m/w", append=True)
+    writer.write(data[MiB:])
+    writer.commit()
+    assert d.get_content("/m/w") == data
+    assert d.list("/m") == ["/m/w"]
+    d.delete("/m")
+    assert d.list("/") == []
