@@ -399,13 +399,24 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def _http_rm(self, env: str, rel: str, recursive: bool) -> None:
         assert self.client is not None
         prefix = rel + "/" if rel else ""
-        children = self.client.list(env, prefix) if recursive or not rel else []
         if rel:
-            with contextlib.suppress(NotFoundError):
+            try:
                 self.client.remove(env, rel)
-                if not children:
-                    return
-        if not children:
+                removed = True
+            except NotFoundError:
+                removed = False
+            if not recursive:
+                if not removed:
+                    if self.client.list(env, prefix):
+                        raise IsADirectoryError(f"{env}/{rel}")
+                    raise FileNotFoundError(f"{env}/{rel}")
+                return
+        elif not recursive:
+            raise IsADirectoryError(env)
+        else:
+            removed = False
+        children = self.client.list(env, prefix)
+        if not children and not removed:
             raise FileNotFoundError(f"{env}/{rel}")
         for item in children:
             self.client.remove(env, item["path"])

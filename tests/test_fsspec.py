@@ -199,5 +199,9 @@ def test_http_mode(http_fs: tuple[RescatFileSystem, ManagedStorage]) -> None:
         fs.cat_file("env/h/missing")
     with pytest.raises(NotImplementedError):
         fs.mv("env/h/a.bin", "env/h/b.bin")
+    with pytest.raises(IsADirectoryError):
+        fs.rm("env/h")
     fs.rm("env/h", recursive=True)
     assert managed.list_for_environment("env") == []
+    with pytest.raises(FileNotFoundError):
+        fs.rm("env/h/a.bin")
