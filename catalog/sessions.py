@@ -288,7 +288,9 @@ class SessionStore:
         offset it then reads back.
         """
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise InvalidOffsetError(f"invalid offset: {offset!r}", offset=-1)
+            raise InvalidOffsetError(
+                f"invalid offset: {offset!r}", offset=offset if isinstance(offset, int) else -1
+            )
         writer = self.open(env_uuid, session_id)
         try:
             if offset != writer.size():
