@@ -119,22 +119,30 @@ class _HasherCache:
     checkpointed since: the checkpoint token says so), else commit re-reads.
     """
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = 256, tail_bytes: int = 16 * 1024 * 1024) -> None:
         self._items: OrderedDict[str, tuple[str, int, Any, bytes]] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
+        self._tail_budget = tail_bytes  # partial chunks kept, all sessions together
+        self._tails = 0
 
     def put(self, session_id: str, ckpt: str, length: int, hasher: Any, tail: bytes) -> None:
         with self._lock:
+            old = self._items.pop(session_id, None)
+            if old is not None:
+                self._tails -= len(old[3])
             self._items[session_id] = (ckpt, length, hasher, tail)
-            self._items.move_to_end(session_id)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            self._tails += len(tail)
+            while len(self._items) > self._size or self._tails > self._tail_budget:
+                _, evicted = self._items.popitem(last=False)
+                self._tails -= len(evicted[3])
 
     def take(self, session_id: str, ckpt: str, length: int) -> tuple[Any, bytes] | None:
         """(hasher, partial tail chunk) if this process wrote the session's last checkpoint."""
         with self._lock:
             item = self._items.pop(session_id, None)
+            if item is not None:
+                self._tails -= len(item[3])
         if item is None or item[0] != ckpt or item[1] != length:
             return None
         return item[2], item[3]
