@@ -152,6 +152,17 @@ class WriteConflictError(CatalogError):
     code = "write_conflict"
 
 
+class OffsetMismatchError(CatalogError):
+    """An upload session append at an offset other than the session's length so far."""
+
+    code = "offset_mismatch"
+
+    def __init__(self, *args: object, offset: int = 0, expected: int = 0) -> None:
+        super().__init__(*args)
+        self.offset = offset
+        self.expected = expected
+
+
 __all__ = [
     "AlreadyExistsError",
     "BadRequestError",
@@ -167,6 +178,7 @@ __all__ = [
     "LengthMismatchError",
     "NoTransactionError",
     "NotFoundError",
+    "OffsetMismatchError",
     "PreconditionFailedError",
     "RequestExpiredError",
     "ResourceDeletedError",

@@ -939,6 +939,75 @@ class ManagedStorage:
             raise ResourceDeletedError("the content was deleted since the request")
         return res
 
+    # -- content already written elsewhere (upload sessions) --------------------
+    def commit_stored(
+        self,
+        env_uuid: str,
+        path: str,
+        digest: str,
+        length: int,
+        *,
+        store: Callable[[str], None],
+        drop: Callable[[], None],
+        options: WriteOptions = PLAIN,
+    ) -> PathInfo:
+        """Point a path at content whose bytes a caller has written already.
+
+        store(storage_path) makes those bytes the stored file at storage_path (no
+        copy: an upload session gives its chunks a files document); drop() throws
+        them away. Known content keeps its stored copy and ours is dropped once the
+        path is linked; new content records ours. On failure the reference is
+        released, and bytes not yet stored stay with the caller.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        digest = parse_hash(digest)
+        res, _ = self._catalog.acquire(digest, length, uploading=True)
+        rid = res.id
+        known = bool(res.path)
+        try:
+            with self._holding(rid):
+                if not known:
+                    storage_path = new_storage_path()
+                    store(storage_path)  # cleans up after itself if it fails
+                    res = self._complete(res, storage_path)  # drops ours if another won
+                doc = self._link(env_uuid, path, res, options)
+        except BaseException:
+            self._release(rid)
+            raise
+        if known:
+            drop()
+        return _path_info(doc, res.state, res.history)
+
+    def delete_paths(self, env_uuid: str, paths: list[str]) -> int:
+        """Remove many paths in one transaction (missing ones skipped); how many went.
+
+        What delete_path does for each, with one commit for all of them (a driver's
+        directory delete).
+        """
+        check_env(env_uuid)
+        for path in paths:
+            check_path(path)
+
+        def unlink(session: ClientSession | None, doomed: list[str]) -> int:
+            removed = 0
+            for path in paths:
+                query = self._live_query(env_uuid, path)
+                doc = self.paths.find_one_and_delete(query, session=session)
+                if doc is None:
+                    continue
+                self.history.update_one(
+                    {"env": env_uuid, "path": path},
+                    self._updates.closing(doc, "delete"),
+                    upsert=True,
+                    session=session,
+                )
+                self._release_in(str(doc["resource_id"]), session, doomed)
+                removed += 1
+            return removed
+
+        return self.transact(unlink)
+
 
 def _check(digest: str, length: int, seen_hash: str, seen: int) -> None:
     if seen != length:

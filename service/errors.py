@@ -37,6 +37,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "unavailable": 503,
     "invalid_argument": 400,
     "invalid_offset": 400,
+    "offset_mismatch": 409,
     "no_transaction": 400,
     "key_modified": 409,
     "cannot_lock": 409,

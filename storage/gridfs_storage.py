@@ -299,6 +299,130 @@ class GridFSStorage:
                     future.exception()  # wait, so cleanup sees every chunk written
         return hasher.hexdigest(), total
 
+    # -- session files: chunks written piecewise, committed later ---------------
+    # An upload session (catalog/sessions.py) owns a files_id whose chunks are
+    # written as its bytes arrive, possibly by several processes one after the
+    # other, and gets its files document only at commit: no second copy.
+    def write_session_chunks(
+        self, file_id: Any, first_n: int, chunks: list[bytes], *, replace_first: bool = False
+    ) -> None:
+        """Store chunks `first_n`, `first_n + 1`, ... of a session file (w=1).
+
+        replace_first: chunk `first_n` exists already (a partial tail written at an
+        earlier checkpoint) and is overwritten.
+        """
+        if not chunks:
+            return
+        docs = [
+            {"files_id": file_id, "n": first_n + i, "data": data} for i, data in enumerate(chunks)
+        ]
+        if replace_first:
+            first = docs.pop(0)
+            self._fast_chunks.replace_one({"files_id": file_id, "n": first_n}, first, upsert=True)
+        if docs:
+            self._fast_chunks.insert_many(docs, ordered=True)
+
+    def truncate_session_chunks(self, file_id: Any, length: int, *, tidy: bool = False) -> bytes:
+        """Cut a session file back to `length` bytes; return its partial tail chunk.
+
+        Chunks past `length` (written after the last checkpoint by a writer that
+        died) are deleted; the chunk holding the tail is cut to size. tidy: the
+        last checkpoint found exactly `length` bytes and nobody wrote since, so
+        only the tail is read. Writes at w=1: the next checkpoint confirms them.
+        """
+        tail_n, tail_len = divmod(length, self.chunk_size)
+        if not tidy:
+            self._fast_chunks.delete_many(
+                {"files_id": file_id, "n": {"$gte": tail_n if tail_len == 0 else tail_n + 1}}
+            )
+        if tail_len == 0:
+            return b""
+        doc = self.chunks.find_one({"files_id": file_id, "n": tail_n})
+        data = bytes(doc["data"]) if doc is not None else b""
+        if len(data) < tail_len:
+            raise CorruptFileError(
+                f"session file {file_id}: chunk {tail_n} has {len(data)} bytes, "
+                f"expected at least {tail_len}"
+            )
+        if len(data) != tail_len:
+            data = data[:tail_len]
+            self._fast_chunks.update_one(
+                {"files_id": file_id, "n": tail_n}, {"$set": {"data": data}}
+            )
+        return data
+
+    def session_chunks_durable(self, file_id: Any, length: int, *, since: int = 0) -> bool:
+        """Whether a majority read sees exactly the chunks of `length` bytes.
+
+        Call after a majority write that follows the chunk writes (the session
+        checkpoint), as put_file does after its files document. since: bytes
+        confirmed by an earlier check; only the chunks after them are counted.
+        """
+        expected = -(-length // self.chunk_size)
+        first = min(since // self.chunk_size, expected)
+        want = length - (expected - 1) * self.chunk_size if expected else 0
+        if expected - first <= 16:
+            # The few chunks since the last check (just written: in cache): their sizes.
+            sizes = self._chunk_sizes({"files_id": file_id, "n": {"$gte": first}})
+            return sizes == {
+                n: want if n == expected - 1 else self.chunk_size for n in range(first, expected)
+            }
+        # Index-only count, then one chunk's size (never the other chunks' data).
+        found = self._majority_chunks.count_documents({"files_id": file_id, "n": {"$gte": first}})
+        if found != expected - first:
+            return False
+        last = self._chunk_sizes({"files_id": file_id, "n": expected - 1})
+        return last == {expected - 1: want}
+
+    def _chunk_sizes(self, query: dict[str, Any]) -> dict[int, int]:
+        """n -> size of the chunks matching `query`, read at majority, without their data."""
+        try:
+            found = self._majority_chunks.find(
+                query, {"_id": 0, "n": 1, "size": {"$binarySize": "$data"}}
+            )
+            return {int(doc["n"]): int(doc["size"]) for doc in found}
+        except (OperationFailure, ValueError):  # no $binarySize (mongomock): measure here
+            found = self._majority_chunks.find(query, {"_id": 0, "n": 1, "data": 1})
+            return {int(doc["n"]): len(doc["data"]) for doc in found}
+
+    def iter_session_chunks(self, file_id: Any) -> Iterator[bytes]:
+        """The chunks of a session file in order, read at majority."""
+        cursor = self._majority_chunks.find(
+            {"files_id": file_id}, {"data": 1, "n": 1}, sort=[("n", 1)]
+        )
+        for expected, doc in enumerate(cursor):
+            if doc["n"] != expected:
+                raise CorruptFileError(f"session file {file_id}: chunk {expected} is missing")
+            yield bytes(doc["data"])
+
+    def commit_session_file(self, file_id: Any, path: str, length: int, digest: str) -> StoredFile:
+        """Give a session's chunks their files document at `path`: the file is then stored.
+
+        Same rule as put_file: the files document at w="majority", then a majority
+        read must find every chunk, else the files document goes and this raises
+        (the chunks stay with their session).
+        """
+        upload_date = datetime.datetime.now(datetime.timezone.utc)
+        self.files.insert_one(
+            {
+                "_id": file_id,
+                "length": length,
+                "chunkSize": self.chunk_size,
+                "uploadDate": upload_date,
+                "filename": path,
+                "metadata": {"blake3": digest},
+            }
+        )
+        if not self.session_chunks_durable(file_id, length):
+            self.files.delete_one({"_id": file_id})
+            raise CorruptFileError(f"{path!r}: the session's chunks are not all durable")
+        return StoredFile(file_id, path, length, self.chunk_size, upload_date, digest)
+
+    def discard_session_chunks(self, file_id: Any) -> None:
+        """Delete a session's chunks, unless they became a stored file meanwhile."""
+        if not self.file_exists(file_id):
+            self._delete_chunks(file_id)
+
 
 def _majority_read(db: Database[Any]) -> ReadConcern:
     """Majority reads where the server has them (mongomock has no read concerns)."""

@@ -1,0 +1,728 @@
+"""Upload sessions: content written piece by piece, invisible until one commit.
+
+Shared machinery of the registry driver's writers and of the HTTP resumable
+uploads. A session is one document in `upload_sessions` plus GridFS chunks under
+a files_id of its own, written as the bytes arrive (no temporary file, never the
+whole content in memory: a writer buffers at most the one chunk it is filling).
+
+* `offset` (the document's `size`) is what is durable: it moves at checkpoints
+  (a writer's close or commit, the end of an HTTP append), each a majority write
+  of the document followed by a majority read that finds exactly the chunks of
+  that length (the durability rule of `GridFSStorage.put_file`). Bytes written
+  after the last checkpoint by a writer that died are cut off when the session
+  is next opened.
+* One writer at a time: opening a writer claims the session (`owner`, with a
+  lease its heartbeat renews); a claim whose lease ran out may be taken over, so
+  a session left by a killed process is resumed from any other process.
+* `commit` hashes (in memory when this process wrote every byte, else by reading
+  the chunks back) and makes the path point at the content in one step. New
+  content keeps the session's chunks: they get a files document at a fresh
+  storage path, no copy. Known content drops them and takes a reference. Small
+  content goes inline in its catalog entry like any small put.
+* Until commit nothing is visible: no path is created or changed.
+* `reclaim_sessions` (gc) deletes sessions idle for longer than a maximum age;
+  `live_session_file_ids` lists the files_ids whose chunks belong to a session,
+  so gc and fsck never take them for orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import secrets
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import blake3
+from bson import ObjectId
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
+from pymongo.errors import DuplicateKeyError
+
+from catalog.clock import aware, utcnow
+from catalog.errors import (
+    BadRequestError,
+    CatalogError,
+    HashMismatchError,
+    InvalidOffsetError,
+    NotFoundError,
+    OffsetMismatchError,
+    UploadPendingError,
+)
+from catalog.names import check_env, check_path, parse_hash
+from catalog.streams import Heartbeat
+
+if TYPE_CHECKING:
+    from catalog.managed import ManagedStorage, PathInfo
+
+COLLECTION = "upload_sessions"
+DRIVER = "driver"  # one per path: the registry driver's writer of that path
+UPLOAD = "upload"  # HTTP resumable uploads: any number per path
+OPEN = "open"
+COMMITTING = "committing"
+DEFAULT_MAX_AGE = 7 * 24 * 3600.0
+COPY_BLOCK = 1024 * 1024
+# Chunk inserts in flight per writer while it hashes and cuts the next ones (the
+# server is the bottleneck: this keeps it busy without holding more in memory).
+IN_FLIGHT = 2
+_POOL_LOCK = threading.Lock()
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _insert_pool() -> ThreadPoolExecutor:
+    """Worker threads shared by every writer of the process (none started per writer)."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(8, thread_name_prefix="rescat-session"))
+        return _POOL[0]
+
+
+class SessionLostError(UploadPendingError):
+    """The session changed under this writer (taken over, cancelled or reclaimed)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a session is: `offset` bytes durable so far."""
+
+    id: str
+    env_uuid: str
+    path: str
+    kind: str
+    offset: int
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    file_id: Any = None
+
+
+def _session(doc: dict[str, Any]) -> Session:
+    return Session(
+        id=str(doc["_id"]),
+        env_uuid=doc["env"],
+        path=doc["path"],
+        kind=doc.get("kind", UPLOAD),
+        offset=int(doc["size"]),
+        created_at=aware(doc["created_at"]),
+        updated_at=aware(doc["updated_at"]),
+        file_id=doc["file_id"],
+    )
+
+
+class _HasherCache:
+    """BLAKE3 states of sessions this process wrote, keyed by their checkpoint.
+
+    A BLAKE3 state cannot be stored in MongoDB; a writer reopened in the process
+    that wrote the bytes so far picks its state up here (only if no other writer
+    checkpointed since: the checkpoint token says so), else commit re-reads.
+    """
+
+    def __init__(self, size: int = 256, tail_bytes: int = 16 * 1024 * 1024) -> None:
+        self._items: OrderedDict[str, tuple[str, int, Any, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+        self._tail_budget = tail_bytes  # partial chunks kept, all sessions together
+        self._tails = 0
+
+    def put(self, session_id: str, ckpt: str, length: int, hasher: Any, tail: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(session_id, None)
+            if old is not None:
+                self._tails -= len(old[3])
+            self._items[session_id] = (ckpt, length, hasher, tail)
+            self._tails += len(tail)
+            while len(self._items) > self._size or self._tails > self._tail_budget:
+                _, evicted = self._items.popitem(last=False)
+                self._tails -= len(evicted[3])
+
+    def take(self, session_id: str, ckpt: str, length: int) -> tuple[Any, bytes] | None:
+        """(hasher, partial tail chunk) if this process wrote the session's last checkpoint."""
+        with self._lock:
+            item = self._items.pop(session_id, None)
+            if item is not None:
+                self._tails -= len(item[3])
+        if item is None or item[0] != ckpt or item[1] != length:
+            return None
+        return item[2], item[3]
+
+
+_HASHERS = _HasherCache()
+
+
+class SessionStore:
+    """Upload sessions over a ManagedStorage whose resource storage is a GridFSStorage."""
+
+    def __init__(self, managed: ManagedStorage) -> None:
+        self.managed = managed
+        self.storage = managed.resource_storage
+        if not hasattr(self.storage, "write_session_chunks"):
+            raise CatalogError("upload sessions need a GridFSStorage resource storage")
+        self.lease = managed.catalog.lease
+        self.sessions = managed.db[COLLECTION].with_options(write_concern=WriteConcern("majority"))
+        # Claims and lease renewals: a claim rolled back by a failover only makes the
+        # writer's next checkpoint (majority, conditional on the claim) fail.
+        self._fast = self.sessions.with_options(write_concern=WriteConcern(w=1))
+        self.sessions.create_index(
+            [("env", ASCENDING), ("path", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"kind": DRIVER},
+            name="driver_path",
+        )
+        self.sessions.create_index([("updated_at", ASCENDING)])
+
+    # -- sessions by id ---------------------------------------------------------
+    def create(self, env_uuid: str, path: str, *, kind: str = UPLOAD) -> Session:
+        """A new empty session for `path`.
+
+        kind DRIVER: the path's previous driver session, if any, is discarded
+        (a writer opened without append starts over).
+        """
+        check_env(env_uuid)
+        check_path(path)
+        if kind not in (DRIVER, UPLOAD):
+            raise BadRequestError(f"invalid session kind: {kind!r}")
+        while True:
+            if kind == DRIVER:
+                old = self.sessions.find_one_and_delete(
+                    {"env": env_uuid, "path": path, "kind": DRIVER}
+                )
+                if old is not None:
+                    self.storage.discard_session_chunks(old["file_id"])
+            now = utcnow()
+            doc = {
+                "_id": secrets.token_urlsafe(18),
+                "env": env_uuid,
+                "path": path,
+                "kind": kind,
+                "file_id": ObjectId(),
+                "chunk_size": self.storage.chunk_size,
+                "size": 0,
+                "state": OPEN,
+                "owner": None,
+                "lease_until": now,
+                "ckpt": secrets.token_hex(8),
+                "created_at": now,
+                "updated_at": now,
+            }
+            try:
+                # The document comes before any chunk, so gc always sees whose they are.
+                self.sessions.insert_one(doc)
+            except DuplicateKeyError:
+                continue  # another writer of this path created one meanwhile: replace it
+            return _session(doc)
+
+    def get(self, env_uuid: str, session_id: str) -> Session:
+        check_env(env_uuid)
+        return _session(self._doc(env_uuid, session_id))
+
+    def find(self, env_uuid: str, path: str) -> Session | None:
+        """The driver session of `path`, if there is one."""
+        check_env(env_uuid)
+        check_path(path)
+        doc = self.sessions.find_one({"env": env_uuid, "path": path, "kind": DRIVER})
+        return _session(doc) if doc is not None else None
+
+    def open(self, env_uuid: str, session_id: str) -> SessionWriter:
+        """Claim a session and return its writer, positioned at the session's end.
+
+        UploadPendingError while another live writer holds it; NotFoundError when
+        it does not exist (never did, cancelled, committed or reclaimed).
+        """
+        check_env(env_uuid)
+        writer = self._claim({"_id": _sid(session_id), "env": env_uuid})
+        if writer is None:
+            self._doc(env_uuid, session_id)  # NotFoundError if it is gone
+            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+        return writer
+
+    def open_path(self, env_uuid: str, path: str) -> SessionWriter | None:
+        """Claim the driver session of `path` (one query); None when it has none."""
+        check_env(env_uuid)
+        check_path(path)
+        key = {"env": env_uuid, "path": path, "kind": DRIVER}
+        writer = self._claim(key)
+        if writer is None and self.sessions.find_one(key, {"_id": 1}) is not None:
+            raise UploadPendingError(f"{env_uuid}: the session of {path!r} is held by a writer")
+        return writer
+
+    def _claim(self, key: dict[str, Any]) -> SessionWriter | None:
+        owner = secrets.token_hex(12)
+        now = utcnow()
+        doc = self._fast.find_one_and_update(
+            {
+                **key,
+                "state": {"$in": [OPEN, COMMITTING]},
+                "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
+            },
+            {
+                "$set": {
+                    "owner": owner,
+                    "lease_until": self._lease_end(now),
+                    "updated_at": now,
+                    "tidy": False,
+                    "state": OPEN,
+                }
+            },
+            return_document=ReturnDocument.BEFORE,
+        )
+        if doc is None:
+            return None
+        if doc.get("state") == COMMITTING:
+            self._after_dead_commit(doc)
+        size = int(doc["size"])
+        cached = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
+        tidy = bool(doc.get("tidy"))
+        try:
+            if tidy and cached is not None:
+                hasher, tail = cached
+            else:
+                hasher = cached[0] if cached is not None else None
+                tail = self.storage.truncate_session_chunks(doc["file_id"], size, tidy=tidy)
+        except BaseException:
+            self._release(str(doc["_id"]), owner)
+            raise
+        return SessionWriter(self, doc, owner, tail, hasher)
+
+    def append(
+        self, env_uuid: str, session_id: str, offset: int, reader: BinaryIO, length: int = -1
+    ) -> int:
+        """Append the reader's bytes (`length` of them, or to EOF) at `offset`; the new offset.
+
+        An offset other than the session's current one raises OffsetMismatchError
+        and changes nothing. If the reader fails midway, what arrived is kept
+        (checkpointed) and the error propagates: the client resumes from the
+        offset it then reads back.
+        """
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise InvalidOffsetError(
+                f"invalid offset: {offset!r}", offset=offset if isinstance(offset, int) else -1
+            )
+        writer = self.open(env_uuid, session_id)
+        try:
+            if offset != writer.size():
+                raise OffsetMismatchError(
+                    f"upload session {session_id} is at offset {writer.size()}, not {offset}",
+                    offset=offset,
+                    expected=writer.size(),
+                )
+            writer.copy_from(reader, length)
+        except BaseException:
+            writer.close()
+            raise
+        writer.close()
+        return writer.size()
+
+    def commit(self, env_uuid: str, session_id: str, expected_hash: str | None = None) -> PathInfo:
+        """Make the session's path point at its content; HashMismatchError keeps the session."""
+        writer = self.open(env_uuid, session_id)
+        try:
+            return writer.commit(expected_hash)
+        finally:
+            writer.close()
+
+    def cancel(self, env_uuid: str, session_id: str) -> None:
+        """Discard a session and its bytes (UploadPendingError while a writer holds it)."""
+        check_env(env_uuid)
+        now = utcnow()
+        doc = self.sessions.find_one_and_delete(
+            {
+                "_id": _sid(session_id),
+                "env": env_uuid,
+                "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
+            }
+        )
+        if doc is None:
+            self._doc(env_uuid, session_id)
+            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+        self.storage.discard_session_chunks(doc["file_id"])
+
+    # -- internals --------------------------------------------------------------
+    def _after_dead_commit(self, doc: dict[str, Any]) -> None:
+        """A writer died while committing: resume only if the bytes are still the session's."""
+        file_id, size = doc["file_id"], int(doc["size"])
+        if not self.storage.file_exists(file_id) and self.storage.session_chunks_durable(
+            file_id, size
+        ):
+            return
+        # Its bytes became a stored file, or were dropped for known content: the
+        # commit got far enough that the session cannot go on.
+        self.sessions.delete_one({"_id": doc["_id"]})
+        raise NotFoundError(
+            f"{doc['env']}: upload session {doc['_id']} ended in a commit that did not "
+            "finish; check the path and start over"
+        )
+
+    def _doc(self, env_uuid: str, session_id: str) -> dict[str, Any]:
+        doc = self.sessions.find_one({"_id": _sid(session_id), "env": env_uuid})
+        if doc is None:
+            raise NotFoundError(f"{env_uuid}: no upload session {session_id!r}")
+        return dict(doc)
+
+    def _lease_end(self, now: datetime.datetime) -> datetime.datetime:
+        return now + datetime.timedelta(seconds=self.lease)
+
+    def _renew(self, session_id: str, owner: str) -> None:
+        now = utcnow()
+        self._fast.update_one(
+            {"_id": session_id, "owner": owner},
+            {"$set": {"lease_until": self._lease_end(now), "updated_at": now}},
+        )
+
+    def _release(self, session_id: str, owner: str) -> None:
+        self.sessions.update_one(
+            {"_id": session_id, "owner": owner}, {"$set": {"owner": None, "state": OPEN}}
+        )
+
+
+class SessionWriter:
+    """The one writer of a claimed session: write(), size(), close(), commit(), cancel()."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        doc: dict[str, Any],
+        owner: str,
+        tail: bytes,
+        hasher: Any,
+    ) -> None:
+        self._store = store
+        self.session_id = str(doc["_id"])
+        self.env_uuid: str = doc["env"]
+        self.path: str = doc["path"]
+        self.file_id = doc["file_id"]
+        self._owner = owner
+        self._chunk_size = int(doc["chunk_size"])
+        if self._chunk_size != store.storage.chunk_size:
+            raise CatalogError(f"upload session {self.session_id}: chunk size changed")
+        self._size = int(doc["size"])
+        self._verified = self._size  # confirmed durable by the last checkpoint
+        self._n = self._size // self._chunk_size  # index of the chunk being filled
+        self._buf = bytearray(tail)
+        self._tail_stored = bool(tail)  # chunk _n exists (a partial tail) and is replaced
+        self._hasher = hasher if hasher is not None or self._size else blake3.blake3()
+        self._state = OPEN
+        self._in_flight: deque[Future[None]] = deque()
+        self._heartbeat = Heartbeat(lambda: store._renew(self.session_id, owner), store.lease / 4)
+        self._heartbeat.__enter__()
+
+    # -- the writer -------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_open("write to")
+        view = memoryview(data).cast("B")
+        count = len(view)
+        if not count:
+            return 0
+        if self._hasher is not None:
+            self._hasher.update(view)
+        cs = self._chunk_size
+        chunks: list[bytes] = []
+        first_n = self._n
+        replace_first = False
+        if self._buf:
+            take = min(cs - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) == cs:
+                chunks.append(bytes(self._buf))
+                replace_first = self._tail_stored
+                self._buf = bytearray()
+                self._tail_stored = False
+        while len(view) >= cs:
+            chunks.append(bytes(view[:cs]))
+            view = view[cs:]
+        if len(view):
+            self._buf += view
+        if chunks:
+            self._submit(first_n, chunks, replace_first)
+            self._n += len(chunks)
+        self._size += count
+        return count
+
+    def _submit(self, first_n: int, chunks: list[bytes], replace_first: bool) -> None:
+        """Insert chunks on a worker thread; at most IN_FLIGHT inserts outstanding."""
+        if len(self._in_flight) >= IN_FLIGHT:
+            self._wait(self._in_flight.popleft())
+        write = self._store.storage.write_session_chunks
+        self._in_flight.append(
+            _insert_pool().submit(write, self.file_id, first_n, chunks, replace_first=replace_first)
+        )
+
+    def _wait(self, future: Future[None]) -> None:
+        try:
+            future.result()
+        except BaseException:
+            self._drain(raise_errors=False)
+            self._end("failed")  # the next writer cuts the session back to its checkpoint
+            with contextlib.suppress(Exception):
+                self._store._release(self.session_id, self._owner)
+            raise
+
+    def _drain(self, *, raise_errors: bool = True) -> None:
+        """Wait for every chunk insert in flight (so cleanup and checkpoints see them all)."""
+        while self._in_flight:
+            future = self._in_flight.popleft()
+            if raise_errors:
+                self._wait(future)
+            else:
+                future.exception()
+
+    def copy_from(self, reader: BinaryIO, length: int = -1) -> int:
+        """Write the reader's next `length` bytes (< 0: to EOF); how many there were."""
+        done = 0
+        while length < 0 or done < length:
+            want = COPY_BLOCK if length < 0 else min(COPY_BLOCK, length - done)
+            data = reader.read(want)
+            if not data:
+                break
+            self.write(data)
+            done += len(data)
+        return done
+
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._state != OPEN
+
+    def close(self) -> None:
+        """Keep the session (checkpointed) for a later writer; no-op once ended."""
+        if self._state != OPEN:
+            return
+        try:
+            ckpt = self._checkpoint(release=True)
+        finally:
+            self._end("closed")
+        if self._hasher is not None:
+            _HASHERS.put(self.session_id, ckpt, self._size, self._hasher, bytes(self._buf))
+
+    def cancel(self) -> None:
+        """Discard the session and its bytes."""
+        if self._state == "cancelled":
+            return
+        self._check_open("cancel")
+        self._drain(raise_errors=False)
+        try:
+            doc = self._store.sessions.find_one_and_delete(
+                {"_id": self.session_id, "owner": self._owner}
+            )
+            if doc is not None:
+                self._store.storage.discard_session_chunks(self.file_id)
+        finally:
+            self._end("cancelled")
+        if doc is None:
+            raise SessionLostError(f"upload session {self.session_id} was taken over")
+
+    def commit(self, expected_hash: str | None = None) -> PathInfo:
+        """Point the path at what was written, in one step; the session ends.
+
+        expected_hash: HashMismatchError if the content hashes otherwise, and the
+        session is kept (this writer stays open).
+
+        One majority write records the final length and the `committing` state
+        (a writer that resumes after this one died mid-commit checks what became
+        of the bytes); the durability of the chunks is checked where they are
+        used: after the files document of new content (as every put does), by
+        the majority read of small content; known content drops them.
+        """
+        self._check_open("commit")
+        expected = parse_hash(expected_hash) if expected_hash else None
+        store = self._store
+        self._drain()
+        if self._buf:
+            store.storage.write_session_chunks(
+                self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
+            )
+            self._tail_stored = True
+        now = utcnow()
+        claimed = store.sessions.find_one_and_update(
+            {"_id": self.session_id, "owner": self._owner, "state": OPEN},
+            {
+                "$set": {
+                    "size": self._size,
+                    "ckpt": secrets.token_hex(8),
+                    "state": COMMITTING,
+                    "updated_at": now,
+                    "lease_until": store._lease_end(now),
+                }
+            },
+        )
+        if claimed is None:
+            self._end("lost")
+            raise SessionLostError(f"upload session {self.session_id} was taken over")
+        try:
+            digest = self._digest()
+            if expected is not None and digest != expected:
+                raise HashMismatchError(f"content hashes to {digest}, not {expected}")
+        except BaseException:
+            store.sessions.update_one(
+                {"_id": self.session_id, "owner": self._owner}, {"$set": {"state": OPEN}}
+            )
+            raise
+        try:
+            info = self._link(digest)
+        except BaseException:
+            self._after_failed_commit()
+            raise
+        self._end("committed")
+        # At w=1: if a failover loses this, the next opener finds a dead commit.
+        store._fast.delete_one({"_id": self.session_id})
+        return info
+
+    # -- internals --------------------------------------------------------------
+    def _check_open(self, what: str) -> None:
+        if self._state != OPEN:
+            raise BadRequestError(f"cannot {what} upload session {self.session_id}: {self._state}")
+
+    def _end(self, state: str) -> None:
+        self._state = state
+        self._drain(raise_errors=False)
+        self._heartbeat.__exit__(None, None, None)
+
+    def _checkpoint(self, *, release: bool) -> str:
+        """Store the partial tail, record the length (majority), check the chunks are durable."""
+        store = self._store
+        self._drain()
+        if self._buf:
+            store.storage.write_session_chunks(
+                self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
+            )
+            self._tail_stored = True
+        ckpt = secrets.token_hex(8)
+        now = utcnow()
+        update: dict[str, Any] = {"size": self._size, "ckpt": ckpt, "updated_at": now}
+        if release:
+            update["owner"] = None
+            update["tidy"] = True  # exactly `size` bytes are stored, nobody writes
+        else:
+            update["lease_until"] = store._lease_end(now)
+        doc = store.sessions.find_one_and_update(
+            {"_id": self.session_id, "owner": self._owner}, {"$set": update}
+        )
+        if doc is None:
+            self._end("lost")
+            raise SessionLostError(f"upload session {self.session_id} was taken over or removed")
+        if not store.storage.session_chunks_durable(self.file_id, self._size, since=self._verified):
+            durable = self._durable_length()
+            store.sessions.update_one(
+                {"_id": self.session_id}, {"$set": {"size": durable, "owner": None}}
+            )
+            self._end("lost")
+            raise CatalogError(
+                f"upload session {self.session_id}: bytes after offset {durable} were lost "
+                f"(a failover?); resume from offset {durable}"
+            )
+        self._verified = self._size
+        return ckpt
+
+    def _durable_length(self) -> int:
+        """What a majority read finds, cut at the first missing or short chunk."""
+        total = 0
+        try:
+            for data in self._store.storage.iter_session_chunks(self.file_id):
+                total += len(data)
+                if len(data) < self._chunk_size:
+                    break
+        except CatalogError:
+            pass
+        return min(total, self._size)
+
+    def _digest(self) -> str:
+        if self._hasher is not None:
+            return str(self._hasher.hexdigest())
+        # Written (partly) by another process: hash what is durable.
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        seen = 0
+        for data in self._store.storage.iter_session_chunks(self.file_id):
+            hasher.update(data)
+            seen += len(data)
+        if seen != self._size:
+            raise CatalogError(
+                f"upload session {self.session_id}: {seen} bytes stored, expected {self._size}"
+            )
+        self._hasher = hasher
+        return str(hasher.hexdigest())
+
+    def _link(self, digest: str) -> PathInfo:
+        store = self._store
+        managed = store.managed
+        storage = store.storage
+        size = self._size
+        if size <= managed.inline_max:
+            data = b"".join(storage.iter_session_chunks(self.file_id))
+            if len(data) != size:
+                raise CatalogError(
+                    f"upload session {self.session_id}: {len(data)} bytes durable, expected {size}"
+                )
+            info = managed.put_path(
+                self.env_uuid, self.path, io.BytesIO(data), size, check_hash=digest
+            )
+            storage.discard_session_chunks(self.file_id)
+            return info
+        file_id = self.file_id
+        return managed.commit_stored(
+            self.env_uuid,
+            self.path,
+            digest,
+            size,
+            store=lambda storage_path: storage.commit_session_file(
+                file_id, storage_path, size, digest
+            ),
+            drop=lambda: storage.discard_session_chunks(file_id),
+        )
+
+    def _after_failed_commit(self) -> None:
+        """Keep the session if its bytes are still its own, else it is gone."""
+        store = self._store
+        storage = store.storage
+        if not storage.file_exists(self.file_id) and storage.session_chunks_durable(
+            self.file_id, self._size
+        ):
+            store.sessions.update_one(
+                {"_id": self.session_id, "owner": self._owner}, {"$set": {"state": OPEN}}
+            )
+            return
+        store.sessions.delete_one({"_id": self.session_id})
+        self._end("failed")
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == OPEN:
+            self._heartbeat.__exit__(None, None, None)
+
+
+def _sid(session_id: object) -> str:
+    if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
+        raise NotFoundError(f"no upload session {session_id!r}")
+    return session_id
+
+
+# -- gc's hooks -------------------------------------------------------------------
+def reclaim_sessions(managed: ManagedStorage, max_age: float = DEFAULT_MAX_AGE) -> int:
+    """Delete sessions untouched for `max_age` seconds (and no live writer); how many went.
+
+    A session that was mid-commit when its process died keeps its bytes if they
+    became a stored file (the catalog then owns them, or gc's orphan pass does).
+    """
+    if max_age < 0:
+        raise BadRequestError(f"max_age must be >= 0 seconds, not {max_age}")
+    storage = managed.resource_storage
+    sessions = managed.db[COLLECTION].with_options(write_concern=WriteConcern("majority"))
+    now = utcnow()
+    cutoff = now - datetime.timedelta(seconds=max_age)
+    stale = {"updated_at": {"$lt": cutoff}, "lease_until": {"$lte": now}}
+    count = 0
+    for doc in sessions.find(stale, {"_id": 1}):
+        gone = sessions.find_one_and_delete({"_id": doc["_id"], **stale})
+        if gone is None:
+            continue  # resumed meanwhile
+        storage.discard_session_chunks(gone["file_id"])
+        count += 1
+    return count
+
+
+def live_session_file_ids(managed: ManagedStorage) -> set[Any]:
+    """The files_ids of every session's chunks: never orphans while the session exists."""
+    sessions = managed.db[COLLECTION]
+    return {doc["file_id"] for doc in sessions.find({}, {"file_id": 1})}

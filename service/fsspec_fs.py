@@ -1,0 +1,504 @@
+"""fsspec filesystem `rescat://ENV/path`, registered by the `fsspec.specs` entry point.
+
+Two modes, one class:
+
+* MongoDB (default): `fsspec.filesystem("rescat", mongo_uri=..., database=...)`, else
+  $RESCAT_MONGO_URI, else the embedded mongod. Every call is a StorageDriver call
+  on the URL's environment: directories are indexed range queries, `mv` repoints
+  without copying, `open(..., "wb")` is a writer session committed on close and
+  cancelled when the `with` block raises.
+* HTTP: `fsspec.filesystem("rescat", server=URL, token=T)` talks to the service
+  through `service.client.CatalogClient` with the routes it has: ranged GET, PUT,
+  DELETE and the list (writes are spooled to a temporary file and PUT on close).
+
+A missing path raises FileNotFoundError. `checksum` is the content's BLAKE3 as an
+int. `sign(path, expiration)` returns a signed GET URL of the service (needs the
+secret: RESCAT_SIGNING_SECRET or `signing_secret=` over HTTP; the database's own
+secret and `base_url=` / $RESCAT_SERVER with MongoDB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+from catalog.driver import FileInfo, SkipDir, StorageDriver
+from catalog.errors import CatalogError, NotFoundError
+from catalog.names import check_env
+from service.client import CatalogClient
+from service.signing import SECRET_ENV, URLSigner
+
+PROTOCOL = "rescat"
+BLOCK = 4 * 1024 * 1024
+
+
+class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
+    """rescat's environments as a file system: `ENV/dir/file`."""
+
+    protocol = PROTOCOL
+    root_marker = ""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        token: str | None = None,
+        *,
+        mongo_uri: str | None = None,
+        database: str | None = None,
+        base_url: str | None = None,
+        signing_secret: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.server = server
+        self._base_url = base_url or server or os.environ.get("RESCAT_SERVER") or None
+        self._signing_secret = signing_secret
+        self._drivers: dict[str, StorageDriver] = {}
+        self.client: CatalogClient | None = None
+        self.managed: Any = None
+        if server:
+            self.client = CatalogClient(server, token)
+        else:
+            from catalog.connect import connect
+
+            name = database or os.environ.get("RESCAT_DATABASE") or "rescat"
+            self.managed = connect(mongo_uri, name)
+
+    # -- paths --------------------------------------------------------------------
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> str:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]  # type: ignore[return-value]
+        text = str(path)
+        if text.startswith(PROTOCOL + "://"):
+            text = text[len(PROTOCOL) + 3 :]
+        elif text.startswith(PROTOCOL + ":"):
+            text = text[len(PROTOCOL) + 1 :]
+        return text.strip("/")
+
+    @staticmethod
+    def _get_kwargs_from_urls(path: str) -> dict[str, Any]:
+        return {}
+
+    def _split(self, path: str) -> tuple[str, str]:
+        """(environment, path inside it) of a stripped path; rel is "" for the environment."""
+        stripped = self._strip_protocol(path)
+        env, _, rel = stripped.partition("/")
+        if not env:
+            raise FileNotFoundError(path)
+        try:
+            check_env(env)
+        except CatalogError as exc:
+            raise ValueError(str(exc)) from None
+        return env, rel
+
+    def _driver(self, env: str) -> StorageDriver:
+        if env not in self._drivers:
+            self._drivers[env] = StorageDriver(self.managed, env, name=PROTOCOL)
+        return self._drivers[env]
+
+    # -- reads --------------------------------------------------------------------
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        stripped = self._strip_protocol(path)
+        if not stripped:
+            return {"name": "", "size": 0, "type": "directory"}
+        env, rel = self._split(stripped)
+        if not rel:
+            return {"name": env, "size": 0, "type": "directory"}
+        with _not_found(path):
+            if self.client is not None:
+                return self._http_info(env, rel)
+            try:
+                stat = self.managed.stat_for_environment(env, rel)
+            except NotFoundError:
+                fi = self._driver(env).stat("/" + rel)
+                return _entry(env, fi)
+            return {
+                "name": f"{env}/{rel}",
+                "size": stat.length,
+                "type": "file",
+                "mtime": stat.updated_at.timestamp(),
+                "created": stat.created_at.timestamp(),
+                "hash": stat.hash,
+                "revision": stat.revision,
+            }
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        stripped = self._strip_protocol(path)
+        if not stripped:
+            entries = [{"name": env, "size": 0, "type": "directory"} for env in self._envs()]
+        else:
+            env, rel = self._split(stripped)
+            with _not_found(path):
+                if self.client is not None:
+                    entries = self._http_ls(env, rel)
+                else:
+                    try:
+                        children = self._driver(env).children("/" + rel if rel else "/")
+                    except NotFoundError:
+                        info = self.info(stripped)  # a file lists as itself
+                        return [info] if detail else [info["name"]]
+                    entries = [_entry(env, fi) for fi in children]
+        return entries if detail else [e["name"] for e in entries]
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        env, rel = self._split(path)
+        with _not_found(path):
+            if self.client is not None:
+                return self._http_range(env, rel, start, end)
+            reader, length = self.managed.get_for_environment(env, rel)
+            try:
+                first, stop = _bounds(start, end, length)
+                reader.seek(first)
+                return bytes(reader.read(max(0, stop - first)))
+            finally:
+                reader.close()
+
+    def find(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        withdirs: bool = False,
+        detail: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        stripped = self._strip_protocol(path)
+        found: dict[str, dict[str, Any]] = {}
+        roots = [e["name"] for e in self.ls("", detail=True)] if not stripped else [stripped]
+        for root in roots:
+            found.update(self._find_under(root, maxdepth, withdirs))
+        names = sorted(found)
+        return {n: found[n] for n in names} if detail else names
+
+    def checksum(self, path: str) -> int:
+        """The content's BLAKE3 digest as an int (equal content, equal checksum)."""
+        return int(self.info(path)["hash"], 16)
+
+    def modified(self, path: str) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], datetime.timezone.utc)
+
+    def created(self, path: str) -> datetime.datetime:
+        info = self.info(path)
+        return datetime.datetime.fromtimestamp(
+            info.get("created", info["mtime"]), datetime.timezone.utc
+        )
+
+    def sign(self, path: str, expiration: int = 100, **kwargs: Any) -> str:
+        """A URL of the service that serves the path without a token for `expiration` s."""
+        env, rel = self._split(path)
+        if not rel:
+            raise ValueError(f"{path}: only files can be signed")
+        if not self._base_url:
+            raise NotImplementedError("signing needs the service's URL (server= or base_url=)")
+        secret = self._signing_secret or os.environ.get(SECRET_ENV)
+        if secret:
+            signer = URLSigner(self._base_url, secret, ttl=float(expiration))
+        elif self.managed is not None:
+            signer = URLSigner.for_database(self.managed, self._base_url, ttl=float(expiration))
+        else:
+            raise NotImplementedError(
+                f"signing over HTTP needs the service's secret (signing_secret= or {SECRET_ENV})"
+            )
+        return signer.sign("GET", env, rel)
+
+    # -- writes -------------------------------------------------------------------
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        env, rel = self._split(path)
+        if not rel:
+            raise IsADirectoryError(path)
+        if self.client is not None:
+            self.client.put(env, rel, bytes(value))
+        else:
+            self._driver(env).put_content("/" + rel, bytes(value))
+        self.invalidate_cache(self._parent(path))
+
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RescatFile:
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"rescat files open as 'rb' or 'wb', not {mode!r}")
+        return RescatFile(
+            self,
+            path,
+            mode,
+            block_size=block_size or BLOCK,
+            autocommit=autocommit,
+            cache_options=cache_options,
+            **kwargs,
+        )
+
+    def mv(
+        self,
+        path1: str,
+        path2: str,
+        recursive: bool = False,
+        maxdepth: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Repoint (no bytes copied); a directory moves file by file (recursive)."""
+        if self.client is not None:
+            raise NotImplementedError("mv over HTTP: the service has no move route")
+        env1, rel1 = self._split(path1)
+        env2, rel2 = self._split(path2)
+        if env1 != env2 or not rel1 or not rel2:
+            raise NotImplementedError("mv moves paths within one environment")
+        driver = self._driver(env1)
+        with _not_found(path1):
+            if self.isfile(path1):
+                driver.move("/" + rel1, "/" + rel2)
+            elif recursive and self.isdir(path1):
+                for name in self.find(path1):
+                    tail = name[len(f"{env1}/{rel1}") :]
+                    driver.move("/" + rel1 + tail, "/" + rel2 + tail)
+            else:
+                raise FileNotFoundError(path1)
+        self.invalidate_cache()
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        for one in path if isinstance(path, list) else [path]:
+            env, rel = self._split(one)
+            with _not_found(one):
+                if self.client is not None:
+                    self._http_rm(env, rel, recursive)
+                elif not rel:
+                    if not recursive:
+                        raise IsADirectoryError(one)
+                    for child in self._driver(env).list("/"):
+                        self._driver(env).delete(child)
+                elif not recursive and self.isdir(one):
+                    raise IsADirectoryError(one)
+                else:
+                    self._driver(env).delete("/" + rel)
+        self.invalidate_cache()
+
+    def _rm(self, path: str) -> None:
+        self.rm(path)
+
+    def rm_file(self, path: str) -> None:
+        self.rm(path)
+
+    # -- internals ------------------------------------------------------------------
+    def _envs(self) -> list[str]:
+        if self.client is not None:
+            raise NotImplementedError("listing environments over HTTP")
+        return sorted(self.managed.paths.distinct("env"))
+
+    def _find_under(
+        self, root: str, maxdepth: int | None, withdirs: bool
+    ) -> dict[str, dict[str, Any]]:
+        env, rel = self._split(root)
+        out: dict[str, dict[str, Any]] = {}
+        with _not_found(root):
+            if self.client is not None:
+                prefix = rel + "/" if rel else ""
+                items = self.client.list(env, prefix)
+                if rel and not items:
+                    info = self._http_info(env, rel)
+                    return {info["name"]: info}
+                for item in items:
+                    depth = item["path"][len(prefix) :].count("/") + 1
+                    if maxdepth is not None and depth > maxdepth:
+                        continue
+                    name = f"{env}/{item['path']}"
+                    out[name] = {"name": name, "size": int(item["length"]), "type": "file"}
+                    if withdirs:
+                        parts = item["path"][len(prefix) :].split("/")[:-1]
+                        for i in range(len(parts)):
+                            d = f"{env}/{prefix}{'/'.join(parts[: i + 1])}"
+                            out.setdefault(d, {"name": d, "size": 0, "type": "directory"})
+                return out
+            driver = self._driver(env)
+            base_depth = rel.count("/") + 1 if rel else 0
+
+            def visit(fi: FileInfo) -> None:
+                depth = fi.path.count("/") - base_depth
+                entry = _entry(env, fi)
+                if not fi.is_dir or withdirs:
+                    out[entry["name"]] = entry
+                if fi.is_dir and maxdepth is not None and depth >= maxdepth:
+                    raise SkipDir
+
+            try:
+                driver.walk("/" + rel if rel else "/", visit)
+            except NotFoundError:
+                if not rel:
+                    return out
+                fi = driver.stat("/" + rel)  # a file finds itself
+                return {f"{env}/{rel}": _entry(env, fi)}
+        return out
+
+    def _http_info(self, env: str, rel: str) -> dict[str, Any]:
+        assert self.client is not None
+        try:
+            stat = self.client.stat(env, rel)
+        except NotFoundError:
+            if self.client.list(env, rel + "/"):
+                return {"name": f"{env}/{rel}", "size": 0, "type": "directory"}
+            raise
+        return {
+            "name": f"{env}/{rel}",
+            "size": int(stat["length"]),
+            "type": "file",
+            "hash": stat["hash"],
+        }
+
+    def _http_ls(self, env: str, rel: str) -> list[dict[str, Any]]:
+        assert self.client is not None
+        prefix = rel + "/" if rel else ""
+        items = self.client.list(env, prefix)
+        if rel and not items:
+            return [self._http_info(env, rel)]
+        found: dict[str, dict[str, Any]] = {}
+        for item in items:
+            name, sep, _ = item["path"][len(prefix) :].partition("/")
+            full = f"{env}/{prefix}{name}"
+            if sep:
+                found[full] = {"name": full, "size": 0, "type": "directory"}
+            else:
+                found.setdefault(full, {"name": full, "size": int(item["length"]), "type": "file"})
+        return [found[k] for k in sorted(found)]
+
+    def _http_range(self, env: str, rel: str, start: int | None, end: int | None) -> bytes:
+        """A Range GET (the whole content when no range is asked for)."""
+        assert self.client is not None
+        from service.client import _object_url, _raise_for
+
+        if not start and end is None:
+            return self.client.read(env, rel)
+        stop: int | None
+        if (start or 0) < 0 or (end is not None and end < 0):
+            first, stop = _bounds(start, end, int(self.client.stat(env, rel)["length"]))
+        else:
+            first, stop = start or 0, end
+        if stop is not None and stop <= first:
+            return b""
+        last = "" if stop is None else str(stop - 1)
+        headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
+        response = self.client._http.get(_object_url(env, rel), headers=headers)
+        if response.status_code == 416:  # starts at or past the end
+            return b""
+        _raise_for(response)
+        if response.status_code == 200:  # the range was ignored
+            return response.content[first:stop]
+        return response.content
+
+    def _http_rm(self, env: str, rel: str, recursive: bool) -> None:
+        assert self.client is not None
+        prefix = rel + "/" if rel else ""
+        if rel:
+            try:
+                self.client.remove(env, rel)
+                removed = True
+            except NotFoundError:
+                removed = False
+            if not recursive:
+                if not removed:
+                    if self.client.list(env, prefix):
+                        raise IsADirectoryError(f"{env}/{rel}")
+                    raise FileNotFoundError(f"{env}/{rel}")
+                return
+        elif not recursive:
+            raise IsADirectoryError(env)
+        else:
+            removed = False
+        children = self.client.list(env, prefix)
+        if not children and not removed:
+            raise FileNotFoundError(f"{env}/{rel}")
+        for item in children:
+            self.client.remove(env, item["path"])
+
+
+class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
+    """`rb`: ranged reads through cat_file. `wb`: a writer session (MongoDB) or a spooled PUT."""
+
+    fs: RescatFileSystem
+
+    def _initiate_upload(self) -> None:
+        env, rel = self.fs._split(self.path)
+        if not rel:
+            raise IsADirectoryError(self.path)
+        if self.fs.client is not None:
+            # closed by the final _upload_chunk or by discard
+            self._spool: Any = tempfile.TemporaryFile()  # noqa: SIM115
+            self._writer: Any = None
+        else:
+            self._spool = None
+            self._writer = self.fs._driver(env).writer("/" + rel)
+
+    def _upload_chunk(self, final: bool = False) -> bool:
+        self.buffer.seek(0)
+        data = self.buffer.getbuffer()
+        if self._writer is not None:
+            if len(data):
+                self._writer.write(data)
+            if final:
+                self._writer.commit()
+        else:
+            self._spool.write(data)
+            if final:
+                env, rel = self.fs._split(self.path)
+                self._spool.seek(0)
+                assert self.fs.client is not None
+                try:
+                    self.fs.client.put(env, rel, self._spool)
+                finally:
+                    self._spool.close()
+        del data
+        return True
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path, start=start, end=end)
+
+    def discard(self) -> None:
+        """Throw the upload away: nothing becomes visible."""
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            with contextlib.suppress(CatalogError):
+                writer.cancel()
+        spool = getattr(self, "_spool", None)
+        if spool is not None:
+            spool.close()
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        closed: bool = getattr(self, "closed", False)
+        if exc_type is not None and self.mode != "rb" and not closed:
+            self.discard()
+            self.closed = True
+            return
+        self.close()
+
+
+def _entry(env: str, fi: FileInfo) -> dict[str, Any]:
+    name = f"{env}{fi.path}"
+    if fi.is_dir:
+        return {"name": name, "size": 0, "type": "directory"}
+    return {"name": name, "size": fi.size, "type": "file", "mtime": fi.mod_time.timestamp()}
+
+
+def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """fsspec's [start, end) with negatives counted from the end, clipped to the content."""
+    first = 0 if start is None else (size + start if start < 0 else start)
+    stop = size if end is None else (size + end if end < 0 else end)
+    return max(0, min(first, size)), max(0, min(stop, size))
+
+
+@contextlib.contextmanager
+def _not_found(path: str) -> Iterator[None]:
+    try:
+        yield
+    except NotFoundError as exc:
+        raise FileNotFoundError(path) from exc

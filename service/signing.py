@@ -1,0 +1,129 @@
+"""Signed URLs: a GET of one path's content without an Authorization header.
+
+`URLSigner.sign(method, env, path)` returns the service URL of the path with two
+query parameters: `expires` (Unix seconds) and `signature`, the hex
+HMAC-SHA256 over the method, environment, path and expiry. `verify` recomputes
+it in constant time and raises ForbiddenError when the URL expired or any part
+of it was changed. GET and HEAD sign the same way (both only read).
+
+The secret: `RESCAT_SIGNING_SECRET` when set, else one kept in the database
+(`settings` collection), created on first use by an atomic upsert, so every
+instance on that database signs and verifies alike. It never appears in repr,
+logs or command lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from pymongo import ReturnDocument, WriteConcern
+from pymongo.errors import DuplicateKeyError
+
+from catalog.errors import BadRequestError, ForbiddenError
+from catalog.names import check_env, check_path
+
+SECRET_ENV = "RESCAT_SIGNING_SECRET"
+SETTINGS = "settings"
+SECRET_ID = "signing_secret"
+EXPIRES = "expires"
+SIGNATURE = "signature"
+READS = ("GET", "HEAD")
+
+
+class URLSigner:
+    """Signs and verifies URLs of `base_url` (the service root, no /v1)."""
+
+    def __init__(self, base_url: str, secret: str | bytes, ttl: float = 3600.0) -> None:
+        if not secret:
+            raise BadRequestError("a URL signer needs a non-empty secret")
+        if not ttl > 0:
+            raise BadRequestError(f"ttl must be > 0 seconds, not {ttl!r}")
+        self.base_url = str(base_url).rstrip("/")
+        self.ttl = float(ttl)
+        self.__key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+
+    @classmethod
+    def for_database(cls, managed: Any, base_url: str, ttl: float = 3600.0) -> URLSigner:
+        """A signer with RESCAT_SIGNING_SECRET, else the database's shared secret."""
+        return cls(base_url, shared_secret(managed.db), ttl)
+
+    def __repr__(self) -> str:
+        return f"URLSigner({self.base_url!r}, secret=<hidden>, ttl={self.ttl})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a URLSigner holds a secret and is not pickled")
+
+    def sign(self, method: str, env: str, path: str, *, ttl: float | None = None) -> str:
+        """The URL of `path` in `env` for `method`, valid for `ttl` seconds (default self.ttl)."""
+        check_env(env)
+        check_path(path)
+        lifetime = self.ttl if ttl is None else float(ttl)
+        if not lifetime > 0:
+            raise BadRequestError(f"ttl must be > 0 seconds, not {ttl!r}")
+        expires = int(time.time() + lifetime + 0.999)
+        signature = self._signature(method, env, path, expires)
+        encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
+        url = f"{self.base_url}/v1/environments/{quote(env, safe='')}/resources/{encoded}"
+        return url + "?" + urlencode({EXPIRES: str(expires), SIGNATURE: signature})
+
+    def verify(self, method: str, env: str, path: str, query: Mapping[str, Any]) -> None:
+        """Raise ForbiddenError unless `query` carries a valid, unexpired signature."""
+        expires_text = _one(query.get(EXPIRES))
+        given = _one(query.get(SIGNATURE))
+        if not expires_text or not given:
+            raise ForbiddenError("the URL is not signed")
+        try:
+            expires = int(expires_text)
+        except ValueError:
+            raise ForbiddenError("the URL's signature is invalid") from None
+        expected = self._signature(method, env, path, expires)
+        if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+            raise ForbiddenError("the URL's signature is invalid")
+        if expires <= time.time():
+            raise ForbiddenError("the signed URL has expired")
+
+    def _signature(self, method: str, env: str, path: str, expires: int) -> str:
+        verb = str(method).upper()
+        if verb in READS:
+            verb = "GET"
+        message = "\n".join([verb, env, path, str(expires)]).encode("utf-8", "surrogatepass")
+        return hmac.new(self.__key, message, hashlib.sha256).hexdigest()
+
+
+def _one(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if len(value) == 1 else None
+    return value if isinstance(value, str) else ""
+
+
+def shared_secret(db: Any) -> str:
+    """RESCAT_SIGNING_SECRET, else the database's secret (created once, atomically)."""
+    explicit = os.environ.get(SECRET_ENV)
+    if explicit:
+        return explicit
+    settings = db[SETTINGS].with_options(write_concern=WriteConcern("majority"))
+    for _ in range(3):
+        try:
+            doc = settings.find_one_and_update(
+                {"_id": SECRET_ID},
+                {"$setOnInsert": {"value": secrets.token_hex(32)}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            continue  # two first users at once: the other one's insert won; read it
+        if doc is not None:
+            return str(doc["value"])
+    doc = settings.find_one({"_id": SECRET_ID})
+    if doc is None:  # pragma: no cover - the upsert above always leaves one
+        raise ForbiddenError("no signing secret")
+    return str(doc["value"])

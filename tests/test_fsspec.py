@@ -1,0 +1,207 @@
+"""fsspec filesystem `rescat://`: MongoDB mode in full, HTTP mode for the routes that exist."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pytest
+from pymongo.database import Database
+
+from catalog import ManagedStorage
+from service.app import create_app
+from service.fsspec_fs import RescatFileSystem
+from service.signing import URLSigner
+from tests.helpers import b3, rand
+from tests.test_service_support import ServerThread
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def fs(mongo_uri: str, db: Database[Any]) -> RescatFileSystem:
+    return fsspec.filesystem(
+        "rescat", mongo_uri=mongo_uri, database=db.name, skip_instance_cache=True
+    )  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def http_fs(managed: ManagedStorage) -> Iterator[tuple[RescatFileSystem, ManagedStorage]]:
+    with ServerThread(create_app(managed, auth=False)) as srv:
+        yield (
+            fsspec.filesystem(
+                "rescat", server=srv.url, signing_secret="s", skip_instance_cache=True
+            ),
+            managed,
+        )
+
+
+def test_registered_by_entry_point() -> None:
+    assert fsspec.get_filesystem_class("rescat") is RescatFileSystem
+
+
+def test_pipe_cat_info_ls(fs: RescatFileSystem) -> None:
+    data = rand(200_000)
+    fs.pipe_file("rescat://env/dir/a.bin", data)
+    fs.pipe("env/dir/sub/b.txt", b"hello")
+    assert fs.cat_file("rescat://env/dir/a.bin") == data
+    assert fs.cat_file("env/dir/a.bin", start=10, end=20) == data[10:20]
+    assert fs.cat_file("env/dir/a.bin", start=-5) == data[-5:]
+    assert fs.cat_file("env/dir/a.bin", start=len(data) + 5) == b""
+    info = fs.info("env/dir/a.bin")
+    assert (info["name"], info["size"], info["type"], info["hash"]) == (
+        "env/dir/a.bin", len(data), "file", b3(data)
+    )  # fmt: skip
+    assert fs.info("env/dir")["type"] == "directory"
+    assert fs.ls("env/dir", detail=False) == ["env/dir/a.bin", "env/dir/sub"]
+    detail = fs.ls("rescat://env/dir")
+    assert [(e["name"], e["type"], e["size"]) for e in detail] == [
+        ("env/dir/a.bin", "file", len(data)),
+        ("env/dir/sub", "directory", 0),
+    ]
+    assert fs.ls("env/dir/a.bin", detail=False) == ["env/dir/a.bin"]
+    assert fs.ls("", detail=False) == ["env"]
+    assert fs.exists("env/dir/sub/b.txt") and not fs.exists("env/nope")
+    assert fs.isdir("env/dir") and not fs.isdir("env/dir/a.bin")
+    assert fs.isfile("env/dir/a.bin")
+    assert fs.checksum("env/dir/sub/b.txt") == int(b3(b"hello"), 16)
+    assert fs.modified("env/dir/a.bin").tzinfo is not None
+    for call in (
+        lambda: fs.cat_file("env/missing"),
+        lambda: fs.info("env/missing"),
+        lambda: fs.ls("env/missing"),
+        lambda: fs.open("env/missing", "rb"),
+    ):
+        with pytest.raises(FileNotFoundError):
+            call()
+
+
+def test_open_read_is_seekable_and_ranged(fs: RescatFileSystem) -> None:
+    data = rand(9 * MiB + 3)
+    fs.pipe_file("env/big", data)
+    with fs.open("env/big", "rb", block_size=MiB) as f:
+        assert f.read(10) == data[:10]
+        f.seek(5 * MiB)
+        assert f.read(100) == data[5 * MiB : 5 * MiB + 100]
+        f.seek(-3, 2)
+        assert f.read() == data[-3:]
+
+
+def test_open_write_is_a_session_committed_on_close(
+    fs: RescatFileSystem, db: Database[Any]
+) -> None:
+    data = rand(6 * MiB + 7)
+    with fs.open("env/w/out.bin", "wb", block_size=MiB) as f:
+        for i in range(0, len(data), 700_000):
+            f.write(data[i : i + 700_000])
+        assert not fs.exists("env/w/out.bin")  # invisible until commit
+    assert fs.cat_file("env/w/out.bin") == data
+    assert db["resources.files"].count_documents({}) == 1
+    assert db["upload_sessions"].count_documents({}) == 0
+
+    fs.pipe_file("env/w/keep", b"old")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), fs.open("env/w/keep", "wb", block_size=MiB) as f:
+        f.write(rand(3 * MiB))
+        raise Boom
+    assert fs.cat_file("env/w/keep") == b"old"  # discarded on error
+    assert db["upload_sessions"].count_documents({}) == 0
+    assert db["resources.chunks"].count_documents({}) == 7  # only out.bin's
+
+
+def test_mv_rm_find_walk_du(fs: RescatFileSystem, db: Database[Any]) -> None:
+    for path in ("t/a/1", "t/a/2", "t/a/b/3", "t/a-x/4", "t/c"):
+        fs.pipe_file(path, path.encode() * 1000)
+    files_before = db["catalog"].count_documents({})
+    fs.mv("t/c", "t/moved")
+    assert fs.cat_file("t/moved") == b"t/c" * 1000 and not fs.exists("t/c")
+    fs.mv("t/a/b", "t/z", recursive=True)
+    assert fs.cat_file("t/z/3") == b"t/a/b/3" * 1000 and not fs.exists("t/a/b")
+    assert db["catalog"].count_documents({}) == files_before  # repointed, nothing copied
+    assert fs.find("t") == ["t/a-x/4", "t/a/1", "t/a/2", "t/moved", "t/z/3"]
+    assert fs.find("t", withdirs=True, maxdepth=1) == ["t/a", "t/a-x", "t/moved", "t/z"]
+    assert fs.find("t/a/1") == ["t/a/1"]
+    walked = list(fs.walk("t"))
+    assert walked[0] == ("t", ["a", "a-x", "z"], ["moved"])
+    assert fs.du("t") == sum(
+        len(p.encode()) * 1000 for p in ("t/a/1", "t/a/2", "t/a/b/3", "t/a-x/4", "t/c")
+    )
+    with pytest.raises(IsADirectoryError):
+        fs.rm("t/a")
+    fs.rm("t/a", recursive=True)
+    assert fs.find("t") == ["t/a-x/4", "t/moved", "t/z/3"]  # t/a-x stays
+    fs.rm(["t/moved", "t/z/3"])
+    assert fs.find("t") == ["t/a-x/4"]
+    with pytest.raises(FileNotFoundError):
+        fs.rm("t/nothing")
+
+
+def test_sign_with_database_secret(
+    fs: RescatFileSystem, mongo_uri: str, db: Database[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RESCAT_SIGNING_SECRET", raising=False)
+    fs.pipe_file("env/s", b"x")
+    with pytest.raises(NotImplementedError):
+        fs.sign("env/s")
+    signed = fsspec.filesystem(
+        "rescat",
+        mongo_uri=mongo_uri,
+        database=db.name,
+        base_url="http://svc",
+        skip_instance_cache=True,
+    )
+    url = signed.sign("rescat://env/s", expiration=60)
+    query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+    URLSigner.for_database(signed.managed, "http://svc").verify("GET", "env", "s", query)
+
+
+def test_pandas_csv_and_parquet(mongo_uri: str, db: Database[Any]) -> None:
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    options = {"mongo_uri": mongo_uri, "database": db.name}
+    frame = pd.DataFrame({"n": list(range(1000)), "s": [f"row {i}" for i in range(1000)]})
+    frame.to_csv("rescat://data/tables/t.csv", index=False, storage_options=options)
+    frame.to_parquet("rescat://data/tables/t.parquet", storage_options=options)
+    back = pd.read_csv("rescat://data/tables/t.csv", storage_options=options)
+    assert back.equals(frame)
+    back = pd.read_parquet("rescat://data/tables/t.parquet", storage_options=options)
+    assert back.equals(frame)
+    fs = fsspec.filesystem("rescat", **options)
+    assert fs.ls("data/tables", detail=False) == ["data/tables/t.csv", "data/tables/t.parquet"]
+
+
+def test_http_mode(http_fs: tuple[RescatFileSystem, ManagedStorage]) -> None:
+    fs, managed = http_fs
+    data = rand(3 * MiB + 5)
+    fs.pipe_file("rescat://env/h/a.bin", data)
+    assert managed.get_for_environment("env", "h/a.bin")[0].read() == data
+    assert fs.cat_file("env/h/a.bin") == data
+    assert fs.cat_file("env/h/a.bin", start=100, end=200) == data[100:200]
+    assert fs.cat_file("env/h/a.bin", start=-10) == data[-10:]
+    with fs.open("env/h/a.bin", "rb", block_size=MiB) as f:
+        f.seek(2 * MiB)
+        assert f.read(50) == data[2 * MiB : 2 * MiB + 50]
+    with fs.open("env/h/sub/w.bin", "wb") as f:
+        f.write(b"written over http")
+    assert fs.ls("env/h", detail=False) == ["env/h/a.bin", "env/h/sub"]
+    assert fs.info("env/h/sub")["type"] == "directory"
+    assert fs.info("env/h/a.bin")["size"] == len(data)
+    assert fs.checksum("env/h/a.bin") == int(b3(data), 16)
+    assert fs.find("env/h") == ["env/h/a.bin", "env/h/sub/w.bin"]
+    assert fs.du("env/h") == len(data) + len(b"written over http")
+    url = fs.sign("env/h/a.bin", expiration=30)
+    assert "/v1/environments/env/resources/h/a.bin?" in url
+    with pytest.raises(FileNotFoundError):
+        fs.cat_file("env/h/missing")
+    with pytest.raises(NotImplementedError):
+        fs.mv("env/h/a.bin", "env/h/b.bin")
+    with pytest.raises(IsADirectoryError):
+        fs.rm("env/h")
+    fs.rm("env/h", recursive=True)
+    assert managed.list_for_environment("env") == []
+    with pytest.raises(FileNotFoundError):
+        fs.rm("env/h/a.bin")
