@@ -35,6 +35,7 @@ from catalog.scan import (
     path_counts,
     unreferenced_files,
 )
+from catalog.sessions import live_session_file_ids
 
 DEFAULT_FSCK_GRACE = 60.0
 
@@ -230,8 +231,11 @@ def fsck(
     finally:
         scan.close()
 
-    # 4. chunks without a files document
+    # 4. chunks without a files document (a writer session's are its own)
+    sessions = live_session_file_ids(managed)
     for files_id in store.orphan_chunk_ids():
+        if files_id in sessions:
+            continue
         last = store.last_activity(files_id)
         if last is not None and last > cutoff:
             in_flight += 1

@@ -51,6 +51,7 @@ from catalog.scan import (
     path_counts,
     unreferenced_files,
 )
+from catalog.sessions import DEFAULT_MAX_AGE, live_session_file_ids, reclaim_sessions
 
 DEFAULT_GC_GRACE = 3600.0
 
@@ -74,6 +75,7 @@ class GcReport:
     orphan_chunk_files: int = 0
     orphan_chunks: int = 0
     orphan_chunk_bytes: int = 0
+    sessions_reclaimed: int = 0
     in_flight: int = 0
     actions: list[str] = field(default_factory=list)
 
@@ -98,6 +100,7 @@ class GcReport:
             or self.refcounts_fixed
             or self.restored_entries
             or self.repointed_paths
+            or self.sessions_reclaimed
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +121,7 @@ class GcReport:
             "orphan_chunk_files": self.orphan_chunk_files,
             "orphan_chunks": self.orphan_chunks,
             "orphan_chunk_bytes": self.orphan_chunk_bytes,
+            "sessions_reclaimed": self.sessions_reclaimed,
             "in_flight": self.in_flight,
             "actions": list(self.actions),
         }
@@ -129,6 +133,7 @@ def gc(
     grace: float = DEFAULT_GC_GRACE,
     dry_run: bool = False,
     progress: BarFactory | None = None,
+    session_max_age: float = DEFAULT_MAX_AGE,
 ) -> GcReport:
     """Reclaim what nothing references; safe while uploads run (see the module doc).
 
@@ -145,6 +150,8 @@ def gc(
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
 
     _gc_requests(managed, report)
+    if not dry_run:
+        report.sessions_reclaimed = reclaim_sessions(managed, session_max_age)
     _gc_abandoned(managed, report)
     scan = bar_for(store.totals()[0], "scan files", "files")
     try:
@@ -154,7 +161,7 @@ def gc(
     protected = _gc_dangling(managed, orphans, cutoff, report, bar_for)
     _gc_refcounts(managed, report, bar_for)
     _gc_orphan_files(managed, store, orphans, cutoff, protected, report)
-    _gc_orphan_chunks(store, cutoff, report)
+    _gc_orphan_chunks(store, cutoff, live_session_file_ids(managed), report)
     return report
 
 
@@ -432,8 +439,12 @@ def _gc_orphan_files(
         )
 
 
-def _gc_orphan_chunks(store: StoreView, cutoff: datetime.datetime, report: GcReport) -> None:
+def _gc_orphan_chunks(
+    store: StoreView, cutoff: datetime.datetime, sessions: set[Any], report: GcReport
+) -> None:
     for files_id in store.orphan_chunk_ids():
+        if files_id in sessions:
+            continue  # a writer session's bytes, kept until it commits, cancels or expires
         last = store.last_activity(files_id)
         if last is None or last > cutoff:
             report.in_flight += 1  # still being written (or of unknown age: never guess)

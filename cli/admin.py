@@ -23,6 +23,7 @@ from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
 from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
+from catalog.sessions import DEFAULT_MAX_AGE as DEFAULT_SESSION_MAX_AGE
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
 from cli.completion import complete_env, complete_path
 from cli.files import get_tree, jobs_option, put_tree, remove_tree
@@ -484,10 +485,24 @@ def env_ls(ctx: Context, as_json: bool) -> None:
     show_default=True,
     help="Seconds unreferenced bytes must have been idle before they are reclaimed.",
 )
+@click.option(
+    "--session-max-age",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SESSION_MAX_AGE,
+    show_default=True,
+    help="Seconds an uncommitted writer session may sit untouched before it is reclaimed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every action.")
 @pass_ctx
-def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) -> None:
+def gc(
+    ctx: Context,
+    dry_run: bool,
+    grace: float,
+    session_max_age: float,
+    as_json: bool,
+    verbose: bool,
+) -> None:
     """Reclaim what nothing references; safe while uploads run.
 
     Deletes stored files and chunks no catalog entry points at (once idle for
@@ -501,7 +516,13 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
       rescat gc --dry-run
       rescat gc --grace 600 --json
     """
-    report = gc_sweep.gc(ctx.managed, grace=grace, dry_run=dry_run, progress=bar)
+    report = gc_sweep.gc(
+        ctx.managed,
+        grace=grace,
+        dry_run=dry_run,
+        progress=bar,
+        session_max_age=session_max_age,
+    )
     if as_json:
         echo_json(report.to_dict())
         return
