@@ -711,7 +711,11 @@ def reclaim_sessions(managed: ManagedStorage, max_age: float = DEFAULT_MAX_AGE) 
     sessions = managed.db[COLLECTION].with_options(write_concern=WriteConcern("majority"))
     now = utcnow()
     cutoff = now - datetime.timedelta(seconds=max_age)
-    stale = {"updated_at": {"$lt": cutoff}, "lease_until": {"$lte": now}}
+    # Untouched for max_age, and no live writer (closed, or its lease ran out).
+    stale = {
+        "updated_at": {"$lt": cutoff},
+        "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
+    }
     count = 0
     for doc in sessions.find(stale, {"_id": 1}):
         gone = sessions.find_one_and_delete({"_id": doc["_id"], **stale})
