@@ -106,14 +106,76 @@ class PreconditionFailedError(CatalogError):
     code = "precondition_failed"
 
 
+class InvalidOffsetError(CatalogError, ValueError):
+    """A read or write offset is negative or past the end of the file."""
+
+    code = "invalid_offset"
+
+    def __init__(self, *args: object, path: str = "", offset: int = 0) -> None:
+        # Both InvalidOffsetError(path, offset) and InvalidOffsetError(message,
+        # path=..., offset=...) work: the HTTP client rebuilds errors from a
+        # message alone, so a single positional argument must stay valid.
+        if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
+            path, offset = args[0], args[1]
+            args = (f"invalid offset {offset} for {path!r}",)
+        super().__init__(*args)
+        self.path = path
+        self.offset = offset
+
+
+class KeyModifiedError(CatalogError):
+    """A compare-and-swap lost: the key changed (or went away) since it was read."""
+
+    code = "key_modified"
+
+
+class CannotLockError(CatalogError):
+    """A lock is held by someone else, or a lock we held has been lost."""
+
+    code = "cannot_lock"
+
+
+class FailedPreconditionError(CatalogError):
+    """The target is in the wrong state for the call (e.g. committed, not active)."""
+
+    code = "failed_precondition"
+
+
+class InvalidArgumentError(CatalogError, ValueError):
+    """An argument is malformed or names something of the wrong kind."""
+
+    code = "invalid_argument"
+
+
+class NoTransactionError(CatalogError):
+    """The call needs an open (and, for writes, writable) transaction."""
+
+    code = "no_transaction"
+
+
+class WriteConflictError(CatalogError):
+    """A concurrent transaction won a write conflict; this one changed nothing.
+
+    Retrying the whole transaction from its start is safe.
+    """
+
+    code = "write_conflict"
+
+
 __all__ = [
     "AlreadyExistsError",
     "BadRequestError",
+    "CannotLockError",
     "CatalogError",
+    "FailedPreconditionError",
     "ForbiddenError",
     "HashMismatchError",
+    "InvalidArgumentError",
+    "InvalidOffsetError",
     "InvalidPathError",
+    "KeyModifiedError",
     "LengthMismatchError",
+    "NoTransactionError",
     "NotFoundError",
     "PreconditionFailedError",
     "RequestExpiredError",
@@ -122,4 +184,5 @@ __all__ = [
     "TooLargeError",
     "UnauthorizedError",
     "UploadPendingError",
+    "WriteConflictError",
 ]
