@@ -140,6 +140,10 @@ class PathChanges:
                 delay = min(delay * 2, 2.0)
                 continue
             self._remember()
+            if event is None and not self._stream.alive:  # closed under us: resume
+                log.warning("change stream closed; resuming from its token")
+                self._drop(0)
+                continue
             return dict(event) if event is not None else None
 
     def _drop(self, delay: float) -> None:

@@ -57,6 +57,8 @@ DEFAULT_LOCK_TTL = 15.0
 _FIELDS = {"path": 1, "rev": 1, "hash": 1, "resource_id": 1, "length": 1, "expires_at": 1}
 # Bytes of new inline content a watcher keeps, to hand out values overwritten since.
 _CACHE_BYTES = 32 * 1024 * 1024
+# Bytes of content a store keeps by hash (content never changes: reads skip the catalog).
+_STORE_CACHE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,49 @@ def _contents(managed: ManagedStorage, hashes: set[str]) -> dict[str, bytes]:
     return found
 
 
+class ContentCache:
+    """Bytes by content hash, least recently used out first (content never changes)."""
+
+    def __init__(self, managed: ManagedStorage, limit: int) -> None:
+        self._managed = managed
+        self._limit = limit
+        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get_many(self, hashes: set[str]) -> dict[str, bytes]:
+        """The bytes of each hash still known here or stored (the others are left out)."""
+        found: dict[str, bytes] = {}
+        with self._lock:
+            for digest in hashes:
+                if digest in self._items:
+                    self._items.move_to_end(digest)
+                    found[digest] = self._items[digest]
+        missing = hashes - found.keys()
+        if missing:
+            fetched = _contents(self._managed, missing)
+            for digest, data in fetched.items():
+                self.add(digest, data)
+            found.update(fetched)
+        return found
+
+    def get(self, digest: str) -> bytes | None:
+        return self.get_many({digest}).get(digest)
+
+    def add(self, digest: str, data: bytes) -> None:
+        if len(data) > self._limit // 4:
+            return
+        with self._lock:
+            if digest in self._items:
+                self._items.move_to_end(digest)
+                return
+            self._items[digest] = data
+            self._size += len(data)
+            while self._size > self._limit:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
+
+
 class KVStore:
     """libkv's Store over one environment of a ManagedStorage."""
 
@@ -164,6 +209,8 @@ class KVStore:
         self._sessions: dict[str, Lock] = {}
         self._locks: set[Lock] = set()
         self._mutex = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._contents = ContentCache(managed, _STORE_CACHE_BYTES)
         self._closed = False
 
     # -- reads -------------------------------------------------------------------------
@@ -173,7 +220,7 @@ class KVStore:
             doc = self.managed.paths.find_one({"env": self.env_uuid, "path": k, **_live()}, _FIELDS)
             if doc is None:
                 raise NotFoundError(f"{self.env_uuid}: no such key {k!r}", path=k)
-            data = _contents(self.managed, {doc["hash"]}).get(doc["hash"])
+            data = self._contents.get(doc["hash"])
             if data is not None:
                 return KVPair(k, data, int(doc["rev"]))
             # repointed and its old content deleted between the two reads: read again
@@ -196,7 +243,7 @@ class KVStore:
         query = {"env": self.env_uuid, **_live(), **_under(prefix)}
         for _ in range(5):
             docs = list(self.managed.paths.find(query, _FIELDS, sort=[("path", 1)]))
-            data = _contents(self.managed, {d["hash"] for d in docs})
+            data = self._contents.get_many({d["hash"] for d in docs})
             if all(d["hash"] in data for d in docs):
                 pairs = [KVPair(d["path"], data[d["hash"]], int(d["rev"])) for d in docs]
                 return pairs, docs
@@ -211,18 +258,50 @@ class KVStore:
         self, key: str, value: bytes, previous: KVPair | None, *, ttl: float | None = None
     ) -> KVPair:
         k, v, t = _key(key), _value(value), _ttl(ttl)
-        if previous is None:
+        prev = _previous(k, previous) if previous is not None else None
+        with self._stripe(k):
+            return self._atomic_put(k, v, t, prev)
+
+    def _atomic_put(self, k: str, v: bytes, t: float | None, prev: KVPair | None) -> KVPair:
+        current = self._revision(k)
+        if prev is None:
+            if current is not None:
+                raise AlreadyExistsError(f"{self.env_uuid}: key {k!r} exists")
             try:
                 return self._put(k, v, t, WriteOptions(if_none_match=True))
             except PreconditionFailedError:
                 raise AlreadyExistsError(f"{self.env_uuid}: key {k!r} exists") from None
-        prev = _previous(k, previous)
+        if current != prev.last_index:
+            raise KeyModifiedError(
+                f"{self.env_uuid}: key {k!r} changed since revision {prev.last_index}"
+            )
         try:
             return self._put(k, v, t, WriteOptions(if_match=int(prev.last_index)))
         except PreconditionFailedError:
             raise KeyModifiedError(
                 f"{self.env_uuid}: key {k!r} changed since revision {prev.last_index}"
             ) from None
+
+    def _stripe(self, key: str) -> threading.Lock:
+        """Conditional writes of one key from one store take turns.
+
+        Only an optimisation: the database decides every condition. Threads of
+        one process racing on a key would otherwise each take a content
+        reference and run a transaction that mostly loses; in turn, the losers
+        fail on the cheap revision read below.
+        """
+        return self._stripes[hash(key) % len(self._stripes)]
+
+    def _revision(self, key: str) -> int | None:
+        """The key's revision now (None if absent): a cheap early answer to a CAS.
+
+        Revisions of a key only grow, so a CAS whose expected revision differs
+        from a revision read now can never succeed later: it fails without
+        writing. The conditional write itself stays the authority.
+        """
+        query = {"env": self.env_uuid, "path": key, **_live()}
+        doc = self.managed.paths.find_one(query, {"rev": 1})
+        return int(doc["rev"]) if doc is not None else None
 
     def _put(self, key: str, value: bytes, ttl: float | None, options: WriteOptions) -> KVPair:
         if ttl is not None:
@@ -237,6 +316,7 @@ class KVStore:
         info = self.managed.put_path(
             self.env_uuid, key, io.BytesIO(value), len(value), options=options
         )
+        self._contents.add(info.hash, value)
         if ttl is not None:
             self._renewer.add(key, self.owner, ttl, info.revision)
         else:
@@ -251,13 +331,24 @@ class KVStore:
     def atomic_delete(self, key: str, previous: KVPair) -> None:
         k = _key(key)
         prev = _previous(k, previous)
+        with self._stripe(k):
+            self._atomic_delete(k, prev)
+        self._renewer.remove(k, self.owner)
+
+    def _atomic_delete(self, k: str, prev: KVPair) -> None:
+        current = self._revision(k)
+        if current is None:
+            raise NotFoundError(f"{self.env_uuid}: no such key {k!r}", path=k)
+        if current != prev.last_index:
+            raise KeyModifiedError(
+                f"{self.env_uuid}: key {k!r} changed since revision {prev.last_index}"
+            )
         try:
             self.managed.delete_path(self.env_uuid, k, if_match=int(prev.last_index))
         except PreconditionFailedError:
             raise KeyModifiedError(
                 f"{self.env_uuid}: key {k!r} changed since revision {prev.last_index}"
             ) from None
-        self._renewer.remove(k, self.owner)
 
     def delete_range(self, prefix: str) -> None:
         p = _prefix(prefix)
@@ -380,8 +471,7 @@ class KeyWatch(_Watch):
     def __init__(self, store: KVStore, key: str, stop: threading.Event | None) -> None:
         super().__init__(store, stop)
         self.key = key
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._cached = 0
+        self._cache = ContentCache(store.managed, _CACHE_BYTES)
         self._queue: collections.deque[KVPair | None] = collections.deque()
         try:
             self._read()
@@ -410,19 +500,7 @@ class KeyWatch(_Watch):
         raise CatalogError(f"{store.env_uuid}: key {self.key!r} keeps changing")
 
     def _content(self, digest: str) -> bytes | None:
-        if digest in self._cache:
-            return self._cache[digest]
-        return _contents(self._store.managed, {digest}).get(digest)
-
-    def _remember(self, digest: str, data: bytes) -> None:
-        if digest in self._cache:
-            self._cache.move_to_end(digest)
-            return
-        self._cache[digest] = data
-        self._cached += len(data)
-        while self._cached > _CACHE_BYTES and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cached -= len(old)
+        return self._cache.get(digest)
 
     def __iter__(self) -> KeyWatch:
         return self
@@ -446,7 +524,7 @@ class KeyWatch(_Watch):
         full = event.get("fullDocument") or {}
         if event.get("ns", {}).get("coll") != self._store.managed.paths.name:
             if full.get("data") is not None:  # new inline content: keep its bytes a while
-                self._remember(full["hash"], bytes(full["data"]))
+                self._cache.add(full["hash"], bytes(full["data"]))
             return
         if op in ("insert", "replace"):
             if full.get("path") != self.key or full.get("env") != self._store.env_uuid:
@@ -490,7 +568,6 @@ class KeyWatch(_Watch):
                 doc["rev"],
             )
             return
-        self._remember(doc["hash"], value)
         self._show(KVPair(self.key, value, int(doc["rev"])))
 
     def _show(self, pair: KVPair | None) -> None:
