@@ -11,7 +11,8 @@ and across the whole environment, with no counter document.
   read and drop what that read already reflects by revision (catalog.changes).
 * TTL keys and locks are leased paths (catalog.leases): one renewal thread per
   store keeps them alive; when the store closes or its process dies they are
-  gone from every read within ttl seconds, and `reclaim_expired` deletes them.
+  gone from every read within ttl seconds, and `reclaim_expired` deletes them
+  (releasing their content). Expiry is decided at read time.
 * A lock is its key holding the lock's value with a lease owned by the
   acquisition; its fence is the revision of the acquiring write, so a later
   holder's fence is larger. `Lock.put` is a fenced write: the lock document is
@@ -69,7 +70,8 @@ class KVPair:
 
 
 # -- validation ------------------------------------------------------------------------
-def _key(key: object) -> str:
+def clean_key(key: object) -> str:
+    """A key as stored: leading and trailing `/` stripped; InvalidPathError if empty or bad."""
     if not isinstance(key, str):
         raise InvalidPathError(f"invalid key: {key!r}")
     stripped = key.strip("/")
@@ -78,7 +80,8 @@ def _key(key: object) -> str:
     return check_path(stripped)
 
 
-def _prefix(prefix: object) -> str:
+def clean_prefix(prefix: object) -> str:
+    """A range prefix without its slashes (`""`: every key); InvalidPathError if bad."""
     if not isinstance(prefix, str):
         raise InvalidPathError(f"invalid prefix: {prefix!r}")
     stripped = prefix.strip("/")
@@ -94,7 +97,8 @@ def _value(value: object) -> bytes:
     return data
 
 
-def _ttl(ttl: object) -> float | None:
+def check_ttl(ttl: object) -> float | None:
+    """None, or positive finite seconds; InvalidArgumentError otherwise."""
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
@@ -215,7 +219,7 @@ class KVStore:
 
     # -- reads -------------------------------------------------------------------------
     def get(self, key: str) -> KVPair:
-        k = _key(key)
+        k = clean_key(key)
         for _ in range(5):
             doc = self.managed.paths.find_one({"env": self.env_uuid, "path": k, **_live()}, _FIELDS)
             if doc is None:
@@ -227,16 +231,20 @@ class KVStore:
         raise NotFoundError(f"{self.env_uuid}: key {k!r} keeps changing", path=k)
 
     def exists(self, key: str) -> bool:
-        k = _key(key)
+        k = clean_key(key)
         query = {"env": self.env_uuid, "path": k, **_live()}
         return self.managed.paths.find_one(query, {"_id": 1}) is not None
 
     def get_range(self, prefix: str) -> list[KVPair]:
-        p = _prefix(prefix)
+        p = clean_prefix(prefix)
         pairs = self._range(p)[0]
         if not pairs:
             raise NotFoundError(f"{self.env_uuid}: no key under {p!r}", path=p)
         return pairs
+
+    def list_pairs(self, prefix: str = "") -> list[KVPair]:
+        """get_range, but [] when nothing matches."""
+        return self._range(clean_prefix(prefix))[0]
 
     def _range(self, prefix: str) -> tuple[list[KVPair], list[dict[str, Any]]]:
         """The live pairs at or under prefix in key order, and their documents."""
@@ -251,13 +259,13 @@ class KVStore:
 
     # -- writes ------------------------------------------------------------------------
     def put(self, key: str, value: bytes, *, ttl: float | None = None) -> KVPair:
-        k, v, t = _key(key), _value(value), _ttl(ttl)
+        k, v, t = clean_key(key), _value(value), check_ttl(ttl)
         return self._put(k, v, t, WriteOptions())
 
     def atomic_put(
         self, key: str, value: bytes, previous: KVPair | None, *, ttl: float | None = None
     ) -> KVPair:
-        k, v, t = _key(key), _value(value), _ttl(ttl)
+        k, v, t = clean_key(key), _value(value), check_ttl(ttl)
         prev = _previous(k, previous) if previous is not None else None
         with self._stripe(k):
             return self._atomic_put(k, v, t, prev)
@@ -324,12 +332,12 @@ class KVStore:
         return KVPair(key, value, info.revision)
 
     def delete(self, key: str) -> None:
-        k = _key(key)
+        k = clean_key(key)
         self.managed.delete_path(self.env_uuid, k)
         self._renewer.remove(k, self.owner)
 
     def atomic_delete(self, key: str, previous: KVPair) -> None:
-        k = _key(key)
+        k = clean_key(key)
         prev = _previous(k, previous)
         with self._stripe(k):
             self._atomic_delete(k, prev)
@@ -351,7 +359,7 @@ class KVStore:
             ) from None
 
     def delete_range(self, prefix: str) -> None:
-        p = _prefix(prefix)
+        p = clean_prefix(prefix)
         query = {"env": self.env_uuid, **_under(p)}
         for doc in list(self.managed.paths.find(query, {"path": 1})):
             try:
@@ -363,19 +371,19 @@ class KVStore:
     # -- watches -----------------------------------------------------------------------
     def watch(self, key: str, *, stop: threading.Event | None = None) -> Iterator[KVPair | None]:
         """The current pair (None if absent), then each later change once, in order."""
-        return KeyWatch(self, _key(key), stop)
+        return KeyWatch(self, clean_key(key), stop)
 
     def watch_range(
         self, prefix: str, *, stop: threading.Event | None = None
     ) -> Iterator[list[KVPair]]:
         """The current pairs under prefix, then the whole list again after each change."""
-        return RangeWatch(self, _prefix(prefix), stop)
+        return RangeWatch(self, clean_prefix(prefix), stop)
 
     # -- locks -------------------------------------------------------------------------
     def lock(self, key: str, value: bytes = b"", *, ttl: float = DEFAULT_LOCK_TTL) -> Lock:
-        t = _ttl(ttl)
+        t = check_ttl(ttl)
         assert t is not None
-        return Lock(self, _key(key), _value(value), t)
+        return Lock(self, clean_key(key), _value(value), t)
 
     def acquire(self, key: str, value: bytes = b"") -> str:
         """The seed's non-blocking lock: a session id, or CannotLockError if it is held."""
@@ -396,7 +404,11 @@ class KVStore:
 
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
-        """Release this store's locks and end its TTL keys (deleted if still ours)."""
+        """Release this store's locks (setting `lost`) and stop renewing its TTL keys.
+
+        A TTL key then lives out its last lease: it is gone from every read at
+        most its ttl later (so `rescat kv put --ttl S` leaves a key for S seconds).
+        """
         with self._mutex:
             if self._closed:
                 return
@@ -405,12 +417,7 @@ class KVStore:
             self._sessions.clear()
         for lock in locks:
             lock._abandon()
-        for lease in self._renewer.close():
-            if lease.owner != self.owner:
-                continue
-            # Rewritten or gone since: not ours to delete.
-            with contextlib.suppress(NotFoundError, PreconditionFailedError):
-                self.managed.delete_path(self.env_uuid, lease.path, if_match=lease.revision)
+        self._renewer.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -759,7 +766,7 @@ class Lock:
     def put(self, key: str, value: bytes) -> KVPair:
         """Write key only while this lock is held: CannotLockError once it is lost."""
         store = self._store
-        k, v = _key(key), _value(value)
+        k, v = clean_key(key), _value(value)
         if k == self.key:
             raise InvalidArgumentError("a fenced write cannot overwrite its own lock key")
         session, fence = self.session, self.fence
@@ -826,4 +833,14 @@ def reclaim_expired(managed: ManagedStorage) -> int:
     return count
 
 
-__all__ = ["DEFAULT_LOCK_TTL", "MAX_VALUE", "KVPair", "KVStore", "Lock", "reclaim_expired"]
+__all__ = [
+    "DEFAULT_LOCK_TTL",
+    "MAX_VALUE",
+    "KVPair",
+    "KVStore",
+    "Lock",
+    "check_ttl",
+    "clean_key",
+    "clean_prefix",
+    "reclaim_expired",
+]

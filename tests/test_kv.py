@@ -8,6 +8,7 @@ writes, resumed change streams, bad input, and the KV value as a path.
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import signal
@@ -477,3 +478,74 @@ def _blake3(data: bytes) -> str:
     import blake3
 
     return blake3.blake3(data).hexdigest()
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def _rescat(base: list[str], *args: str, input: bytes | None = None) -> tuple[int, bytes, str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *base, *args],
+        input=input,
+        capture_output=True,
+        cwd=root,
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout, proc.stderr.decode()
+
+
+def test_cli_put_get_ls_rm(mongo_uri: str, db: Database[Any], tmp_path: Any) -> None:
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    code, out, _ = _rescat(base, "kv", "put", ENV, "conf/a", "hello")
+    assert code == 0 and int(out) > 0
+    assert _rescat(base, "kv", "put", ENV, "conf/b", "-", input=b"\x00\xff")[0] == 0
+    source = tmp_path / "v.bin"
+    source.write_bytes(b"from a file")
+    assert _rescat(base, "kv", "put", ENV, "/conf/c/", f"@{source}")[0] == 0
+    assert _rescat(base, "kv", "get", ENV, "conf/a")[1] == b"hello"
+    assert _rescat(base, "kv", "get", ENV, "conf/b")[1] == b"\x00\xff"
+    assert _rescat(base, "get", ENV, "conf/c")[1] == b"from a file"  # a key is a path
+    assert _rescat(base, "kv", "ls", ENV, "conf")[1].decode().split() == [
+        "conf/a",
+        "conf/b",
+        "conf/c",
+    ]
+    listed = json.loads(_rescat(base, "kv", "ls", ENV, "--json")[1])
+    assert [item["key"] for item in listed] == ["conf/a", "conf/b", "conf/c"]
+    assert listed[0]["value"] == "hello" and "value" not in listed[1]
+    assert listed[1]["value_base64"] == "AP8="
+    assert _rescat(base, "kv", "rm", ENV, "conf/a")[0] == 0
+    code, out, err = _rescat(base, "kv", "get", ENV, "conf/a")
+    assert code != 0 and out == b"" and len(err.strip().splitlines()) == 1
+    assert _rescat(base, "kv", "rm", "-r", ENV, "conf")[0] == 0
+    assert _rescat(base, "kv", "ls", ENV)[1] == b""
+    for bad in (["kv", "put", ENV, "/", "x"], ["kv", "put", ENV, "k", "x", "--ttl", "-1"]):
+        code, out, err = _rescat(base, *bad)
+        assert code != 0 and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_ttl_and_watch(mongo_uri: str, db: Database[Any], kv: KVStore) -> None:
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    assert _rescat(base, "kv", "put", ENV, "short", "x", "--ttl", "1")[0] == 0
+    assert kv.get("short").value == b"x"  # outlives the command by its ttl
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *base, "kv", "watch", ENV, "w"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=root,
+    )
+    try:
+        assert watcher.stdout is not None
+        assert json.loads(watcher.stdout.readline()) == {"type": "delete", "key": "w"}
+        pair = kv.put("w", b"1")
+        line = json.loads(watcher.stdout.readline())
+        assert line["type"] == "put" and line["value"] == "1"
+        assert line["revision"] == pair.last_index
+        kv.delete("w")
+        assert json.loads(watcher.stdout.readline()) == {"type": "delete", "key": "w"}
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=10) == 0  # Ctrl-C ends a watch normally
+    finally:
+        _kill(watcher)
+    time.sleep(1.1)
+    assert not kv.exists("short")
