@@ -11,7 +11,8 @@ One stream carries, for one environment:
 
 * every change of `managed.paths` (inserts only for that environment: updates
   and deletes carry just the document id, which the watcher knows from its
-  read or from the insert that created the document). Updates arrive as
+  read or from the insert that created the document; `focus` narrows them to
+  the documents a watcher follows, server-side). Updates arrive as
   deltas: `updatedFields` holds `rev` on every change of content and
   `expires_at` on TTL renewals; the per-path event list is projected away.
 * inserts of small (inline) catalog entries with their bytes. A put of new
@@ -58,7 +59,14 @@ def operation_time(db: Any) -> Timestamp | None:
 class PathChanges:
     """Change events of one environment's paths (and new inline content), resumable."""
 
-    def __init__(self, managed: Any, env_uuid: str, *, await_seconds: float = 0.25) -> None:
+    def __init__(
+        self, managed: Any, env_uuid: str, *, await_seconds: float = 0.25, defer: bool = False
+    ) -> None:
+        """Take the start time now; open the stream now, or (defer) at the first focus/next.
+
+        Deferring lets a watcher read first and then open a stream already
+        narrowed to what it read: the stream still starts at this time.
+        """
         self._db = managed.db
         self._env = env_uuid
         self._paths = managed.paths.name
@@ -66,12 +74,35 @@ class PathChanges:
         self._await_ms = max(int(await_seconds * 1000), 10)
         self._start = operation_time(self._db)
         self._token: Any = None
+        self._ids: list[Any] | None = None
+        self._last_key: Any = None  # the path document of the update/delete last returned
         self._stream: ChangeStream[Any] | None = None
         self._closed = False
+        if not defer:
+            self._open()
+
+    def focus(self, ids: list[Any] | None) -> None:
+        """Only updates and deletes of these path documents from now on (None: all).
+
+        The stream is reopened from where it is with the new filter, so the
+        server drops other documents' changes instead of sending them to every
+        watcher; inserts into the environment always come through.
+        """
+        if ids is not None and self._last_key is not None and self._last_key not in ids:
+            # Resuming needs the event the token names to pass the new filter.
+            ids = [*ids, self._last_key]
+        if ids == self._ids:
+            return
+        self._ids = None if ids is None else list(ids)
+        if self._stream is not None:
+            with contextlib.suppress(PyMongoError):
+                self._stream.close()
+            self._stream = None
         self._open()
 
     def _pipeline(self) -> list[dict[str, Any]]:
         paths, catalog = self._paths, self._catalog
+        ids = {} if self._ids is None else {"documentKey._id": {"$in": self._ids}}
         project: dict[str, Any] = {
             "operationType": 1,
             "documentKey": 1,
@@ -86,7 +117,7 @@ class PathChanges:
             {
                 "$match": {
                     "$or": [
-                        {"ns.coll": paths, "operationType": {"$in": ["update", "delete"]}},
+                        {"ns.coll": paths, "operationType": {"$in": ["update", "delete"]}, **ids},
                         {
                             "ns.coll": paths,
                             "operationType": {"$in": ["insert", "replace"]},
@@ -144,7 +175,16 @@ class PathChanges:
                 log.warning("change stream closed; resuming from its token")
                 self._drop(0)
                 continue
-            return dict(event) if event is not None else None
+            if event is None:
+                return None
+            key = None
+            if event.get("ns", {}).get("coll") == self._paths and event.get("operationType") in (
+                "update",
+                "delete",
+            ):
+                key = (event.get("documentKey") or {}).get("_id")
+            self._last_key = key
+            return dict(event)
 
     def _drop(self, delay: float) -> None:
         """Forget a broken stream; the next read reopens it from the resume token."""

@@ -60,6 +60,8 @@ _FIELDS = {"path": 1, "rev": 1, "hash": 1, "resource_id": 1, "length": 1, "expir
 _CACHE_BYTES = 32 * 1024 * 1024
 # Bytes of content a store keeps by hash (content never changes: reads skip the catalog).
 _STORE_CACHE_BYTES = 8 * 1024 * 1024
+# A range watch over at most this many keys has the server filter their changes.
+_FOCUS_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,8 @@ class _Watch:
     def __init__(self, store: KVStore, stop: threading.Event | None) -> None:
         self._store = store
         self._stop = stop
-        self._changes: PathChanges | None = PathChanges(store.managed, store.env_uuid)
+        # Started now, before the first read; opened once the read says what to follow.
+        self._changes: PathChanges | None = PathChanges(store.managed, store.env_uuid, defer=True)
 
     def _stopped(self) -> bool:
         if self._stop is not None and self._stop.is_set():
@@ -482,9 +485,14 @@ class KeyWatch(_Watch):
         self._queue: collections.deque[KVPair | None] = collections.deque()
         try:
             self._read()
+            self._focus()
         except BaseException:
             self.close()
             raise
+
+    def _focus(self) -> None:
+        if self._changes is not None:
+            self._changes.focus([self._doc_id] if self._doc_id is not None else [])
 
     def _read(self) -> None:
         store, managed = self._store, self._store.managed
@@ -540,6 +548,7 @@ class KeyWatch(_Watch):
             if rev <= self._rev:
                 return  # the first read reflects it already
             self._rev, self._doc_id, self._doc = rev, doc_id, dict(full)
+            self._focus()
             self._show_doc()
         elif op == "update":
             if doc_id is None or doc_id != self._doc_id or self._doc is None:
@@ -558,6 +567,7 @@ class KeyWatch(_Watch):
             if doc_id is None or doc_id != self._doc_id:
                 return
             self._doc = self._doc_id = None
+            self._focus()
             self._show(None)
 
     def _show_doc(self) -> None:
@@ -601,6 +611,8 @@ class RangeWatch(_Watch):
     def _reread(self) -> None:
         pairs, docs = self._store._range(self.prefix)
         self._ids = {d["_id"] for d in docs}
+        if self._changes is not None:
+            self._changes.focus(sorted(self._ids) if len(self._ids) <= _FOCUS_MAX else None)
         expiries = [aware(d["expires_at"]) for d in docs if d.get("expires_at") is not None]
         self._next_expiry = min(expiries, default=None)
         shown = [(p.key, p.last_index) for p in pairs]
@@ -728,6 +740,7 @@ class Lock:
         doc = managed.paths.find_one(query, {"_id": 1, "expires_at": 1})
         if doc is None:
             return
+        changes.focus([doc["_id"]])
         expires_at = doc.get("expires_at")
         while not _over(deadline, stop):
             if _expired(expires_at):
