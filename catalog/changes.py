@@ -43,6 +43,8 @@ log = logging.getLogger("rescat.changes")
 
 # Server codes after which a stream cannot resume (the oplog moved past it).
 _HISTORY_LOST = {136, 280, 286}
+# Events after which a stream can never resume.
+_ENDING = {"invalidate", "dropDatabase"}
 # How long a broken stream keeps trying to reopen before the watcher gives up.
 REOPEN_FOR = 60.0
 
@@ -78,6 +80,7 @@ class PathChanges:
         self._last_key: Any = None  # the path document of the update/delete last returned
         self._stream: ChangeStream[Any] | None = None
         self._closed = False
+        self.ended = False  # True once the watched collection is gone: no more events
         if not defer:
             self._open()
 
@@ -128,6 +131,7 @@ class PathChanges:
                             "operationType": "insert",
                             "fullDocument.path": INLINE,
                         },
+                        {"operationType": {"$in": sorted(_ENDING)}},
                     ]
                 }
             },
@@ -153,6 +157,8 @@ class PathChanges:
         """The next event, or None once the stream has waited ~await_seconds with nothing new."""
         if self._closed:
             raise CatalogError("the change stream is closed")
+        if self.ended:
+            return None
         give_up = time.monotonic() + REOPEN_FOR
         delay = 0.05
         while True:
@@ -162,6 +168,10 @@ class PathChanges:
                 assert self._stream is not None
                 event = self._stream.try_next()
             except PyMongoError as exc:
+                if isinstance(exc, OperationFailure) and exc.code == 260:
+                    self.ended = True  # resuming after an invalidate: the database went
+                    self._drop(0)
+                    return None
                 if isinstance(exc, OperationFailure) and exc.code in _HISTORY_LOST:
                     raise CatalogError(f"the change history was lost: {exc}") from exc
                 if time.monotonic() >= give_up:
@@ -176,6 +186,10 @@ class PathChanges:
                 self._drop(0)
                 continue
             if event is None:
+                return None
+            if event.get("operationType") in _ENDING:
+                self.ended = True  # the database was dropped
+                self._drop(0)
                 return None
             key = None
             if event.get("ns", {}).get("coll") == self._paths and event.get("operationType") in (

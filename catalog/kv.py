@@ -446,7 +446,8 @@ class _Watch:
         self._changes: PathChanges | None = PathChanges(store.managed, store.env_uuid, defer=True)
 
     def _stopped(self) -> bool:
-        if self._stop is not None and self._stop.is_set():
+        ended = self._changes is not None and self._changes.ended
+        if ended or (self._stop is not None and self._stop.is_set()):
             self.close()
         return self._changes is None
 
@@ -697,7 +698,7 @@ class Lock:
                     return True
                 if not blocking or _over(deadline, stop):
                     return False
-                if changes is None:
+                if changes is None or changes.ended:
                     # Opened before the next attempt: a release right after it is seen.
                     changes = PathChanges(self._store.managed, self._store.env_uuid)
                     continue
@@ -743,7 +744,7 @@ class Lock:
         changes.focus([doc["_id"]])
         expires_at = doc.get("expires_at")
         while not _over(deadline, stop):
-            if _expired(expires_at):
+            if _expired(expires_at) or changes.ended:
                 return
             event = changes.next()
             if event is None or (event.get("documentKey") or {}).get("_id") != doc["_id"]:

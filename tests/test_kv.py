@@ -213,6 +213,16 @@ def test_watch_resumes_after_its_stream_breaks(kv: KVStore) -> None:
     watch.close()
 
 
+def test_dropping_the_database_ends_a_watch(kv: KVStore, db: Database[Any]) -> None:
+    kv.put("k", b"v")
+    watch = kv.watch("k")
+    assert next(watch) is not None
+    db.client.drop_database(db.name)
+    started = time.monotonic()
+    assert list(watch) == []  # ends instead of resuming forever
+    assert time.monotonic() - started < 10
+
+
 def test_watch_from_another_process(kv: KVStore, mongo_uri: str, db: Database[Any]) -> None:
     events: queue.Queue[KVPair | None] = queue.Queue()
     stop = threading.Event()
@@ -223,11 +233,14 @@ def test_watch_from_another_process(kv: KVStore, mongo_uri: str, db: Database[An
         kv.delete("remote")
         kv.close()
     """
-    proc = _child(mongo_uri, db.name, script)
-    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
-    assert events.get(timeout=5).value == b"from-child"  # type: ignore[union-attr]
-    assert events.get(timeout=5) is None
-    stop.set()
+    try:
+        proc = _child(mongo_uri, db.name, script)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+        _kill(proc)
+        assert events.get(timeout=5).value == b"from-child"  # type: ignore[union-attr]
+        assert events.get(timeout=5) is None
+    finally:
+        stop.set()
 
 
 def test_watch_sees_a_ttl_key_expire(kv: KVStore, managed: ManagedStorage) -> None:
@@ -236,11 +249,13 @@ def test_watch_sees_a_ttl_key_expire(kv: KVStore, managed: ManagedStorage) -> No
     events: queue.Queue[KVPair | None] = queue.Queue()
     stop = threading.Event()
     pump(kv.watch("lease", stop=stop), events)
-    assert events.get(timeout=5) is not None
-    owner._renewer.pause()
-    assert events.get(timeout=3) is None  # at read time, not at a TTL-monitor pass
-    owner.close()
-    stop.set()
+    try:
+        assert events.get(timeout=5) is not None
+        owner._renewer.pause()
+        assert events.get(timeout=3) is None  # at read time, not at a TTL-monitor pass
+    finally:
+        owner.close()
+        stop.set()
 
 
 def test_watch_range_lists_after_each_change(kv: KVStore) -> None:
