@@ -9,6 +9,7 @@ from catalog.proof import PutResponse, RequestResponse, new_put_response
 from catalog.resources import Resource
 
 if TYPE_CHECKING:
+    from catalog.kv import KVStore
     from catalog.managed import ManagedStorage, PathInfo
 
 
@@ -52,6 +53,12 @@ class Environment:
             request_id = request.request_id if isinstance(request, RequestResponse) else request
             response = new_put_response(request_id, checksum)
         return self.managed.proof_of_access_response(response, env_uuid=self.env_uuid)
+
+    def kv(self) -> KVStore:
+        """This environment as a key-value store (catalog.kv); close() it when done."""
+        from catalog.kv import KVStore
+
+        return KVStore(self.managed, self.env_uuid)
 
     def __repr__(self) -> str:
         return f"Environment({self.env_uuid!r})"

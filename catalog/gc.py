@@ -37,6 +37,7 @@ from pymongo.client_session import ClientSession
 
 from catalog.clock import utcnow
 from catalog.errors import CatalogError
+from catalog.kv import reclaim_expired
 from catalog.managed import ManagedStorage
 from catalog.resources import READY, to_resource
 from catalog.scan import (
@@ -76,6 +77,7 @@ class GcReport:
     orphan_chunks: int = 0
     orphan_chunk_bytes: int = 0
     sessions_reclaimed: int = 0
+    expired_keys: int = 0
     in_flight: int = 0
     actions: list[str] = field(default_factory=list)
 
@@ -101,6 +103,7 @@ class GcReport:
             or self.restored_entries
             or self.repointed_paths
             or self.sessions_reclaimed
+            or self.expired_keys
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +125,7 @@ class GcReport:
             "orphan_chunks": self.orphan_chunks,
             "orphan_chunk_bytes": self.orphan_chunk_bytes,
             "sessions_reclaimed": self.sessions_reclaimed,
+            "expired_keys": self.expired_keys,
             "in_flight": self.in_flight,
             "actions": list(self.actions),
         }
@@ -152,6 +156,7 @@ def gc(
     _gc_requests(managed, report)
     if not dry_run:
         report.sessions_reclaimed = reclaim_sessions(managed, session_max_age)
+        report.expired_keys = reclaim_expired(managed)  # TTL keys past their lease
     _gc_abandoned(managed, report)
     scan = bar_for(store.totals()[0], "scan files", "files")
     try:

@@ -1008,6 +1008,96 @@ class ManagedStorage:
 
         return self.transact(unlink)
 
+    # -- for leases and fenced writes (catalog.kv) -------------------------------
+    def renew_expiry(
+        self, env_uuid: str, paths: list[str], owner: str, expires_at: datetime.datetime
+    ) -> set[str]:
+        """Move the expiry of `owner`'s live TTL paths to `expires_at`; the paths renewed.
+
+        Renewing changes no revision and no content: the path is the same key,
+        kept alive. A path that expired, was deleted or was written by anyone
+        else since (another owner, or made permanent) is not renewed.
+        """
+        check_env(env_uuid)
+        query: dict[str, Any] = {
+            "env": env_uuid,
+            "path": {"$in": list(paths)},
+            "owner": owner,
+            "expires_at": {"$gt": utcnow()},
+        }
+        self.paths.update_many(query, {"$set": {"expires_at": expires_at}})
+        query["expires_at"] = expires_at
+        return {doc["path"] for doc in self.paths.find(query, {"path": 1})}
+
+    def delete_expired(self, env_uuid: str, path: str, revision: int) -> bool:
+        """Delete a TTL path that has expired (and is still at `revision`); False if not.
+
+        Like delete_path for a path reads no longer see: its history records the
+        deletion and its content reference is released.
+        """
+        check_env(env_uuid)
+        check_path(path)
+
+        def unlink(session: ClientSession | None, doomed: list[str]) -> bool:
+            query = {
+                "env": env_uuid,
+                "path": path,
+                "rev": revision,
+                "expires_at": {"$lte": utcnow()},
+            }
+            doc = self.paths.find_one_and_delete(query, session=session)
+            if doc is None:
+                return False
+            self.history.update_one(
+                {"env": env_uuid, "path": path},
+                self._updates.closing(doc, "delete", {"expired": True}),
+                upsert=True,
+                session=session,
+            )
+            self._release_in(str(doc["resource_id"]), session, doomed)
+            return True
+
+        return self.transact(unlink)
+
+    def put_guarded(
+        self,
+        env_uuid: str,
+        path: str,
+        data: bytes,
+        guard: Callable[[ClientSession | None], None],
+        options: WriteOptions = PLAIN,
+    ) -> PathInfo:
+        """Put `data`, linking it in a transaction whose first step is guard(session).
+
+        guard raises to refuse the write (nothing changes; the reference taken
+        for the content is released). What guard reads and writes commits or
+        aborts with the link, so a condition on another document holds at the
+        write: a fenced lock write touches its lock document there.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        digest = blake3.blake3(data).hexdigest()
+        if len(data) <= self.inline_max:
+            res = self._catalog.acquire_inline(digest, data)
+        else:
+            res, _ = self._catalog.acquire(digest, len(data), uploading=True)
+        rid = res.id
+        try:
+            with contextlib.nullcontext() if res.inline else self._holding(rid):
+                if not res.path:
+                    res = self._upload(res, io.BytesIO(data), len(data), digest)
+                target = {"resource_id": object_id(rid), "hash": res.hash, "length": res.length}
+
+                def link(session: ClientSession | None, doomed: list[str]) -> dict[str, Any]:
+                    guard(session)
+                    return self._link_in(env_uuid, path, target, options, session, doomed)
+
+                doc = self.transact(link)
+        except BaseException:
+            self._release(rid)
+            raise
+        return _path_info(doc, res.state, res.history)
+
 
 def _check(digest: str, length: int, seen_hash: str, seen: int) -> None:
     if seen != length:

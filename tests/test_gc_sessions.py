@@ -37,3 +37,19 @@ def test_closed_session_survives_gc_and_fsck_until_it_expires(
     assert db["resources.chunks"].count_documents({}) == 0
     assert fsck(managed, grace=0).clean
     assert driver.list("/") == []
+
+
+def test_gc_reclaims_expired_ttl_keys(managed: ManagedStorage, db: Database[Any]) -> None:
+    from catalog.kv import KVStore
+
+    kv = KVStore(managed, "e")
+    kv.put("short", b"lived" * 20000, ttl=0.5)  # above the inline limit: a GridFS file
+    kv.close()  # nobody renews it any more
+    time.sleep(0.8)
+    assert not kv.exists("short")
+    assert db["paths"].count_documents({}) == 1  # expired, not yet reclaimed
+    report = gc(managed, grace=0)
+    assert report.expired_keys == 1
+    assert db["paths"].count_documents({}) == 0
+    assert db["resources.files"].count_documents({}) == 0
+    assert fsck(managed, grace=0).clean

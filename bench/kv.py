@@ -1,0 +1,378 @@
+"""KV benchmark: catalog.kv against raw pymongo single-document operations, in one run.
+
+    python -m bench.kv [--threads 16] [--seconds 2] [--rounds 3] [--etcd-url URL]
+
+Four workloads, each run by --threads client threads in this process, every
+thread on keys of its own (no contention: this measures cost, not conflicts):
+
+* put: `KVStore.put` of a 128-byte value vs `update_one(upsert)` at w=majority
+  (the durability a KV put has);
+* get: `KVStore.get` vs `find_one` by _id;
+* cas: `get` + `atomic_put(previous)` vs `find_one` + `update_one({_id, rev})`
+  at w=majority;
+* watch: one `KVStore.watch` per thread on its key; each thread writes its key
+  and waits for its own event; the latency from the start of the write to the
+  event vs the same over a raw change stream on the raw collection.
+
+Rounds alternate baseline and rescat; the medians of the rounds are printed,
+ratios last (throughput ratio: higher is better; latency ratio: lower is
+better). With --etcd-url the same workloads also run against etcd's HTTP/JSON
+gateway (`/v3/kv/put`, `/v3/kv/range`, `/v3/kv/txn`, `/v3/watch`) with httpx,
+and rescat/etcd ratios are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+from pymongo import MongoClient, WriteConcern
+
+from bench.mongo import throwaway_mongod
+from catalog import ManagedStorage
+from catalog.kv import KVStore
+from storage import GridFSStorage
+
+VALUE_BYTES = 128
+WORKLOADS = ("put", "get", "cas", "watch")
+
+
+# -- the harness ------------------------------------------------------------------------
+def run_threads(
+    threads: int, seconds: float, make: Callable[[int], Callable[[int], float | None]]
+) -> dict[str, float]:
+    """Each thread calls its op in a loop for `seconds`; ops/s and latency quantiles.
+
+    An op may return its own latency (watch); otherwise its wall time counts.
+    """
+    ops = [make(n) for n in range(threads)]
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    barrier = threading.Barrier(threads + 1)
+    stop_at = [0.0]
+
+    def worker(n: int) -> None:
+        op, lat = ops[n], latencies[n]
+        barrier.wait()
+        i = 0
+        while time.perf_counter() < stop_at[0]:
+            start = time.perf_counter()
+            own = op(i)
+            lat.append(own if own is not None else time.perf_counter() - start)
+            i += 1
+
+    pool = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
+    for t in pool:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    barrier.wait()
+    for t in pool:
+        t.join(timeout=seconds + 60)
+    elapsed = time.perf_counter() - started
+    every = sorted(x for lat in latencies for x in lat)
+    if not every:
+        return {"ops_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {
+        "ops_s": len(every) / elapsed,
+        "p50_ms": every[len(every) // 2] * 1000,
+        "p99_ms": every[min(len(every) - 1, int(len(every) * 0.99))] * 1000,
+    }
+
+
+def value(n: int, i: int) -> bytes:
+    head = f"{n}:{i}:".encode()
+    return head + os.urandom(VALUE_BYTES - len(head))
+
+
+# -- rescat ---------------------------------------------------------------------------------
+class Rescat:
+    name = "rescat"
+
+    def __init__(self, uri: str, threads: int) -> None:
+        self.client: MongoClient[Any] = MongoClient(uri, tz_aware=True, maxPoolSize=threads * 3)
+        db = self.client["bench_kv"]
+        self.kv = KVStore(ManagedStorage(db, GridFSStorage(db)), "bench")
+
+    def put(self, n: int) -> Callable[[int], None]:
+        return lambda i: self._put(f"put/{n}/{i % 16}", value(n, i))
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.kv.put(key, data)
+
+    def get(self, n: int) -> Callable[[int], None]:
+        for j in range(16):
+            self.kv.put(f"get/{n}/{j}", value(n, j))
+        return lambda i: self._get(f"get/{n}/{i % 16}")
+
+    def _get(self, key: str) -> None:
+        self.kv.get(key)
+
+    def cas(self, n: int) -> Callable[[int], None]:
+        key = f"cas/{n}"
+        self.kv.put(key, value(n, 0))
+
+        def op(i: int) -> None:
+            pair = self.kv.get(key)
+            self.kv.atomic_put(key, value(n, i), pair)
+
+        return op
+
+    def watch(self, n: int) -> Callable[[int], float]:
+        key = f"watch/{n}"
+        self.kv.put(key, value(n, -1))
+        items = self.kv.watch(key)
+        next(items)
+
+        def op(i: int) -> float:
+            data = value(n, i)
+            start = time.perf_counter()
+            self.kv.put(key, data)
+            for item in items:
+                if item is not None and item.value == data:
+                    return time.perf_counter() - start
+            raise RuntimeError("watch ended")
+
+        return op
+
+    def close(self) -> None:
+        self.kv.close()
+        self.client.drop_database("bench_kv")
+        self.client.close()
+
+
+class RawMongo:
+    name = "pymongo"
+
+    def __init__(self, uri: str, threads: int) -> None:
+        self.client: MongoClient[Any] = MongoClient(uri, tz_aware=True, maxPoolSize=threads * 3)
+        self.coll = self.client["bench_raw"]["kv"].with_options(
+            write_concern=WriteConcern("majority")
+        )
+
+    def put(self, n: int) -> Callable[[int], None]:
+        return lambda i: self._put(f"put/{n}/{i % 16}", value(n, i))
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.coll.update_one({"_id": key}, {"$set": {"v": data}}, upsert=True)
+
+    def get(self, n: int) -> Callable[[int], None]:
+        for j in range(16):
+            self._put(f"get/{n}/{j}", value(n, j))
+        return lambda i: self._get(f"get/{n}/{i % 16}")
+
+    def _get(self, key: str) -> None:
+        self.coll.find_one({"_id": key})
+
+    def cas(self, n: int) -> Callable[[int], None]:
+        key = f"cas/{n}"
+        self.coll.update_one({"_id": key}, {"$set": {"v": b"", "rev": 0}}, upsert=True)
+
+        def op(i: int) -> None:
+            doc = self.coll.find_one({"_id": key})
+            assert doc is not None
+            done = self.coll.update_one(
+                {"_id": key, "rev": doc["rev"]},
+                {"$set": {"v": value(n, i), "rev": doc["rev"] + 1}},
+            )
+            assert done.modified_count == 1
+
+        return op
+
+    def watch(self, n: int) -> Callable[[int], float]:
+        key = f"watch/{n}"
+        self._put(key, value(n, -1))
+        stream = self.coll.watch(
+            [{"$match": {"documentKey._id": key}}], full_document="updateLookup"
+        )
+
+        def op(i: int) -> float:
+            data = value(n, i)
+            start = time.perf_counter()
+            self._put(key, data)
+            for change in stream:
+                if (change.get("fullDocument") or {}).get("v") == data:
+                    return time.perf_counter() - start
+            raise RuntimeError("stream ended")
+
+        return op
+
+    def close(self) -> None:
+        self.client.drop_database("bench_raw")
+        self.client.close()
+
+
+class Etcd:
+    """etcd v3 through its HTTP/JSON gateway, one httpx client per thread."""
+
+    name = "etcd"
+
+    def __init__(self, url: str, threads: int) -> None:
+        self.url = url.rstrip("/")
+        self.local = threading.local()
+        self.watchers: list[Any] = []
+
+    def _http(self) -> httpx.Client:
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = httpx.Client(base_url=self.url, timeout=30)
+            self.local.client = client
+        return client
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer = self._http().post(path, json=body)
+        answer.raise_for_status()
+        return dict(answer.json())
+
+    def _put(self, key: str, data: bytes) -> dict[str, Any]:
+        return self._post("/v3/kv/put", {"key": _b64(key.encode()), "value": _b64(data)})
+
+    def _range(self, key: str) -> dict[str, Any]:
+        return self._post("/v3/kv/range", {"key": _b64(key.encode())})
+
+    def put(self, n: int) -> Callable[[int], None]:
+        def op(i: int) -> None:
+            self._put(f"put/{n}/{i % 16}", value(n, i))
+
+        return op
+
+    def get(self, n: int) -> Callable[[int], None]:
+        for j in range(16):
+            self._put(f"get/{n}/{j}", value(n, j))
+
+        def op(i: int) -> None:
+            self._range(f"get/{n}/{i % 16}")
+
+        return op
+
+    def cas(self, n: int) -> Callable[[int], None]:
+        key = f"cas/{n}"
+        self._put(key, value(n, 0))
+
+        def op(i: int) -> None:
+            kvs = self._range(key)["kvs"]
+            txn = {
+                "compare": [
+                    {
+                        "key": _b64(key.encode()),
+                        "target": "MOD",
+                        "result": "EQUAL",
+                        "mod_revision": kvs[0]["mod_revision"],
+                    }
+                ],
+                "success": [
+                    {"request_put": {"key": _b64(key.encode()), "value": _b64(value(n, i))}}
+                ],
+            }
+            assert self._post("/v3/kv/txn", txn).get("succeeded") is True
+
+        return op
+
+    def watch(self, n: int) -> Callable[[int], float]:
+        key = f"watch/{n}"
+        self._put(key, value(n, -1))
+        client = httpx.Client(base_url=self.url, timeout=None)
+        body = {"create_request": {"key": _b64(key.encode())}}
+        response = client.send(client.build_request("POST", "/v3/watch", json=body), stream=True)
+        self.watchers.append((client, response))
+        lines = response.iter_lines()
+        next(lines)  # the "created" answer
+
+        def events() -> Iterator[bytes]:
+            for line in lines:
+                if not line.strip():
+                    continue
+                for event in json.loads(line).get("result", {}).get("events", []) or []:
+                    yield base64.b64decode(event["kv"].get("value", ""))
+
+        stream = events()
+
+        def op(i: int) -> float:
+            data = value(n, i)
+            start = time.perf_counter()
+            self._put(key, data)
+            for seen in stream:
+                if seen == data:
+                    return time.perf_counter() - start
+            raise RuntimeError("etcd watch ended")
+
+        return op
+
+    def close(self) -> None:
+        for client, response in self.watchers:
+            response.close()
+            client.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- main -----------------------------------------------------------------------------------
+def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[str, float]:
+    return run_threads(threads, seconds, getattr(system, workload))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--etcd-url", default=None, help="e.g. http://127.0.0.1:2379")
+    args = parser.parse_args()
+
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    with throwaway_mongod() as uri:
+        for _ in range(args.rounds):
+            makers: list[Callable[[], Any]] = [
+                lambda: RawMongo(uri, args.threads),
+                lambda: Rescat(uri, args.threads),
+            ]
+            if args.etcd_url:
+                makers.append(lambda: Etcd(args.etcd_url, args.threads))
+            for make in makers:
+                system = make()
+                try:
+                    for workload in WORKLOADS:
+                        result = measure(system, workload, args.threads, args.seconds)
+                        results.setdefault(system.name, {}).setdefault(workload, []).append(result)
+                finally:
+                    system.close()
+
+    def med(name: str, workload: str, field: str) -> float:
+        return statistics.median(r[field] for r in results[name][workload])
+
+    print(
+        f"== rescat kv: {args.threads} threads, {args.seconds:.0f}s per workload, "
+        f"median of {args.rounds} rounds"
+    )
+    for name in results:
+        for workload in WORKLOADS:
+            print(
+                f"   {name:<8} {workload:<6} {med(name, workload, 'ops_s'):9.0f} ops/s"
+                f"   p50 {med(name, workload, 'p50_ms'):7.2f} ms"
+                f"   p99 {med(name, workload, 'p99_ms'):7.2f} ms"
+            )
+    ratios: dict[str, float] = {}
+    for other in [n for n in results if n != "rescat"]:
+        for workload in WORKLOADS:
+            if workload == "watch":
+                ratio = med("rescat", workload, "p50_ms") / med(other, workload, "p50_ms")
+                label = f"rescat/{other} watch p50 latency (lower is better)"
+            else:
+                ratio = med("rescat", workload, "ops_s") / med(other, workload, "ops_s")
+                label = f"rescat/{other} {workload} ops/s (higher is better)"
+            ratios[f"{other}_{workload}"] = ratio
+            print(f"{label:<54} {ratio:7.3f}x")
+    print(json.dumps({"results": results, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

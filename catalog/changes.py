@@ -1,0 +1,227 @@
+"""Resumable change streams over path documents, opened before the first read.
+
+A watcher that reads a state and then opens a stream "from now" can miss what
+changed in between (docker/libkv#15). `PathChanges` takes the server's
+operation time first and opens the stream there (startAtOperationTime is
+inclusive), so the watcher's read, made afterwards, is covered: every change
+after the read is in the stream, and the changes the read already reflects
+carry a revision no larger than the one read, which is how watchers drop them.
+
+One stream carries, for one environment:
+
+* every change of `managed.paths` (inserts only for that environment: updates
+  and deletes carry just the document id, which the watcher knows from its
+  read or from the insert that created the document; `focus` narrows them to
+  the documents a watcher follows, server-side). Updates arrive as
+  deltas: `updatedFields` holds `rev` on every change of content and
+  `expires_at` on TTL renewals; the per-path event list is projected away.
+* inserts of small (inline) catalog entries with their bytes. A put of new
+  content inserts the entry before it links the path, so a watcher holds the
+  bytes a change wrote even after the key was overwritten and those bytes
+  deleted.
+
+When the stream breaks (a failover, a killed cursor) it is reopened from its
+last resume token, so nothing is lost or repeated; pymongo already resumes
+once on its own, this covers the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from bson import Timestamp
+from pymongo.change_stream import ChangeStream
+from pymongo.errors import OperationFailure, PyMongoError
+
+from catalog.errors import CatalogError
+from catalog.resources import INLINE
+
+log = logging.getLogger("rescat.changes")
+
+# Server codes after which a stream cannot resume (the oplog moved past it).
+_HISTORY_LOST = {136, 280, 286}
+# Events after which a stream can never resume.
+_ENDING = {"invalidate", "dropDatabase"}
+# How long a broken stream keeps trying to reopen before the watcher gives up.
+REOPEN_FOR = 60.0
+
+PATH_FIELDS = ("env", "path", "rev", "hash", "resource_id", "length", "expires_at", "owner")
+
+
+def operation_time(db: Any) -> Timestamp | None:
+    """The server's latest operation time: a stream opened there misses nothing after it."""
+    reply = db.command("ping")
+    value = reply.get("operationTime")
+    return value if isinstance(value, Timestamp) else None
+
+
+class PathChanges:
+    """Change events of one environment's paths (and new inline content), resumable."""
+
+    def __init__(
+        self, managed: Any, env_uuid: str, *, await_seconds: float = 0.25, defer: bool = False
+    ) -> None:
+        """Take the start time now; open the stream now, or (defer) at the first focus/next.
+
+        Deferring lets a watcher read first and then open a stream already
+        narrowed to what it read: the stream still starts at this time.
+        """
+        self._db = managed.db
+        self._env = env_uuid
+        self._paths = managed.paths.name
+        self._catalog = managed.catalog.collection.name
+        self._await_ms = max(int(await_seconds * 1000), 10)
+        self._start = operation_time(self._db)
+        self._token: Any = None
+        self._ids: list[Any] | None = None
+        self._last_key: Any = None  # the path document of the update/delete last returned
+        self._stream: ChangeStream[Any] | None = None
+        self._closed = False
+        self.ended = False  # True once the watched collection is gone: no more events
+        if not defer:
+            self._open()
+
+    def focus(self, ids: list[Any] | None) -> None:
+        """Only updates and deletes of these path documents from now on (None: all).
+
+        The stream is reopened from where it is with the new filter, so the
+        server drops other documents' changes instead of sending them to every
+        watcher; inserts into the environment always come through.
+        """
+        if ids is not None and self._last_key is not None and self._last_key not in ids:
+            # Resuming needs the event the token names to pass the new filter.
+            ids = [*ids, self._last_key]
+        if ids == self._ids:
+            return
+        self._ids = None if ids is None else list(ids)
+        if self._stream is not None:
+            with contextlib.suppress(PyMongoError):
+                self._stream.close()
+            self._stream = None
+        self._open()
+
+    def _pipeline(self) -> list[dict[str, Any]]:
+        paths, catalog = self._paths, self._catalog
+        ids = {} if self._ids is None else {"documentKey._id": {"$in": self._ids}}
+        project: dict[str, Any] = {
+            "operationType": 1,
+            "documentKey": 1,
+            "ns": 1,
+            "updateDescription.removedFields": 1,
+            "fullDocument.data": 1,
+        }
+        for name in PATH_FIELDS:
+            project[f"fullDocument.{name}"] = 1
+            project[f"updateDescription.updatedFields.{name}"] = 1
+        return [
+            {
+                "$match": {
+                    "$or": [
+                        {"ns.coll": paths, "operationType": {"$in": ["update", "delete"]}, **ids},
+                        {
+                            "ns.coll": paths,
+                            "operationType": {"$in": ["insert", "replace"]},
+                            "fullDocument.env": self._env,
+                        },
+                        {
+                            "ns.coll": catalog,
+                            "operationType": "insert",
+                            "fullDocument.path": INLINE,
+                        },
+                        {"operationType": {"$in": sorted(_ENDING)}},
+                    ]
+                }
+            },
+            {"$project": project},
+        ]
+
+    def _open(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self._token is not None:
+            kwargs["resume_after"] = self._token
+        elif self._start is not None:
+            kwargs["start_at_operation_time"] = self._start
+        self._stream = self._db.watch(self._pipeline(), max_await_time_ms=self._await_ms, **kwargs)
+        self._remember()
+
+    def _remember(self) -> None:
+        if self._stream is not None:
+            token = self._stream.resume_token
+            if token is not None:
+                self._token = token
+
+    def next(self) -> dict[str, Any] | None:
+        """The next event, or None once the stream has waited ~await_seconds with nothing new."""
+        if self._closed:
+            raise CatalogError("the change stream is closed")
+        if self.ended:
+            return None
+        give_up = time.monotonic() + REOPEN_FOR
+        delay = 0.05
+        while True:
+            try:
+                if self._stream is None:
+                    self._open()
+                assert self._stream is not None
+                event = self._stream.try_next()
+            except PyMongoError as exc:
+                if isinstance(exc, OperationFailure) and exc.code == 260:
+                    self.ended = True  # resuming after an invalidate: the database went
+                    self._drop(0)
+                    return None
+                if isinstance(exc, OperationFailure) and exc.code in _HISTORY_LOST:
+                    raise CatalogError(f"the change history was lost: {exc}") from exc
+                if time.monotonic() >= give_up:
+                    raise CatalogError(f"the change stream broke: {exc}") from exc
+                log.warning("change stream broke (%s); resuming from its token", exc)
+                self._drop(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._remember()
+            if event is None and not self._stream.alive:  # closed under us: resume
+                log.warning("change stream closed; resuming from its token")
+                self._drop(0)
+                continue
+            if event is None:
+                return None
+            if event.get("operationType") in _ENDING:
+                self.ended = True  # the database was dropped
+                self._drop(0)
+                return None
+            key = None
+            if event.get("ns", {}).get("coll") == self._paths and event.get("operationType") in (
+                "update",
+                "delete",
+            ):
+                key = (event.get("documentKey") or {}).get("_id")
+            self._last_key = key
+            return dict(event)
+
+    def _drop(self, delay: float) -> None:
+        """Forget a broken stream; the next read reopens it from the resume token."""
+        if self._stream is not None:
+            with contextlib.suppress(PyMongoError):
+                self._stream.close()
+            self._stream = None
+        time.sleep(delay)
+
+    def break_for_test(self) -> None:
+        """Close the underlying stream as a failure would (tests of resumption)."""
+        if self._stream is not None:
+            self._stream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            with contextlib.suppress(PyMongoError):
+                self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> PathChanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

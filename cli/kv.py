@@ -1,0 +1,202 @@
+"""`rescat kv`: the KV store (catalog.kv) from the shell.
+
+A key is a path of the environment, so `rescat get ENV KEY` reads a value too.
+Values print raw; listings and watches print JSON with the value as text when
+it is UTF-8 (`value`) and always as base64 (`value_base64`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sys
+from typing import Any
+
+import click
+
+from catalog.kv import KVPair, KVStore, check_ttl, clean_key, clean_prefix
+from catalog.names import check_env
+from cli.app import Context, cli, echo_json, pass_ctx
+
+
+def _pair_json(pair: KVPair) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "key": pair.key,
+        "revision": pair.last_index,
+        "length": len(pair.value),
+        "value_base64": base64.b64encode(pair.value).decode("ascii"),
+    }
+    with contextlib.suppress(UnicodeDecodeError):
+        data["value"] = pair.value.decode("utf-8")
+    return data
+
+
+def _line(data: Any) -> None:
+    click.echo(json.dumps(data, sort_keys=True))
+    sys.stdout.flush()
+
+
+@cli.group()
+def kv() -> None:
+    """Key-value store over an environment's paths (revisions, CAS, watch, TTL).
+
+    \b
+    Example:
+      rescat kv put team-a config/db postgres://db
+      rescat kv get team-a config/db
+      rescat kv watch team-a --prefix config
+    """
+
+
+@kv.command("put")
+@click.argument("env")
+@click.argument("key")
+@click.argument("value")
+@click.option("--ttl", type=float, default=None, help="Seconds the key lives after this put.")
+@pass_ctx
+def kv_put(ctx: Context, env: str, key: str, value: str, ttl: float | None) -> None:
+    """Set KEY to VALUE (text), to stdin with -, or to a file's bytes with @FILE.
+
+    Prints the key's new revision. With --ttl the key is gone from every read
+    TTL seconds later (nothing renews it once this command has exited).
+
+    \b
+    Example:
+      rescat kv put team-a config/db postgres://db
+      rescat kv put team-a certs/ca @ca.pem
+      echo -n on | rescat kv put team-a flags/x - --ttl 30
+    """
+    check_env(env)
+    clean_key(key)
+    check_ttl(ttl)
+    if value == "-":
+        data = sys.stdin.buffer.read()
+    elif value.startswith("@"):
+        try:
+            with open(value[1:], "rb") as source:
+                data = source.read()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read {value[1:]}: {exc.strerror}") from None
+    else:
+        data = value.encode("utf-8")
+    store = KVStore(ctx.managed, env)
+    try:
+        pair = store.put(key, data, ttl=ttl)
+    finally:
+        store.close()
+    click.echo(pair.last_index)
+
+
+@kv.command("get")
+@click.argument("env")
+@click.argument("key")
+@pass_ctx
+def kv_get(ctx: Context, env: str, key: str) -> None:
+    """Write KEY's value, raw, to stdout.
+
+    \b
+    Example:
+      rescat kv get team-a config/db
+    """
+    check_env(env)
+    clean_key(key)
+    store = KVStore(ctx.managed, env)
+    try:
+        pair = store.get(key)
+    finally:
+        store.close()
+    sys.stdout.buffer.write(pair.value)
+    sys.stdout.buffer.flush()
+
+
+@kv.command("ls")
+@click.argument("env")
+@click.argument("prefix", default="")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"key","revision","value",...}].')
+@pass_ctx
+def kv_ls(ctx: Context, env: str, prefix: str, as_json: bool) -> None:
+    """List the keys at or under PREFIX (whole segments: `a` lists a and a/..., not ab).
+
+    \b
+    Example:
+      rescat kv ls team-a config
+      rescat kv ls team-a --json
+    """
+    check_env(env)
+    clean_prefix(prefix)
+    store = KVStore(ctx.managed, env)
+    try:
+        pairs = store.list_pairs(prefix)
+    finally:
+        store.close()
+    if as_json:
+        echo_json([_pair_json(pair) for pair in pairs])
+        return
+    for pair in pairs:
+        click.echo(pair.key)
+
+
+@kv.command("rm")
+@click.argument("env")
+@click.argument("key")
+@click.option("-r", "--recursive", is_flag=True, help="Delete KEY and every key under KEY/.")
+@pass_ctx
+def kv_rm(ctx: Context, env: str, key: str, recursive: bool) -> None:
+    """Delete KEY (with -r, KEY and every key under it).
+
+    \b
+    Example:
+      rescat kv rm team-a config/db
+      rescat kv rm -r team-a config
+    """
+    check_env(env)
+    clean_key(key)
+    store = KVStore(ctx.managed, env)
+    try:
+        if recursive:
+            store.delete_range(key)
+        else:
+            store.delete(key)
+    finally:
+        store.close()
+
+
+@kv.command("watch")
+@click.argument("env")
+@click.argument("key", required=False)
+@click.option("--prefix", default=None, help="Watch every key at or under this prefix.")
+@pass_ctx
+def kv_watch(ctx: Context, env: str, key: str | None, prefix: str | None) -> None:
+    """Print one JSON line per change of KEY (or under --prefix) until Ctrl-C.
+
+    The first line is the current state. For a key: {"type":"put",...} or
+    {"type":"delete","key"}; for a prefix: {"type":"list","prefix","items":[...]}
+    with the whole list after each change.
+
+    \b
+    Example:
+      rescat kv watch team-a config/db
+      rescat kv watch team-a --prefix config
+    """
+    check_env(env)
+    if (key is None) == (prefix is None):
+        raise click.UsageError("give either KEY or --prefix P")
+    store = KVStore(ctx.managed, env)
+    try:
+        if key is not None:
+            name = clean_key(key)
+            for item in store.watch(name):
+                if item is None:
+                    _line({"type": "delete", "key": name})
+                else:
+                    _line({"type": "put", **_pair_json(item)})
+        else:
+            assert prefix is not None
+            start = clean_prefix(prefix)
+            for items in store.watch_range(start):
+                _line({"type": "list", "prefix": start, "items": [_pair_json(p) for p in items]})
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends a watch normally
+    finally:
+        store.close()
