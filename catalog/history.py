@@ -103,3 +103,37 @@ def trim(collections: list[Collection[Any]], days: float) -> int:
         changed += int(done.modified_count)
     collections[-1].delete_many({"events": {"$size": 0}})
     return changed
+
+
+def items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A path's events as the contract shows them, oldest first.
+
+    `{"at", "event", "state", "hash", "length", "revision"}` with `at` as RFC 3339
+    UTC. The path's own events come in revision order; uploads that failed or
+    are still running (revision 0) are placed among them by time.
+    """
+    ops = [e for e in events if e.get("event") != "upload"]
+    uploads = sorted((e for e in events if e.get("event") == "upload"), key=lambda e: e["at"])
+    ordered: list[dict[str, Any]] = []
+    for op in ops:
+        while uploads and uploads[0]["at"] < op["at"]:
+            ordered.append(uploads.pop(0))
+        ordered.append(op)
+    ordered.extend(uploads)
+    return [
+        {
+            "at": rfc3339(e["at"]),
+            "event": str(e.get("event", "")),
+            "state": str(e.get("state", "ok")),
+            "hash": str(e.get("hash") or ""),
+            "length": int(e.get("length") or 0),
+            "revision": int(e.get("revision") or 0),
+        }
+        for e in ordered
+    ]
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    """An aware datetime as RFC 3339 UTC with milliseconds (`...Z`)."""
+    utc = at.astimezone(datetime.timezone.utc)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
