@@ -35,8 +35,10 @@ from typing import Any
 from bson import ObjectId
 from pymongo.client_session import ClientSession
 
+from catalog import history
 from catalog.clock import utcnow
 from catalog.errors import CatalogError
+from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage
 from catalog.resources import READY, to_resource
 from catalog.scan import (
@@ -75,6 +77,9 @@ class GcReport:
     orphan_chunks: int = 0
     orphan_chunk_bytes: int = 0
     in_flight: int = 0
+    failed_uploads: int = 0
+    history_trimmed: int = 0
+    history_days: float = DEFAULT_HISTORY_DAYS
     actions: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +103,8 @@ class GcReport:
             or self.refcounts_fixed
             or self.restored_entries
             or self.repointed_paths
+            or self.failed_uploads
+            or self.history_trimmed
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +126,9 @@ class GcReport:
             "orphan_chunks": self.orphan_chunks,
             "orphan_chunk_bytes": self.orphan_chunk_bytes,
             "in_flight": self.in_flight,
+            "failed_uploads": self.failed_uploads,
+            "history_trimmed": self.history_trimmed,
+            "history_days": self.history_days,
             "actions": list(self.actions),
         }
 
@@ -129,6 +139,7 @@ def gc(
     grace: float = DEFAULT_GC_GRACE,
     dry_run: bool = False,
     progress: BarFactory | None = None,
+    history_days: float = DEFAULT_HISTORY_DAYS,
 ) -> GcReport:
     """Reclaim what nothing references; safe while uploads run (see the module doc).
 
@@ -141,7 +152,7 @@ def gc(
         raise CatalogError(f"grace must be >= 0 seconds, not {grace}")
     bar_for = progress or no_bar
     store = StoreView(managed.resource_storage)
-    report = GcReport(dry_run=dry_run, grace=grace)
+    report = GcReport(dry_run=dry_run, grace=grace, history_days=history_days)
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
 
     _gc_requests(managed, report)
@@ -155,7 +166,19 @@ def gc(
     _gc_refcounts(managed, report, bar_for)
     _gc_orphan_files(managed, store, orphans, cutoff, protected, report)
     _gc_orphan_chunks(store, cutoff, report)
+    _gc_history(managed, history_days, report)
     return report
+
+
+def _gc_history(managed: ManagedStorage, days: float, report: GcReport) -> None:
+    """Abandoned uploads become `failed`; items older than `days` go (retention by age)."""
+    if report.dry_run:
+        report.failed_uploads = history.count_abandoned(managed.history)
+        return
+    report.failed_uploads = history.fail_abandoned(managed.history)
+    report.history_trimmed = history.trim([managed.paths, managed.history], days)
+    if report.failed_uploads:
+        report.actions.append(f"marked {report.failed_uploads} abandoned upload(s) failed")
 
 
 def _gc_requests(managed: ManagedStorage, report: GcReport) -> None:

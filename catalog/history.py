@@ -80,6 +80,15 @@ def upload_in_progress(history: Collection[Any], env_uuid: str, path: str) -> bo
     return history.find_one(query, {"_id": 1}) is not None
 
 
+def _abandoned(now: datetime.datetime) -> dict[str, Any]:
+    return {"events": {"$elemMatch": {"state": "pending", "lease_until": {"$lte": now}}}}
+
+
+def count_abandoned(history: Collection[Any]) -> int:
+    """Paths with a pending upload whose uploader stopped renewing (gc's dry run)."""
+    return int(history.count_documents(_abandoned(utcnow())))
+
+
 def fail_abandoned(history: Collection[Any]) -> int:
     """Pending uploads whose uploader stopped renewing: `failed`. Returns how many."""
     now = utcnow()

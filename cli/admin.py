@@ -21,6 +21,7 @@ from catalog import gc as gc_sweep
 from catalog import stats as catalog_stats
 from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
+from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
@@ -484,24 +485,36 @@ def env_ls(ctx: Context, as_json: bool) -> None:
     show_default=True,
     help="Seconds unreferenced bytes must have been idle before they are reclaimed.",
 )
+@click.option(
+    "--history-days",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_HISTORY_DAYS,
+    show_default=True,
+    help="Keep the paths' history this many days (older items are dropped).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every action.")
 @pass_ctx
-def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) -> None:
+def gc(
+    ctx: Context, dry_run: bool, grace: float, history_days: float, as_json: bool, verbose: bool
+) -> None:
     """Reclaim what nothing references; safe while uploads run.
 
     Deletes stored files and chunks no catalog entry points at (once idle for
     the grace period), pending entries whose uploader's lease expired, expired
     proof requests; recounts reference counts that drifted (deleting content
     no path uses) and rebuilds entries that paths point at when their bytes
-    are still stored.
+    are still stored. In the paths' history, uploads whose uploader died are
+    marked failed and items older than --history-days are dropped.
 
     \b
     Example:
       rescat gc --dry-run
       rescat gc --grace 600 --json
     """
-    report = gc_sweep.gc(ctx.managed, grace=grace, dry_run=dry_run, progress=bar)
+    report = gc_sweep.gc(
+        ctx.managed, grace=grace, dry_run=dry_run, progress=bar, history_days=history_days
+    )
     if as_json:
         echo_json(report.to_dict())
         return
@@ -518,6 +531,8 @@ def gc(ctx: Context, dry_run: bool, grace: float, as_json: bool, verbose: bool) 
         ("paths repointed", report.repointed_paths),
         ("orphan files", report.orphan_files),
         ("orphan chunks", report.orphan_chunks),
+        ("failed uploads", report.failed_uploads),
+        ("history items trimmed", report.history_trimmed),
     ]
     for key, value in rows:
         if value:

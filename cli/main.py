@@ -10,6 +10,7 @@ import sys
 
 import click
 
+import cli.history  # registers `rescat history`
 from catalog.errors import CatalogError
 from cli import admin, db, files, remote  # noqa: F401  (they register their commands)
 from cli.app import cli
