@@ -59,8 +59,8 @@ def parse_tag(tag: str) -> int | str | None:
         return None  # weak: never equal under strong comparison
     if len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"':
         tag = tag[1:-1]
-    if tag.isascii() and tag.isdigit() and len(tag) <= 18:
-        return int(tag)
+    if tag.isascii() and tag.isdigit() and len(tag) <= 19 and int(tag) < 2**63:
+        return int(tag)  # revisions are 64-bit (cluster times on a replica set)
     if tag[:7].lower() == "blake3:" and _HEX_RE.fullmatch(tag[7:]):
         return tag[7:].lower()
     return None
