@@ -88,7 +88,8 @@ def test_conditional_delete_and_revision_headers(url: str, managed: ManagedStora
         again = c.put(f"{V1}/d.txt", content=b"two", headers={"If-Match": f'"{rev}"'})
         assert again.status_code == 201 and int(again.headers["x-revision"]) > rev
         # Stale revision and ETag: 412 and nothing changes.
-        assert c.put(f"{V1}/d.txt", content=b"x", headers={"If-Match": f'"{rev}"'}).status_code == 412
+        stale_rev = {"If-Match": f'"{rev}"'}
+        assert c.put(f"{V1}/d.txt", content=b"x", headers=stale_rev).status_code == 412
         assert c.delete(f"{V1}/d.txt", headers={"If-Match": put.headers["etag"]}).status_code == 412
         assert c.delete(f"{V1}/d.txt", headers={"If-None-Match": "*"}).status_code == 412
         assert c.get(f"{V1}/d.txt").content == b"two"
@@ -101,8 +102,8 @@ def test_conditional_delete_and_revision_headers(url: str, managed: ManagedStora
         tags = f'"blake3:{"0" * 64}", {again.headers["etag"]}'
         assert c.put(f"{V1}/d.txt", content=b"3", headers={"If-Match": tags}).status_code == 201
         # If-None-Match with an ETag that is not current: written.
-        stale = put.headers["etag"]
-        assert c.put(f"{V1}/d.txt", content=b"4", headers={"If-None-Match": stale}).status_code == 201
+        stale = {"If-None-Match": put.headers["etag"]}
+        assert c.put(f"{V1}/d.txt", content=b"4", headers=stale).status_code == 201
         etag = c.head(f"{V1}/d.txt").headers["etag"]
         assert c.delete(f"{V1}/d.txt", headers={"If-Match": etag}).status_code == 204
         assert c.get(f"{V1}/d.txt").status_code == 404
