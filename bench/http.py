@@ -297,16 +297,17 @@ def main() -> None:
         wait_primary(port, mongod)
         uri = uri_for(port)
         ms = connect(uri, "bench")
-        size = args.size_mib * MiB
-        obj = tmp / "object.bin"
-        digest = random_file(obj, size)
-        print(f"mongod {uri}, dbpath {dbpath}; object {args.size_mib} MiB", flush=True)
+        print(f"mongod {uri}, dbpath {dbpath}", flush=True)
 
         if args.only_seed:
             with serve(uri, "bench", "--compat-store", "seed") as (url, _):
                 seed_workload(url, args.seed_url, args.seconds, results)
             summarize(results)
             return
+        size = args.size_mib * MiB
+        obj = tmp / "object.bin"
+        digest = random_file(obj, size)
+        print(f"object {args.size_mib} MiB", flush=True)
         with (
             serve(uri, "bench", "--compat-store", "seed") as (url, server_pid),
             CatalogClient(url, timeout=600) as client,

@@ -189,7 +189,8 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
 
     template = "/store/{location}"
     body = "The blob's bytes (streamed; `Content-Length` or chunked)."
-    write_errors = ("bad_request", "length_mismatch", "too_large", "request_timeout")
+    # forbidden: a token for another environment (the path names none, so it is declared here).
+    write_errors = ("forbidden", "bad_request", "length_mismatch", "too_large", "request_timeout")
     return (
         Endpoint(
             ("POST",),
@@ -224,7 +225,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
                     headers=("ETag", "X-Revision", "Content-Length"),
                 ),
             ),
-            errors=("not_found",),
+            errors=("forbidden", "not_found"),
             tag="compat store",
         ),
         Endpoint(
@@ -233,7 +234,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             store_delete,
             f"Delete a blob of environment {env} (the seed's API)",
             (Answer(204, "Deleted"),),
-            errors=("not_found",),
+            errors=("forbidden", "not_found"),
             tag="compat store",
         ),
     )
