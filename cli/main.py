@@ -10,9 +10,9 @@ import sys
 
 import click
 
-import cli.history  # registers `rescat history`
 from catalog.errors import CatalogError
 from cli import admin, db, files, remote  # noqa: F401  (they register their commands)
+from cli import history as _history  # noqa: F401  (registers `rescat history`)
 from cli.app import cli
 
 
