@@ -17,7 +17,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.collection import Collection
 
-from catalog.clock import utcnow
+from catalog.clock import aware, utcnow
 
 DEFAULT_HISTORY_DAYS = 30.0
 
@@ -90,14 +90,36 @@ def count_abandoned(history: Collection[Any]) -> int:
 
 
 def fail_abandoned(history: Collection[Any]) -> int:
-    """Pending uploads whose uploader stopped renewing: `failed`. Returns how many."""
+    """Pending uploads whose uploader stopped renewing: `failed`. Returns how many.
+
+    One conditional update per upload (still pending, lease still run out), so an
+    uploader renewing at the same moment wins; plain positional updates, which
+    the in-memory store (mongomock) has too.
+    """
     now = utcnow()
-    done = history.update_many(
-        {"events": {"$elemMatch": {"state": "pending", "lease_until": {"$lte": now}}}},
-        {"$set": {"events.$[e].state": "failed"}},
-        array_filters=[{"e.state": "pending", "e.lease_until": {"$lte": now}}],
-    )
-    return int(done.modified_count)
+    failed = 0
+    for doc in history.find(
+        _abandoned(now), {"events.op": 1, "events.state": 1, "events.lease_until": 1}
+    ):
+        for event in doc.get("events") or []:
+            until = event.get("lease_until")
+            if event.get("state") != "pending" or until is None or aware(until) > now:
+                continue
+            done = history.update_one(
+                {
+                    "_id": doc["_id"],
+                    "events": {
+                        "$elemMatch": {
+                            "op": event.get("op"),
+                            "state": "pending",
+                            "lease_until": {"$lte": now},
+                        }
+                    },
+                },
+                {"$set": {"events.$.state": "failed"}},
+            )
+            failed += int(done.modified_count)
+    return failed
 
 
 def trim(collections: list[Collection[Any]], days: float) -> int:

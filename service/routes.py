@@ -154,7 +154,8 @@ async def put_resource(ctx: Ctx[None]) -> Response:
     options = WriteOptions(
         if_match=condition.if_match,
         if_none_match=condition.if_none_match,
-        content_type=content_type(request.headers.get("content-type"), path),
+        # Stored on every put, so that a replace never keeps the type of the old bytes.
+        content_type=content_type(request.headers.get("content-type"), path) or OCTETS,
     )
     info = await store_body(ctx, env, path, length, expected, options)
     return JSONResponse(

@@ -144,7 +144,8 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         typed = WriteOptions(
             if_match=options.if_match,
             if_none_match=options.if_none_match,
-            content_type=content_type(ctx.request.headers.get("content-type"), name),
+            content_type=content_type(ctx.request.headers.get("content-type"), name)
+            or "application/octet-stream",
         )
         return await store_body(ctx, env, name, length, None, typed)
 

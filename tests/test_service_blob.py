@@ -19,7 +19,7 @@ from catalog.online_gc import Lease, OnlineGc
 from service.app import create_app
 from service.conditions import content_type, parse_tag
 from tests.helpers import b3, rand
-from tests.test_service_support import ServerThread
+from tests.test_service_support import ServerThread, server_process
 
 MiB = 1024 * 1024
 V1 = "/v1/environments/e/resources"
@@ -127,6 +127,9 @@ def test_content_type_stored_or_guessed(url: str) -> None:
         for name, media in expected.items():
             assert c.get(f"{V1}/{name}").headers["content-type"] == media, name
             assert c.head(f"{V1}/{name}").headers["content-type"] == media, name
+        # A replace stores the new bytes' type (none given: no longer text/markdown).
+        c.put(f"{V1}/notes", content=b"n2")
+        assert c.get(f"{V1}/notes").headers["content-type"] == "application/octet-stream"
 
 
 def test_condition_and_media_type_parsing() -> None:
@@ -142,8 +145,9 @@ def test_condition_and_media_type_parsing() -> None:
     assert content_type("a/b\r\nx: y", "noext") is None
 
 
-def test_history_over_http_22_events(url: str, managed: ManagedStorage) -> None:
-    with httpx.Client(base_url=url) as c:
+def test_history_over_http_22_events(mongo_uri: str, db: Database[Any]) -> None:
+    """create + 20 replaces + delete through `rescat serve`; the same after a restart."""
+    with server_process(mongo_uri, db.name, "--no-auth") as url, httpx.Client(base_url=url) as c:
         hashes = []
         for i in range(21):
             body = f"version {i}".encode()
@@ -160,12 +164,11 @@ def test_history_over_http_22_events(url: str, managed: ManagedStorage) -> None:
         assert revisions == sorted(revisions) and len(set(revisions)) == 22
         assert all(i["at"].endswith("Z") for i in items)
         assert set(items[0]) == {"at", "event", "state", "hash", "length", "revision"}
-        # A new instance on the same database serves the same history.
-        with ServerThread(create_app(managed, auth=False)) as other:
-            again = httpx.get(f"{other.url}/v1/environments/e/history/h").json()
-        assert again == {"items": items}
         assert c.get("/v1/environments/e/history/never").status_code == 404
         assert c.get("/v1/environments/e/history/a/%2e%2e").status_code == 400
+    with server_process(mongo_uri, db.name, "--no-auth") as url:
+        again = httpx.get(f"{url}/v1/environments/e/history/h").json()
+    assert again == {"items": items}
 
 
 def test_history_orders_failed_uploads_by_time() -> None:
