@@ -15,6 +15,7 @@ import datetime
 from typing import Any
 
 from bson import ObjectId
+from pymongo import WriteConcern
 from pymongo.collection import Collection
 
 from catalog.clock import aware, utcnow
@@ -27,7 +28,10 @@ def start_upload(
 ) -> ObjectId:
     op = ObjectId()
     now = utcnow()
-    history.update_one(
+    # Advisory (its lease decides), like the chunks it announces: written at w=1, so an
+    # upload never waits for replication before its first byte. A majority write here
+    # blocked every streamed upload while the secondaries lagged (tests/test_failover.py).
+    history.with_options(write_concern=WriteConcern(w=1)).update_one(
         {"env": env_uuid, "path": path},
         {
             "$push": {
