@@ -7,10 +7,16 @@
    Target: <= 0.05x the time.
 3. 4 KiB PUTs per second with 16 concurrent clients vs raw pymongo
    `insert_one`s of 4 KiB documents per second with 16 threads. Target: >= 0.3x.
+4. The seed's workload (go-storage-server): 16 clients each create, read,
+   replace, read and delete blobs of 1 KiB-1 MiB (log-uniform, distinct bytes)
+   through the seed's API (`rescat serve --compat-store`). With `--seed-url URL`
+   the same workload, in the same run, against a running go-storage-server
+   (alternating rounds), and the rescat/seed ratios.
 
 Starts its own throwaway mongod (fresh dbpath in a temp dir, deleted after).
 
     .venv/bin/python bench/http.py [--size-mib 256] [--dedup-mib 1024] [--seconds 8]
+        [--seed-url http://127.0.0.1:7777] [--only-seed]
 """
 
 from __future__ import annotations
@@ -119,12 +125,12 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 @contextmanager
-def serve(uri: str, database: str) -> Iterator[tuple[str, int]]:
+def serve(uri: str, database: str, *extra: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     cmd = [
         sys.executable, "-c", "from cli.main import main; main()",
         "--mongo-uri", uri, "--database", database,
-        "serve", "--port", str(port), "--no-auth", "--log-level", "warning",
+        "serve", "--port", str(port), "--no-auth", "--log-level", "warning", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -181,11 +187,105 @@ def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], Non
     return sum(counts) / elapsed
 
 
+# -- 4. the seed's workload -------------------------------------------------------------
+SEED_CLIENTS = 16
+SEED_OPS = ("create", "get", "replace", "get", "delete")
+SEED_OK = {"create": (201, 204), "replace": (200,), "get": (200,), "delete": (200, 204)}
+
+
+def seed_payloads(count: int = 64) -> list[bytes]:
+    """Blobs of 1 KiB-1 MiB, log-uniform, from a fixed seed (both servers get the same)."""
+    import random
+
+    rng = random.Random(7)
+    return [rng.randbytes(int(1024 * 2 ** rng.uniform(0, 10))) for _ in range(count)]
+
+
+def seed_round(store: str, seconds: float, payloads: list[bytes]) -> dict[str, Any]:
+    """SEED_CLIENTS clients cycling create/get/replace/get/delete for `seconds`."""
+    latencies: dict[str, list[float]] = {op: [] for op in set(SEED_OPS)}
+    moved = [0]
+    lock = threading.Lock()
+    stamp = os.urandom(4)
+
+    def make(w: int) -> Callable[[int], None]:
+        client = httpx.Client(timeout=60)
+
+        def cycle(i: int) -> None:
+            name = f"w{w}-{i}"
+            # Distinct bytes per write, so that rescat cannot deduplicate them away.
+            first = stamp + w.to_bytes(2, "big") + i.to_bytes(6, "big")
+            second = first[::-1]
+            body = payloads[(w * 7919 + i) % len(payloads)]
+            local: list[tuple[str, float, int]] = []
+            for op in SEED_OPS:
+                content = None
+                if op in ("create", "replace"):
+                    content = (first if op == "create" else second) + body[12:]
+                method = {"create": "POST", "replace": "PUT", "get": "GET", "delete": "DELETE"}
+                start = time.perf_counter()
+                answer = client.request(method[op], f"{store}/{name}", content=content)
+                took = time.perf_counter() - start
+                if answer.status_code not in SEED_OK[op]:
+                    raise RuntimeError(f"{op} {name}: HTTP {answer.status_code} {answer.text[:99]}")
+                if op == "get" and len(answer.content) != len(body):
+                    raise RuntimeError(f"get {name}: {len(answer.content)} bytes, not {len(body)}")
+                local.append((op, took, len(content or answer.content)))
+            with lock:
+                for op, took, size in local:
+                    latencies[op].append(took)
+                    moved[0] += size
+
+        return cycle
+
+    cycles = rate(SEED_CLIENTS, seconds, make)
+    return {
+        "ops": cycles * len(SEED_OPS),
+        "mib": moved[0] / MiB / seconds,
+        "p50": {op: median(v) * 1000 for op, v in latencies.items() if v},
+    }
+
+
+def seed_workload(
+    url: str, seed_url: str | None, seconds: float, results: list[tuple[str, float, str, bool]]
+) -> None:
+    payloads = seed_payloads()
+    targets = {"rescat": url + "/store"}
+    if seed_url:
+        targets["seed"] = seed_url.rstrip("/") + "/store"
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for _ in range(3):  # alternate the servers; compare medians
+        for name, store in targets.items():
+            rounds[name].append(seed_round(store, seconds, payloads))
+    summary: dict[str, dict[str, float]] = {}
+    for name, runs in rounds.items():
+        ops = median([r["ops"] for r in runs])
+        mib = median([r["mib"] for r in runs])
+        p50 = {op: median([r["p50"][op] for r in runs]) for op in runs[0]["p50"]}
+        summary[name] = {"ops": ops, "mib": mib, **p50}
+        lat = ", ".join(f"{op} {p50[op]:.1f}" for op in ("create", "replace", "get", "delete"))
+        print(
+            f"seed workload on {name}: {SEED_CLIENTS} clients, 1 KiB-1 MiB: "
+            f"{'/'.join(str(round(r['ops'])) for r in runs)} ops/s, {mib:.1f} MiB/s; "
+            f"p50 ms: {lat}"
+        )
+    if "seed" in summary:
+        ours, theirs = summary["rescat"], summary["seed"]
+        for key, label in (("ops", "ops/s"), ("mib", "MiB/s")):
+            ratio = ours[key] / theirs[key]
+            print(f"seed workload rescat/seed {label}: {ratio:.2f}x")
+            results.append((f"seed workload {label} rescat/seed", ratio, "-", True))
+        for op in ("create", "replace", "get", "delete"):
+            print(f"  p50 {op}: rescat/seed {ours[op] / theirs[op]:.2f}x (lower is faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--dedup-mib", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seed-url", default=None, help="a running go-storage-server")
+    parser.add_argument("--only-seed", action="store_true", help="run section 4 only")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rescat-bench-http-"))
@@ -197,12 +297,21 @@ def main() -> None:
         wait_primary(port, mongod)
         uri = uri_for(port)
         ms = connect(uri, "bench")
+        print(f"mongod {uri}, dbpath {dbpath}", flush=True)
+
+        if args.only_seed:
+            with serve(uri, "bench", "--compat-store", "seed") as (url, _):
+                seed_workload(url, args.seed_url, args.seconds, results)
+            summarize(results)
+            return
         size = args.size_mib * MiB
         obj = tmp / "object.bin"
         digest = random_file(obj, size)
-        print(f"mongod {uri}, dbpath {dbpath}; object {args.size_mib} MiB", flush=True)
-
-        with serve(uri, "bench") as (url, server_pid), CatalogClient(url, timeout=600) as client:
+        print(f"object {args.size_mib} MiB", flush=True)
+        with (
+            serve(uri, "bench", "--compat-store", "seed") as (url, server_pid),
+            CatalogClient(url, timeout=600) as client,
+        ):
             # -- 1. 256 MiB PUT and GET ---------------------------------------------
             def inproc_put() -> None:
                 with open(obj, "rb") as f:
@@ -319,10 +428,17 @@ def main() -> None:
                 ("4 KiB PUT/s HTTP / raw inserts", small_ratio, ">= 0.3", small_ratio >= 0.3)
             )
             raw_client.close()
+
+            # -- 4. the seed's workload ------------------------------------------------------
+            seed_workload(url, args.seed_url, args.seconds, results)
     finally:
         stop_process(mongod)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    summarize(results)
+
+
+def summarize(results: list[tuple[str, float, str, bool]]) -> None:
     print("\nsummary")
     for name, value, target, ok in results:
         print(f"  {name:34s} {value:6.3f}x  target {target:7s} {'met' if ok else 'MISSED'}")

@@ -35,8 +35,10 @@ from typing import Any
 from bson import ObjectId
 from pymongo.client_session import ClientSession
 
+from catalog import history
 from catalog.clock import utcnow
 from catalog.errors import CatalogError
+from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.kv import reclaim_expired
 from catalog.managed import ManagedStorage
 from catalog.resources import READY, to_resource
@@ -79,6 +81,9 @@ class GcReport:
     sessions_reclaimed: int = 0
     expired_keys: int = 0
     in_flight: int = 0
+    failed_uploads: int = 0
+    history_trimmed: int = 0
+    history_days: float = DEFAULT_HISTORY_DAYS
     actions: list[str] = field(default_factory=list)
 
     @property
@@ -104,6 +109,8 @@ class GcReport:
             or self.repointed_paths
             or self.sessions_reclaimed
             or self.expired_keys
+            or self.failed_uploads
+            or self.history_trimmed
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +134,9 @@ class GcReport:
             "sessions_reclaimed": self.sessions_reclaimed,
             "expired_keys": self.expired_keys,
             "in_flight": self.in_flight,
+            "failed_uploads": self.failed_uploads,
+            "history_trimmed": self.history_trimmed,
+            "history_days": self.history_days,
             "actions": list(self.actions),
         }
 
@@ -138,6 +148,7 @@ def gc(
     dry_run: bool = False,
     progress: BarFactory | None = None,
     session_max_age: float = DEFAULT_MAX_AGE,
+    history_days: float = DEFAULT_HISTORY_DAYS,
 ) -> GcReport:
     """Reclaim what nothing references; safe while uploads run (see the module doc).
 
@@ -150,7 +161,7 @@ def gc(
         raise CatalogError(f"grace must be >= 0 seconds, not {grace}")
     bar_for = progress or no_bar
     store = StoreView(managed.resource_storage)
-    report = GcReport(dry_run=dry_run, grace=grace)
+    report = GcReport(dry_run=dry_run, grace=grace, history_days=history_days)
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
 
     _gc_requests(managed, report)
@@ -167,7 +178,19 @@ def gc(
     _gc_refcounts(managed, report, bar_for)
     _gc_orphan_files(managed, store, orphans, cutoff, protected, report)
     _gc_orphan_chunks(store, cutoff, live_session_file_ids(managed), report)
+    _gc_history(managed, history_days, report)
     return report
+
+
+def _gc_history(managed: ManagedStorage, days: float, report: GcReport) -> None:
+    """Abandoned uploads become `failed`; items older than `days` go (retention by age)."""
+    if report.dry_run:
+        report.failed_uploads = history.count_abandoned(managed.history)
+        return
+    report.failed_uploads = history.fail_abandoned(managed.history)
+    report.history_trimmed = history.trim([managed.paths, managed.history], days)
+    if report.failed_uploads:
+        report.actions.append(f"marked {report.failed_uploads} abandoned upload(s) failed")
 
 
 def _gc_requests(managed: ManagedStorage, report: GcReport) -> None:

@@ -15,9 +15,10 @@ import datetime
 from typing import Any
 
 from bson import ObjectId
+from pymongo import WriteConcern
 from pymongo.collection import Collection
 
-from catalog.clock import utcnow
+from catalog.clock import aware, utcnow
 
 DEFAULT_HISTORY_DAYS = 30.0
 
@@ -27,7 +28,10 @@ def start_upload(
 ) -> ObjectId:
     op = ObjectId()
     now = utcnow()
-    history.update_one(
+    # Advisory (its lease decides), like the chunks it announces: written at w=1, so an
+    # upload never waits for replication before its first byte. A majority write here
+    # blocked every streamed upload while the secondaries lagged (tests/test_failover.py).
+    history.with_options(write_concern=WriteConcern(w=1)).update_one(
         {"env": env_uuid, "path": path},
         {
             "$push": {
@@ -80,15 +84,46 @@ def upload_in_progress(history: Collection[Any], env_uuid: str, path: str) -> bo
     return history.find_one(query, {"_id": 1}) is not None
 
 
+def _abandoned(now: datetime.datetime) -> dict[str, Any]:
+    return {"events": {"$elemMatch": {"state": "pending", "lease_until": {"$lte": now}}}}
+
+
+def count_abandoned(history: Collection[Any]) -> int:
+    """Paths with a pending upload whose uploader stopped renewing (gc's dry run)."""
+    return int(history.count_documents(_abandoned(utcnow())))
+
+
 def fail_abandoned(history: Collection[Any]) -> int:
-    """Pending uploads whose uploader stopped renewing: `failed`. Returns how many."""
+    """Pending uploads whose uploader stopped renewing: `failed`. Returns how many.
+
+    One conditional update per upload (still pending, lease still run out), so an
+    uploader renewing at the same moment wins; plain positional updates, which
+    the in-memory store (mongomock) has too.
+    """
     now = utcnow()
-    done = history.update_many(
-        {"events": {"$elemMatch": {"state": "pending", "lease_until": {"$lte": now}}}},
-        {"$set": {"events.$[e].state": "failed"}},
-        array_filters=[{"e.state": "pending", "e.lease_until": {"$lte": now}}],
-    )
-    return int(done.modified_count)
+    failed = 0
+    for doc in history.find(
+        _abandoned(now), {"events.op": 1, "events.state": 1, "events.lease_until": 1}
+    ):
+        for event in doc.get("events") or []:
+            until = event.get("lease_until")
+            if event.get("state") != "pending" or until is None or aware(until) > now:
+                continue
+            done = history.update_one(
+                {
+                    "_id": doc["_id"],
+                    "events": {
+                        "$elemMatch": {
+                            "op": event.get("op"),
+                            "state": "pending",
+                            "lease_until": {"$lte": now},
+                        }
+                    },
+                },
+                {"$set": {"events.$.state": "failed"}},
+            )
+            failed += int(done.modified_count)
+    return failed
 
 
 def trim(collections: list[Collection[Any]], days: float) -> int:
@@ -103,3 +138,37 @@ def trim(collections: list[Collection[Any]], days: float) -> int:
         changed += int(done.modified_count)
     collections[-1].delete_many({"events": {"$size": 0}})
     return changed
+
+
+def items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A path's events as the contract shows them, oldest first.
+
+    `{"at", "event", "state", "hash", "length", "revision"}` with `at` as RFC 3339
+    UTC. The path's own events come in revision order; uploads that failed or
+    are still running (revision 0) are placed among them by time.
+    """
+    ops = [e for e in events if e.get("event") != "upload"]
+    uploads = sorted((e for e in events if e.get("event") == "upload"), key=lambda e: e["at"])
+    ordered: list[dict[str, Any]] = []
+    for op in ops:
+        while uploads and uploads[0]["at"] < op["at"]:
+            ordered.append(uploads.pop(0))
+        ordered.append(op)
+    ordered.extend(uploads)
+    return [
+        {
+            "at": rfc3339(e["at"]),
+            "event": str(e.get("event", "")),
+            "state": str(e.get("state", "ok")),
+            "hash": str(e.get("hash") or ""),
+            "length": int(e.get("length") or 0),
+            "revision": int(e.get("revision") or 0),
+        }
+        for e in ordered
+    ]
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    """An aware datetime as RFC 3339 UTC with milliseconds (`...Z`)."""
+    utc = at.astimezone(datetime.timezone.utc)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -115,9 +115,10 @@ class PathInfo:
 class WriteOptions:
     """How a put may change its path, checked in the same atomic step as the write.
 
-    if_match: the path's current revision (int) or content hash (str) must match;
-    if_none_match: the path must not exist. expires_at / owner: a TTL key, gone
-    from reads after expires_at unless its owner renews it.
+    if_match: the path's current revision (int) or content hash (str) must match
+    ("*": the path must exist, whatever it holds); if_none_match: the path must not
+    exist. expires_at / owner: a TTL key, gone from reads after expires_at unless
+    its owner renews it.
     """
 
     if_match: int | str | None = None
@@ -194,6 +195,24 @@ class ManagedStorage:
             res = self._resolve(env_uuid, path)
             try:
                 return self._open_content(res), res.length
+            except NotFoundError:
+                if attempt == 2:
+                    raise
+                # The path was repointed and its old bytes deleted meanwhile.
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def open_path(self, env_uuid: str, path: str) -> tuple[BinaryIO, PathInfo]:
+        """A stream of the path's bytes and what the path held when it was opened."""
+        check_env(env_uuid)
+        check_path(path)
+        for attempt in range(3):
+            doc, res = self._lookup(env_uuid, path)
+            if res is None:
+                raise NotFoundError(f"{env_uuid}: {path!r} points at missing content", path=path)
+            if res.pending:
+                raise UploadPendingError(f"resource {res.id} is still being uploaded")
+            try:
+                return self._open_content(res), _path_info(doc, res.state, res.history)
             except NotFoundError:
                 if attempt == 2:
                     raise
@@ -1112,6 +1131,8 @@ def _expired(doc: dict[str, Any]) -> bool:
 
 
 def _match_query(if_match: int | str) -> dict[str, Any]:
+    if if_match == "*":  # any current content: the path must exist
+        return {}
     if isinstance(if_match, int) and not isinstance(if_match, bool):
         return {"rev": if_match}
     return {"hash": parse_hash(str(if_match))}

@@ -21,6 +21,7 @@ from catalog import gc as gc_sweep
 from catalog import stats as catalog_stats
 from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
+from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
 from catalog.sessions import DEFAULT_MAX_AGE as DEFAULT_SESSION_MAX_AGE
@@ -492,6 +493,13 @@ def env_ls(ctx: Context, as_json: bool) -> None:
     show_default=True,
     help="Seconds an uncommitted writer session may sit untouched before it is reclaimed.",
 )
+@click.option(
+    "--history-days",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_HISTORY_DAYS,
+    show_default=True,
+    help="Keep the paths' history this many days (older items are dropped).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every action.")
 @pass_ctx
@@ -502,6 +510,7 @@ def gc(
     session_max_age: float,
     as_json: bool,
     verbose: bool,
+    history_days: float,
 ) -> None:
     """Reclaim what nothing references; safe while uploads run.
 
@@ -509,7 +518,8 @@ def gc(
     the grace period), pending entries whose uploader's lease expired, expired
     proof requests; recounts reference counts that drifted (deleting content
     no path uses) and rebuilds entries that paths point at when their bytes
-    are still stored.
+    are still stored. In the paths' history, uploads whose uploader died are
+    marked failed and items older than --history-days are dropped.
 
     \b
     Example:
@@ -522,6 +532,7 @@ def gc(
         dry_run=dry_run,
         progress=bar,
         session_max_age=session_max_age,
+        history_days=history_days,
     )
     if as_json:
         echo_json(report.to_dict())
@@ -539,6 +550,8 @@ def gc(
         ("paths repointed", report.repointed_paths),
         ("orphan files", report.orphan_files),
         ("orphan chunks", report.orphan_chunks),
+        ("failed uploads", report.failed_uploads),
+        ("history items trimmed", report.history_trimmed),
     ]
     for key, value in rows:
         if value:

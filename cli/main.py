@@ -12,6 +12,7 @@ import click
 
 from catalog.errors import CatalogError
 from cli import admin, db, files, remote  # noqa: F401  (they register their commands)
+from cli import history as _history  # noqa: F401  (registers `rescat history`)
 from cli import kv as _kv  # noqa: F401  (registers `rescat kv`)
 from cli.app import cli
 

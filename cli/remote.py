@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
+from cli.history import BlobServe, blob_serve_options
 from cli.progress import bar
 from service.localfiles import is_regular_source
 
@@ -66,6 +67,7 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help="info logs one JSON line per request on stderr.",
 )
+@blob_serve_options
 @pass_ctx
 def serve(
     ctx: Context,
@@ -75,6 +77,7 @@ def serve(
     max_size: int | None,
     read_timeout: float,
     log_level: str,
+    blob: BlobServe,
 ) -> None:
     """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
 
@@ -84,11 +87,13 @@ def serve(
     Example:
       rescat --mongo-uri mongodb://db:27017/?replicaSet=rs0 serve --host 0.0.0.0 --max-size 10G
       rescat serve --no-auth            # local use, embedded MongoDB
+      rescat serve --gc-interval 3600 --compat-store team-a
     """
 
     import uvicorn
 
     from service.app import create_app
+    from service.routes import ROUTES
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
@@ -97,7 +102,13 @@ def serve(
     try:
         embedded = ctx.uses_embedded
         managed = ctx.managed
-        app = create_app(managed, auth=not no_auth, max_size=max_size, read_timeout=read_timeout)
+        app = create_app(
+            managed,
+            auth=not no_auth,
+            max_size=max_size,
+            read_timeout=read_timeout,
+            routes=blob.routes(ROUTES),
+        )
         config = uvicorn.Config(
             app,
             host=host,
@@ -114,7 +125,8 @@ def serve(
         auth = "off (--no-auth)" if no_auth else "on"
         click.echo(
             f"rescat: serving on http://{shown_host}:{bound_port} (auth {auth}); "
-            + _data_banner(ctx, embedded),
+            + _data_banner(ctx, embedded)
+            + (f"; {blob.banner()}" if blob.banner() else ""),
             err=True,
         )
         watchdog = None
@@ -124,7 +136,8 @@ def serve(
             watchdog = Watchdog()
             watchdog.start()
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            with blob.running(managed):
+                uvicorn.Server(config).run(sockets=[sock])
         finally:
             if watchdog is not None:
                 watchdog.stop()

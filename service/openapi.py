@@ -40,6 +40,7 @@ ERROR_TEXT: dict[str, str] = {
     "range_not_satisfiable": "the range lies outside the content",
     "hash_mismatch": "the body does not hash to X-Content-Hash; nothing was stored",
     "unavailable": "the database does not answer",
+    "already_exists": "the name exists already",
 }
 # Codes a client can see (internal_error is a bug, never an answer to input).
 PUBLIC_CODES = sorted(code for code in STATUS_BY_CODE if code != "internal_error")
@@ -48,6 +49,10 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "ETag": {
         "description": 'The content\'s hash: `"blake3:<hex>"`',
         "schema": {"type": "string", "pattern": '^"blake3:[0-9a-f]{64}"$'},
+    },
+    "X-Revision": {
+        "description": 'The path\'s revision: it grows on every change (`If-Match: "<n>"`)',
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
     },
     "Content-Length": {"schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},

@@ -9,7 +9,8 @@ errors) is its row in `ROUTES`, which the dispatcher, the OpenAPI document,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+import functools
+from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qsl, quote
 
 import anyio
@@ -30,17 +31,26 @@ from catalog.errors import (
     ResponseMismatchError,
     TooLargeError,
 )
+from catalog.managed import PathInfo, WriteOptions
 from catalog.names import check_path, check_prefix, parse_hash
 from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, iter_content
+from service.conditions import (
+    Condition,
+    content_type,
+    holds,
+    parse_tag,
+    revision_header,
+    write_condition,
+)
 from service.errors import RangeNotSatisfiableError, with_headers
 from service.ranges import (
     Unsatisfiable,
     etag_for,
     if_range_holds,
-    match_fails,
     none_match,
     parse_range,
 )
+from service.routes_blob import BLOB_ROUTES
 from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
@@ -58,9 +68,6 @@ from service.schemas import (
     PutRequestBody,
     ResourceOut,
 )
-
-if TYPE_CHECKING:
-    from service.app import ServiceApp
 
 __all__ = ["ROUTES"]
 
@@ -110,15 +117,18 @@ async def list_resources(ctx: Ctx[None]) -> Response:
 
 async def get_resource(ctx: Ctx[None]) -> Response:
     env, path = ctx.params["env"], ctx.params["path"]
-    reader, size, digest = await ctx.app.sync(_open_object, ctx.app, env, path)
+    reader, info = await ctx.app.sync(ctx.app.managed.open_path, env, path)
     try:
-        status, start, count, headers = _selection(ctx.request, etag_for(digest), size)
+        status, start, count, headers = _selection(ctx.request, info)
+        headers.update(revision_header(info))
         if status == 304:
             reader.close()
             return Response(status_code=304, headers=headers)
+        # Set as a header, not media_type: Starlette would add a charset to text/* types.
+        headers["content-type"] = info.content_type or OCTETS
         if ctx.method == "HEAD" or count == 0:
             reader.close()
-            return Response(status_code=status, headers=headers, media_type=OCTETS)
+            return Response(status_code=status, headers=headers)
     except BaseException:
         reader.close()
         raise
@@ -127,7 +137,6 @@ async def get_resource(ctx: Ctx[None]) -> Response:
         iter_content(reader, start, count, ctx.app.io_limiter, read_ahead),
         status_code=status,
         headers=headers,
-        media_type=OCTETS,
     )
 
 
@@ -139,18 +148,46 @@ async def put_resource(ctx: Ctx[None]) -> Response:
     length = _content_length(request)
     if app.max_size is not None and length > app.max_size:
         raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
-    await _check_preconditions(ctx, env, path)
-    body = BodyReader(request.stream(), max_size=app.max_size, timeout=app.read_timeout)
+    condition = await _write_condition(ctx, env, path)
+    if condition.if_match is not None and not 0 <= length <= HOP_BYTES:
+        await _fail_early(ctx, env, path, condition)  # before a large body is sent for nothing
+    options = WriteOptions(
+        if_match=condition.if_match,
+        if_none_match=condition.if_none_match,
+        # Stored on every put, so that a replace never keeps the type of the old bytes.
+        content_type=content_type(request.headers.get("content-type"), path) or OCTETS,
+    )
+    info = await store_body(ctx, env, path, length, expected, options)
+    return JSONResponse(
+        ResourceOut(path=path, hash=info.hash, length=info.length),
+        status_code=201,
+        headers={
+            "etag": etag_for(info.hash),
+            "location": f"/v1/environments/{env}/resources/{quote(path)}",
+            **revision_header(info),
+        },
+    )
+
+
+async def store_body(
+    ctx: Ctx[Any], env: str, path: str, length: int, expected: str | None, options: WriteOptions
+) -> PathInfo:
+    """Stream the request body into `path` (conditions checked with the write)."""
+    app = ctx.app
+    body = BodyReader(ctx.request.stream(), max_size=app.max_size, timeout=app.read_timeout)
     try:
         if 0 <= length <= HOP_BYTES:
             await body.fill(length)  # small bodies: no hop back from the worker
-        res = await anyio.to_thread.run_sync(
-            app.managed.put_for_environment_and_check_hash,
-            env,
-            path,
-            cast(BinaryIO, body),
-            length,
-            expected,
+        return await anyio.to_thread.run_sync(
+            functools.partial(
+                app.managed.put_path,
+                env,
+                path,
+                cast(BinaryIO, body),
+                length,
+                check_hash=expected,
+                options=options,
+            ),
             limiter=app.upload_limiter,
         )
     except LengthMismatchError as exc:
@@ -159,20 +196,18 @@ async def put_resource(ctx: Ctx[None]) -> Response:
         raise
     finally:
         ctx.call.bytes_in = body.count
-    return JSONResponse(
-        ResourceOut(path=path, hash=res.hash, length=res.length),
-        status_code=201,
-        headers={
-            "etag": etag_for(res.hash),
-            "location": f"/v1/environments/{env}/resources/{quote(path)}",
-        },
-    )
 
 
 async def delete_resource(ctx: Ctx[None]) -> Response:
     env, path = ctx.params["env"], ctx.params["path"]
-    await _check_preconditions(ctx, env, path)
-    await ctx.app.sync(ctx.app.managed.remove_for_environment, env, path)
+    condition = await _write_condition(ctx, env, path)
+    if condition.if_none_match:  # only if absent: then there is nothing to delete
+        if await _stat(ctx, env, path) is not None:
+            raise PreconditionFailedError(f"{env}: {path!r} exists")
+        raise NotFoundError(f"{env}: no such path {path!r}", path=path)
+    await ctx.app.sync(
+        functools.partial(ctx.app.managed.delete_path, env, path, if_match=condition.if_match)
+    )
     return Response(status_code=204)
 
 
@@ -213,25 +248,21 @@ async def answer_put_request(ctx: Ctx[AnswerBody]) -> Response:
 OCTETS = "application/octet-stream"
 
 
-def _open_object(app: ServiceApp, env: str, path: str) -> tuple[Any, int, str]:
-    """Reader, length and hash of what a path holds (one worker-thread hop)."""
-    reader, length = app.managed.get_for_environment(env, path)
-    digest = getattr(reader, "blake3", None)
-    if not digest:
-        digest = app.managed.stat_for_environment(env, path).hash
-    return reader, length, str(digest)
-
-
-def _selection(request: Request, etag: str, size: int) -> tuple[int, int, int, dict[str, str]]:
+def _selection(request: Request, info: PathInfo) -> tuple[int, int, int, dict[str, str]]:
     """(status, start, count, headers) a GET answers with, from its conditions and Range.
 
-    304 when If-None-Match matches; 412 (raised) when If-Match fails; one
-    satisfiable range is 206, an unsatisfiable one 416 (raised), a malformed or
-    multi-range header is ignored, and a stale If-Range falls back to 200.
+    304 when If-None-Match matches; 412 (raised) when If-Match (ETag or
+    revision) fails; one satisfiable range is 206, an unsatisfiable one 416
+    (raised), a malformed or multi-range header is ignored, and a stale
+    If-Range falls back to 200.
     """
+    etag, size = etag_for(info.hash), info.length
     headers = {"etag": etag, "accept-ranges": "bytes"}
     conditions = request.headers
-    if match_fails(conditions.get("if-match"), etag):
+    if_match = conditions.get("if-match")
+    if if_match is not None and not any(
+        tag is not None and holds(info, tag) for tag in map(parse_tag, if_match.split(","))
+    ):
         raise PreconditionFailedError("If-Match does not match the current content")
     if none_match(conditions.get("if-none-match"), etag):
         return 304, 0, 0, headers
@@ -253,21 +284,26 @@ def _selection(request: Request, etag: str, size: int) -> tuple[int, int, int, d
     return status, start, count, headers
 
 
-async def _check_preconditions(ctx: Ctx[None], env: str, path: str) -> None:
-    """If-Match / If-None-Match of a write, checked just before it (not atomically with it)."""
-    if_match = ctx.request.headers.get("if-match")
-    if_none_match = ctx.request.headers.get("if-none-match")
-    if if_match is None and if_none_match is None:
-        return
+async def _write_condition(ctx: Ctx[Any], env: str, path: str) -> Condition:
+    """If-Match / If-None-Match of a write, as the core checks them atomically with it."""
+    headers = ctx.request.headers
+    return await write_condition(
+        headers.get("if-match"), headers.get("if-none-match"), lambda: _stat(ctx, env, path)
+    )
+
+
+async def _stat(ctx: Ctx[Any], env: str, path: str) -> PathInfo | None:
     try:
-        info = await ctx.app.sync(ctx.app.managed.stat_for_environment, env, path)
-        current: str | None = etag_for(info.hash)
+        return await ctx.app.sync(ctx.app.managed.stat_for_environment, env, path)
     except NotFoundError:
-        current = None
-    if match_fails(if_match, current):
+        return None
+
+
+async def _fail_early(ctx: Ctx[Any], env: str, path: str, condition: Condition) -> None:
+    """412 now when If-Match already fails (the write checks it again, atomically)."""
+    info = await _stat(ctx, env, path)
+    if info is None or (condition.if_match is not None and not holds(info, condition.if_match)):
         raise PreconditionFailedError("If-Match does not match the current content")
-    if none_match(if_none_match, current):
-        raise PreconditionFailedError("If-None-Match matches the current content")
 
 
 def _content_length(request: Request) -> int:
@@ -393,17 +429,17 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         (
             Answer(
                 200,
-                "The content",
-                media=("application/octet-stream",),
-                headers=("ETag", "Content-Length", "Accept-Ranges"),
+                "The content, as the media type stored with it (else application/octet-stream)",
+                media=("*/*",),
+                headers=("ETag", "X-Revision", "Content-Length", "Accept-Ranges"),
             ),
             Answer(
                 206,
                 "One byte range of the content",
-                media=("application/octet-stream",),
-                headers=("ETag", "Content-Length", "Content-Range", "Accept-Ranges"),
+                media=("*/*",),
+                headers=("ETag", "X-Revision", "Content-Length", "Content-Range", "Accept-Ranges"),
             ),
-            Answer(304, "If-None-Match matched the current ETag", headers=("ETag",)),
+            Answer(304, "If-None-Match matched the current ETag", headers=("ETag", "X-Revision")),
         ),
         errors=("not_found", "precondition_failed", "range_not_satisfiable"),
         headers=_READ_HEADERS,
@@ -413,7 +449,14 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         _OBJECT,
         put_resource,
         "Store a resource (body streamed; Content-Length or chunked); replaces the path",
-        (Answer(201, "Stored (also when it replaced the path)", ResourceOut, headers=("ETag",)),),
+        (
+            Answer(
+                201,
+                "Stored (also when it replaced the path)",
+                ResourceOut,
+                headers=("ETag", "X-Revision"),
+            ),
+        ),
         errors=(
             "bad_request",
             "length_mismatch",
@@ -422,7 +465,12 @@ ROUTES: tuple[Endpoint[Any], ...] = (
             "hash_mismatch",
             "request_timeout",
         ),
-        raw_body="The content, streamed (`Content-Length` or chunked).",
+        raw_body="The content, streamed (`Content-Length` or chunked). Its `Content-Type` is "
+        "stored and served back, unless it is missing or generic (`application/octet-stream`): "
+        "then the type is guessed from the path's name.",
+        description="`If-None-Match: *` creates only; `If-Match` replaces only while the ETag "
+        "or revision is current. The condition is checked in the same atomic step as the "
+        "write: of concurrent writers with one condition, exactly one succeeds.",
         headers=(X_CONTENT_HASH, IF_MATCH, IF_NONE_MATCH_WRITE),
     ),
     Endpoint(
@@ -431,6 +479,7 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         delete_resource,
         "Remove a path (its content goes with its last reference)",
         (Answer(204, "Removed"),),
+        description="`If-Match` (ETag or revision) is checked atomically with the delete.",
         errors=("not_found", "precondition_failed"),
         headers=(IF_MATCH, IF_NONE_MATCH_WRITE),
     ),
@@ -455,3 +504,4 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         tag="proof of access",
     ),
 )
+ROUTES += BLOB_ROUTES  # a path's history (service.routes_blob)

@@ -182,7 +182,8 @@ IF_RANGE = Param(
 IF_MATCH = Param(
     "If-Match",
     "header",
-    'Only if the current ETag (`"blake3:<hex>"`) is one of these, or `*` (412 otherwise).',
+    'Only if the current ETag (`"blake3:<hex>"`) or revision (`"<n>"`, as in X-Revision) '
+    "is one of these, or `*` for any (412 otherwise).",
     {"type": "string"},
 )
 IF_NONE_MATCH_READ = Param(
@@ -194,7 +195,8 @@ IF_NONE_MATCH_READ = Param(
 IF_NONE_MATCH_WRITE = Param(
     "If-None-Match",
     "header",
-    "`*`: only if the path does not exist; ETags: only if none is current (412 otherwise).",
+    "`*`: only if the path does not exist and its first upload is not in progress; ETags: "
+    "only if none is current (412 otherwise).",
     {"type": "string"},
 )
 

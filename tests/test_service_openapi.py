@@ -42,7 +42,7 @@ def test_schemathesis_finds_nothing(
     mongo_uri: str, database: str, mongo_client: MongoClient[Any], tmp_path: Path
 ) -> None:
     token, _ = TokenStore(mongo_client[database]).create(admin=True)
-    serve_args = ("--max-size", str(1 << 20), "--log-level", "warning")
+    serve_args = ("--max-size", str(1 << 20), "--log-level", "warning", "--compat-store", "seed")
     with server_process(mongo_uri, database, *serve_args) as url:
         started = time.monotonic()
         command = [

@@ -1,0 +1,177 @@
+"""Conditional writes and stored media types: what a request's headers ask of a write.
+
+`If-Match` and `If-None-Match` become `WriteOptions` (or the `if_match` of a
+delete) that the core checks in the same atomic step as the write, so that of
+concurrent writers with the same condition exactly one wins. A condition the
+core cannot state directly is narrowed to one it can, from one read: a list
+of ETags becomes the one that is current, `If-None-Match: <etags>` on an
+existing path becomes "still at the revision just read". Narrowing only ever
+makes a condition stricter (a concurrent change in between fails it), never
+looser.
+
+An entity tag is the content's `"blake3:<hex>"` or the path's revision
+`"<n>"` (the KV face's CAS); `*` is any. Weak tags never match a write
+(strong comparison).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from catalog.errors import NotFoundError, PreconditionFailedError
+from catalog.managed import PathInfo
+
+_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
+_MEDIA_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+    r"(?:\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(?:[A-Za-z0-9!#$&^_.+-]+|\"[^\"\\]*\"))*"
+)
+MAX_MEDIA_TYPE = 255
+# Types a client sends when it says nothing about the content: the name says more.
+GENERIC_TYPES = frozenset(
+    {"application/octet-stream", "application/x-www-form-urlencoded", "binary/octet-stream"}
+)
+
+Stat = Callable[[], Awaitable[PathInfo | None]]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A write's condition as the core takes it."""
+
+    if_match: int | str | None = None
+    if_none_match: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.if_match is not None or self.if_none_match
+
+
+def parse_tag(tag: str) -> int | str | None:
+    """A revision (int), a content hash (bare hex) or `*`; None for a tag that never matches."""
+    tag = tag.strip()
+    if tag == "*":
+        return "*"
+    if tag.startswith("W/"):
+        return None  # weak: never equal under strong comparison
+    if len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"':
+        tag = tag[1:-1]
+    if tag.isascii() and tag.isdigit() and len(tag) <= 19 and int(tag) < 2**63:
+        return int(tag)  # revisions are 64-bit (cluster times on a replica set)
+    if tag[:7].lower() == "blake3:" and _HEX_RE.fullmatch(tag[7:]):
+        return tag[7:].lower()
+    return None
+
+
+def _tags(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def holds(info: PathInfo, tag: int | str) -> bool:
+    if tag == "*":
+        return True
+    if isinstance(tag, int):
+        return info.revision == tag
+    return info.hash == tag
+
+
+async def write_condition(if_match: str | None, if_none_match: str | None, stat: Stat) -> Condition:
+    """The condition of a PUT or DELETE, narrowed to what the core checks atomically.
+
+    `stat` reads the path (None when it does not exist); it is called only when
+    the headers need narrowing. A condition that cannot hold whatever the path
+    holds raises PreconditionFailedError at once.
+    """
+    match: int | str | None = None
+    none_match = False
+    if if_match is not None:
+        tags = [parse_tag(t) for t in _tags(if_match)]
+        wanted = [t for t in tags if t is not None]
+        if not wanted:
+            raise PreconditionFailedError("If-Match names no entity tag that can match")
+        if "*" in wanted:
+            match = "*"
+        elif len(wanted) == 1:
+            match = wanted[0]
+        else:
+            info = await stat()
+            held = [t for t in wanted if info is not None and holds(info, t)]
+            if not held:
+                raise PreconditionFailedError("If-Match does not match the current content")
+            match = held[0]
+    if if_none_match is not None:
+        tags_text = _tags(if_none_match)
+        if "*" in tags_text:
+            none_match = True
+        elif tags_text:
+            info = await stat()
+            if info is not None:
+                tags = [parse_tag(t[2:] if t.startswith("W/") else t) for t in tags_text]
+                if any(t is not None and holds(info, t) for t in tags):
+                    raise PreconditionFailedError("If-None-Match matches the current content")
+                if match is None:
+                    match = info.revision  # unchanged since it was read
+            else:
+                none_match = True  # still absent when written
+    return Condition(match, none_match)
+
+
+def stat_or_none(fetch: Callable[[], Awaitable[PathInfo]]) -> Stat:
+    async def stat() -> PathInfo | None:
+        try:
+            return await fetch()
+        except NotFoundError:
+            return None
+
+    return stat
+
+
+def content_type(given: str | None, path: str) -> str | None:
+    """The media type to store with a put: the request's, unless it says nothing, else a guess.
+
+    A Content-Type that is missing, generic (`application/octet-stream`, or what
+    curl sends for `--data`) or malformed gives way to a guess from the path's
+    last segment (`mimetypes`); None when neither says anything.
+    """
+    if given is not None:
+        text = given.strip()
+        if (
+            len(text) <= MAX_MEDIA_TYPE
+            and text.isascii()
+            and _MEDIA_RE.fullmatch(text)
+            and text.split(";", 1)[0].strip().lower() not in GENERIC_TYPES
+        ):
+            return text
+    return guess_type(path)
+
+
+def guess_type(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1]
+    if "." not in name.lstrip("."):
+        return None
+    try:
+        guessed, _ = mimetypes.guess_type("name" + name[name.rindex(".") :], strict=False)
+    except (ValueError, UnicodeError):
+        return None
+    if guessed is None or not _MEDIA_RE.fullmatch(guessed):
+        return None
+    return guessed
+
+
+def revision_header(info: PathInfo) -> dict[str, str]:
+    return {"x-revision": str(info.revision)}
+
+
+__all__ = [
+    "Condition",
+    "content_type",
+    "guess_type",
+    "holds",
+    "parse_tag",
+    "revision_header",
+    "stat_or_none",
+    "write_condition",
+]

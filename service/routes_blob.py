@@ -1,0 +1,245 @@
+"""Blob-server routes: a path's history, and the seed's own API (go-storage-server).
+
+`BLOB_ROUTES` are part of every service. `compat_store_routes(env)` are the
+seed's routes (`/store/{location}`) over one environment, mounted by
+`rescat serve --compat-store ENV`: create (201; 409 if it exists), replace
+(200; 404 if absent), read (200/404) and delete (204/404), each one atomic
+step of the core (a create is `If-None-Match: *`, a replace `If-Match: *`),
+with the same bearer token as /v1 (a token for another environment is 403).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import WithJsonSchema
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from typing_extensions import TypedDict
+
+from catalog import history
+from catalog.errors import (
+    AlreadyExistsError,
+    InvalidPathError,
+    NotFoundError,
+    PreconditionFailedError,
+    TooLargeError,
+)
+from catalog.managed import WriteOptions
+from catalog.names import MAX_PATH_BYTES, check_path
+from service.body import OUT_HOP_BYTES, iter_content
+from service.conditions import content_type, revision_header
+from service.ranges import etag_for
+from service.routing import Answer, Ctx, Endpoint, Param, path_param
+from service.schemas import _SEG_ANY, _SEG_ASCII, decode_lenient
+
+__all__ = ["BLOB_ROUTES", "compat_store_routes"]
+
+
+# -- history ------------------------------------------------------------------------------
+class HistoryItemOut(TypedDict):
+    """One operation on a path."""
+
+    at: Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+    event: Annotated[
+        Literal["create", "replace", "move", "delete", "upload", "put"],
+        WithJsonSchema(
+            {"type": "string", "enum": ["create", "replace", "move", "delete", "upload", "put"]}
+        ),
+    ]
+    state: Annotated[
+        Literal["ok", "failed", "pending"],
+        WithJsonSchema({"type": "string", "enum": ["ok", "failed", "pending"]}),
+    ]
+    hash: Annotated[
+        str,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": "^(?:[0-9a-f]{64})?$",
+                "description": "BLAKE3 hex (empty for an upload that did not complete)",
+            }
+        ),
+    ]
+    length: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0})]
+    revision: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0})]
+
+
+class HistoryOut(TypedDict):
+    """A path's operations, oldest first."""
+
+    items: list[HistoryItemOut]
+
+
+async def path_history(ctx: Ctx[None]) -> Response:
+    env, path = ctx.params["env"], ctx.params["path"]
+    managed = ctx.app.managed
+    events = await ctx.app.sync(managed.history_for_environment, env, path)
+    if not events:
+        raise NotFoundError(f"{env}: no history for {path!r}", path=path)
+    return JSONResponse({"items": history.items(events)})
+
+
+BLOB_ROUTES: tuple[Endpoint[Any], ...] = (
+    Endpoint(
+        ("GET",),
+        "/v1/environments/{env}/history/{path}",
+        path_history,
+        "A path's history: one item per operation, oldest first (also after it was deleted)",
+        (Answer(200, "The operations", HistoryOut),),
+        errors=("not_found",),
+        description="`event`: create, replace, move, delete, or upload (an upload that failed, "
+        "was abandoned or is running); `state`: ok, failed, or pending while it runs. "
+        "Kept in the database for `--history-days` (gc trims older items).",
+    ),
+)
+
+
+# -- the seed's API: /store/{location} on one environment --------------------------------
+def decode_location(raw: str) -> str:
+    """A seed name: one path segment (a decoded `/` is refused like any invalid name)."""
+    name = decode_lenient(raw)
+    if not name or "/" in name:
+        raise InvalidPathError(f"invalid name {name!r}: one path segment")
+    return check_path(name)
+
+
+LOCATION = path_param(
+    Param(
+        "location",
+        "path",
+        "The blob's name: one path segment of the environment served (`--compat-store`).",
+        {
+            "type": "string",
+            "anyOf": [
+                {"minLength": 1, "maxLength": MAX_PATH_BYTES, "pattern": f"^{_SEG_ASCII}$"},
+                {"minLength": 1, "maxLength": MAX_PATH_BYTES // 4, "pattern": f"^{_SEG_ANY}$"},
+            ],
+        },
+        decode=decode_location,
+        required=True,
+        error="invalid_path",
+    )
+)
+
+
+def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
+    """The seed's routes over environment `env` (its /healthz is the service's own)."""
+
+    async def authorize(ctx: Ctx[Any]) -> str:
+        if ctx.app.auth:  # the token was checked; here: is it for this environment?
+            token = await ctx.app._authenticate(ctx.request)
+            if token is not None:
+                token.check_env(env)
+        ctx.call.env = env
+        return ctx.params["location"]
+
+    async def write(ctx: Ctx[Any], options: WriteOptions) -> Any:
+        from service.routes import _content_length, store_body
+
+        name = await authorize(ctx)
+        length = _content_length(ctx.request)
+        app = ctx.app
+        if app.max_size is not None and length > app.max_size:
+            raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
+        typed = WriteOptions(
+            if_match=options.if_match,
+            if_none_match=options.if_none_match,
+            content_type=content_type(ctx.request.headers.get("content-type"), name)
+            or "application/octet-stream",
+        )
+        return await store_body(ctx, env, name, length, None, typed)
+
+    async def store_create(ctx: Ctx[None]) -> Response:
+        try:
+            info = await write(ctx, WriteOptions(if_none_match=True))
+        except PreconditionFailedError:
+            raise AlreadyExistsError(f"{ctx.params['location']!r} exists") from None
+        return Response(status_code=201, headers=_written(info))
+
+    async def store_replace(ctx: Ctx[None]) -> Response:
+        name = ctx.params["location"]
+        try:
+            info = await write(ctx, WriteOptions(if_match="*"))
+        except PreconditionFailedError:
+            raise NotFoundError(f"no such blob {name!r}", path=name) from None
+        return Response(status_code=200, headers=_written(info))
+
+    async def store_get(ctx: Ctx[None]) -> Response:
+        name = await authorize(ctx)
+        reader, info = await ctx.app.sync(ctx.app.managed.open_path, env, name)
+        headers = {
+            "etag": etag_for(info.hash),
+            "content-length": str(info.length),
+            "content-type": info.content_type or "application/octet-stream",
+            **revision_header(info),
+        }
+        if ctx.method == "HEAD" or info.length == 0:
+            reader.close()
+            return Response(status_code=200, headers=headers)
+        read_ahead = ctx.app.read_ahead if info.length > OUT_HOP_BYTES else None
+        return StreamingResponse(
+            iter_content(reader, 0, info.length, ctx.app.io_limiter, read_ahead),
+            status_code=200,
+            headers=headers,
+        )
+
+    async def store_delete(ctx: Ctx[None]) -> Response:
+        name = await authorize(ctx)
+        await ctx.app.sync(ctx.app.managed.delete_path, env, name)
+        return Response(status_code=204)
+
+    template = "/store/{location}"
+    body = "The blob's bytes (streamed; `Content-Length` or chunked)."
+    # forbidden: a token for another environment (the path names none, so it is declared here).
+    write_errors = ("forbidden", "bad_request", "length_mismatch", "too_large", "request_timeout")
+    return (
+        Endpoint(
+            ("POST",),
+            template,
+            store_create,
+            f"Create a blob in environment {env} (the seed's API)",
+            (Answer(201, "Created", headers=("ETag", "X-Revision")),),
+            errors=("already_exists", *write_errors),
+            raw_body=body,
+            tag="compat store",
+        ),
+        Endpoint(
+            ("PUT",),
+            template,
+            store_replace,
+            f"Replace a blob in environment {env} (the seed's API)",
+            (Answer(200, "Replaced", headers=("ETag", "X-Revision")),),
+            errors=("not_found", *write_errors),
+            raw_body=body,
+            tag="compat store",
+        ),
+        Endpoint(
+            ("GET",),
+            template,
+            store_get,
+            f"Read a blob of environment {env} (the seed's API)",
+            (
+                Answer(
+                    200,
+                    "The bytes",
+                    media=("*/*",),
+                    headers=("ETag", "X-Revision", "Content-Length"),
+                ),
+            ),
+            errors=("forbidden", "not_found"),
+            tag="compat store",
+        ),
+        Endpoint(
+            ("DELETE",),
+            template,
+            store_delete,
+            f"Delete a blob of environment {env} (the seed's API)",
+            (Answer(204, "Deleted"),),
+            errors=("forbidden", "not_found"),
+            tag="compat store",
+        ),
+    )
+
+
+def _written(info: Any) -> dict[str, str]:
+    return {"etag": etag_for(info.hash), **revision_header(info)}
