@@ -8,7 +8,9 @@ Hashes print as `blake3:<hex>` in text; JSON fields carry the bare hex.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
@@ -307,7 +309,7 @@ def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
         echo_json(moved)
 
 
-@cli.command()
+@cli.command(cls=click.Command)  # ENV:PATH forms: the profile's env is filled in below
 @click.argument("first", metavar="ENV", shell_complete=complete_env)
 @click.argument("second", metavar="SRC", shell_complete=complete_path)
 @click.argument("third", metavar="DST", required=False, shell_complete=complete_path)
@@ -319,7 +321,7 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
 
     The content is stored once: DST becomes one more reference to it. DST is
     replaced if it exists. Across environments, a --server token must allow
-    both.
+    both. With a profile's env, `cp SRC DST` and `:SRC` mean that environment.
 
     \b
     Example:
@@ -344,15 +346,19 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
         echo_json(copied)
 
 
+_REMOTE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
+
+
 def _located(ctx: Context, spec: str) -> tuple[str, str]:
     """`ENV:PATH` (`:PATH`: the profile's environment) of `cp`'s two-argument form."""
-    env, colon, path = spec.partition(":")
-    if not colon:
+    match = _REMOTE.fullmatch(spec)
+    if match is None:
         if ctx.default_env is None:
             raise click.UsageError(
                 f"{spec!r}: give ENV SRC DST, or ENV:SRC ENV2:DST (e.g. team-a:charms/app.tar)"
             )
         return ctx.default_env, spec
+    env, path = match.group(1), match.group(2)
     if not env:
         if ctx.default_env is None:
             raise click.UsageError(f"{spec!r}: no ENV before ':' and no env in the profile")
@@ -400,15 +406,20 @@ def ls(
     check_prefix(prefix)
     if delimiter is not None and len(delimiter) != 1:
         raise click.BadParameter("one character, such as /", param_hint="--delimiter")
+    from catalog.listing import check_delimiter, iter_listing
+
+    check_delimiter(delimiter)
     client = ctx.http
     docs: Any
     if client is not None:
         # Pages of 1,000; --server folds folders on the service (delimiter=).
         from cli.remote import listing
 
-        docs = listing(client, env, prefix, delimiter)
+        docs = listing(client, env, prefix, delimiter, long_)
     else:
-        docs = _grouped(ctx.managed.iter_paths(env, prefix), prefix, delimiter)
+        keys = iter_listing(ctx.managed, env, prefix, delimiter=delimiter)
+        docs = ({"folder": key} if isinstance(key, str) else key for key in keys)
+    docs = _primed(docs)  # a refusal is one line on stderr, before any output
     if as_json:
         # Streamed: a large listing is never built in memory.
         first = True
@@ -433,23 +444,12 @@ def ls(
             click.echo(item["path"])
 
 
-def _grouped(docs: Any, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
-    """Path documents, with those below the delimiter folded into one `folder` item each.
-
-    The listing is sorted, so a folder's paths are adjacent: one pass, no set.
-    """
-    last = None
-    for doc in docs:
-        if delimiter is not None:
-            rest = str(doc["path"])[len(prefix) :]
-            cut = rest.find(delimiter)
-            if cut >= 0:
-                name = prefix + rest[: cut + 1]
-                if name != last:
-                    last = name
-                    yield {"folder": name}
-                continue
-        yield doc
+def _primed(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The same items, the first one fetched now (so that its errors come first)."""
+    first = next(items, None)
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), items)
 
 
 def _when(value: Any) -> str:

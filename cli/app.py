@@ -259,7 +259,7 @@ def _with_hint(exc: CatalogError, server: str) -> Exception:
     }.get(exc.code)
     if hint is None:
         return exc
-    return click.ClickException(f"{text} ({hint})")
+    return click.ClickException(f"{text}; {hint}")
 
 
 def echo_json(data: Any) -> None:

@@ -402,9 +402,11 @@ def fetch_file(client: Any, env: str, path: str, output: str | None) -> None:
         progress.close()
 
 
-def listing(client: Any, env: str, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+def listing(
+    client: Any, env: str, prefix: str, delimiter: str | None, detail: bool
+) -> Iterator[dict[str, Any]]:
     """`ls` over HTTP: path items, and `{"folder"}` items the service folded (delimiter=)."""
-    for item in client.iter_list(env, prefix, delimiter=delimiter):
+    for item in client.iter_list(env, prefix, delimiter=delimiter, detail=detail):
         if "prefix" in item:
             yield {"folder": item["prefix"]}
         else:

@@ -447,8 +447,12 @@ class CatalogClient:
         after: str = "",
         limit: int = PAGE_SIZE,
         delimiter: str | None = None,
+        detail: bool = False,
     ) -> dict[str, Any]:
-        """One page: {"items": [...], "prefixes": [...] (with a delimiter), "next"?}."""
+        """One page: {"items": [...], "prefixes": [...] (with a delimiter), "next"?}.
+
+        `detail`: items also carry `updated_at` (RFC 3339).
+        """
         check_env(env)
         check_prefix(prefix)
         params: dict[str, Any] = {"prefix": prefix, "limit": limit}
@@ -456,6 +460,8 @@ class CatalogClient:
             params["after"] = after
         if delimiter:
             params["delimiter"] = delimiter
+        if detail:
+            params["detail"] = "true"
         return self._json("GET", _env_url(env, "resources"), params=params)  # type: ignore[no-any-return]
 
     def iter_list(
@@ -465,6 +471,7 @@ class CatalogClient:
         *,
         delimiter: str | None = None,
         page_size: int = PAGE_SIZE,
+        detail: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """Every path, page after page, in order; with a delimiter, folders as {"prefix"}.
 
@@ -472,7 +479,9 @@ class CatalogClient:
         """
         after = ""
         while True:
-            page = self.list_page(env, prefix, after=after, limit=page_size, delimiter=delimiter)
+            page = self.list_page(
+                env, prefix, after=after, limit=page_size, delimiter=delimiter, detail=detail
+            )
             folders = [{"prefix": p} for p in page.get("prefixes") or []]
             yield from heapq.merge(page["items"], folders, key=_listing_key)
             after = page.get("next") or ""

@@ -1,10 +1,12 @@
 """Routes for the CLI's data commands over HTTP: a paged listing, stat, move and copy.
 
-* `GET /v1/environments/{env}/resources?prefix=&limit=&after=&delimiter=` lists
+* `GET /v1/environments/{env}/resources?prefix=&limit=&after=&delimiter=&detail=` lists
   in pages (`catalog.listing`): `limit` keys after `after`, and `"next"` (the
   value to pass as `after`) while more remain. `delimiter` folds the paths that
   have it after the prefix into folder keys, answered in `"prefixes"` (as S3's
-  CommonPrefixes). Without `limit`, every path in one answer, as before.
+  CommonPrefixes). Without `limit`, every path in one answer, as before;
+  `detail=true` adds each path's `updated_at` (items are `{"path","hash","length"}`
+  otherwise, as the contract has them).
 * `GET /v1/environments/{env}/stat/{path}`: what a path holds, with its times,
   revision and its content's state (what `rescat stat --json` prints).
 * `POST /v1/environments/{env}/move` `{"from","to"}`: repoints `to` at what
@@ -72,7 +74,14 @@ DELIMITER = Param(
     {"type": "string", "maxLength": 1, "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"},
     error="invalid_argument",
 )
-LIST_QUERY = (PREFIX, LIMIT, AFTER, DELIMITER)
+DETAIL = Param(
+    "detail",
+    "query",
+    "`true`: each item also carries `updated_at`, when its path last changed (`ls -l`).",
+    {"type": "boolean"},
+    error="invalid_argument",
+)
+LIST_QUERY = (PREFIX, LIMIT, AFTER, DELIMITER, DETAIL)
 
 # -- bodies and answers -----------------------------------------------------------------
 _PathIn = Annotated[str, WithJsonSchema({**PATH_SCHEMA, "description": PATH_RULE})]
@@ -102,9 +111,9 @@ class CopyBody(_Body):
 
 
 class ListedOut(ResourceOut):
-    """A path of a listing: what it holds and when it last changed."""
+    """A path of a listing: what it holds (and with `detail=true`, when it last changed)."""
 
-    updated_at: _Time
+    updated_at: NotRequired[_Time]
 
 
 class ListPageOut(TypedDict):
@@ -143,11 +152,12 @@ async def list_resources(ctx: Ctx[None]) -> Response:
     after = check_prefix(query.get("after", ""))
     delimiter = check_delimiter(query.get("delimiter"))
     limit = _limit(query.get("limit"))
+    detail = _flag("detail", query.get("detail"))
     managed = ctx.app.managed
 
     def page() -> ListPageOut:
         found = list_page(managed, env, prefix, after=after, limit=limit, delimiter=delimiter)
-        out = ListPageOut(items=[_listed(doc) for doc in found.items])
+        out = ListPageOut(items=[_listed(doc, detail) for doc in found.items])
         if delimiter is not None:
             out["prefixes"] = found.prefixes
         if found.next is not None:
@@ -204,13 +214,11 @@ def path_info_json(info: PathInfo) -> PathInfoOut:
     )
 
 
-def _listed(doc: dict[str, Any]) -> ListedOut:
-    return ListedOut(
-        path=doc["path"],
-        hash=doc["hash"],
-        length=int(doc["length"]),
-        updated_at=rfc3339(doc["updated_at"]),
-    )
+def _listed(doc: dict[str, Any], detail: bool) -> ListedOut:
+    item = ListedOut(path=doc["path"], hash=doc["hash"], length=int(doc["length"]))
+    if detail:
+        item["updated_at"] = rfc3339(doc["updated_at"])
+    return item
 
 
 def _created(env: str, info: PathInfo) -> Response:
@@ -234,6 +242,14 @@ def _limit(value: str | None) -> int | None:
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidArgumentError(f"invalid limit {limit}: from 1 to {MAX_LIMIT}")
     return limit
+
+
+def _flag(name: str, value: str | None) -> bool:
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise InvalidArgumentError(f"invalid {name} {value!r}: true or false")
 
 
 def _query(request: Request) -> dict[str, str]:

@@ -219,9 +219,12 @@ def test_tokens_and_bad_input_are_one_line(
         ["mv", "team-b", "p", "q"],
         ["cp", "team-a:p", "team-b:p"],
         ["sync", str(tmp_path), "team-b:x/"],
+        ["ls", "team-b", "--json"],
     ):
-        err = one_line_error(run(web, *args, input=b"x"))
+        done = run(web, *args, input=b"x")
+        err = one_line_error(done)
         assert "team-b" in err and "token create --env" in err, (args, err)
+        assert done.stdout == b"", args
     err = one_line_error(run({**web, "RESCAT_TOKEN": ""}, "ls", "team-a"))
     assert "--token" in err
     err = one_line_error(run({**web, "RESCAT_SERVER": "http://127.0.0.1:1"}, "ls", "team-a"))
@@ -275,9 +278,12 @@ def test_profile_server_and_precedence(
     }
     assert ok(run(env, "--profile", "ci", "ls")) == b"x\n"
     assert ok(run(env, "--profile", "ci", "get", "x")) == b"1"
+    ok(run(env, "--profile", "ci", "cp", "x", "y"))  # ENV from the profile
+    ok(run(env, "--profile", "ci", "cp", "e:y", ":dir/z"))
+    assert managed.list_for_environment("e") == ["dir/z", "x", "y"]
     # The command line and the environment beat the profile.
     direct = {**env, "RESCAT_MONGO_URI": mongo_uri, "RESCAT_DATABASE": db.name}
-    assert ok(run(direct, "--profile", "ci", "ls")) == b"x\n"
+    assert ok(run(direct, "--profile", "ci", "ls")) == b"dir/z\nx\ny\n"
     err = one_line_error(run(env, "--profile", "ci", "ls", "--server", "http://127.0.0.1:1"))
     assert "127.0.0.1:1" in err
     assert not (tmp_path / "no-data").exists()

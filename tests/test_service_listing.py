@@ -62,12 +62,14 @@ def test_pages_list_every_path_once_in_order(
             pages += 1
             assert len(page["items"]) <= 1000
             seen += [item["path"] for item in page["items"]]
-            assert page["items"][0]["updated_at"].endswith("Z")
+            assert set(page["items"][0]) == {"path", "hash", "length"}
             if "next" not in page:
                 break
             assert page["next"] == page["items"][-1]["path"]
             after = page["next"]
         assert pages == 3 and seen == paths
+        detailed = http.get("/v1/environments/e/resources", params={"limit": 1, "detail": "true"})
+        assert detailed.json()["items"][0]["updated_at"].endswith("Z")
         # Exactly a page's worth: no empty last page is promised, but no next on the last.
         page = http.get("/v1/environments/e/resources", params={"limit": 2500}).json()
         assert len(page["items"]) == 2500 and "next" not in page
@@ -91,7 +93,13 @@ def test_pages_list_every_path_once_in_order(
         assert page["prefixes"] == [] and len(page["items"]) == len(
             [p for p in paths if p.startswith("d3/f0001")]
         )
-        for bad in ({"limit": "0"}, {"limit": "10001"}, {"limit": "x"}, {"delimiter": "//"}):
+        for bad in (
+            {"limit": "0"},
+            {"limit": "10001"},
+            {"limit": "x"},
+            {"delimiter": "//"},
+            {"detail": "1"},
+        ):
             r = http.get("/v1/environments/e/resources", params=bad)
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument", bad
     with CatalogClient(server.url, admin) as client:
