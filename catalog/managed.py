@@ -230,13 +230,19 @@ class ManagedStorage:
     def list_for_environment(self, env_uuid: str, prefix: str = "") -> list[str]:
         return [doc["path"] for doc in self.iter_paths(env_uuid, prefix)]
 
-    def iter_paths(self, env_uuid: str, prefix: str = "") -> Any:
-        """Path documents of an environment in path order (for listings with hashes)."""
+    def iter_paths(self, env_uuid: str, prefix: str = "", *, after: str = "") -> Any:
+        """Path documents of an environment in path order (for listings with hashes).
+
+        `after`: only paths that sort after it (a page's continuation; the
+        (env, path) index bounds the scan on both sides).
+        """
         check_env(env_uuid)
         check_prefix(prefix)
         query: dict[str, Any] = {"env": env_uuid, "expires_at": {"$not": {"$lte": utcnow()}}}
         if prefix:
             query["path"] = {"$regex": "^" + re.escape(prefix)}
+        if after:
+            query.setdefault("path", {})["$gt"] = after
         return self.paths.find(query, NO_EVENTS, sort=[("path", ASCENDING)])
 
     def history_for_environment(self, env_uuid: str, path: str) -> list[dict[str, Any]]:

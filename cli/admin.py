@@ -8,7 +8,9 @@ Hashes print as `blake3:<hex>` in text; JSON fields carry the bare hex.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
@@ -25,7 +27,7 @@ from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage, PathInfo
 from catalog.names import check_env, check_path, check_prefix, format_hash
 from catalog.sessions import DEFAULT_MAX_AGE as DEFAULT_SESSION_MAX_AGE
-from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx, server_options
 from cli.completion import complete_env, complete_path
 from cli.files import get_tree, jobs_option, put_tree, remove_tree
 from cli.progress import ProgressReader, bar
@@ -69,7 +71,16 @@ def _n(count: int, word: str) -> str:
 
 
 def _iso(value: Any) -> str:
-    return str(value.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    return str(as_time(value).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+
+def as_time(value: Any) -> Any:
+    """A datetime from the database, or the RFC 3339 text the service sends."""
+    if isinstance(value, str):
+        import datetime
+
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value
 
 
 def _pieces(reader: Any) -> Iterator[bytes]:
@@ -93,6 +104,7 @@ def _pieces(reader: Any) -> Iterator[bytes]:
 @click.option("-r", "--recursive", is_flag=True, help="FILE is a directory, PATH a folder.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be stored only.")
 @jobs_option
+@server_options
 @pass_ctx
 def put(
     ctx: Context,
@@ -107,9 +119,10 @@ def put(
     """Store FILE (or stdin for -) at PATH in environment ENV.
 
     Prints the content hash, blake3:<hex>, on one line. Content that is
-    stored already is not written again. FILE may be a pipe or FIFO: it is
-    read to its end. With -r, every file under the directory FILE is stored
-    under the folder PATH, in parallel, skipping those already equal.
+    stored already is not written again (with --server, not even sent: the
+    client proves it holds it). FILE may be a pipe or FIFO: it is read to its
+    end. With -r, every file under the directory FILE is stored under the
+    folder PATH, in parallel, skipping those already equal.
 
     \b
     Example:
@@ -124,6 +137,16 @@ def put(
         return
     check_env(env)
     check_path(path)
+    client = ctx.http
+    if client is not None:
+        from cli.remote import send_file
+
+        digest, length = send_file(client, env, path, file)
+        if as_json:
+            echo_json({"path": path, "hash": digest, "length": length})
+        else:
+            click.echo(format_hash(digest))
+        return
     managed = ctx.managed
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if file == "-" else stack.enter_context(open_source(file))
@@ -153,6 +176,7 @@ def put(
 @click.option("-r", "--recursive", is_flag=True, help="PATH is a folder: copy it into DIRECTORY.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be fetched only.")
 @jobs_option
+@server_options
 @pass_ctx
 def get(
     ctx: Context,
@@ -187,6 +211,12 @@ def get(
         raise click.UsageError(f"unexpected argument {directory!r} (use -o FILE, or -r)")
     check_env(env)
     check_path(path)
+    client = ctx.http
+    if client is not None:
+        from cli.remote import fetch_file
+
+        fetch_file(client, env, path, output)
+        return
     managed = ctx.managed
     info = managed.stat_for_environment(env, path)
     if output is None or output == "-":
@@ -229,6 +259,7 @@ def _copy_out(managed: ManagedStorage, env: str, path: str, info: PathInfo, sink
 @click.argument("path", shell_complete=complete_path)
 @click.option("-r", "--recursive", is_flag=True, help="Also every path under the folder PATH.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be removed only.")
+@server_options
 @pass_ctx
 def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> None:
     """Remove PATH from environment ENV (content nothing else uses is deleted).
@@ -245,6 +276,10 @@ def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> Non
         return
     check_env(env)
     check_path(path)
+    client = ctx.http
+    if client is not None:
+        client.remove(env, path)
+        return
     ctx.managed.remove_for_environment(env, path)
 
 
@@ -253,6 +288,7 @@ def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> Non
 @click.argument("src", shell_complete=complete_path)
 @click.argument("dst", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help="Print the moved path's stat as JSON.")
+@server_options
 @pass_ctx
 def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
     """Move SRC to DST within environment ENV; copies no bytes.
@@ -266,9 +302,70 @@ def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
     check_env(env)
     check_path(src)
     check_path(dst)
-    info = ctx.managed.move_for_environment(env, src, dst)
+    client = ctx.http
+    if client is not None:
+        moved = client.move(env, src, dst)
+    else:
+        moved = _path_json(ctx.managed.move_for_environment(env, src, dst))
     if as_json:
-        echo_json(_path_json(info))
+        echo_json(moved)
+
+
+@cli.command(cls=click.Command)  # ENV:PATH forms: the profile's env is filled in below
+@click.argument("first", metavar="ENV", shell_complete=complete_env)
+@click.argument("second", metavar="SRC", shell_complete=complete_path)
+@click.argument("third", metavar="DST", required=False, shell_complete=complete_path)
+@click.option("--json", "as_json", is_flag=True, help="Print the new path's stat as JSON.")
+@server_options
+@pass_ctx
+def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) -> None:
+    """Copy SRC to DST in ENV, or ENV:SRC to ENV2:DST; copies no bytes.
+
+    The content is stored once: DST becomes one more reference to it. DST is
+    replaced if it exists. Across environments, a --server token must allow
+    both. With a profile's env, `cp SRC DST` and `:SRC` mean that environment.
+
+    \b
+    Example:
+      rescat cp team-a charms/app.tar charms/app-stable.tar
+      rescat cp team-a:charms/app.tar team-b:vendor/app.tar
+    """
+    if third is not None:
+        src_env, src, dst_env, dst = first, second, first, third
+    else:
+        src_env, src = _located(ctx, first)
+        dst_env, dst = _located(ctx, second)
+    check_env(src_env)
+    check_path(src)
+    check_env(dst_env)
+    check_path(dst)
+    client = ctx.http
+    if client is not None:
+        copied = client.copy(src_env, src, dst_env, dst)
+    else:
+        copied = _path_json(ctx.managed.copy_path(src_env, src, dst_env, dst))
+    if as_json:
+        echo_json(copied)
+
+
+_REMOTE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
+
+
+def _located(ctx: Context, spec: str) -> tuple[str, str]:
+    """`ENV:PATH` (`:PATH`: the profile's environment) of `cp`'s two-argument form."""
+    match = _REMOTE.fullmatch(spec)
+    if match is None:
+        if ctx.default_env is None:
+            raise click.UsageError(
+                f"{spec!r}: give ENV SRC DST, or ENV:SRC ENV2:DST (e.g. team-a:charms/app.tar)"
+            )
+        return ctx.default_env, spec
+    env, path = match.group(1), match.group(2)
+    if not env:
+        if ctx.default_env is None:
+            raise click.UsageError(f"{spec!r}: no ENV before ':' and no env in the profile")
+        env = ctx.default_env
+    return env, path
 
 
 @cli.command()
@@ -283,6 +380,7 @@ def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
     default=None,
     help="Group paths by this character after PREFIX, like folders (`--delimiter /`).",
 )
+@server_options
 @pass_ctx
 def ls(
     ctx: Context,
@@ -310,12 +408,25 @@ def ls(
     check_prefix(prefix)
     if delimiter is not None and len(delimiter) != 1:
         raise click.BadParameter("one character, such as /", param_hint="--delimiter")
-    docs = ctx.managed.iter_paths(env, prefix)
+    from catalog.listing import check_delimiter, iter_listing
+
+    check_delimiter(delimiter)
+    client = ctx.http
+    docs: Any
+    if client is not None:
+        # Pages of 1,000; --server folds folders on the service (delimiter=).
+        from cli.remote import listing
+
+        docs = listing(client, env, prefix, delimiter, long_)
+    else:
+        keys = iter_listing(ctx.managed, env, prefix, delimiter=delimiter)
+        docs = ({"folder": key} if isinstance(key, str) else key for key in keys)
+    docs = _primed(docs)  # a refusal is one line on stderr, before any output
     if as_json:
         # Streamed: a large listing is never built in memory.
         first = True
         click.echo("[", nl=False)
-        for item in _grouped(docs, prefix, delimiter):
+        for item in docs:
             if "folder" in item:
                 item = {"prefix": item["folder"]}
             else:
@@ -324,7 +435,7 @@ def ls(
             first = False
         click.echo("]" if first else "\n]")
         return
-    for item in _grouped(docs, prefix, delimiter):
+    for item in docs:
         if "folder" in item:
             click.echo(f"{'':<19}  {'DIR':>10}  {item['folder']}" if long_ else item["folder"])
         elif long_:
@@ -335,35 +446,25 @@ def ls(
             click.echo(item["path"])
 
 
-def _grouped(docs: Any, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
-    """Path documents, with those below the delimiter folded into one `folder` item each.
-
-    The listing is sorted, so a folder's paths are adjacent: one pass, no set.
-    """
-    last = None
-    for doc in docs:
-        if delimiter is not None:
-            rest = str(doc["path"])[len(prefix) :]
-            cut = rest.find(delimiter)
-            if cut >= 0:
-                name = prefix + rest[: cut + 1]
-                if name != last:
-                    last = name
-                    yield {"folder": name}
-                continue
-        yield doc
+def _primed(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The same items, the first one fetched now (so that its errors come first)."""
+    first = next(items, None)
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), items)
 
 
 def _when(value: Any) -> str:
     if value is None:
         return "-"
-    return str(aware(value).strftime("%Y-%m-%d %H:%M:%S"))
+    return str(aware(as_time(value)).strftime("%Y-%m-%d %H:%M:%S"))
 
 
 @cli.command()
 @click.argument("env", shell_complete=complete_env)
 @click.argument("path", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@server_options
 @pass_ctx
 def stat(ctx: Context, env: str, path: str, as_json: bool) -> None:
     """Show what PATH in ENV holds, and its content's state history.
@@ -375,28 +476,32 @@ def stat(ctx: Context, env: str, path: str, as_json: bool) -> None:
     """
     check_env(env)
     check_path(path)
-    info = ctx.managed.stat_for_environment(env, path)
+    client = ctx.http
+    if client is not None:
+        info = client.path_info(env, path)
+    else:
+        info = _path_json(ctx.managed.stat_for_environment(env, path))
     if as_json:
-        echo_json(_path_json(info))
+        echo_json(info)
         return
     # Two clocks live here: the path's own (created/updated/revision) and the
     # stored content's, which every path holding the same bytes shares.
     rows = [
-        ("env", info.env_uuid),
-        ("path", info.path),
-        ("hash", format_hash(info.hash)),
-        ("length", f"{info.length} ({_human(info.length)})"),
-        ("path created", f"{_iso(info.created_at)}  (this path first stored)"),
-        ("path updated", f"{_iso(info.updated_at)}  (this path last pointed at new content)"),
-        ("revision", f"{info.revision}  (of this path)"),
-        ("content", f"resource {info.resource_id}, {info.state}"),
+        ("env", info["env"]),
+        ("path", info["path"]),
+        ("hash", format_hash(info["hash"])),
+        ("length", f"{info['length']} ({_human(info['length'])})"),
+        ("path created", f"{_iso(info['created_at'])}  (this path first stored)"),
+        ("path updated", f"{_iso(info['updated_at'])}  (this path last pointed at new content)"),
+        ("revision", f"{info['revision']}  (of this path)"),
+        ("content", f"resource {info['resource_id']}, {info['state']}"),
     ]
     for key, value in rows:
         click.echo(f"{key + ':':<14} {value}")
-    if info.history:
+    if info["history"]:
         click.echo("content history (of the stored bytes, shared by every path holding them):")
-        for state, at in info.history:
-            click.echo(f"  {_iso(at)}  {state}")
+        for event in info["history"]:
+            click.echo(f"  {_iso(event['at'])}  {event['state']}")
 
 
 # -- whole catalog ----------------------------------------------------------------

@@ -7,16 +7,22 @@ made lazily, so commands that talk HTTP never start the embedded mongod.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from catalog import ManagedStorage
+from catalog.errors import CatalogError
+
+if TYPE_CHECKING:
+    from service.client import CatalogClient
 
 
 @dataclass
@@ -27,6 +33,31 @@ class Context:
     default_env: str | None = None
     profile: dict[str, str] = field(default_factory=dict)
     _managed: ManagedStorage | None = field(default=None, repr=False)
+    # Where --mongo-uri came from (a Level), and the data commands' --server / --token.
+    mongo_level: int = 0
+    server: str | None = None
+    token: str | None = field(default=None, repr=False)
+    server_level: int = 0
+    _client: CatalogClient | None = field(default=None, repr=False)
+
+    @property
+    def http(self) -> CatalogClient | None:
+        """The service's client when the data commands go over HTTP, else None.
+
+        --server (or RESCAT_SERVER, or the profile's server) sends them to the
+        service, unless a MongoDB URI is given at the same level or a closer one:
+        the command line beats the environment, which beats the profile, and
+        within the environment or the profile the database wins (a profile with
+        both is an admin's, whose server is for upload and download).
+        """
+        if self.server is None or self.server_level <= self.mongo_level:
+            return None
+        if self._client is None:
+            from service.client import CatalogClient
+
+            self._client = CatalogClient(self.server, self.token)
+            click.get_current_context().call_on_close(self._client.close)
+        return self._client
 
     @property
     def uses_embedded(self) -> bool:
@@ -139,8 +170,10 @@ def cli(
     from cli.config import load_profile
 
     settings = load_profile(profile)
+    mongo_level = _level(ctx.get_parameter_source("mongo_uri")) if mongo_uri else NONE
     if ctx.get_parameter_source("mongo_uri") == ParameterSource.DEFAULT:
         mongo_uri = settings.get("mongo_uri") or None
+        mongo_level = PROFILE if mongo_uri else NONE
     if ctx.get_parameter_source("database") == ParameterSource.DEFAULT:
         database = settings.get("database", database)
     default_env = settings.get("env") or None
@@ -151,11 +184,82 @@ def cli(
     remote = {k: settings[k] for k in ("server", "token") if k in settings}
     if remote:
         ctx.default_map = {name: dict(remote) for name in REMOTE_COMMANDS}
-    ctx.obj = Context(mongo_uri or None, database, debug, default_env, settings)
+    ctx.obj = Context(
+        mongo_uri or None, database, debug, default_env, settings, mongo_level=mongo_level
+    )
 
 
 # Commands that take --server/--token (their defaults come from the profile).
-REMOTE_COMMANDS = ("upload", "download")
+REMOTE_COMMANDS = (
+    "upload",
+    "download",
+    *("put", "get", "rm", "mv", "cp", "ls", "stat", "sync"),  # with server_options
+)
+
+# Where a setting came from, closest last: a closer one wins.
+NONE, PROFILE, ENVIRONMENT, COMMAND_LINE = range(4)
+
+
+def _level(source: ParameterSource | None) -> int:
+    if source == ParameterSource.COMMANDLINE:
+        return COMMAND_LINE
+    if source == ParameterSource.ENVIRONMENT:
+        return ENVIRONMENT
+    if source == ParameterSource.DEFAULT_MAP:
+        return PROFILE
+    return NONE
+
+
+def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--server / --token for a data command: with them it goes through the HTTP service.
+
+    The command never connects to MongoDB then (nor starts the embedded one),
+    and what the service refuses is one line saying what to do about it.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, server: str | None, token: str | None, **kwargs: Any) -> Any:
+        click_ctx = click.get_current_context()
+        obj = click_ctx.find_object(Context)
+        assert obj is not None
+        level = _level(click_ctx.get_parameter_source("server")) if server else NONE
+        if level == COMMAND_LINE and obj.mongo_level == COMMAND_LINE:
+            raise click.UsageError("give --server or --mongo-uri, not both")
+        obj.server, obj.token, obj.server_level = server, token or None, level
+        if obj.http is None:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except CatalogError as exc:
+            raise _with_hint(exc, obj.server or "") from None
+
+    run = click.option(
+        "--token",
+        envvar="RESCAT_TOKEN",
+        default=None,
+        help="Bearer token for --server (env RESCAT_TOKEN, or the profile's token).",
+    )(run)
+    run = click.option(
+        "--server",
+        envvar="RESCAT_SERVER",
+        default=None,
+        help="Go through the HTTP service at this URL instead of the database "
+        "(env RESCAT_SERVER, or the profile's server).",
+    )(run)
+    return run
+
+
+def _with_hint(exc: CatalogError, server: str) -> Exception:
+    """The service's refusal, with what to do about it (one line)."""
+    text = " ".join(str(exc).split())
+    hint = {
+        "unauthorized": "give a token with --token, RESCAT_TOKEN or the profile's token",
+        "forbidden": "use a token for that environment (rescat token create --env ENV)",
+        "unavailable": f"is the service at {server} running? check --server / RESCAT_SERVER",
+    }.get(exc.code)
+    if hint is None:
+        return exc
+    return click.ClickException(f"{text}; {hint}")
 
 
 def echo_json(data: Any) -> None:

@@ -1,4 +1,4 @@
-"""Whole directories: `put -r`, `get -r`, `rm -r` and `sync`, over the database directly.
+"""Whole directories: `put -r`, `get -r`, `rm -r` and `sync`, over the database or HTTP.
 
 One engine serves them all, in three steps, so that bad input stops the
 command before anything is written:
@@ -12,6 +12,11 @@ command before anything is written:
    under one progress bar on stderr (silent off a terminal).
 
 A PREFIX is a folder: `a/b` means the paths under `a/b/`, never `a/bc`.
+
+With --server (`Context.http`) the same plan runs through the service: the
+listing comes in pages with each path's hash, uploads use the dedup workflow
+(content the service has is proved, not sent), downloads are verified and
+replace their file only once complete.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import click
 from catalog.errors import CatalogError, InvalidPathError, NotFoundError
 from catalog.managed import ManagedStorage
 from catalog.names import check_env, check_path
-from cli.app import Context, cli, pass_ctx
+from cli.app import Context, cli, pass_ctx, server_options
 from cli.progress import bar
 from service.localfiles import LocalFileError, Output, current_umask
 
@@ -105,13 +110,20 @@ def local_entries(root: Path) -> dict[str, Entry]:
     return found
 
 
-def remote_entries(managed: ManagedStorage, env: str, prefix: str) -> dict[str, Entry]:
+def remote_entries(ctx: Context, env: str, prefix: str) -> dict[str, Entry]:
     query = folder(prefix)
     found: dict[str, Entry] = {}
-    for doc in managed.iter_paths(env, query):
+    for doc in _iter_paths(ctx, env, query):
         rel = str(doc["path"])[len(query) :]
         found[rel] = Entry(rel, int(doc["length"]), str(doc["hash"]))
     return found
+
+
+def _iter_paths(ctx: Context, env: str, query: str) -> Any:
+    client = ctx.http
+    if client is not None:
+        return client.iter_list(env, query)
+    return ctx.managed.iter_paths(env, query)
 
 
 # -- plan -------------------------------------------------------------------------------
@@ -273,6 +285,19 @@ def _download_one(
         reader.close()
 
 
+def _progress_of(advance: Callable[[int], None]) -> Callable[[str, int, int | None], None]:
+    """A client progress callback that advances the shared bar by transferred bytes."""
+    shown = 0
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        nonlocal shown
+        if phase in ("upload", "download") and done > shown:
+            advance(done - shown)
+            shown = done
+
+    return progress
+
+
 @dataclass
 class Outcome:
     done: list[Action]
@@ -307,16 +332,25 @@ def execute(
             with lock:
                 progress.update(n)
 
+        client = ctx.http
+
         def run(action: Action) -> None:
             remote_path = query + action.rel
             local_path = root / action.rel
-            if action.kind == "upload":
+            if client is not None:
+                if action.kind == "upload":
+                    client.upload(env, remote_path, local_path, progress=_progress_of(advance))
+                else:
+                    local_path.parent.mkdir(parents=True, exist_ok=True)
+                    client.download(env, remote_path, local_path, progress=_progress_of(advance))
+            elif action.kind == "upload":
                 _upload_one(ctx.managed, env, remote_path, local_path, action, advance)
             else:
                 _download_one(ctx.managed, env, remote_path, local_path, action, advance)
 
         if transfers:
-            _ = ctx.managed  # connect once, before the threads
+            if client is None:
+                _ = ctx.managed  # connect once, before the threads
             current_umask()  # and read the umask before they create files
             with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rescat-sync") as pool:
                 futures = {pool.submit(run, a): a for a in transfers}
@@ -333,7 +367,7 @@ def execute(
     for action in deletions:
         try:
             if action.kind == "delete-remote":
-                ctx.managed.remove_for_environment(env, query + action.rel)
+                _remove(ctx, env, query + action.rel)
             else:
                 (root / action.rel).unlink()
         except (OSError, NotFoundError) as exc:
@@ -342,6 +376,14 @@ def execute(
         outcome.done.append(action)
         click.echo(_describe(action, env, query, root))
     return outcome
+
+
+def _remove(ctx: Context, env: str, path: str) -> None:
+    client = ctx.http
+    if client is not None:
+        client.remove(env, path)
+    else:
+        ctx.managed.remove_for_environment(env, path)
 
 
 def _describe(action: Action, env: str, query: str, root: Path) -> str:
@@ -391,7 +433,7 @@ def put_tree(
     if not root.is_dir():
         raise LocalFileError(f"{directory}: not a directory")
     local = local_entries(root)
-    remote = remote_entries(ctx.managed, env, prefix)
+    remote = remote_entries(ctx, env, prefix)
     plan = plan_upload(local, remote, root, prefix, delete=delete)
     outcome = execute(
         ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="put"
@@ -406,7 +448,7 @@ def get_tree(
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise LocalFileError(f"{directory}: exists and is not a directory")
-    remote = remote_entries(ctx.managed, env, prefix)
+    remote = remote_entries(ctx, env, prefix)
     local = local_entries(root) if root.is_dir() else {}
     plan = plan_download(remote, local, root, env, delete=delete)
     if not dry_run and plan.actions:
@@ -429,9 +471,13 @@ def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
             "rm -r needs a PREFIX (a folder such as charms/); it never empties a whole environment"
         )
     query = folder(stripped)
-    paths = [str(doc["path"]) for doc in ctx.managed.iter_paths(env, query)]
+    paths = [str(doc["path"]) for doc in _iter_paths(ctx, env, query)]
+    client = ctx.http
     try:
-        ctx.managed.stat_for_environment(env, stripped)
+        if client is not None:
+            client.stat(env, stripped)
+        else:
+            ctx.managed.stat_for_environment(env, stripped)
         paths.insert(0, stripped)
     except NotFoundError:
         pass
@@ -443,7 +489,7 @@ def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
             click.echo(f"(dry run) delete: {env}:{path}")
             continue
         try:
-            ctx.managed.remove_for_environment(env, path)
+            _remove(ctx, env, path)
         except NotFoundError:
             continue  # removed concurrently: the end state is the same
         removed += 1
@@ -482,6 +528,7 @@ def jobs_option(fn: Any) -> Any:
 )
 @click.option("--delete", is_flag=True, help="Also delete what DST has and SRC does not.")
 @jobs_option
+@server_options
 @pass_ctx
 def sync(ctx: Context, src: str, dst: str, dry_run: bool, delete: bool, jobs: int) -> None:
     """Make DST hold what SRC holds: a local directory and ENV:PREFIX, either way.
@@ -490,6 +537,7 @@ def sync(ctx: Context, src: str, dst: str, dry_run: bool, delete: bool, jobs: in
     nothing. --delete removes what DST has beyond SRC, and only once every
     copy succeeded. ENV:PREFIX names a folder (`team-a:charms/`, or `team-a:`
     for the whole environment; `:charms/` uses the profile's environment).
+    With --server, files the service has already are proved, not sent.
 
     \b
     Example:

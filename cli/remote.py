@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -384,3 +385,42 @@ def download(server: str, token: str | None, output: str | None, env: str, path:
                 client.download(env, path, output, progress=progress)
     finally:
         progress.close()
+
+
+# -- the data commands' --server mode (called by cli.admin and cli.files) ----------------
+def send_file(client: Any, env: str, path: str, file: str) -> tuple[str, int]:
+    """`put` over HTTP: a regular file by the dedup workflow, a pipe streamed; (hash, length)."""
+    progress = _Bars(path)
+    try:
+        if file == "-" or not is_regular_source(file):
+            source: Any = sys.stdin.buffer if file == "-" else file
+            result = client.put(env, path, source, progress=progress)
+        else:
+            result = client.upload(env, path, file, progress=progress)
+    finally:
+        progress.close()
+    return str(result.hash), int(result.length)
+
+
+def fetch_file(client: Any, env: str, path: str, output: str | None) -> None:
+    """`get` over HTTP: to stdout, or to a file replaced only once verified."""
+    progress = _Bars(path)
+    try:
+        if output is None or output == "-":
+            client.download(env, path, sys.stdout.buffer, progress=progress)
+            sys.stdout.buffer.flush()
+        else:
+            client.download(env, path, output, progress=progress)
+    finally:
+        progress.close()
+
+
+def listing(
+    client: Any, env: str, prefix: str, delimiter: str | None, detail: bool
+) -> Iterator[dict[str, Any]]:
+    """`ls` over HTTP: path items, and `{"folder"}` items the service folded (delimiter=)."""
+    for item in client.iter_list(env, prefix, delimiter=delimiter, detail=detail):
+        if "prefix" in item:
+            yield {"folder": item["prefix"]}
+        else:
+            yield item

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import heapq
 import io
 import os
 import tempfile
@@ -45,6 +46,7 @@ from service.localfiles import Output, is_regular_source, open_source, resolve_t
 
 BLOCK = 1024 * 1024
 HASH_BLOCK = 4 * 1024 * 1024
+PAGE_SIZE = 1000  # paths per page of a listing
 
 # progress(phase, done, total): phase is "hash", "upload", "verify" or "download";
 # `done` counts bytes of that phase so far; `total` is None when unknown.
@@ -113,11 +115,8 @@ class CatalogClient:
         return self._json("GET", "/healthz")  # type: ignore[no-any-return]
 
     def list(self, env: str, prefix: str = "") -> list[dict[str, Any]]:
-        """[{"path", "hash", "length"}, ...] sorted by path."""
-        check_env(env)
-        check_prefix(prefix)
-        doc = self._json("GET", _env_url(env, "resources"), params={"prefix": prefix})
-        return list(doc["items"])
+        """[{"path", "hash", "length", ...}, ...] sorted by path (fetched in pages)."""
+        return [item for item in self.iter_list(env, prefix) if "path" in item]
 
     def stat(self, env: str, path: str) -> dict[str, Any]:
         """{"path", "hash", "length", "etag"} of a path (a HEAD request)."""
@@ -439,6 +438,75 @@ class CatalogClient:
                 )
             return DownloadResult(path, digest, total, received, resumed)
 
+    # -- listing in pages, stat, move, copy -------------------------------------------
+    def list_page(
+        self,
+        env: str,
+        prefix: str = "",
+        *,
+        after: str = "",
+        limit: int = PAGE_SIZE,
+        delimiter: str | None = None,
+        detail: bool = False,
+    ) -> dict[str, Any]:
+        """One page: {"items": [...], "prefixes": [...] (with a delimiter), "next"?}.
+
+        `detail`: items also carry `updated_at` (RFC 3339).
+        """
+        check_env(env)
+        check_prefix(prefix)
+        params: dict[str, Any] = {"prefix": prefix, "limit": limit}
+        if after:
+            params["after"] = after
+        if delimiter:
+            params["delimiter"] = delimiter
+        if detail:
+            params["detail"] = "true"
+        return self._json("GET", _env_url(env, "resources"), params=params)  # type: ignore[no-any-return]
+
+    def iter_list(
+        self,
+        env: str,
+        prefix: str = "",
+        *,
+        delimiter: str | None = None,
+        page_size: int = PAGE_SIZE,
+        detail: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Every path, page after page, in order; with a delimiter, folders as {"prefix"}.
+
+        Only one page is held at a time, so a million paths list in bounded memory.
+        """
+        after = ""
+        while True:
+            page = self.list_page(
+                env, prefix, after=after, limit=page_size, delimiter=delimiter, detail=detail
+            )
+            folders = [{"prefix": p} for p in page.get("prefixes") or []]
+            yield from heapq.merge(page["items"], folders, key=_listing_key)
+            after = page.get("next") or ""
+            if not after:
+                return
+
+    def path_info(self, env: str, path: str) -> dict[str, Any]:
+        """What `rescat stat --json` prints: hash, length, times, revision, content state."""
+        return self._json("GET", _env_url(env, "stat", _encoded(path)))  # type: ignore[no-any-return]
+
+    def move(self, env: str, src: str, dst: str) -> dict[str, Any]:
+        """Move `src` to `dst` within `env` on the service (no bytes move); dst's stat."""
+        check_path(src)
+        check_path(dst)
+        body = {"from": src, "to": dst}
+        return self._json("POST", _env_url(env, "move"), json=body)  # type: ignore[no-any-return]
+
+    def copy(self, src_env: str, src: str, dst_env: str, dst: str) -> dict[str, Any]:
+        """Point `dst_env:dst` at what `src_env:src` holds (no bytes move); dst's stat."""
+        check_env(src_env)
+        check_path(src)
+        check_path(dst)
+        body = {"from": src, "to": dst, "from_env": src_env}
+        return self._json("POST", _env_url(dst_env, "copy"), json=body)  # type: ignore[no-any-return]
+
     # -- transport ------------------------------------------------------------------
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -467,9 +535,16 @@ def _env_url(env: str, *parts: str) -> str:
 
 
 def _object_url(env: str, path: str) -> str:
+    return _env_url(env, "resources", _encoded(path))
+
+
+def _encoded(path: str) -> str:
     check_path(path)
-    encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
-    return _env_url(env, "resources", encoded)
+    return "/".join(quote(segment, safe="") for segment in path.split("/"))
+
+
+def _listing_key(item: dict[str, Any]) -> str:
+    return str(item.get("path") or item.get("prefix"))
 
 
 def _raise_for(response: httpx.Response) -> None:

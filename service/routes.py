@@ -32,7 +32,7 @@ from catalog.errors import (
     TooLargeError,
 )
 from catalog.managed import PathInfo, WriteOptions
-from catalog.names import check_path, check_prefix, parse_hash
+from catalog.names import check_path, parse_hash
 from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, iter_content
 from service.conditions import (
     Condition,
@@ -51,6 +51,8 @@ from service.ranges import (
     parse_range,
 )
 from service.routes_blob import BLOB_ROUTES
+from service.routes_remote import LIST_QUERY, REMOTE_ROUTES, ListPageOut
+from service.routes_remote import list_resources as list_page
 from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
@@ -58,13 +60,11 @@ from service.schemas import (
     IF_NONE_MATCH_READ,
     IF_NONE_MATCH_WRITE,
     IF_RANGE,
-    PREFIX,
     RANGE,
     X_CONTENT_HASH,
     AnswerBody,
     ChallengeOut,
     HealthOut,
-    ListingOut,
     PutRequestBody,
     ResourceOut,
 )
@@ -101,18 +101,7 @@ async def docs_asset(ctx: Ctx[None]) -> Response:
 
 # -- resources ------------------------------------------------------------------------------------
 async def list_resources(ctx: Ctx[None]) -> Response:
-    env = ctx.params["env"]
-    prefix = check_prefix(_query(ctx.request).get("prefix", ""))
-
-    def items() -> ListingOut:
-        return ListingOut(
-            items=[
-                ResourceOut(path=doc["path"], hash=doc["hash"], length=int(doc["length"]))
-                for doc in ctx.app.managed.iter_paths(env, prefix)
-            ]
-        )
-
-    return JSONResponse(await ctx.app.sync(items))
+    return await list_page(ctx)  # paged: service.routes_remote
 
 
 async def get_resource(ctx: Ctx[None]) -> Response:
@@ -417,9 +406,10 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         ("GET",),
         "/v1/environments/{env}/resources",
         list_resources,
-        "List paths, sorted by path; prefix is a plain string prefix",
-        (Answer(200, "The paths", ListingOut),),
-        query=(PREFIX,),
+        "List paths, sorted by path; prefix is a plain string prefix; in pages with limit",
+        (Answer(200, "The paths (a page of them with limit)", ListPageOut),),
+        errors=("invalid_argument",),
+        query=LIST_QUERY,
     ),
     Endpoint(
         ("GET",),
@@ -503,5 +493,6 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         body=AnswerBody,
         tag="proof of access",
     ),
+    *REMOTE_ROUTES,
 )
 ROUTES += BLOB_ROUTES  # a path's history (service.routes_blob)

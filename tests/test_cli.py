@@ -25,6 +25,7 @@ ADMIN_COMMANDS = [
     ["get"],
     ["rm"],
     ["mv"],
+    ["cp"],
     ["ls"],
     ["stat"],
     ["stats"],

@@ -1,0 +1,184 @@
+"""Issue 14: the HTTP list in pages, stat, and server-side move and copy (no bytes move)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from catalog import ManagedStorage
+from catalog.errors import ForbiddenError, InvalidPathError, NotFoundError
+from catalog.listing import list_page
+from catalog.tokens import TokenStore
+from service.app import create_app
+from service.client import CatalogClient
+from tests.helpers import b3
+from tests.test_service_support import ServerThread
+
+
+@pytest.fixture
+def server(managed: ManagedStorage) -> Iterator[ServerThread]:
+    with ServerThread(create_app(managed, auth=True)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def admin(managed: ManagedStorage) -> str:
+    return TokenStore(managed.db).create(admin=True)[0]
+
+
+def many(managed: ManagedStorage, env: str, paths: list[str]) -> None:
+    """Many paths to one content, quickly (one transaction per 500)."""
+    managed.put_for_environment(env, paths[0], io.BytesIO(b"x"))
+    for start in range(1, len(paths), 500):
+        with managed.transaction() as tx:
+            for path in paths[start : start + 500]:
+                tx.put(env, path, io.BytesIO(b"x"))
+
+
+def gridfs_files(managed: ManagedStorage) -> int:
+    return sum(
+        managed.db[name].count_documents({})
+        for name in managed.db.list_collection_names()
+        if name.endswith(".files")
+    )
+
+
+def test_pages_list_every_path_once_in_order(
+    managed: ManagedStorage, server: ServerThread, admin: str
+) -> None:
+    paths = sorted(f"d{i % 7}/f{i:05d}" for i in range(2500))
+    many(managed, "e", paths)
+    managed.put_for_environment("other", "d0/f00000", io.BytesIO(b"y"))
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {admin}"}) as http:
+        seen: list[str] = []
+        after, pages = "", 0
+        while True:
+            params = {"limit": "1000", **({"after": after} if after else {})}
+            page = http.get("/v1/environments/e/resources", params=params).json()
+            pages += 1
+            assert len(page["items"]) <= 1000
+            seen += [item["path"] for item in page["items"]]
+            assert set(page["items"][0]) == {"path", "hash", "length"}
+            if "next" not in page:
+                break
+            assert page["next"] == page["items"][-1]["path"]
+            after = page["next"]
+        assert pages == 3 and seen == paths
+        detailed = http.get("/v1/environments/e/resources", params={"limit": 1, "detail": "true"})
+        assert detailed.json()["items"][0]["updated_at"].endswith("Z")
+        # Exactly a page's worth: no empty last page is promised, but no next on the last.
+        page = http.get("/v1/environments/e/resources", params={"limit": 2500}).json()
+        assert len(page["items"]) == 2500 and "next" not in page
+        # No limit: everything, as before.
+        assert len(http.get("/v1/environments/e/resources").json()["items"]) == 2500
+        # Folders, in pages of 3 keys.
+        keys: list[str] = []
+        after = ""
+        while True:
+            params = {"limit": 3, "delimiter": "/", **({"after": after} if after else {})}
+            page = http.get("/v1/environments/e/resources", params=params).json()
+            assert page["items"] == []
+            keys += page["prefixes"]
+            after = page.get("next", "")
+            if not after:
+                break
+        assert keys == [f"d{i}/" for i in range(7)]
+        page = http.get(
+            "/v1/environments/e/resources", params={"prefix": "d3/f0001", "delimiter": "/"}
+        ).json()
+        assert page["prefixes"] == [] and len(page["items"]) == len(
+            [p for p in paths if p.startswith("d3/f0001")]
+        )
+        for bad in (
+            {"limit": "0"},
+            {"limit": "10001"},
+            {"limit": "x"},
+            {"delimiter": "//"},
+            {"detail": "1"},
+        ):
+            r = http.get("/v1/environments/e/resources", params=bad)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument", bad
+    with CatalogClient(server.url, admin) as client:
+        assert [item["path"] for item in client.list("e")] == paths
+        assert [item["path"] for item in client.list("e", "d6/")] == [
+            p for p in paths if p.startswith("d6/")
+        ]
+        assert [item.get("prefix") for item in client.iter_list("e", delimiter="/")] == [
+            f"d{i}/" for i in range(7)
+        ]
+
+
+def test_listing_folds_folders_between_paths(managed: ManagedStorage) -> None:
+    for path in ["a", "a-b", "a/x", "a/y/z", "ab", "b/c", "c"]:
+        managed.put_for_environment("e", path, io.BytesIO(path.encode()))
+
+    def keys(**kw: Any) -> list[str]:
+        out: list[str] = []
+        after = ""
+        while True:
+            page = list_page(managed, "e", after=after, limit=2, **kw)
+            merged = [str(d["path"]) for d in page.items] + page.prefixes
+            out += sorted(merged)
+            if page.next is None:
+                return out
+            after = page.next
+
+    assert keys(delimiter="/") == ["a", "a-b", "a/", "ab", "b/", "c"]
+    assert keys(delimiter="/", prefix="a/") == ["a/x", "a/y/"]
+    assert keys() == ["a", "a-b", "a/x", "a/y/z", "ab", "b/c", "c"]
+    # A folder with more paths than the in-process skip is sought past.
+    many(managed, "big", [f"f/{i:04d}" for i in range(300)] + ["g"])
+    page = list_page(managed, "big", delimiter="/")
+    assert page.prefixes == ["f/"] and [d["path"] for d in page.items] == ["g"]
+
+
+def test_stat_move_copy_move_no_bytes(
+    managed: ManagedStorage, server: ServerThread, admin: str
+) -> None:
+    data = b"content" * 1000
+    managed.put_for_environment("e", "a/src", io.BytesIO(data))
+    files = gridfs_files(managed)
+    team_e = TokenStore(managed.db).create(env="e")[0]
+    with CatalogClient(server.url, team_e) as client:
+        info = client.path_info("e", "a/src")
+        expected = managed.stat_for_environment("e", "a/src")
+        assert info["hash"] == b3(data) and info["revision"] == expected.revision
+        assert info["created_at"] == expected.created_at.isoformat().replace("+00:00", "Z")
+        moved = client.move("e", "a/src", "b/dst")
+        assert moved["path"] == "b/dst" and moved["hash"] == b3(data)
+        with pytest.raises(NotFoundError):
+            client.path_info("e", "a/src")
+        copied = client.copy("e", "b/dst", "e", "c/copy")
+        assert copied["hash"] == b3(data)
+        res = managed.catalog.get(managed.stat_for_environment("e", "c/copy").resource_id)
+        assert res.refcount == 2
+        # Another environment: the token must allow both.
+        with pytest.raises(ForbiddenError):
+            client.copy("e", "b/dst", "f", "x")
+        with pytest.raises(ForbiddenError):
+            client.copy("f", "nothing", "e", "x")
+        with pytest.raises(NotFoundError):
+            client.move("e", "missing", "x")
+        with pytest.raises(InvalidPathError):
+            client.move("e", "b/dst", "../x")
+    with CatalogClient(server.url, admin) as client:
+        client.copy("e", "b/dst", "f", "x")
+        assert client.read("f", "x") == data
+        with pytest.raises(NotFoundError):
+            client.path_info("f", "nothing")
+    assert gridfs_files(managed) == files
+    res = managed.catalog.get(managed.stat_for_environment("f", "x").resource_id)
+    assert res.refcount == 3
+    # A bad body: one 400 naming the field, nothing written.
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {admin}"}) as http:
+        r = http.post("/v1/environments/e/move", json={"from": "b/dst"})
+        assert r.status_code == 400 and "'to'" in r.json()["error"]["message"]
+        r = http.post("/v1/environments/e/copy", json={"from": "b/dst", "to": "a//b"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
+        r = http.post("/v1/environments/e/copy", json={"from": "b", "to": "c", "from_env": "."})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
+    assert sorted(managed.list_for_environment("e")) == ["b/dst", "c/copy"]
