@@ -41,6 +41,7 @@ from service.ranges import (
     none_match,
     parse_range,
 )
+from service.routes_uploads import UPLOAD_ROUTES
 from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
@@ -454,4 +455,5 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         body=AnswerBody,
         tag="proof of access",
     ),
+    *UPLOAD_ROUTES,  # resumable uploads and signed URLs (service.routes_uploads)
 )
