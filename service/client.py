@@ -360,7 +360,15 @@ class CatalogClient:
                             new = self.append_upload(env, upload_id, offset, body, end - offset)
                         finally:
                             sent += counted[0]
-                        failures = 0 if new > offset else failures
+                        if new <= offset:  # nothing was kept: as good as a failure
+                            failures += 1
+                            if failures > self.retries:
+                                raise ServiceError(
+                                    f"upload {upload_id} does not advance past {offset}",
+                                    status=204,
+                                )
+                        else:
+                            failures = 0
                         offset = new
                         continue
                     doc = self._commit_resumed(env, path, upload_id, digest)
