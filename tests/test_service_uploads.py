@@ -602,3 +602,70 @@ def test_cli_upload_resumes_through_a_cut(mongo_uri: str, database: str, tmp_pat
         assert result["bytes_sent"] > len(data)
         assert httpx.get(f"{url}/v1/environments/env/resources/b").content == data
     assert os.path.exists(source)
+
+
+def test_random_upload_and_signed_requests_never_get_5xx(
+    srv: ServerThread, http: httpx.Client
+) -> None:
+    """Raw requests (nothing normalized by a client library) at the new routes."""
+    import random
+
+    from tests.test_service_fuzz import status_of
+
+    uid = http.post(up("env"), json={"path": "fuzzed"}).json()["upload_id"]
+    assert http.put("/v1/environments/env/resources/a", content=b"0123456789").status_code == 201
+    rng = random.Random(20261130)
+    pieces = [
+        uid,
+        "x",
+        "%00",
+        "%ff",
+        "..",
+        "%2e%2e",
+        "a/b",
+        "",
+        "é",
+        "%2f",
+        "commit",
+        uid + "/commit",
+    ]
+    headers = [
+        ("Upload-Offset", ["0", "-1", "1e9", "", "99999999999999999999", "0, 0", "abc"]),
+        ("X-Content-Hash", ["blake3:" + "0" * 64, "md5:1", ""]),
+        ("Range", ["bytes=0-1", "bytes=9-1", "bytes=x"]),
+        ("Transfer-Encoding", ["chunked"]),
+    ]
+    bodies = [
+        b"",
+        b"{}",
+        b'{"path": "p"}',
+        b'{"path": 5}',
+        b"\xff" * 10,
+        b'{"path":"a","expires_in":-1}',
+    ]
+    seen: dict[int, int] = {}
+    for _ in range(300):
+        env = rng.choice(["env", "other", "%2e", "bad%2Fenv"])
+        route = rng.choice(
+            [
+                f"/v1/environments/{env}/uploads",
+                f"/v1/environments/{env}/uploads/{rng.choice(pieces)}",
+                f"/v1/environments/{env}/uploads/{rng.choice(pieces)}/commit",
+                f"/v1/environments/{env}/sign",
+                f"/v1/signed/environments/{env}/resources/a?expires=1&signature={rng.choice(pieces)}",
+                f"/v1/signed/environments/{env}/resources/{rng.choice(pieces)}",
+            ]
+        )
+        method = rng.choice(["GET", "HEAD", "POST", "PATCH", "DELETE", "PUT"])
+        body = rng.choice(bodies)
+        lines = [f"{method} {route} HTTP/1.1", "Host: x", "Connection: close"]
+        chosen = rng.sample(headers, rng.randint(0, 3))
+        for name, values in chosen:
+            if name != "Transfer-Encoding":
+                lines.append(f"{name}: {rng.choice(values)}")
+        lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+        status = status_of(srv.port, raw)
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, f"{status} for {raw!r}"
+    assert seen.get(400, 0) > 20 and seen.get(404, 0) > 5 and seen.get(403, 0) > 5
