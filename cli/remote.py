@@ -293,6 +293,13 @@ class _Bars:
         self.done = 0
 
     def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if phase == "resume":  # a resumable upload picks up after a dropped connection
+            click.echo(f"rescat: {self.name}: resuming at {done} bytes", err=True)
+            if self.bar is not None:
+                self.bar.n = done
+                self.bar.refresh()
+            self.done = done
+            return
         if phase != self.phase:
             self.close()
             self.phase, self.done = phase, 0
@@ -310,14 +317,29 @@ class _Bars:
 @cli.command()
 @_server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead.")
+@click.option(
+    "--resumable/--no-resumable",
+    default=None,
+    help="Send through a resumable upload session (default: when larger than 64 MiB).",
+)
 @click.argument("env")
 @click.argument("path")
 @click.argument("file", type=SOURCE)
-def upload(server: str, token: str | None, as_json: bool, env: str, path: str, file: str) -> None:
+def upload(
+    server: str,
+    token: str | None,
+    as_json: bool,
+    resumable: bool | None,
+    env: str,
+    path: str,
+    file: str,
+) -> None:
     """Upload FILE (- for stdin) to PATH, sending no bytes the service already has.
 
     Hashes FILE locally, proves to the service that it holds the content, and
-    only uploads when the service lacks it. Prints blake3:<hex>.
+    only uploads when the service lacks it. Prints blake3:<hex>. Files larger
+    than 64 MiB go through a resumable upload that picks up where a dropped
+    connection left it ("resuming at N bytes" on stderr).
 
     \b
     Example:
@@ -335,7 +357,7 @@ def upload(server: str, token: str | None, as_json: bool, env: str, path: str, f
                 source: Any = sys.stdin.buffer if file == "-" else file
                 result = client.put(env, path, source, progress=progress)
             else:
-                result = client.upload(env, path, file, progress=progress)
+                result = client.upload(env, path, file, progress=progress, resumable=resumable)
     finally:
         progress.close()
     if as_json:

@@ -17,8 +17,10 @@ import contextlib
 import glob
 import heapq
 import io
+import math
 import os
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +36,7 @@ from catalog.errors import (
     HashMismatchError,
     LengthMismatchError,
     NotFoundError,
+    OffsetMismatchError,
     RequestExpiredError,
     ResourceDeletedError,
     UploadPendingError,
@@ -47,9 +50,13 @@ from service.localfiles import Output, is_regular_source, open_source, resolve_t
 BLOCK = 1024 * 1024
 HASH_BLOCK = 4 * 1024 * 1024
 PAGE_SIZE = 1000  # paths per page of a listing
+# `upload` sends content larger than this through a resumable upload session.
+RESUMABLE_THRESHOLD = 64 * 1024 * 1024
+UPLOAD_PART = 256 * 1024 * 1024  # bytes per PATCH: the service checkpoints after each
 
 # progress(phase, done, total): phase is "hash", "upload", "verify" or "download";
-# `done` counts bytes of that phase so far; `total` is None when unknown.
+# `done` counts bytes of that phase so far; `total` is None when unknown. A resumable
+# upload that resumes after a dropped connection reports ("resume", offset, total).
 Progress = Callable[[str, int, "int | None"], None]
 
 
@@ -215,8 +222,13 @@ class CatalogClient:
         file: str | os.PathLike[str] | BinaryIO,
         *,
         progress: Progress | None = None,
+        resumable: bool | None = None,
     ) -> UploadResult:
-        """Create `path` with the content of `file`, sending its bytes only if need be."""
+        """Create `path` with the content of `file`, sending its bytes only if need be.
+
+        Content larger than RESUMABLE_THRESHOLD (or any, with `resumable=True`) goes
+        through an upload session that resumes after a dropped connection.
+        """
         check_env(env)
         check_path(path)
         with _source(file) as (reader, start):
@@ -238,7 +250,12 @@ class CatalogClient:
                     progress("upload", length, length)
                 return UploadResult(path, doc["hash"], int(doc["length"]), True, 0)
             reader.seek(start)
-            doc, sent = self._put_stream(env, path, reader, length, digest, progress)
+            if resumable or (resumable is None and length > RESUMABLE_THRESHOLD):
+                doc, sent = self._upload_resumable(
+                    env, path, reader, start, length, digest, progress
+                )
+            else:
+                doc, sent = self._put_stream(env, path, reader, length, digest, progress)
         return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
 
     def _put_stream(
@@ -270,6 +287,127 @@ class CatalogClient:
             headers["x-content-hash"] = format_hash(parse_hash(hash))
         doc = self._json("PUT", _object_url(env, path), content=body(), headers=headers)
         return doc, sent
+
+    # -- resumable uploads ---------------------------------------------------------
+    def create_upload(self, env: str, path: str) -> dict[str, Any]:
+        """Open a resumable upload of `path`: {"upload_id", "path", "offset"}."""
+        check_path(path)
+        return self._json("POST", _env_url(env, "uploads"), json={"path": path})  # type: ignore[no-any-return]
+
+    def upload_offset(self, env: str, upload_id: str) -> int:
+        """Bytes of the upload the service has kept (where to resume); NotFoundError if gone."""
+        response = self._send("HEAD", _upload_url(env, upload_id))
+        return _offset_of(response)
+
+    def append_upload(
+        self, env: str, upload_id: str, offset: int, data: bytes | Iterator[bytes], length: int
+    ) -> int:
+        """PATCH `length` bytes at `offset`; the new offset (OffsetMismatchError if not current)."""
+        headers = {
+            "upload-offset": str(offset),
+            "content-length": str(length),
+            "content-type": "application/octet-stream",
+        }
+        response = self._send("PATCH", _upload_url(env, upload_id), content=data, headers=headers)
+        return _offset_of(response)
+
+    def commit_upload(self, env: str, upload_id: str, hash: str | None = None) -> dict[str, Any]:
+        """Make the path point at the upload's content: {"path", "hash", "length"}."""
+        headers = {"x-content-hash": format_hash(parse_hash(hash))} if hash else {}
+        url = _upload_url(env, upload_id) + "/commit"
+        return self._json("POST", url, headers=headers)  # type: ignore[no-any-return]
+
+    def cancel_upload(self, env: str, upload_id: str) -> None:
+        self._send("DELETE", _upload_url(env, upload_id))
+
+    def sign(self, env: str, path: str, *, expires_in: float = 3600, method: str = "GET") -> str:
+        """A URL that reads `path` without a token for `expires_in` s (the service signs it)."""
+        check_path(path)
+        body = {"path": path, "method": method.upper(), "expires_in": max(1, math.ceil(expires_in))}
+        return str(self._json("POST", _env_url(env, "sign"), json=body)["url"])
+
+    def _upload_resumable(
+        self,
+        env: str,
+        path: str,
+        reader: BinaryIO,
+        start: int,
+        length: int,
+        digest: str,
+        progress: Progress | None,
+    ) -> tuple[dict[str, Any], int]:
+        """Send the content through an upload session, resuming after dropped connections.
+
+        Each PATCH carries up to UPLOAD_PART bytes. When one fails (connection
+        dropped, service unavailable, the session still held by the request that
+        broke), ask the service where it stands (HEAD) and PATCH from there, with
+        backoff; `self.retries` failures in a row without progress give up. The
+        session is cancelled when the upload fails for good.
+        """
+        upload_id = str(self.create_upload(env, path)["upload_id"])
+        sent = 0
+        offset = 0
+        failures = 0
+        try:
+            while True:
+                try:
+                    if offset < length:
+                        end = min(length, offset + UPLOAD_PART)
+                        counted = [0]
+                        try:
+                            body = _part(reader, start, offset, end, length, counted, progress)
+                            new = self.append_upload(env, upload_id, offset, body, end - offset)
+                        finally:
+                            sent += counted[0]
+                        if new <= offset:  # nothing was kept: as good as a failure
+                            failures += 1
+                            if failures > self.retries:
+                                raise ServiceError(
+                                    f"upload {upload_id} does not advance past {offset}",
+                                    status=204,
+                                )
+                        else:
+                            failures = 0
+                        offset = new
+                        continue
+                    doc = self._commit_resumed(env, path, upload_id, digest)
+                    if progress is not None:
+                        progress("upload", length, length)
+                    return doc, sent
+                except (ServiceError, OffsetMismatchError, UploadPendingError) as exc:
+                    if not _resumable_failure(exc):
+                        raise
+                    failures += 1
+                    if failures > self.retries:
+                        raise
+                    time.sleep(min(0.25 * 2**failures, 8.0))
+                    try:
+                        resumed = self.upload_offset(env, upload_id)
+                    except ServiceUnavailableError:
+                        continue  # counted on the next round
+                    if progress is not None:
+                        progress("resume", resumed, length)
+                    if resumed > offset:
+                        failures = 0
+                    offset = resumed
+        except BaseException:
+            with contextlib.suppress(CatalogError, httpx.HTTPError):
+                self.cancel_upload(env, upload_id)
+            raise
+
+    def _commit_resumed(self, env: str, path: str, upload_id: str, digest: str) -> dict[str, Any]:
+        """Commit; if the answer was lost and the session is gone, the path tells."""
+        try:
+            return self.commit_upload(env, upload_id, digest)
+        except ServiceUnavailableError:
+            pass
+        try:
+            return self.commit_upload(env, upload_id, digest)
+        except NotFoundError:
+            info = self.stat(env, path)
+            if info["hash"] != digest:
+                raise
+            return {"path": path, "hash": info["hash"], "length": info["length"]}
 
     # -- downloads ------------------------------------------------------------------
     def download(
@@ -545,6 +683,47 @@ def _encoded(path: str) -> str:
 
 def _listing_key(item: dict[str, Any]) -> str:
     return str(item.get("path") or item.get("prefix"))
+
+
+def _upload_url(env: str, upload_id: str) -> str:
+    return _env_url(env, "uploads", quote(upload_id, safe=""))
+
+
+def _offset_of(response: httpx.Response) -> int:
+    value = response.headers.get("upload-offset", "")
+    if not value.isdigit():
+        raise ServiceError(f"bad Upload-Offset: {value!r}", status=response.status_code)
+    return int(value)
+
+
+def _part(
+    reader: BinaryIO,
+    start: int,
+    offset: int,
+    end: int,
+    total: int,
+    counted: list[int],
+    progress: Progress | None,
+) -> Iterator[bytes]:
+    """The bytes [offset, end) of the content, counting in counted[0] what was handed out."""
+    reader.seek(start + offset)
+    position = offset
+    while position < end:
+        data = reader.read(min(BLOCK, end - position))
+        if not data:
+            raise LengthMismatchError(f"the file ended {end - position} bytes early")
+        position += len(data)
+        counted[0] += len(data)
+        if progress is not None:
+            progress("upload", position, total)
+        yield data
+
+
+def _resumable_failure(exc: CatalogError) -> bool:
+    """A failure a resumable upload recovers from by asking where it stands."""
+    if isinstance(exc, (OffsetMismatchError, UploadPendingError, ServiceUnavailableError)):
+        return True
+    return isinstance(exc, ServiceError) and exc.status in (408, 429, 502, 503, 504)
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -12,9 +12,10 @@ Two modes, one class:
   DELETE and the list (writes are spooled to a temporary file and PUT on close).
 
 A missing path raises FileNotFoundError. `checksum` is the content's BLAKE3 as an
-int. `sign(path, expiration)` returns a signed GET URL of the service (needs the
-secret: RESCAT_SIGNING_SECRET or `signing_secret=` over HTTP; the database's own
-secret and `base_url=` / $RESCAT_SERVER with MongoDB).
+int. `sign(path, expiration)` returns a signed GET URL of the service: over HTTP the
+service signs it (POST /v1/environments/ENV/sign; no secret on the client); with
+MongoDB it is signed here with `signing_secret=`, RESCAT_SIGNING_SECRET or the
+database's own secret, for `base_url=` / $RESCAT_SERVER.
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         env, rel = self._split(path)
         if not rel:
             raise ValueError(f"{path}: only files can be signed")
+        if self.client is not None:  # the service signs: no secret on this side
+            return self.client.sign(env, rel, expires_in=expiration)
         if not self._base_url:
             raise NotImplementedError("signing needs the service's URL (server= or base_url=)")
         secret = self._signing_secret or os.environ.get(SECRET_ENV)

@@ -1,10 +1,11 @@
 """Signed URLs: a GET of one path's content without an Authorization header.
 
-`URLSigner.sign(method, env, path)` returns the service URL of the path with two
-query parameters: `expires` (Unix seconds) and `signature`, the hex
-HMAC-SHA256 over the method, environment, path and expiry. `verify` recomputes
-it in constant time and raises ForbiddenError when the URL expired or any part
-of it was changed. GET and HEAD sign the same way (both only read).
+`URLSigner.sign(method, env, path)` returns the service's signed-read URL of the
+path, `/v1/signed/environments/{env}/resources/{path}` (served without a token
+by service.routes_uploads), with two query parameters: `expires` (Unix seconds)
+and `signature`, the hex HMAC-SHA256 over the method, environment, path and
+expiry. `verify` recomputes it in constant time and raises ForbiddenError when
+the URL expired or any part of it was changed. GET and HEAD sign the same way (both only read).
 
 The secret: `RESCAT_SIGNING_SECRET` when set, else one kept in the database
 (`settings` collection), created on first use by an atomic upsert, so every
@@ -72,7 +73,7 @@ class URLSigner:
         expires = int(time.time() + lifetime + 0.999)
         signature = self._signature(method, env, path, expires)
         encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
-        url = f"{self.base_url}/v1/environments/{quote(env, safe='')}/resources/{encoded}"
+        url = f"{self.base_url}/v1/signed/environments/{quote(env, safe='')}/resources/{encoded}"
         return url + "?" + urlencode({EXPIRES: str(expires), SIGNATURE: signature})
 
     def verify(self, method: str, env: str, path: str, query: Mapping[str, Any]) -> None:

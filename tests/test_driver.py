@@ -534,7 +534,7 @@ def _query(url: str) -> dict[str, str]:
 def test_url_signer() -> None:
     signer = URLSigner("http://svc:8470/", "topsecret", ttl=30)
     url = signer.sign("GET", "env", "a/b c")
-    assert url.startswith("http://svc:8470/v1/environments/env/resources/a/b%20c?")
+    assert url.startswith("http://svc:8470/v1/signed/environments/env/resources/a/b%20c?")
     q = _query(url)
     signer.verify("GET", "env", "a/b c", q)
     signer.verify("HEAD", "env", "a/b c", q)

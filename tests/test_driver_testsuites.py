@@ -434,7 +434,7 @@ def test_redirect_url(driver: StorageDriver, managed: ManagedStorage) -> None:
         signed = StorageDriver(managed, "suite", name=NAME, redirect=signer)
         for method in ("GET", "HEAD"):
             url = signed.redirect_url(method, filename)
-            assert url.startswith("http://catalog.test/v1/environments/suite/resources/")
+            assert url.startswith("http://catalog.test/v1/signed/environments/suite/resources/")
             query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
             signer.verify(method, "suite", filename[1:], query)
     finally:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+import httpx
 import pytest
 from pymongo.database import Database
 
@@ -30,9 +31,7 @@ def fs(mongo_uri: str, db: Database[Any]) -> RescatFileSystem:
 def http_fs(managed: ManagedStorage) -> Iterator[tuple[RescatFileSystem, ManagedStorage]]:
     with ServerThread(create_app(managed, auth=False)) as srv:
         yield (
-            fsspec.filesystem(
-                "rescat", server=srv.url, signing_secret="s", skip_instance_cache=True
-            ),
+            fsspec.filesystem("rescat", server=srv.url, skip_instance_cache=True),
             managed,
         )
 
@@ -194,7 +193,8 @@ def test_http_mode(http_fs: tuple[RescatFileSystem, ManagedStorage]) -> None:
     assert fs.find("env/h") == ["env/h/a.bin", "env/h/sub/w.bin"]
     assert fs.du("env/h") == len(data) + len(b"written over http")
     url = fs.sign("env/h/a.bin", expiration=30)
-    assert "/v1/environments/env/resources/h/a.bin?" in url
+    assert "/v1/signed/environments/env/resources/h/a.bin?" in url
+    assert httpx.get(url, headers={"range": "bytes=5-9"}).content == data[5:10]
     with pytest.raises(FileNotFoundError):
         fs.cat_file("env/h/missing")
     with pytest.raises(NotImplementedError):

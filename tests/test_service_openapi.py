@@ -56,6 +56,10 @@ def test_schemathesis_finds_nothing(
             "--workers", "1",
             "--request-timeout", "10",
             "--generation-database", "none",
+            # Free-text header schemas (If-Match, ...) make Hypothesis discard many
+            # examples; whether an operation trips that health check depends on the
+            # random stream, i.e. on how many operations the document has.
+            "--suppress-health-check", "filter_too_much",
             "--no-color",
         ]  # fmt: skip
         run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
