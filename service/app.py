@@ -48,7 +48,7 @@ from catalog.errors import (
 )
 from catalog.managed import ManagedStorage
 from catalog.tokens import TokenInfo, TokenStore
-from service.body import ClientGone
+from service.body import FILL_BYTES, BodyReader, ClientGone
 from service.errors import (
     InternalError,
     MethodNotAllowedError,
@@ -67,6 +67,7 @@ T = TypeVar("T")
 log = logging.getLogger("rescat.access")
 
 MAX_JSON_BODY = 64 * 1024
+MAX_BODY = 2**63 - 1  # lengths are BSON int64 everywhere below
 HEALTH_TIMEOUT = 1.9  # seconds: /healthz answers 503 within 2 s while the database is down
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CLIENT_CLOSED = 499  # logged (never sent) when the client went away
@@ -102,8 +103,11 @@ class ServiceApp:
     """The ASGI application serving `managed` (`create_app` is this class).
 
     auth: require a bearer token on every /v1 route; max_size: largest body
-    accepted (413 beyond); read_timeout: seconds an upload may stall;
-    upload_threads / io_threads: worker threads for uploads and for the rest.
+    accepted (413 beyond); read_timeout: seconds a request body may pause, and
+    the grace period before min_rate (bytes/s a body must average) applies;
+    upload_threads: uploads that work on the core at once (a slot is given back
+    while an upload waits for its client, see `upload`); max_uploads: uploads in
+    progress, waiting or working; io_threads: worker threads for the rest.
     """
 
     def __init__(
@@ -112,8 +116,10 @@ class ServiceApp:
         *,
         auth: bool = True,
         max_size: int | None = None,
-        read_timeout: float | None = 300.0,
+        read_timeout: float | None = 60.0,
+        min_rate: float = 1024.0,
         upload_threads: int = 64,
+        max_uploads: int = 1024,
         io_threads: int = 64,
         tokens: TokenStore | None = None,
         routes: Sequence[Endpoint[Any]] = ROUTES,
@@ -122,13 +128,16 @@ class ServiceApp:
         self.auth = auth
         self.max_size = max_size
         self.read_timeout = read_timeout
+        self.min_rate = min_rate
         self.tokens = tokens if tokens is not None else TokenStore(managed.db)
         self.metrics = Metrics()
         # Uploads hold a thread for as long as the client sends; give them their own
         # pool so that slow uploaders cannot starve reads and small calls.
         self._upload_threads = upload_threads
+        self._max_uploads = max_uploads
         self._io_threads = io_threads
         self._upload_limiter: anyio.CapacityLimiter | None = None
+        self._upload_slots: anyio.Semaphore | None = None
         self._io_limiter: anyio.CapacityLimiter | None = None
         self._health_limiter: anyio.CapacityLimiter | None = None
         self.router = Router(routes)
@@ -231,9 +240,52 @@ class ServiceApp:
     # -- helpers --------------------------------------------------------------
     @property
     def upload_limiter(self) -> anyio.CapacityLimiter:
+        """Threads of uploads in progress (working, or parked waiting for their client)."""
         if self._upload_limiter is None:
-            self._upload_limiter = anyio.CapacityLimiter(self._upload_threads)
+            self._upload_limiter = anyio.CapacityLimiter(self._max_uploads)
         return self._upload_limiter
+
+    @property
+    def upload_slots(self) -> anyio.Semaphore:
+        """Uploads working on the core at once (not waiting for their client)."""
+        if self._upload_slots is None:
+            self._upload_slots = anyio.Semaphore(self._upload_threads)
+        return self._upload_slots
+
+    def body_reader(self, request: Request, max_size: int | None = None) -> BodyReader:
+        """The request body as a blocking reader, with the service's deadlines."""
+        return BodyReader(
+            request.stream(),
+            max_size=self.max_size if max_size is None else max_size,
+            timeout=self.read_timeout,
+            min_rate=self.min_rate,
+        )
+
+    async def upload(self, body: BodyReader, length: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run a core call that reads `body` on a worker thread, holding a slot only to work.
+
+        The first block (the whole body when it is small) is received on the
+        event loop, before any thread or slot is taken; later, the worker gives
+        its slot back whenever it waits for the client (`BodyReader.refill`). So
+        clients that trickle their bodies hold parked threads, never the slots
+        of uploads that have data, and the body deadlines drop them.
+        """
+        if length > MAX_BODY:
+            raise TooLargeError(
+                f"the body has {length} bytes; no object can have more than {MAX_BODY}"
+            )
+        await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
+        slots = self.upload_slots
+        await slots.acquire()
+        body.gate, body.holding = slots, True
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(fn, *args), limiter=self.upload_limiter
+            )
+        finally:
+            if body.holding:
+                body.holding = False
+                slots.release()
 
     @property
     def io_limiter(self) -> anyio.CapacityLimiter:
@@ -307,7 +359,7 @@ class ServiceApp:
             )
         body = None
         if endpoint.body is not None:
-            body = _validated(endpoint.body, await _json_object(request))
+            body = _validated(endpoint.body, await self._json_object(request))
         return await endpoint.handler(Ctx(self, request, params, body, call))
 
     async def _authenticate(self, request: Request) -> TokenInfo | None:
@@ -321,6 +373,23 @@ class ServiceApp:
             return await self.sync(self.tokens.check, token.strip())
         except UnauthorizedError as exc:
             raise _unauthorized(str(exc)) from None
+
+    async def _json_object(self, request: Request) -> Any:
+        """The JSON request body (at most MAX_JSON_BODY bytes, within the body deadlines)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
+            raise TooLargeError(f"a JSON body may have at most {MAX_JSON_BODY} bytes")
+        body = BodyReader(
+            request.stream(),
+            max_size=MAX_JSON_BODY,
+            timeout=self.read_timeout,
+            min_rate=self.min_rate,
+        )
+        try:
+            await body.fill(MAX_JSON_BODY + 1)
+        except TooLargeError:
+            raise TooLargeError(f"a JSON body may have at most {MAX_JSON_BODY} bytes") from None
+        return _parse_json(body.read_buffered())
 
     async def ping(self) -> None:
         """Check the database within HEALTH_TIMEOUT seconds, else raise UnavailableError.
@@ -348,18 +417,13 @@ def _unauthorized(message: str) -> UnauthorizedError:
     return with_headers(UnauthorizedError(message), {"www-authenticate": 'Bearer realm="rescat"'})
 
 
-async def _json_object(request: Request) -> Any:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_JSON_BODY:
-            raise TooLargeError(f"a JSON body may have at most {MAX_JSON_BODY} bytes")
-        chunks.append(chunk)
+def _parse_json(data: bytes) -> Any:
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BadRequestError("the body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequestError("the JSON body is nested too deeply") from None
 
 
 def _validated(model: type[BaseModel], doc: Any) -> BaseModel:

@@ -140,18 +140,17 @@ async def put_resource(ctx: Ctx[None]) -> Response:
     if app.max_size is not None and length > app.max_size:
         raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
     await _check_preconditions(ctx, env, path)
-    body = BodyReader(request.stream(), max_size=app.max_size, timeout=app.read_timeout)
+    body = app.body_reader(request)
     try:
-        if 0 <= length <= HOP_BYTES:
-            await body.fill(length)  # small bodies: no hop back from the worker
-        res = await anyio.to_thread.run_sync(
+        res = await app.upload(
+            body,
+            length,
             app.managed.put_for_environment_and_check_hash,
             env,
             path,
             cast(BinaryIO, body),
             length,
             expected,
-            limiter=app.upload_limiter,
         )
     except LengthMismatchError as exc:
         if expected is not None:  # the declared hash is for content of another length
