@@ -55,9 +55,30 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "--read-timeout",
     type=float,
-    default=300.0,
+    default=60.0,
     show_default=True,
-    help="Seconds an upload may stall before it is dropped.",
+    help="Seconds a request body may pause before it is dropped (408).",
+)
+@click.option(
+    "--min-rate",
+    type=float,
+    default=1024.0,
+    show_default=True,
+    help="Bytes/s a request body must average once --read-timeout seconds have passed (0: off).",
+)
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a request's line and headers may take; then the connection is closed.",
+)
+@click.option(
+    "--max-conns-per-client",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Open connections per client IP address; more get 429 (0: no cap).",
 )
 @click.option(
     "--log-level",
@@ -74,6 +95,9 @@ def serve(
     no_auth: bool,
     max_size: int | None,
     read_timeout: float,
+    min_rate: float,
+    header_timeout: float,
+    max_conns_per_client: int,
     log_level: str,
 ) -> None:
     """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
@@ -86,9 +110,8 @@ def serve(
       rescat serve --no-auth            # local use, embedded MongoDB
     """
 
-    import uvicorn
-
     from service.app import create_app
+    from service.server import Limits, run
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
@@ -97,18 +120,14 @@ def serve(
     try:
         embedded = ctx.uses_embedded
         managed = ctx.managed
-        app = create_app(managed, auth=not no_auth, max_size=max_size, read_timeout=read_timeout)
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            access_log=False,  # the app logs one structured line per request
-            log_config=None,
-            # uvicorn's startup lines repeat what the banner says; its errors still show.
-            log_level=log_level if log_level == "debug" else "warning",
-            lifespan="on",
-            timeout_graceful_shutdown=15,
+        app = create_app(
+            managed,
+            auth=not no_auth,
+            max_size=max_size,
+            read_timeout=read_timeout,
+            min_rate=min_rate,
         )
+        limits = Limits(header_timeout=header_timeout, max_conns_per_client=max_conns_per_client)
         bound_host, bound_port = sock.getsockname()[:2]
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         auth = "off (--no-auth)" if no_auth else "on"
@@ -124,7 +143,7 @@ def serve(
             watchdog = Watchdog()
             watchdog.start()
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            run(app, sock, limits, log_level=log_level)
         finally:
             if watchdog is not None:
                 watchdog.stop()

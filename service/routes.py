@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import parse_qsl, quote
 
-import anyio
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from swagger_ui_bundle import swagger_ui_path
@@ -31,7 +29,7 @@ from catalog.errors import (
     TooLargeError,
 )
 from catalog.names import check_path, check_prefix, parse_hash
-from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, iter_content
+from service.body import OUT_HOP_BYTES, iter_content
 from service.errors import RangeNotSatisfiableError, with_headers
 from service.ranges import (
     Unsatisfiable,

@@ -6,6 +6,7 @@ with short deadlines so that each test ends in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -159,10 +160,8 @@ def test_slow_header_sockets_are_closed(server: Server) -> None:
         for _ in range(4):
             time.sleep(0.5)
             for sock in socks[:20]:
-                try:
+                with contextlib.suppress(OSError):
                     sock.sendall(b"a")
-                except OSError:
-                    pass
         closed = sum(closed_within(sock, max(0.1, start + 6 - time.monotonic())) for sock in socks)
         assert closed == 200
         assert time.monotonic() - start < 8
@@ -206,10 +205,8 @@ def test_trickling_uploads_do_not_delay_a_normal_put(server: Server) -> None:
     def trickle() -> None:
         while not stop.wait(0.5):
             for n, sock in enumerate(socks):
-                try:
+                with contextlib.suppress(OSError):
                     sock.sendall(b"x" if n % 2 else b"1\r\nx\r\n")
-                except OSError:
-                    pass
 
     feeder = threading.Thread(target=trickle, daemon=True)
     feeder.start()
