@@ -81,6 +81,14 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Open connections per client IP address; more get 429 (0: no cap).",
 )
 @click.option(
+    "--token-cache",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Seconds a known token is trusted without a database lookup; a revocation "
+    "takes up to this long (0: looked up on every request, revocation at once).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -98,6 +106,7 @@ def serve(
     min_rate: float,
     header_timeout: float,
     max_conns_per_client: int,
+    token_cache: float,
     log_level: str,
 ) -> None:
     """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
@@ -126,6 +135,7 @@ def serve(
             max_size=max_size,
             read_timeout=read_timeout,
             min_rate=min_rate,
+            token_cache_seconds=token_cache,
         )
         limits = Limits(header_timeout=header_timeout, max_conns_per_client=max_conns_per_client)
         bound_host, bound_port = sock.getsockname()[:2]

@@ -18,6 +18,7 @@ tokens are in MongoDB, so several instances on one database are one service.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -47,7 +48,7 @@ from catalog.errors import (
     UnauthorizedError,
 )
 from catalog.managed import ManagedStorage
-from catalog.tokens import TokenInfo, TokenStore
+from catalog.tokens import TokenInfo, TokenStore, token_digest
 from service.body import FILL_BYTES, BodyReader, ClientGone
 from service.errors import (
     InternalError,
@@ -107,7 +108,9 @@ class ServiceApp:
     the grace period before min_rate (bytes/s a body must average) applies;
     upload_threads: uploads that work on the core at once (a slot is given back
     while an upload waits for its client, see `upload`); max_uploads: uploads in
-    progress, waiting or working; io_threads: worker threads for the rest.
+    progress, waiting or working; io_threads: worker threads for the rest;
+    token_cache_seconds: how long a known token is trusted without a lookup (0:
+    every request looks its token up, so revocation takes effect at once).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class ServiceApp:
         max_uploads: int = 1024,
         io_threads: int = 64,
         tokens: TokenStore | None = None,
+        token_cache_seconds: float = 0.0,
         routes: Sequence[Endpoint[Any]] = ROUTES,
     ) -> None:
         self.managed = managed
@@ -130,6 +134,10 @@ class ServiceApp:
         self.read_timeout = read_timeout
         self.min_rate = min_rate
         self.tokens = tokens if tokens is not None else TokenStore(managed.db)
+        # token digest -> (valid until, info): known tokens only, for at most this long,
+        # so a revocation takes up to this long to reach this instance (0: look up each time)
+        self.token_cache_seconds = token_cache_seconds
+        self._token_cache: dict[str, tuple[float, TokenInfo]] = {}
         self.metrics = Metrics()
         # Uploads hold a thread for as long as the client sends; give them their own
         # pool so that slow uploaders cannot starve reads and small calls.
@@ -145,6 +153,9 @@ class ServiceApp:
         self.openapi_json = json.dumps(self.openapi).encode()
         # Read-ahead for GETs: the next block comes from MongoDB while one is sent.
         self.read_ahead = ThreadPoolExecutor(io_threads, thread_name_prefix="rescat-read")
+        self.executor = ThreadPoolExecutor(io_threads, thread_name_prefix="rescat-io")
+        # Uploads whose whole body has arrived (small ones) never wait for their client.
+        self.upload_executor = ThreadPoolExecutor(upload_threads, thread_name_prefix="rescat-put")
 
     # -- ASGI -----------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -202,7 +213,8 @@ class ServiceApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                self.read_ahead.shutdown(wait=False)
+                for pool in (self.read_ahead, self.executor, self.upload_executor):
+                    pool.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -275,6 +287,11 @@ class ServiceApp:
                 f"the body has {length} bytes; no object can have more than {MAX_BODY}"
             )
         await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
+        if 0 <= length <= body.count:
+            body.end()  # all declared bytes are here: the core will not wait for more
+        if body.complete:  # the whole body is buffered: one plain hop, nothing to wait for
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.upload_executor, functools.partial(fn, *args))
         slots = self.upload_slots
         await slots.acquire()
         body.gate, body.holding = slots, True
@@ -300,8 +317,15 @@ class ServiceApp:
         return self._health_limiter
 
     async def sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking core call on a worker thread."""
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.io_limiter)
+        """Run a blocking core call on a worker thread.
+
+        A plain executor hop (`loop.run_in_executor`): it costs a fraction of
+        anyio's `to_thread.run_sync` (no limiter or cancel-scope bookkeeping),
+        which matters for small requests, whose thread hops are most of what the
+        service itself spends on them. The pool's size bounds the calls at once.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     async def _respond(self, request: Request, call: CallRecord) -> Response:
         try:
@@ -369,10 +393,27 @@ class ServiceApp:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        token = token.strip()
+        ttl = self.token_cache_seconds
+        if ttl <= 0:
+            try:
+                return await self.sync(self.tokens.check, token)
+            except UnauthorizedError as exc:
+                raise _unauthorized(str(exc)) from None
+        key = token_digest(token)
+        now = time.monotonic()
+        hit = self._token_cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         try:
-            return await self.sync(self.tokens.check, token.strip())
-        except UnauthorizedError as exc:
+            info = await self.sync(self.tokens.check, token)
+        except UnauthorizedError as exc:  # unknown tokens are never cached
+            self._token_cache.pop(key, None)
             raise _unauthorized(str(exc)) from None
+        if len(self._token_cache) >= 10_000:
+            self._token_cache.clear()
+        self._token_cache[key] = (now + ttl, info)
+        return info
 
     async def _json_object(self, request: Request) -> Any:
         """The JSON request body (at most MAX_JSON_BODY bytes, within the body deadlines)."""

@@ -24,6 +24,8 @@ moving several chunks per hop.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
 import time
 from collections import deque
@@ -67,6 +69,7 @@ class BodyReader:
         self._min_rate = min_rate
         self._grace = grace if grace is not None else (timeout or 0.0)
         self._started = time.monotonic()
+        self._loop = asyncio.get_running_loop()  # made on the event loop, read from threads
         self.gate: anyio.Semaphore | None = None  # held while the core works, see refill
         self.holding = False
         self._pieces: deque[bytes] = deque()
@@ -121,8 +124,13 @@ class BodyReader:
             return b""
         if self._buffered < size and not self._eof:
             target = min(max(size, FILL_BYTES), MAX_HOP_BYTES)
-            anyio.from_thread.run(self.refill, target)
+            # From any worker thread (anyio's or a plain executor's) to the loop.
+            asyncio.run_coroutine_threadsafe(self.refill(target), self._loop).result()
         return self._take(size)
+
+    def end(self) -> None:
+        """The body is complete (all declared bytes are buffered): read no more."""
+        self._eof = True
 
     async def refill(self, target: int) -> None:
         """`fill`, giving the upload slot back while waiting for the client."""
@@ -206,6 +214,16 @@ async def iter_content(
     current one is being sent (one block of read-ahead, so memory stays at
     two blocks); without, reads and sends alternate.
     """
+    if isinstance(reader, io.BytesIO):  # content held in memory (inline): no thread hops
+        try:
+            data = reader.getbuffer()[start : start + length].tobytes()
+        finally:
+            reader.close()
+        if len(data) < length:
+            raise OSError(f"stored content ended {length - len(data)} bytes early")
+        if data:
+            yield data
+        return
     pending: Future[list[bytes]] | None = None
     try:
         if start:
