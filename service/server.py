@@ -73,6 +73,69 @@ def base_protocol() -> type[asyncio.Protocol]:
     return import_from_string(HTTP_PROTOCOLS["httptools"])  # type: ignore[no-any-return]
 
 
+class _Coalescing:
+    """A transport whose small writes in one event-loop step leave in one send.
+
+    uvicorn writes a response's status line and headers, then its body, each
+    with its own `send` system call; on loopback each is also a wake-up of the
+    client. For a small answer that is two of everything. Writes below
+    COALESCE_BYTES are gathered and sent together at the end of the current
+    loop step (or before a larger write, or on close); larger ones go at once.
+    """
+
+    __slots__ = ("_loop", "_pending", "_scheduled", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= COALESCE_BYTES:
+            self.flush()
+            self._transport.write(data)
+            return
+        if data:
+            self._pending.append(bytes(data))
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self.flush)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+COALESCE_BYTES = 64 * 1024
+
+
 def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -> type[Any]:
     """A subclass of uvicorn's HTTP protocol that enforces `limits`."""
     parent: Any = base if base is not None else base_protocol()
@@ -97,7 +160,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 self._limits.open_by_client[host] = open_now + 1
                 self._counted = host
             self._refused = False
-            super().connection_made(transport)
+            super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
