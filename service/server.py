@@ -230,13 +230,14 @@ def config(
     host: str = "127.0.0.1",
     port: int = 0,
     log_level: str = "warning",
+    base: type[asyncio.Protocol] | None = None,
 ) -> uvicorn.Config:
-    """The uvicorn configuration `rescat serve` runs `app` with."""
+    """The uvicorn configuration `rescat serve` runs `app` with (`base`: see protocol_class)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=protocol_class(limits if limits is not None else Limits()),
+        http=protocol_class(limits if limits is not None else Limits(), base),
         access_log=False,  # the app logs one structured line per request
         log_config=None,
         # uvicorn's startup lines repeat what the banner says; its errors still show.

@@ -31,8 +31,8 @@ HASH = "blake3:" + "0" * 64
 class Server:
     """`app` under `service.server.config` on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app: Any, limits: Limits) -> None:
-        self.server = uvicorn.Server(config(app, limits, host="127.0.0.1", port=0))
+    def __init__(self, app: Any, limits: Limits, base: Any = None) -> None:
+        self.server = uvicorn.Server(config(app, limits, host="127.0.0.1", port=0, base=base))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -231,3 +231,51 @@ def test_trickling_uploads_do_not_delay_a_normal_put(server: Server) -> None:
         sock.close()
     assert set(statuses) <= {408, 0}, statuses
     assert statuses.count(408) > 150
+
+
+def test_token_cache_still_honours_revocation(managed: ManagedStorage) -> None:
+    """With --token-cache, a known token skips its lookup; a revoked one fails within the TTL."""
+    from catalog.tokens import TokenStore
+
+    store = TokenStore(managed.db)
+    token, info = store.create(env="env")
+    app = create_app(managed, token_cache_seconds=0.5)
+    with Server(app, Limits()) as srv, httpx.Client(base_url=srv.url) as client:
+        auth = {"authorization": f"Bearer {token}"}
+        assert client.get("/v1/environments/env/resources", headers=auth).status_code == 200
+        unknown = {"authorization": "Bearer rescat_nope"}
+        assert client.get("/v1/environments/env/resources", headers=unknown).status_code == 401
+        store.revoke(info.id)
+        deadline = time.monotonic() + 0.5 + 1.0
+        while client.get("/v1/environments/env/resources", headers=auth).status_code == 200:
+            assert time.monotonic() < deadline, "a revoked token still works after the TTL"
+            time.sleep(0.05)
+        new, _ = store.create(env="env")  # a new token works at once (misses are not cached)
+        fresh = {"authorization": f"Bearer {new}"}
+        assert client.get("/v1/environments/env/resources", headers=fresh).status_code == 200
+
+
+def test_h11_fallback_has_the_same_deadlines(managed: ManagedStorage) -> None:
+    """Without httptools the protocol subclasses uvicorn's h11 one, with the same limits."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    managed.put_for_environment("env", "a", io.BytesIO(b"0123456789"))
+    app = create_app(managed, auth=False)
+    limits = Limits(header_timeout=1.0, max_conns_per_client=3)
+    with Server(app, limits, base=H11Protocol) as srv:
+        with connect(srv.port) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            assert closed_within(slow, 4.0)
+        with httpx.Client(base_url=srv.url) as client:
+            for _ in range(3):  # keep-alive: the deadline restarts after each response
+                r = client.get("/v1/environments/env/resources/a")
+                assert r.content == b"0123456789"
+                time.sleep(0.4)
+        socks = [connect(srv.port) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            with connect(srv.port) as extra:
+                assert answer(extra)[0] == 429
+        finally:
+            for sock in socks:
+                sock.close()
