@@ -51,6 +51,7 @@ from catalog.managed import ManagedStorage
 from catalog.tokens import TokenInfo, TokenStore, token_digest
 from service.body import FILL_BYTES, BodyReader, ClientGone
 from service.errors import (
+    STATUS_BY_CODE,
     InternalError,
     MethodNotAllowedError,
     UnavailableError,
@@ -332,6 +333,12 @@ class ServiceApp:
             return await self._dispatch(request, call)
         except CatalogError as exc:
             call.error = f"{exc.code}: {exc}"
+            if exc.code not in STATUS_BY_CODE:
+                # A catalog error without a code of its own (CatalogError itself: e.g. a
+                # body shorter than declared) is about what the request asked for: 400,
+                # never an undocumented code or a 5xx.
+                log.warning("catalog error without a code: %s", traceback.format_exc())
+                return _error_response(BadRequestError(str(exc) or "bad request"))
             return _error_response(exc)
         except (ClientDisconnect, ClientGone):
             raise

@@ -279,3 +279,18 @@ def test_h11_fallback_has_the_same_deadlines(managed: ManagedStorage) -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_a_catalog_error_without_a_code_is_400(managed: ManagedStorage) -> None:
+    """No answer carries an error code outside the service's table (e.g. `catalog_error`)."""
+    from catalog.errors import CatalogError
+
+    app = create_app(managed, auth=False)
+
+    def broken(*args: Any) -> Any:
+        raise CatalogError("the input ended early")
+
+    app.managed.put_for_environment_and_check_hash = broken  # type: ignore[method-assign]
+    with Server(app, Limits()) as srv:
+        r = httpx.put(f"{srv.url}/v1/environments/env/resources/x", content=b"abc")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
