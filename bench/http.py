@@ -5,8 +5,10 @@
    Target: >= 0.8x.
 2. Dedup upload of a 1 GiB file the server already has vs a full upload of it.
    Target: <= 0.05x the time.
-3. 4 KiB PUTs per second with 16 concurrent clients vs raw pymongo
-   `insert_one`s of 4 KiB documents per second with 16 threads. Target: >= 0.3x.
+3. 4 KiB PUTs and GETs per second with 16 concurrent clients vs raw pymongo
+   `insert_one`s / `find_one`s of 4 KiB documents with 16 threads. Targets:
+   >= 0.3x (PUT), >= 0.5x (GET). With --etcd-url, the same workload against
+   etcd's HTTP/JSON gateway (same httpx clients), as rescat/etcd ratios.
 4. The seed's workload (go-storage-server): 16 clients each create, read,
    replace, read and delete blobs of 1 KiB-1 MiB (log-uniform, distinct bytes)
    through the seed's API (`rescat serve --compat-store`). With `--seed-url URL`
@@ -17,6 +19,7 @@ Starts its own throwaway mongod (fresh dbpath in a temp dir, deleted after).
 
     .venv/bin/python bench/http.py [--size-mib 256] [--dedup-mib 1024] [--seconds 8]
         [--seed-url http://127.0.0.1:7777] [--only-seed]
+    .venv/bin/python bench/http.py --small-only --seconds 3 [--etcd-url http://127.0.0.1:2379]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, suppress  # noqa: E402
 from typing import Any  # noqa: E402
 
 import blake3  # noqa: E402
@@ -154,16 +157,26 @@ def serve(uri: str, database: str, *extra: str) -> Iterator[tuple[str, int]]:
 
 
 def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], None]]) -> float:
-    """Operations per second of `workers` threads each calling its op in a loop."""
+    """Operations per second of `workers` threads each calling its op in a loop.
+
+    `make(w)` (setup, e.g. preloading what a reader reads) runs before the clock starts.
+    """
     counts = [0] * workers
     errors: list[BaseException] = []
-    barrier = threading.Barrier(workers + 1)
+    ready = threading.Barrier(workers + 1)
+    go = threading.Event()
     deadline = [0.0]
 
     def run(w: int) -> None:
         try:
             op = make(w)
-            barrier.wait()
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+            raise
+        ready.wait()
+        go.wait()
+        try:
             i = 0
             while time.perf_counter() < deadline[0]:
                 op(i)
@@ -176,9 +189,11 @@ def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], Non
     threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
     for t in threads:
         t.start()
-    deadline[0] = time.perf_counter() + seconds + 0.0
+    with suppress(threading.BrokenBarrierError):
+        ready.wait()
     start = time.perf_counter()
-    barrier.wait()
+    deadline[0] = start + seconds
+    go.set()
     for t in threads:
         t.join()
     elapsed = max(time.perf_counter() - start, seconds)
@@ -279,6 +294,141 @@ def seed_workload(
             print(f"  p50 {op}: rescat/seed {ours[op] / theirs[op]:.2f}x (lower is faster)")
 
 
+SMALL = 4096
+CLIENTS = 16
+KEPT = 64  # objects per client that the GET phases read in turn
+
+
+def small_objects(
+    url: str, uri: str, ms: Any, seconds: float, etcd_url: str | None
+) -> list[tuple[str, float, str, bool]]:
+    """4 KiB PUTs and GETs, 16 client threads: rescat over HTTP vs raw pymongo (and etcd).
+
+    Every HTTP client (rescat's and etcd's) is a plain httpx.Client per thread
+    with keep-alive, so the only difference is the server behind it.
+    """
+    results: list[tuple[str, float, str, bool]] = []
+    base = f"{url}/v1/environments/small/resources"
+
+    def http_put(w: int) -> Callable[[int], None]:
+        c = httpx.Client(timeout=60)
+        payload = os.urandom(SMALL)
+
+        def op(i: int) -> None:
+            c.put(f"{base}/w{w}/{i}", content=payload).raise_for_status()
+
+        return op
+
+    def http_get(w: int) -> Callable[[int], None]:
+        c = httpx.Client(timeout=60)
+        payload = os.urandom(SMALL)
+        for i in range(KEPT):
+            c.put(f"{base}/r{w}/{i}", content=payload).raise_for_status()
+
+        def op(i: int) -> None:
+            r = c.get(f"{base}/r{w}/{i % KEPT}")
+            r.raise_for_status()
+            assert len(r.content) == SMALL
+
+        return op
+
+    raw_client: MongoClient[Any] = MongoClient(uri)
+    raw = raw_client["bench_raw"]["docs"]
+    raw.create_index([("w", 1), ("i", 1)])
+
+    def raw_put(w: int) -> Callable[[int], None]:
+        payload = os.urandom(SMALL)
+        return lambda i: (raw.insert_one({"w": w, "i": i, "data": payload}), None)[1]
+
+    def raw_get(w: int) -> Callable[[int], None]:
+        payload = os.urandom(SMALL)
+        raw.insert_many([{"w": -1 - w, "i": i, "data": payload} for i in range(KEPT)])
+
+        def op(i: int) -> None:
+            assert raw.find_one({"w": -1 - w, "i": i % KEPT}) is not None
+
+        return op
+
+    def core_put(w: int) -> Callable[[int], None]:
+        payload = os.urandom(SMALL)
+        return lambda i: (ms.put_for_environment("core", f"w{w}/{i}", io.BytesIO(payload)), None)[1]
+
+    put_raw = rate(CLIENTS, seconds, raw_put)
+    put_http = rate(CLIENTS, seconds, http_put)
+    put_core = rate(CLIENTS, seconds, core_put)
+    get_raw = rate(CLIENTS, seconds, raw_get)
+    get_http = rate(CLIENTS, seconds, http_get)
+    raw_client.close()
+    put_ratio, get_ratio = put_http / put_raw, get_http / get_raw
+    print(
+        f"4 KiB PUT, {CLIENTS} concurrent: HTTP {put_http:.0f}/s, raw pymongo insert_one "
+        f"{put_raw:.0f}/s -> {put_ratio:.2f}x (target >= 0.3x); in-process ManagedStorage "
+        f"puts {put_core:.0f}/s (HTTP / in-process {put_http / put_core:.2f}x)",
+        flush=True,
+    )
+    print(
+        f"4 KiB GET, {CLIENTS} concurrent: HTTP {get_http:.0f}/s, raw pymongo find_one "
+        f"{get_raw:.0f}/s -> {get_ratio:.2f}x (target >= 0.5x)",
+        flush=True,
+    )
+    results.append(("4 KiB PUT/s HTTP / raw inserts", put_ratio, ">= 0.3", put_ratio >= 0.3))
+    results.append(("4 KiB GET/s HTTP / raw find_one", get_ratio, ">= 0.5", get_ratio >= 0.5))
+    if etcd_url:
+        put_etcd, get_etcd = etcd_rates(etcd_url, seconds)
+        print(
+            f"etcd {etcd_url} (HTTP/JSON gateway, same httpx clients): PUT {put_etcd:.0f}/s, "
+            f"GET {get_etcd:.0f}/s -> rescat/etcd PUT {put_http / put_etcd:.2f}x, "
+            f"GET {get_http / get_etcd:.2f}x",
+            flush=True,
+        )
+        results.append(("4 KiB PUT/s rescat / etcd", put_http / put_etcd, "", True))
+        results.append(("4 KiB GET/s rescat / etcd", get_http / get_etcd, "", True))
+    return results
+
+
+def etcd_rates(etcd_url: str, seconds: float) -> tuple[float, float]:
+    """4 KiB puts and ranges per second through etcd's gateway (POST /v3/kv/put, /v3/kv/range)."""
+    import base64
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    run = os.urandom(4).hex()
+
+    def etcd_put(w: int) -> Callable[[int], None]:
+        c = httpx.Client(base_url=etcd_url, timeout=60)
+        value = b64(os.urandom(SMALL))
+
+        def op(i: int) -> None:
+            key = b64(f"bench/{run}/w{w}/{i}".encode())
+            c.post("/v3/kv/put", json={"key": key, "value": value}).raise_for_status()
+
+        return op
+
+    def etcd_get(w: int) -> Callable[[int], None]:
+        c = httpx.Client(base_url=etcd_url, timeout=60)
+        value = b64(os.urandom(SMALL))
+        for i in range(KEPT):
+            key = b64(f"bench/{run}/r{w}/{i}".encode())
+            c.post("/v3/kv/put", json={"key": key, "value": value}).raise_for_status()
+
+        def op(i: int) -> None:
+            key = b64(f"bench/{run}/r{w}/{i % KEPT}".encode())
+            r = c.post("/v3/kv/range", json={"key": key})
+            r.raise_for_status()
+            assert len(base64.b64decode(r.json()["kvs"][0]["value"])) == SMALL
+
+        return op
+
+    put = rate(CLIENTS, seconds, etcd_put)
+    get = rate(CLIENTS, seconds, etcd_get)
+    with httpx.Client(base_url=etcd_url, timeout=60) as c:  # leave etcd as it was
+        prefix = f"bench/{run}/".encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        c.post("/v3/kv/deleterange", json={"key": b64(prefix), "range_end": b64(end)})
+    return put, get
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -286,6 +436,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--seed-url", default=None, help="a running go-storage-server")
     parser.add_argument("--only-seed", action="store_true", help="run section 4 only")
+    parser.add_argument(
+        "--small-only",
+        action="store_true",
+        help="run only the 4 KiB PUT/GET part (16 clients), e.g. with --seconds 3",
+    )
+    parser.add_argument(
+        "--etcd-url",
+        default=None,
+        help="also run the 4 KiB part against etcd's HTTP/JSON gateway at this URL "
+        "(e.g. http://127.0.0.1:2379) and print rescat/etcd ratios",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rescat-bench-http-"))
@@ -302,7 +463,11 @@ def main() -> None:
         if args.only_seed:
             with serve(uri, "bench", "--compat-store", "seed") as (url, _):
                 seed_workload(url, args.seed_url, args.seconds, results)
-            summarize(results)
+            summary(results)
+            return
+        if args.small_only:
+            with serve(uri, "bench") as (url, _):
+                results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url))
             return
         size = args.size_mib * MiB
         obj = tmp / "object.bin"
@@ -395,53 +560,24 @@ def main() -> None:
             client.remove("b", "dedup")
             big.unlink()
 
-            # -- 3. 4 KiB PUTs, 16 clients ------------------------------------------------
-            def http_worker(w: int) -> Callable[[int], None]:
-                c = CatalogClient(url, timeout=60)
-                return lambda i: (c.put("small", f"w{w}/{i}", os.urandom(4096)), None)[1]
-
-            raw_client: MongoClient[Any] = MongoClient(uri)
-            raw = raw_client["bench_raw"]["docs"]
-
-            def raw_worker(w: int) -> Callable[[int], None]:
-                return lambda i: (raw.insert_one({"w": w, "i": i, "data": os.urandom(4096)}), None)[
-                    1
-                ]
-
-            def core_worker(w: int) -> Callable[[int], None]:
-                return lambda i: (
-                    ms.put_for_environment("core", f"w{w}/{i}", io.BytesIO(os.urandom(4096))),
-                    None,
-                )[1]
-
-            raw_rate = rate(16, args.seconds, raw_worker)
-            http_rate = rate(16, args.seconds, http_worker)
-            core_rate = rate(16, args.seconds, core_worker)
-            small_ratio = http_rate / raw_rate
-            print(
-                f"4 KiB writes, 16 concurrent: HTTP PUT {http_rate:.0f}/s, raw pymongo "
-                f"insert_one {raw_rate:.0f}/s -> {small_ratio:.2f}x (target >= 0.3x); "
-                f"in-process ManagedStorage puts {core_rate:.0f}/s "
-                f"(HTTP / in-process {http_rate / core_rate:.2f}x)"
-            )
-            results.append(
-                ("4 KiB PUT/s HTTP / raw inserts", small_ratio, ">= 0.3", small_ratio >= 0.3)
-            )
-            raw_client.close()
+            results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url))
 
             # -- 4. the seed's workload ------------------------------------------------------
             seed_workload(url, args.seed_url, args.seconds, results)
     finally:
         stop_process(mongod)
         shutil.rmtree(tmp, ignore_errors=True)
+        if args.small_only:
+            summary(results)
 
-    summarize(results)
+    summary(results)
 
 
-def summarize(results: list[tuple[str, float, str, bool]]) -> None:
+def summary(results: list[tuple[str, float, str, bool]]) -> None:
     print("\nsummary")
     for name, value, target, ok in results:
-        print(f"  {name:34s} {value:6.3f}x  target {target:7s} {'met' if ok else 'MISSED'}")
+        verdict = ("met" if ok else "MISSED") if target else ""
+        print(f"  {name:34s} {value:6.3f}x  target {target or '-':7s} {verdict}")
 
 
 if __name__ == "__main__":

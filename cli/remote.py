@@ -57,9 +57,38 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "--read-timeout",
     type=float,
-    default=300.0,
+    default=60.0,
     show_default=True,
-    help="Seconds an upload may stall before it is dropped.",
+    help="Seconds a request body may pause before it is dropped (408).",
+)
+@click.option(
+    "--min-rate",
+    type=float,
+    default=1024.0,
+    show_default=True,
+    help="Bytes/s a request body must average once --read-timeout seconds have passed (0: off).",
+)
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a request's line and headers may take; then the connection is closed.",
+)
+@click.option(
+    "--max-conns-per-client",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Open connections per client IP address; more get 429 (0: no cap).",
+)
+@click.option(
+    "--token-cache",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Seconds a known token is trusted without a database lookup; a revocation "
+    "takes up to this long (0: looked up on every request, revocation at once).",
 )
 @click.option(
     "--log-level",
@@ -77,6 +106,10 @@ def serve(
     no_auth: bool,
     max_size: int | None,
     read_timeout: float,
+    min_rate: float,
+    header_timeout: float,
+    max_conns_per_client: int,
+    token_cache: float,
     log_level: str,
     blob: BlobServe,
 ) -> None:
@@ -91,10 +124,9 @@ def serve(
       rescat serve --gc-interval 3600 --compat-store team-a
     """
 
-    import uvicorn
-
     from service.app import create_app
     from service.routes import ROUTES
+    from service.server import Limits, run
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr
@@ -109,18 +141,10 @@ def serve(
             max_size=max_size,
             read_timeout=read_timeout,
             routes=blob.routes(ROUTES),
+            min_rate=min_rate,
+            token_cache_seconds=token_cache,
         )
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            access_log=False,  # the app logs one structured line per request
-            log_config=None,
-            # uvicorn's startup lines repeat what the banner says; its errors still show.
-            log_level=log_level if log_level == "debug" else "warning",
-            lifespan="on",
-            timeout_graceful_shutdown=15,
-        )
+        limits = Limits(header_timeout=header_timeout, max_conns_per_client=max_conns_per_client)
         bound_host, bound_port = sock.getsockname()[:2]
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         auth = "off (--no-auth)" if no_auth else "on"
@@ -138,7 +162,7 @@ def serve(
             watchdog.start()
         try:
             with blob.running(managed):
-                uvicorn.Server(config).run(sockets=[sock])
+                run(app, sock, limits, log_level=log_level)
         finally:
             if watchdog is not None:
                 watchdog.stop()

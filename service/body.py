@@ -5,8 +5,18 @@ which runs in a worker thread: each refill is one hop to the event loop that
 gathers at least 1 MiB (or what the core asked for), so the hop cost stays
 small, and the body is pulled only as fast as the core writes it
 (backpressure end to end). A client that disconnects, stalls past the read
-timeout or sends more than the size limit makes `read` raise, so the core
-deletes what it wrote and nothing becomes visible.
+timeout, falls below the minimum rate or sends more than the size limit makes
+`read` raise, so the core deletes what it wrote and nothing becomes visible.
+
+Deadlines: a body may pause at most `timeout` seconds between two pieces, and
+`grace` seconds after it started it must have averaged `min_rate` bytes/s
+(checked continuously: byte n is due at start + grace + n / min_rate), so a
+body of known length has a whole-request deadline, and a trickle of one byte
+every few seconds is dropped after the grace period whatever its length.
+
+While the core waits for body bytes it gives back its `gate` (an upload slot,
+see `ServiceApp.upload`): a slow client holds a parked thread, never a slot
+that a client with data could use.
 
 `iter_content` is the reverse: an async iterator over a blocking reader,
 moving several chunks per hop.
@@ -14,7 +24,10 @@ moving several chunks per hop.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
@@ -47,10 +60,18 @@ class BodyReader:
         *,
         max_size: int | None = None,
         timeout: float | None = None,
+        min_rate: float = 0.0,
+        grace: float | None = None,
     ) -> None:
         self._chunks = chunks
         self._max_size = max_size
         self._timeout = timeout
+        self._min_rate = min_rate
+        self._grace = grace if grace is not None else (timeout or 0.0)
+        self._started = time.monotonic()
+        self._loop = asyncio.get_running_loop()  # made on the event loop, read from threads
+        self.gate: anyio.Semaphore | None = None  # held while the core works, see refill
+        self.holding = False
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
@@ -61,8 +82,13 @@ class BodyReader:
     async def fill(self, target: int) -> None:
         """Receive until `target` bytes are buffered or the body ends."""
         while self._buffered < target and not self._eof:
+            idle = self._timeout if self._timeout else math.inf
+            wait = idle
+            if self._min_rate > 0:
+                due = self._started + self._grace + (self.count + 1) / self._min_rate
+                wait = min(idle, max(due - time.monotonic(), 0.0))
             try:
-                with anyio.fail_after(self._timeout if self._timeout else math.inf):
+                with anyio.fail_after(wait):
                     piece = await self._chunks.__anext__()
             except StopAsyncIteration:
                 self._eof = True
@@ -70,6 +96,10 @@ class BodyReader:
             except ClientDisconnect:
                 raise ClientGone("the client disconnected during the upload") from None
             except TimeoutError:
+                if wait < idle:
+                    raise RequestTimeoutError(
+                        f"the request body arrives slower than {self._min_rate:g} bytes/s"
+                    ) from None
                 raise RequestTimeoutError(
                     f"no request body data for {self._timeout:g} seconds"
                 ) from None
@@ -94,8 +124,34 @@ class BodyReader:
             return b""
         if self._buffered < size and not self._eof:
             target = min(max(size, FILL_BYTES), MAX_HOP_BYTES)
-            anyio.from_thread.run(self.fill, target)
+            # From any worker thread (anyio's or a plain executor's) to the loop.
+            asyncio.run_coroutine_threadsafe(self.refill(target), self._loop).result()
         return self._take(size)
+
+    def end(self) -> None:
+        """The body is complete (all declared bytes are buffered): read no more."""
+        self._eof = True
+
+    async def refill(self, target: int) -> None:
+        """`fill`, giving the upload slot back while waiting for the client."""
+        gate = self.gate
+        if gate is None or not self.holding:
+            await self.fill(target)
+            return
+        self.holding = False
+        gate.release()
+        await self.fill(target)  # on failure the slot stays given back
+        await gate.acquire()
+        self.holding = True
+
+    def read_buffered(self) -> bytes:
+        """Everything buffered so far (no hop: for the event loop)."""
+        return self._take(self._buffered)
+
+    @property
+    def complete(self) -> bool:
+        """Everything the client sent is buffered (the body ended)."""
+        return self._eof
 
     def _take(self, size: int) -> bytes:
         if not self._pieces:
@@ -158,6 +214,16 @@ async def iter_content(
     current one is being sent (one block of read-ahead, so memory stays at
     two blocks); without, reads and sends alternate.
     """
+    if isinstance(reader, io.BytesIO):  # content held in memory (inline): no thread hops
+        try:
+            data = reader.getbuffer()[start : start + length].tobytes()
+        finally:
+            reader.close()
+        if len(data) < length:
+            raise OSError(f"stored content ended {length - len(data)} bytes early")
+        if data:
+            yield data
+        return
     pending: Future[list[bytes]] | None = None
     try:
         if start:

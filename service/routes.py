@@ -10,11 +10,10 @@ errors) is its row in `ROUTES`, which the dispatcher, the OpenAPI document,
 from __future__ import annotations
 
 import functools
+import io
 from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qsl, quote
 
-import anyio
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from swagger_ui_bundle import swagger_ui_path
@@ -33,7 +32,7 @@ from catalog.errors import (
 )
 from catalog.managed import PathInfo, WriteOptions
 from catalog.names import check_path, parse_hash
-from service.body import HOP_BYTES, OUT_HOP_BYTES, BodyReader, iter_content
+from service.body import HOP_BYTES, OUT_HOP_BYTES, iter_content
 from service.conditions import (
     Condition,
     content_type,
@@ -119,6 +118,10 @@ async def get_resource(ctx: Ctx[None]) -> Response:
         if ctx.method == "HEAD" or count == 0:
             reader.close()
             return Response(status_code=status, headers=headers)
+        if isinstance(reader, io.BytesIO):  # inline content: the bytes are here already
+            data = reader.getbuffer()[start : start + count].tobytes()
+            reader.close()
+            return Response(data, status_code=status, headers=headers)
     except BaseException:
         reader.close()
         raise
@@ -164,21 +167,16 @@ async def store_body(
 ) -> PathInfo:
     """Stream the request body into `path` (conditions checked with the write)."""
     app = ctx.app
-    body = BodyReader(ctx.request.stream(), max_size=app.max_size, timeout=app.read_timeout)
+    body = app.body_reader(ctx.request)
     try:
-        if 0 <= length <= HOP_BYTES:
-            await body.fill(length)  # small bodies: no hop back from the worker
-        return await anyio.to_thread.run_sync(
-            functools.partial(
-                app.managed.put_path,
-                env,
-                path,
-                cast(BinaryIO, body),
-                length,
-                check_hash=expected,
-                options=options,
-            ),
-            limiter=app.upload_limiter,
+        return await app.upload(
+            body,
+            length,
+            functools.partial(app.managed.put_path, check_hash=expected, options=options),
+            env,
+            path,
+            cast(BinaryIO, body),
+            length,
         )
     except LengthMismatchError as exc:
         if expected is not None:  # the declared hash is for content of another length

@@ -1,0 +1,296 @@
+"""Clients that send slowly, too much, too deep or too often (issue 7): all loopback, bounded.
+
+The server runs with the configuration `rescat serve` uses (`service.server`),
+with short deadlines so that each test ends in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from catalog import ManagedStorage
+from service.app import create_app
+from service.errors import STATUS_BY_CODE
+from service.server import Limits, config
+
+HASH = "blake3:" + "0" * 64
+
+
+class Server:
+    """`app` under `service.server.config` on a free loopback port, in a daemon thread."""
+
+    def __init__(self, app: Any, limits: Limits, base: Any = None) -> None:
+        self.server = uvicorn.Server(config(app, limits, host="127.0.0.1", port=0, base=base))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "no server"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture
+def server(managed: ManagedStorage) -> Iterator[Server]:
+    managed.put_for_environment("env", "a", io.BytesIO(b"0123456789"))
+    app = create_app(managed, auth=False, read_timeout=3.0, min_rate=64.0, upload_threads=8)
+    with Server(app, Limits(header_timeout=2.0, max_conns_per_client=250)) as srv:
+        yield srv
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=20)
+
+
+def answer(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and whatever the server sent until it closed (or 20 s passed)."""
+    data = b""
+    try:
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                length = [
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                if length and len(rest) >= length[0]:
+                    break
+    except (ConnectionResetError, TimeoutError):
+        pass
+    if not data.startswith(b"HTTP/1.1 "):
+        return 0, data
+    return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["error"]["code"])
+
+
+def test_nested_json_is_400(server: Server) -> None:
+    deep = b"[" * 30_000 + b"]" * 30_000
+    for route in ("put-requests", "put-requests/x/response"):
+        r = httpx.post(f"{server.url}/v1/environments/env/{route}", content=deep)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+    nested = b'{"path": "p", "hash": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}"
+    r = httpx.post(f"{server.url}/v1/environments/env/put-requests", content=nested)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+
+
+@pytest.mark.parametrize("length", [2**63, 2**64, 10**30])
+@pytest.mark.parametrize("with_hash", [False, True])
+def test_huge_content_length(server: Server, length: int, with_hash: bool) -> None:
+    with connect(server.port) as sock:
+        extra = f"X-Content-Hash: {HASH}\r\n" if with_hash else ""
+        sock.sendall(
+            f"PUT /v1/environments/env/resources/huge HTTP/1.1\r\nHost: x\r\n{extra}"
+            f"Content-Length: {length}\r\n\r\nabc".encode()
+        )
+        status, body = answer(sock)
+    # h11 refuses lengths it cannot hold itself (a 400 of its own, no JSON).
+    assert status in (400, 413), (status, body)
+    if body.startswith(b"{"):
+        assert error_code(body) in ("too_large", "bad_request")
+
+
+def test_short_json_body_times_out(server: Server) -> None:
+    with connect(server.port) as sock:
+        sock.sendall(
+            b"POST /v1/environments/env/put-requests HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Length: 100\r\n\r\n{"path":'
+        )
+        start = time.monotonic()
+        status, body = answer(sock)
+        took = time.monotonic() - start
+    assert status == 408 and error_code(body) == "request_timeout", (status, body)
+    assert took < 10
+
+
+def test_slow_header_sockets_are_closed(server: Server) -> None:
+    socks = [connect(server.port) for _ in range(200)]
+    try:
+        start = time.monotonic()
+        for i, sock in enumerate(socks):  # one byte each, then nothing more
+            sock.sendall(b"G" if i % 2 else b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        # keep feeding a few of them slowly: feeding does not extend the deadline
+        for _ in range(4):
+            time.sleep(0.5)
+            for sock in socks[:20]:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"a")
+        closed = sum(closed_within(sock, max(0.1, start + 6 - time.monotonic())) for sock in socks)
+        assert closed == 200
+        assert time.monotonic() - start < 8
+    finally:
+        for sock in socks:
+            sock.close()
+    assert httpx.get(f"{server.url}/v1/environments/env/resources/a").content == b"0123456789"
+
+
+def test_connections_per_client_are_capped(managed: ManagedStorage) -> None:
+    app = create_app(managed, auth=False)
+    with Server(app, Limits(header_timeout=10.0, max_conns_per_client=5)) as srv:
+        socks = [connect(srv.port) for _ in range(5)]
+        try:
+            time.sleep(0.2)
+            with connect(srv.port) as extra:
+                status, body = answer(extra)
+            assert status == 429 and error_code(body) == "too_many_requests"
+            assert error_code(body) in STATUS_BY_CODE
+        finally:
+            for sock in socks:
+                sock.close()
+        time.sleep(0.2)  # the slots come back when the connections close
+        r = httpx.get(f"{srv.url}/healthz")
+        assert r.status_code == 200
+
+
+def test_trickling_uploads_do_not_delay_a_normal_put(server: Server) -> None:
+    """200 clients trickle bodies (8 upload slots); a 2 MiB PUT still answers in < 1 s."""
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+    for i in range(200):
+        sock = connect(server.port)
+        head = f"PUT /v1/environments/env/resources/slow/{i} HTTP/1.1\r\nHost: x\r\n"
+        if i % 2:  # a large declared body, or chunked
+            sock.sendall((head + f"Content-Length: {8 << 20}\r\n\r\n").encode() + b"x")
+        else:
+            sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n").encode())
+        socks.append(sock)
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            for n, sock in enumerate(socks):
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x" if n % 2 else b"1\r\nx\r\n")
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        time.sleep(1.0)
+        payload = os.urandom(2 << 20)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for i in range(3):
+                start = time.monotonic()
+                r = client.put(f"/v1/environments/env/resources/normal/{i}", content=payload)
+                took = time.monotonic() - start
+                assert r.status_code == 201, r.text
+                assert took < 1.0, f"a normal PUT took {took:.2f} s"
+    finally:
+        stop.set()
+        feeder.join(5)
+    # The tricklers are dropped by the minimum rate (64 B/s after 3 s) with 408.
+    statuses = []
+    for sock in socks:
+        status, _ = answer(sock)
+        statuses.append(status)
+        sock.close()
+    assert set(statuses) <= {408, 0}, statuses
+    assert statuses.count(408) > 150
+
+
+def test_token_cache_still_honours_revocation(managed: ManagedStorage) -> None:
+    """With --token-cache, a known token skips its lookup; a revoked one fails within the TTL."""
+    from catalog.tokens import TokenStore
+
+    store = TokenStore(managed.db)
+    token, info = store.create(env="env")
+    app = create_app(managed, token_cache_seconds=0.5)
+    with Server(app, Limits()) as srv, httpx.Client(base_url=srv.url) as client:
+        auth = {"authorization": f"Bearer {token}"}
+        assert client.get("/v1/environments/env/resources", headers=auth).status_code == 200
+        unknown = {"authorization": "Bearer rescat_nope"}
+        assert client.get("/v1/environments/env/resources", headers=unknown).status_code == 401
+        store.revoke(info.id)
+        deadline = time.monotonic() + 0.5 + 1.0
+        while client.get("/v1/environments/env/resources", headers=auth).status_code == 200:
+            assert time.monotonic() < deadline, "a revoked token still works after the TTL"
+            time.sleep(0.05)
+        new, _ = store.create(env="env")  # a new token works at once (misses are not cached)
+        fresh = {"authorization": f"Bearer {new}"}
+        assert client.get("/v1/environments/env/resources", headers=fresh).status_code == 200
+
+
+def test_h11_fallback_has_the_same_deadlines(managed: ManagedStorage) -> None:
+    """Without httptools the protocol subclasses uvicorn's h11 one, with the same limits."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    managed.put_for_environment("env", "a", io.BytesIO(b"0123456789"))
+    app = create_app(managed, auth=False)
+    limits = Limits(header_timeout=1.0, max_conns_per_client=3)
+    with Server(app, limits, base=H11Protocol) as srv:
+        with connect(srv.port) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            assert closed_within(slow, 4.0)
+        with httpx.Client(base_url=srv.url) as client:
+            for _ in range(3):  # keep-alive: the deadline restarts after each response
+                r = client.get("/v1/environments/env/resources/a")
+                assert r.content == b"0123456789"
+                time.sleep(0.4)
+        socks = [connect(srv.port) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            with connect(srv.port) as extra:
+                assert answer(extra)[0] == 429
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_a_catalog_error_without_a_code_is_400(managed: ManagedStorage) -> None:
+    """No answer carries an error code outside the service's table (e.g. `catalog_error`)."""
+    from catalog.errors import CatalogError
+
+    app = create_app(managed, auth=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise CatalogError("the input ended early")
+
+    app.managed.put_path = broken  # type: ignore[method-assign]
+    with Server(app, Limits()) as srv:
+        r = httpx.put(f"{srv.url}/v1/environments/env/resources/x", content=b"abc")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
