@@ -41,6 +41,7 @@ from service.ranges import (
     none_match,
     parse_range,
 )
+from service.routes_watch import WATCH_ROUTES
 from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
@@ -454,4 +455,5 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         body=AnswerBody,
         tag="proof of access",
     ),
+    *WATCH_ROUTES,
 )
