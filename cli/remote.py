@@ -124,7 +124,7 @@ def serve(
             watchdog = Watchdog()
             watchdog.start()
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            _server_class()(config).run(sockets=[sock])
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -252,6 +252,21 @@ def token_revoke(ctx: Context, token_id: str) -> None:
 
 
 # -- upload / download (HTTP only) ----------------------------------------------
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, ending the never-ending watch streams when it begins to shut down."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            from service.routes_watch import end_watches
+
+            end_watches()
+            await super().shutdown(sockets)
+
+    return Server
+
+
 def _server_options(fn: Any) -> Any:
     fn = click.option(
         "--token",

@@ -43,7 +43,7 @@ from catalog.pathevents import PathEvents
 from service.routing import Answer, Ctx, Endpoint, Param
 from service.schemas import PATH_SCHEMA, PREFIX_SCHEMA
 
-__all__ = ["WATCH_ROUTES", "open_watches"]
+__all__ = ["WATCH_ROUTES", "end_watches", "open_watches"]
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle stream
 BUFFER = 64  # events between the change-stream loop and the response
@@ -51,11 +51,25 @@ MAX_TIMEOUT = 86400.0
 
 _open = 0
 _open_lock = threading.Lock()
+# The cancel scopes of the streams being sent, so that a server shutting down ends them.
+_streams: set[anyio.CancelScope] = set()
 
 
 def open_watches() -> int:
     """Watches whose change-stream loop is running in this process (for tests and metrics)."""
     return _open
+
+
+def end_watches() -> None:
+    """End every watch stream of this process cleanly (call on the event loop at shutdown).
+
+    A server waits for open responses before it stops; an SSE stream never
+    ends by itself, so `rescat serve` calls this when it begins to shut down:
+    each stream ends, and its client reconnects (to another instance, or to
+    this one once it is back) from the last revision it received.
+    """
+    for scope in list(_streams):
+        scope.cancel()
 
 
 def _count(delta: int) -> None:
@@ -77,6 +91,8 @@ class EventStream(Response):
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             media_type=self.media_type,
         )
+        # A stream: no Content-Length (the base class sets one for its empty body).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.events = events
         self.timeout = timeout
         self.max_events = max_events
@@ -100,9 +116,13 @@ class EventStream(Response):
             # A comment first: the client knows the watch is open (its read is done).
             await send(_body(b": open\n\n"))
             async with anyio.create_task_group() as group:
-                group.start_soon(_until_disconnect, receive, group.cancel_scope)
-                await self._forward(receiver, send)
-                group.cancel_scope.cancel()
+                _streams.add(group.cancel_scope)
+                try:
+                    group.start_soon(_until_disconnect, receive, group.cancel_scope)
+                    await self._forward(receiver, send)
+                    group.cancel_scope.cancel()
+                finally:
+                    _streams.discard(group.cancel_scope)
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
