@@ -18,6 +18,7 @@ import glob
 import io
 import json
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -587,8 +588,14 @@ def _closed_on(stop: threading.Event | None, response: httpx.Response) -> Iterat
     def watch_stop() -> None:
         while not done.is_set():
             if stop.wait(0.1):
+                # Closing a socket does not wake a thread blocked reading it; shutting it down does.
                 with contextlib.suppress(Exception):
-                    response.close()
+                    stream = response.extensions.get("network_stream")
+                    sock = stream.get_extra_info("socket") if stream is not None else None
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    else:
+                        response.close()
                 return
 
     thread = threading.Thread(target=watch_stop, name="rescat-watch-stop", daemon=True)

@@ -354,3 +354,32 @@ def test_client_watch_reconnects_after_the_service_restarts(
         assert not watcher.is_alive()
     assert got.empty()
     client.close()
+
+
+def test_cli_kv_watch_over_http(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    start = put(managed, "c/start", b"0")
+    with server_process(mongo_uri, database, "--log-level", "warning") as url:
+        proc = subprocess.Popen(
+            rescat_command(
+                "kv", "watch", "--server", url, ENV, "--prefix", "c/", "--since", str(start)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(RESCAT_TOKEN=token, RESCAT_MONGO_URI="mongodb://127.0.0.1:1/"),
+            cwd=REPO,
+            text=True,
+        )
+        try:
+            first = put(managed, "c/a", "é".encode())
+            gone = managed.delete_path(ENV, "c/a")
+            assert proc.stdout is not None
+            lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    data = "é".encode()
+    assert lines[0]["type"] == "put" and lines[0]["key"] == "c/a"
+    assert lines[0]["revision"] == first and lines[0]["length"] == len(data)
+    assert lines[1] == {"type": "delete", "key": "c/a", "revision": gone}
