@@ -115,14 +115,21 @@ class EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             # A comment first: the client knows the watch is open (its read is done).
             await send(_body(b": open\n\n"))
-            async with anyio.create_task_group() as group:
-                _streams.add(group.cancel_scope)
-                try:
-                    group.start_soon(_until_disconnect, receive, group.cancel_scope)
-                    await self._forward(receiver, send)
-                    group.cancel_scope.cancel()
-                finally:
-                    _streams.discard(group.cancel_scope)
+            try:
+                async with anyio.create_task_group() as group:
+                    _streams.add(group.cancel_scope)
+                    try:
+                        group.start_soon(_until_disconnect, receive, group.cancel_scope)
+                        await self._forward(receiver, send)
+                        group.cancel_scope.cancel()
+                    finally:
+                        _streams.discard(group.cancel_scope)
+            except Exception as failed:  # a task group's ExceptionGroup: unwrap its one failure
+                inner = getattr(failed, "exceptions", None)
+                if inner and len(inner) == 1 and isinstance(inner[0], Exception):
+                    # The client gone, or the stream broken: the app classifies it.
+                    raise inner[0] from None
+                raise
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

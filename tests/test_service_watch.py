@@ -28,6 +28,7 @@ from catalog.errors import RequestExpiredError
 from catalog.kv import KVStore
 from catalog.mongod import free_port
 from catalog.tokens import TokenStore
+from service import routes_watch
 from service.app import create_app
 from service.client import CatalogClient
 from service.routes_watch import open_watches
@@ -274,8 +275,13 @@ def change_streams(client: MongoClient[Any], database: str) -> int:
 
 
 def test_a_client_disconnect_frees_the_server_side(
-    managed: ManagedStorage, mongo_client: MongoClient[Any], database: str
+    managed: ManagedStorage,
+    mongo_client: MongoClient[Any],
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(routes_watch, "HEARTBEAT", 0.2)
+
     def threads() -> int:
         return sum(t.name == "rescat-watch" for t in threading.enumerate())
 
@@ -287,6 +293,8 @@ def test_a_client_disconnect_frees_the_server_side(
         path = f"/v1/environments/{ENV}/watch"
         opened = [open_stream(http, path, prefix=f"p{i}/") for i in range(3)]
         for i, stream in enumerate(opened):
+            assert next(stream) == ": keep-alive"  # after HEARTBEAT seconds of silence
+            assert next(stream) == ""
             put(managed, f"p{i}/k", b"v")
             assert next(stream).startswith("id: ")
         assert open_watches() == 3 and threads() == base_threads + 3
