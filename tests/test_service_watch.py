@@ -246,6 +246,14 @@ def test_since_older_than_the_history_kept_is_410(
         events = list(client.watch(ENV, prefix="t/", since=first, stop=stop))
         assert [e["type"] for e in events] == ["put", "delete"]
         assert events[0]["revision"] == second
+        # A reconnecting EventSource's Last-Event-ID resumes like since.
+        resumed = httpx.get(
+            url + path,
+            params={"prefix": "t/", "timeout": "1"},
+            headers=headers | {"last-event-id": str(first)},
+        )
+        assert f"id: {second}\nevent: put" in resumed.text
+        assert resumed.text.count("id: ") == 2
         # Retention trims everything older than now: the floor is the last revision trimmed.
         hist.trim([managed.paths, managed.history], 0)
         floor = hist.floor(managed.db, ENV)
