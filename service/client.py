@@ -522,9 +522,11 @@ class CatalogClient:
                             yield event
                             if stop is not None and stop.is_set():
                                 return
-            except (httpx.TransportError, httpx.StreamError, ServiceUnavailableError) as exc:
+            except (httpx.TransportError, httpx.StreamError, ServiceError) as exc:
                 if stop is not None and stop.is_set():
                     return
+                if isinstance(exc, ServiceError) and not _retryable(exc):
+                    raise
                 now = time.monotonic()
                 down_since = now if down_since is None else down_since
                 if now - down_since > reconnect_for:
@@ -555,6 +557,11 @@ def _object_url(env: str, path: str) -> str:
     check_path(path)
     encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
     return _env_url(env, "resources", encoded)
+
+
+def _retryable(exc: ServiceError) -> bool:
+    """A failure of the service or of what is in front of it (5xx), not of the request."""
+    return exc.code == "unavailable" or int(getattr(exc, "status", 0) or 0) >= 500
 
 
 # Events a watch remembers to drop when a reconnect replays them.
