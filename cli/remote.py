@@ -251,7 +251,6 @@ def token_revoke(ctx: Context, token_id: str) -> None:
     click.echo(f"rescat: revoked token {token_id}", err=True)
 
 
-# -- upload / download (HTTP only) ----------------------------------------------
 def _server_class() -> Any:
     import uvicorn
 
@@ -267,6 +266,7 @@ def _server_class() -> Any:
     return Server
 
 
+# -- upload / download (HTTP only) ----------------------------------------------
 def _server_options(fn: Any) -> Any:
     fn = click.option(
         "--token",
