@@ -1,6 +1,6 @@
 """KV benchmark: catalog.kv against raw pymongo single-document operations, in one run.
 
-    python -m bench.kv [--threads 16] [--seconds 2] [--rounds 3] [--etcd-url URL]
+    python -m bench.kv [--threads 16] [--seconds 2] [--rounds 3] [--etcd-url URL] [--http]
 
 Four workloads, each run by --threads client threads in this process, every
 thread on keys of its own (no contention: this measures cost, not conflicts):
@@ -19,26 +19,40 @@ ratios last (throughput ratio: higher is better; latency ratio: lower is
 better). With --etcd-url the same workloads also run against etcd's HTTP/JSON
 gateway (`/v3/kv/put`, `/v3/kv/range`, `/v3/kv/txn`, `/v3/watch`) with httpx,
 and rescat/etcd ratios are printed too.
+
+With --http the same workloads also run over HTTP against a `rescat serve`
+subprocess on loopback (the `http` rows), one httpx client per thread: PUT and
+GET of the key's path; CAS as GET (its `X-Revision`) then PUT with
+`If-Match: "<revision>"` (skipped, and said so, when the service sends no
+`X-Revision`: revision CAS is not in that build); watch as one SSE stream
+(`GET .../watch?key=K`) per thread, the latency from the start of the PUT to
+its event. http/pymongo and http/etcd ratios are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import functools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import blake3
 import httpx
 from pymongo import MongoClient, WriteConcern
 
 from bench.mongo import throwaway_mongod
 from catalog import ManagedStorage
 from catalog.kv import KVStore
+from catalog.mongod import free_port
 from storage import GridFSStorage
 
 VALUE_BYTES = 128
@@ -311,13 +325,153 @@ class Etcd:
             client.close()
 
 
+class RescatHttp:
+    """rescat over HTTP: a `rescat serve` subprocess, one httpx client per thread."""
+
+    name = "http"
+
+    def __init__(self, url: str, env: str) -> None:
+        self.url = url
+        self.env = env
+        self.local = threading.local()
+        self.clients: list[httpx.Client] = []
+        self.watchers: list[Any] = []
+        self.cas_supported: bool | None = None
+        self.lock = threading.Lock()
+
+    def _http(self) -> httpx.Client:
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = httpx.Client(base_url=self.url, timeout=30)
+            self.local.client = client
+            with self.lock:
+                self.clients.append(client)
+        return client
+
+    def _path(self, key: str) -> str:
+        return f"/v1/environments/{self.env}/resources/{key}"
+
+    def _put(self, key: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        answer = self._http().put(self._path(key), content=data, headers=headers)
+        if answer.status_code != 201:
+            raise RuntimeError(f"PUT {key}: {answer.status_code} {answer.text}")
+
+    def _get(self, key: str) -> httpx.Response:
+        answer = self._http().get(self._path(key))
+        if answer.status_code != 200:
+            raise RuntimeError(f"GET {key}: {answer.status_code}")
+        return answer
+
+    def put(self, n: int) -> Callable[[int], None]:
+        return lambda i: self._put(f"put/{n}/{i % 16}", value(n, i))
+
+    def get(self, n: int) -> Callable[[int], None]:
+        for j in range(16):
+            self._put(f"get/{n}/{j}", value(n, j))
+
+        def op(i: int) -> None:
+            self._get(f"get/{n}/{i % 16}")
+
+        return op
+
+    def cas(self, n: int) -> Callable[[int], None] | None:
+        key = f"cas/{n}"
+        self._put(key, value(n, 0))
+        if self._get(key).headers.get("x-revision") is None:
+            self.cas_supported = False
+            return None  # no revision CAS in this build of the service
+        self.cas_supported = True
+
+        def op(i: int) -> None:
+            revision = self._get(key).headers["x-revision"]
+            self._put(key, value(n, i), {"if-match": f'"{revision}"'})
+
+        return op
+
+    def watch(self, n: int) -> Callable[[int], float]:
+        key = f"watch/{n}"
+        self._put(key, value(n, -1))
+        client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(60.0, connect=10.0))
+        request = client.build_request(
+            "GET", f"/v1/environments/{self.env}/watch", params={"key": key}
+        )
+        response = client.send(request, stream=True)
+        self.watchers.append((client, response))
+        lines = response.iter_lines()
+        if next(lines) != ": open":  # the watch has read its key: changes from now on come
+            raise RuntimeError("the watch did not open")
+
+        def hashes() -> Iterator[str]:
+            for line in lines:
+                if line.startswith("data:"):
+                    yield str(json.loads(line[5:])["hash"])
+
+        stream = hashes()
+
+        def op(i: int) -> float:
+            data = value(n, i)
+            digest = blake3.blake3(data).hexdigest()
+            start = time.perf_counter()
+            self._put(key, data)
+            for seen in stream:
+                if seen == digest:
+                    return time.perf_counter() - start
+            raise RuntimeError("the HTTP watch ended")
+
+        return op
+
+    def close(self) -> None:
+        for client, response in self.watchers:
+            response.close()
+            client.close()
+        for client in self.clients:
+            client.close()
+
+
+@contextlib.contextmanager
+def rescat_serve(uri: str, database: str) -> Iterator[str]:
+    """`rescat serve --no-auth` on a free loopback port (stopped by its PID afterwards)."""
+    port = free_port()
+    command = [
+        sys.executable, "-c", "from cli.main import main; main()",
+        "--mongo-uri", uri, "--database", database,
+        "serve", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("rescat serve did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 # -- main -----------------------------------------------------------------------------------
-def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[str, float]:
-    return run_threads(threads, seconds, getattr(system, workload))
+def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[str, float] | None:
+    """The workload's figures, or None when the system cannot run it (see RescatHttp.cas)."""
+    ops = [getattr(system, workload)(n) for n in range(threads)]
+    if any(op is None for op in ops):
+        return None
+    return run_threads(threads, seconds, lambda n: ops[n])
 
 
 def main() -> None:
@@ -326,15 +480,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--etcd-url", default=None, help="e.g. http://127.0.0.1:2379")
+    parser.add_argument("--http", action="store_true", help="also over HTTP (rescat serve)")
     args = parser.parse_args()
 
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    with throwaway_mongod() as uri:
-        for _ in range(args.rounds):
+    skipped: set[tuple[str, str]] = set()
+    with throwaway_mongod() as uri, contextlib.ExitStack() as stack:
+        url = stack.enter_context(rescat_serve(uri, "bench_kv_http")) if args.http else None
+        for round_no in range(args.rounds):
             makers: list[Callable[[], Any]] = [
                 lambda: RawMongo(uri, args.threads),
                 lambda: Rescat(uri, args.threads),
             ]
+            if url is not None:
+                makers.append(functools.partial(RescatHttp, url, f"bench{round_no}"))
             if args.etcd_url:
                 makers.append(lambda: Etcd(args.etcd_url, args.threads))
             for make in makers:
@@ -342,9 +501,15 @@ def main() -> None:
                 try:
                     for workload in WORKLOADS:
                         result = measure(system, workload, args.threads, args.seconds)
+                        if result is None:
+                            skipped.add((system.name, workload))
+                            continue
                         results.setdefault(system.name, {}).setdefault(workload, []).append(result)
                 finally:
                     system.close()
+        if url is not None:
+            with contextlib.suppress(Exception):
+                MongoClient(uri).drop_database("bench_kv_http")
 
     def med(name: str, workload: str, field: str) -> float:
         return statistics.median(r[field] for r in results[name][workload])
@@ -355,23 +520,30 @@ def main() -> None:
     )
     for name in results:
         for workload in WORKLOADS:
+            if workload not in results[name]:
+                print(f"   {name:<8} {workload:<6} skipped (revision CAS not in this service)")
+                continue
             print(
                 f"   {name:<8} {workload:<6} {med(name, workload, 'ops_s'):9.0f} ops/s"
                 f"   p50 {med(name, workload, 'p50_ms'):7.2f} ms"
                 f"   p99 {med(name, workload, 'p99_ms'):7.2f} ms"
             )
     ratios: dict[str, float] = {}
-    for other in [n for n in results if n != "rescat"]:
-        for workload in WORKLOADS:
-            if workload == "watch":
-                ratio = med("rescat", workload, "p50_ms") / med(other, workload, "p50_ms")
-                label = f"rescat/{other} watch p50 latency (lower is better)"
-            else:
-                ratio = med("rescat", workload, "ops_s") / med(other, workload, "ops_s")
-                label = f"rescat/{other} {workload} ops/s (higher is better)"
-            ratios[f"{other}_{workload}"] = ratio
-            print(f"{label:<54} {ratio:7.3f}x")
-    print(json.dumps({"results": results, "ratios": ratios}))
+    subjects = [n for n in ("rescat", "http") if n in results]
+    for subject in subjects:
+        for other in [n for n in results if n not in subjects]:
+            for workload in WORKLOADS:
+                if workload not in results[subject] or workload not in results[other]:
+                    continue
+                if workload == "watch":
+                    ratio = med(subject, workload, "p50_ms") / med(other, workload, "p50_ms")
+                    label = f"{subject}/{other} watch p50 latency (lower is better)"
+                else:
+                    ratio = med(subject, workload, "ops_s") / med(other, workload, "ops_s")
+                    label = f"{subject}/{other} {workload} ops/s (higher is better)"
+                ratios[f"{subject}_{other}_{workload}"] = ratio
+                print(f"{label:<54} {ratio:7.3f}x")
+    print(json.dumps({"results": results, "ratios": ratios, "skipped": sorted(skipped)}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,30 @@ from pymongo.collection import Collection
 from catalog.clock import aware, utcnow
 
 DEFAULT_HISTORY_DAYS = 30.0
+# Per environment, the largest revision that retention has removed (`{_id: env, rev}`):
+# changes after it are all still known (catalog.pathevents replays them).
+FLOOR_COLLECTION = "history_floor"
+
+
+def floor(db: Any, env_uuid: str) -> int:
+    """The largest revision of `env_uuid` trimmed from the history (0: none)."""
+    doc = db[FLOOR_COLLECTION].find_one({"_id": env_uuid}, {"rev": 1})
+    return int(doc["rev"]) if doc is not None else 0
+
+
+def _raise_floors(collection: Collection[Any], cutoff: datetime.datetime) -> None:
+    """Before trimming events older than cutoff: each environment's floor is raised to them."""
+    trimmed = collection.aggregate(
+        [
+            {"$match": {"events.at": {"$lt": cutoff}}},
+            {"$unwind": "$events"},
+            {"$match": {"events.at": {"$lt": cutoff}, "events.state": {"$ne": "pending"}}},
+            {"$group": {"_id": "$env", "rev": {"$max": "$events.revision"}}},
+        ]
+    )
+    floors = collection.database[FLOOR_COLLECTION]
+    for row in trimmed:
+        floors.update_one({"_id": row["_id"]}, {"$max": {"rev": int(row["rev"] or 0)}}, upsert=True)
 
 
 def start_upload(
@@ -131,6 +155,7 @@ def trim(collections: list[Collection[Any]], days: float) -> int:
     cutoff = utcnow() - datetime.timedelta(days=days)
     changed = 0
     for collection in collections:
+        _raise_floors(collection, cutoff)
         done = collection.update_many(
             {"events.at": {"$lt": cutoff}},
             {"$pull": {"events": {"at": {"$lt": cutoff}, "state": {"$ne": "pending"}}}},

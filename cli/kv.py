@@ -166,22 +166,56 @@ def kv_rm(ctx: Context, env: str, key: str, recursive: bool) -> None:
 @click.argument("env")
 @click.argument("key", required=False)
 @click.option("--prefix", default=None, help="Watch every key at or under this prefix.")
+@click.option(
+    "--server",
+    envvar="RESCAT_SERVER",
+    default=None,
+    help="Watch over HTTP through this service (env RESCAT_SERVER) instead of MongoDB.",
+)
+@click.option("--token", envvar="RESCAT_TOKEN", default=None, help="Bearer token (with --server).")
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --server: first the changes after this revision.",
+)
 @pass_ctx
-def kv_watch(ctx: Context, env: str, key: str | None, prefix: str | None) -> None:
+def kv_watch(
+    ctx: Context,
+    env: str,
+    key: str | None,
+    prefix: str | None,
+    server: str | None,
+    token: str | None,
+    since: int | None,
+) -> None:
     """Print one JSON line per change of KEY (or under --prefix) until Ctrl-C.
 
     The first line is the current state. For a key: {"type":"put",...} or
     {"type":"delete","key"}; for a prefix: {"type":"list","prefix","items":[...]}
     with the whole list after each change.
 
+    With --server the watch runs over HTTP (the service's /watch stream) and
+    prints one line per change, for a key and for a prefix alike (a plain
+    string prefix there): {"type":"put","key","revision","hash","length",
+    "value","value_base64"} (the value when it is still the current one) or
+    {"type":"delete","key","revision"}; no line for the state before. It
+    reconnects by itself and resumes from the last revision printed.
+
     \b
     Example:
       rescat kv watch team-a config/db
       rescat kv watch team-a --prefix config
+      rescat kv watch --server http://catalog:8470 team-a --prefix config/
     """
     check_env(env)
     if (key is None) == (prefix is None):
         raise click.UsageError("give either KEY or --prefix P")
+    if server is not None:
+        _watch_http(server, token, env, key, prefix, since)
+        return
+    if since is not None:
+        raise click.UsageError("--since needs --server")
     store = KVStore(ctx.managed, env)
     try:
         if key is not None:
@@ -200,3 +234,37 @@ def kv_watch(ctx: Context, env: str, key: str | None, prefix: str | None) -> Non
         pass  # Ctrl-C ends a watch normally
     finally:
         store.close()
+
+
+def _watch_http(
+    server: str, token: str | None, env: str, key: str | None, prefix: str | None, since: int | None
+) -> None:
+    """`kv watch --server`: CatalogClient.watch, one JSON line per event."""
+    import blake3
+
+    from catalog.errors import NotFoundError
+    from service.client import CatalogClient
+
+    name = clean_key(key) if key is not None else None
+    with CatalogClient(server, token) as client:
+        try:
+            for event in client.watch(env, key=name, prefix=prefix, since=since):
+                if event["type"] == "delete":
+                    _line({"type": "delete", "key": event["path"], "revision": event["revision"]})
+                    continue
+                line: dict[str, Any] = {
+                    "type": "put",
+                    "key": event["path"],
+                    "revision": event["revision"],
+                    "hash": event["hash"],
+                    "length": event["length"],
+                }
+                with contextlib.suppress(NotFoundError):
+                    data = client.read(env, event["path"])
+                    if blake3.blake3(data).hexdigest() == event["hash"]:
+                        line["value_base64"] = base64.b64encode(data).decode("ascii")
+                        with contextlib.suppress(UnicodeDecodeError):
+                            line["value"] = data.decode("utf-8")
+                _line(line)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends a watch normally

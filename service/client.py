@@ -17,9 +17,12 @@ import contextlib
 import glob
 import heapq
 import io
+import json
 import math
 import os
+import socket
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -34,6 +37,7 @@ import httpx
 from catalog.errors import (
     CatalogError,
     HashMismatchError,
+    InvalidPathError,
     LengthMismatchError,
     NotFoundError,
     OffsetMismatchError,
@@ -665,6 +669,88 @@ class CatalogClient:
                 f"{method} {url}: the service sent no JSON", status=response.status_code
             ) from None
 
+    # -- watch (Server-Sent Events) -----------------------------------------------------
+    def watch(
+        self,
+        env: str,
+        *,
+        key: str | None = None,
+        prefix: str | None = None,
+        since: int | None = None,
+        stop: threading.Event | None = None,
+        reconnect_for: float = 60.0,
+    ) -> Iterator[dict[str, Any]]:
+        """Changes of `key` (or of the paths starting with `prefix`) as they happen.
+
+        Yields `{"type": "put", "path", "hash", "length", "revision"}` and
+        `{"type": "delete", "path", "revision"}`. With `since`, the changes after
+        that revision come first (RequestExpiredError when the service no longer
+        keeps them). When the connection drops or the service restarts, it
+        reconnects with the last revision received as `since`, so nothing is
+        lost; an event seen again after a reconnect is not yielded twice. Gives
+        up with ServiceUnavailableError after `reconnect_for` seconds without a
+        connection. Ends when `stop` is set (promptly, even while waiting).
+        """
+        url = _env_url(env, "watch")
+        if key is not None and prefix is not None:
+            raise InvalidPathError("give key or prefix, not both")
+        params: dict[str, str] = {}
+        if key is not None:
+            params["key"] = check_path(key)
+        elif prefix is not None:
+            params["prefix"] = check_prefix(prefix)
+        last = since
+        recent: deque[tuple[str, int]] = deque()
+        seen: set[tuple[str, int]] = set()
+        down_since: float | None = None
+        delay = 0.1
+        # A heartbeat comes every 15 s: a silent connection past this is dead.
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        while stop is None or not stop.is_set():
+            query = dict(params)
+            if last is not None:
+                query["since"] = str(last)
+            try:
+                with self._http.stream("GET", url, params=query, timeout=timeout) as response:
+                    _raise_for(response)
+                    down_since, delay = None, 0.1
+                    with _closed_on(stop, response):
+                        for event in _sse_events(response.iter_lines()):
+                            mark = (str(event.get("path", "")), int(event["revision"]))
+                            if mark in seen:
+                                continue
+                            seen.add(mark)
+                            recent.append(mark)
+                            if len(recent) > _WATCH_DEDUPE:
+                                seen.discard(recent.popleft())
+                            last = mark[1]
+                            yield event
+                            if stop is not None and stop.is_set():
+                                return
+            except (httpx.TransportError, httpx.StreamError, ServiceError) as exc:
+                if stop is not None and stop.is_set():
+                    return
+                if isinstance(exc, ServiceError) and not _retryable(exc):
+                    raise
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now - down_since > reconnect_for:
+                    raise ServiceUnavailableError(
+                        f"{self.base_url}: the watch could not reconnect: {exc}",
+                        code="unavailable",
+                    ) from exc
+            except Exception:
+                if stop is not None and stop.is_set():
+                    return  # closed under the read by stop
+                raise
+            # The stream ended (or broke): reconnect from the last revision received.
+            if stop is not None:
+                if stop.wait(delay):
+                    return
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
 
 # -- helpers ------------------------------------------------------------------------
 def _env_url(env: str, *parts: str) -> str:
@@ -724,6 +810,60 @@ def _resumable_failure(exc: CatalogError) -> bool:
     if isinstance(exc, (OffsetMismatchError, UploadPendingError, ServiceUnavailableError)):
         return True
     return isinstance(exc, ServiceError) and exc.status in (408, 429, 502, 503, 504)
+
+
+def _retryable(exc: ServiceError) -> bool:
+    """A failure of the service or of what is in front of it (5xx), not of the request."""
+    return exc.code == "unavailable" or int(getattr(exc, "status", 0) or 0) >= 500
+
+
+# Events a watch remembers to drop when a reconnect replays them.
+_WATCH_DEDUPE = 4096
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON data of each Server-Sent Event (comments and other fields skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield json.loads("\n".join(data))
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+
+
+@contextlib.contextmanager
+def _closed_on(stop: threading.Event | None, response: httpx.Response) -> Iterator[None]:
+    """While inside, `response` is closed as soon as `stop` is set (a blocked read ends)."""
+    if stop is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch_stop() -> None:
+        while not done.is_set():
+            if stop.wait(0.1):
+                # Closing a socket does not wake a thread blocked reading it; shutting it down does.
+                with contextlib.suppress(Exception):
+                    stream = response.extensions.get("network_stream")
+                    sock = stream.get_extra_info("socket") if stream is not None else None
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    else:
+                        response.close()
+                return
+
+    thread = threading.Thread(target=watch_stop, name="rescat-watch-stop", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _raise_for(response: httpx.Response) -> None:

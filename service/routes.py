@@ -53,6 +53,7 @@ from service.routes_blob import BLOB_ROUTES
 from service.routes_remote import LIST_QUERY, REMOTE_ROUTES, ListPageOut
 from service.routes_remote import list_resources as list_page
 from service.routes_uploads import UPLOAD_ROUTES
+from service.routes_watch import WATCH_ROUTES
 from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
@@ -494,5 +495,6 @@ ROUTES: tuple[Endpoint[Any], ...] = (
     ),
     *REMOTE_ROUTES,
     *UPLOAD_ROUTES,  # resumable uploads and signed URLs (service.routes_uploads)
+    *WATCH_ROUTES,
 )
 ROUTES += BLOB_ROUTES  # a path's history (service.routes_blob)

@@ -250,6 +250,17 @@ def config(
 def run(app: Any, sock: socket.socket, limits: Limits, *, log_level: str = "info") -> None:
     """Serve `app` on the bound socket `sock` until interrupted."""
     host, port = sock.getsockname()[:2]
-    uvicorn.Server(config(app, limits, host=host, port=port, log_level=log_level)).run(
-        sockets=[sock]
-    )
+    _Server(config(app, limits, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, ending the never-ending watch streams when it begins to shut down.
+
+    Without this, uvicorn waits out its graceful timeout for every open SSE watch.
+    """
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        from service.routes_watch import end_watches
+
+        end_watches()
+        await super().shutdown(sockets)

@@ -1,0 +1,254 @@
+"""Put and delete events of an environment's paths: replayed from history, then live.
+
+The HTTP watch (`GET /v1/environments/{env}/watch`) sends these. An event is
+`{"type": "put", "path", "hash", "length", "revision"}` or
+`{"type": "delete", "path", "revision"}`.
+
+Like the KV watches (catalog.kv), `PathEvents` takes the server's operation
+time before its first read and opens its change stream there
+(catalog.changes.PathChanges), so nothing is lost between the read and the
+stream; a change the read already covers is dropped by revision: per path, an
+event is sent only if its revision is above every revision already sent or
+read for that path (dedupe by path and revision).
+
+* `since=None`: only changes after the read.
+* `since=R`: first the changes with a revision above R, from the history
+  (the path documents' `events` and `path_history`, which outlive the oplog),
+  in revision order; then live. 410 `request_expired` (RequestExpiredError)
+  when events above R may have been trimmed: R is below the environment's
+  history floor (the largest revision that retention by age has removed,
+  recorded by `catalog.history.trim`), or a path whose kept events are at the
+  per-document cap starts above R.
+
+A deletion's revision is the `path_history` entry that closed the path: the
+first closing entry (`delete`, or `move` away) above the deleted document's
+last revision. A TTL key that expires is sent as a delete when it is deleted
+(gc's `reclaim_expired`), not at the moment it stops being readable.
+
+Across different paths, events come in the order their changes committed,
+which for concurrent writers can differ from revision order; for one path they
+are always in revision order.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any
+
+from catalog import history
+from catalog.changes import PathChanges
+from catalog.errors import RequestExpiredError
+from catalog.pathdocs import EVENTS_CAP
+
+# A watch following at most this many path documents has the server filter their changes.
+FOCUS_MAX = 1000
+_CLOSING = {"$or": [{"event": "delete"}, {"event": "move", "to": {"$exists": True}}]}
+
+
+def _closing(event: dict[str, Any]) -> bool:
+    kind = event.get("event")
+    return kind == "delete" or (kind == "move" and "to" in event)
+
+
+def put_event(path: str, hash: str, length: int, revision: int) -> dict[str, Any]:
+    return {"type": "put", "path": path, "hash": hash, "length": length, "revision": revision}
+
+
+def delete_event(path: str, revision: int) -> dict[str, Any]:
+    return {"type": "delete", "path": path, "revision": revision}
+
+
+class PathEvents:
+    """Events of the paths of `env_uuid` equal to `key`, or starting with `prefix`.
+
+    `next()` returns the next event, or None after ~await_seconds with nothing
+    new (so a caller can check whether to stop). `close()` ends the change stream.
+    """
+
+    def __init__(
+        self,
+        managed: Any,
+        env_uuid: str,
+        *,
+        prefix: str = "",
+        key: str | None = None,
+        since: int | None = None,
+        await_seconds: float = 0.25,
+    ) -> None:
+        self._managed = managed
+        self._env = env_uuid
+        self._key = key
+        self._prefix = prefix
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._docs: dict[Any, dict[str, Any]] = {}  # path document id -> path, hash, length, rev
+        self._seen: dict[str, int] = {}  # path -> the largest revision sent or read
+        self._changes = PathChanges(managed, env_uuid, await_seconds=await_seconds, defer=True)
+        try:
+            self._start(since)
+        except BaseException:
+            self._changes.close()
+            raise
+
+    # -- the first read (and the replay) ---------------------------------------------------
+    def _match(self) -> dict[str, Any]:
+        if self._key is not None:
+            return {"path": self._key}
+        if self._prefix:
+            return {"path": {"$regex": "^" + re.escape(self._prefix)}}
+        return {}
+
+    def _follows(self, path: str) -> bool:
+        if self._key is not None:
+            return path == self._key
+        return path.startswith(self._prefix)
+
+    def _start(self, since: int | None) -> None:
+        managed = self._managed
+        if since is not None:
+            floor = history.floor(managed.db, self._env)
+            if since < floor:
+                raise RequestExpiredError(
+                    f"{self._env}: the history kept starts after revision {floor}; "
+                    f"changes since {since} are no longer known"
+                )
+        query = {"env": self._env, **self._match()}
+        fields = {"path": 1, "hash": 1, "length": 1, "rev": 1}
+        if since is not None:
+            fields["events"] = 1
+        replay: list[dict[str, Any]] = []
+        for doc in managed.paths.find(query, fields):
+            rev = int(doc.get("rev", 0))
+            self._docs[doc["_id"]] = {
+                "path": doc["path"],
+                "hash": doc.get("hash", ""),
+                "length": int(doc.get("length", 0)),
+                "rev": rev,
+            }
+            self._saw(doc["path"], rev)
+            if since is not None:
+                replay.extend(self._replayed(doc, since, EVENTS_CAP))
+        if since is not None:
+            gone = {**query, "events.revision": {"$gt": since}}
+            for doc in managed.history.find(gone, {"path": 1, "events": 1}):
+                replay.extend(self._replayed(doc, since, EVENTS_CAP * 4))
+            replay.sort(key=lambda e: e["revision"])
+            sent: set[tuple[str, int]] = set()
+            for event in replay:
+                mark = (event["path"], event["revision"])
+                if mark not in sent:
+                    sent.add(mark)
+                    self._queue.append(event)
+                    self._saw(event["path"], event["revision"])
+        self._focus()
+
+    def _replayed(self, doc: dict[str, Any], since: int, cap: int) -> list[dict[str, Any]]:
+        """The events of one path or history document above `since`; 410 if some were cut."""
+        events = [e for e in doc.get("events") or [] if int(e.get("revision") or 0) > 0]
+        if len(doc.get("events") or []) >= cap and events:
+            oldest = min(int(e["revision"]) for e in events)
+            if oldest > since:
+                raise RequestExpiredError(
+                    f"{self._env}: {doc['path']!r} kept only its last {cap} events; "
+                    f"changes since {since} are no longer known"
+                )
+        out: list[dict[str, Any]] = []
+        for e in events:
+            rev = int(e["revision"])
+            if rev <= since or e.get("event") == "upload":
+                continue
+            if _closing(e):
+                out.append(delete_event(doc["path"], rev))
+            else:
+                out.append(put_event(doc["path"], str(e.get("hash", "")), int(e["length"]), rev))
+        return out
+
+    def _saw(self, path: str, rev: int) -> None:
+        if rev > self._seen.get(path, 0):
+            self._seen[path] = rev
+
+    def _focus(self) -> None:
+        ids = sorted(self._docs)
+        self._changes.focus(ids if len(ids) <= FOCUS_MAX else None)
+
+    # -- live --------------------------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        """True once the environment's database is gone: no more events will come."""
+        return self._changes.ended and not self._queue
+
+    def next(self) -> dict[str, Any] | None:
+        if self._queue:
+            return self._queue.popleft()
+        event = self._changes.next()
+        if event is not None:
+            self._apply(event)
+        return self._queue.popleft() if self._queue else None
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if event["revision"] > self._seen.get(event["path"], 0):
+            self._seen[event["path"]] = event["revision"]
+            self._queue.append(event)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        if event.get("ns", {}).get("coll") != self._managed.paths.name:
+            return  # new inline content: the KV watches' concern
+        op = event.get("operationType")
+        doc_id = (event.get("documentKey") or {}).get("_id")
+        if op in ("insert", "replace"):
+            full = event.get("fullDocument") or {}
+            path = str(full.get("path", ""))
+            if full.get("env") != self._env or not self._follows(path):
+                return
+            doc: dict[str, Any] = {
+                "path": path,
+                "hash": str(full.get("hash", "")),
+                "length": int(full.get("length", 0)),
+                "rev": int(full.get("rev", 0)),
+            }
+            known = doc_id in self._docs
+            self._docs[doc_id] = doc
+            if not known:
+                self._focus()
+            self._emit(put_event(path, doc["hash"], doc["length"], doc["rev"]))
+        elif op == "update":
+            current = self._docs.get(doc_id)
+            if current is None:
+                return
+            updated = (event.get("updateDescription") or {}).get("updatedFields") or {}
+            for name in ("hash", "length", "rev"):
+                if name in updated:
+                    current[name] = updated[name]
+            if "rev" in updated:
+                rev = int(updated["rev"])
+                self._emit(
+                    put_event(current["path"], str(current["hash"]), int(current["length"]), rev)
+                )
+        elif op == "delete":
+            gone = self._docs.pop(doc_id, None)
+            if gone is None:
+                return
+            self._focus()
+            self._emit(delete_event(gone["path"], self._deletion(gone["path"], int(gone["rev"]))))
+
+    def _deletion(self, path: str, rev: int) -> int:
+        """The revision of the deletion of `path` at revision `rev` (its history's entry)."""
+        found = self._managed.history.find_one(
+            {"env": self._env, "path": path},
+            {"events": {"$elemMatch": {"revision": {"$gt": rev}, **_CLOSING}}, "last_rev": 1},
+        )
+        if found is None:
+            return rev + 1  # the history went (trimmed): still after the last put
+        events = found.get("events") or []
+        if events:
+            return int(events[0]["revision"])
+        return max(int(found.get("last_rev", 0)), rev + 1)
+
+    def close(self) -> None:
+        self._changes.close()
+
+    def __enter__(self) -> PathEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

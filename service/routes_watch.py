@@ -1,0 +1,337 @@
+"""The watch route: a Server-Sent Events stream of an environment's path changes.
+
+`GET /v1/environments/{env}/watch?prefix=P` (or `?key=K`) sends one event per
+change after the connection opened, as `catalog.pathevents.PathEvents` makes
+them; `?since=R` (or a reconnecting EventSource's `Last-Event-ID`) first
+replays the changes after revision R. Each event is
+
+    id: <revision>
+    event: put | delete
+    data: {"type", "path", "hash", "length", "revision"}   (a delete: type, path, revision)
+
+and a comment line (`: keep-alive`) goes every HEARTBEAT seconds so that
+proxies keep an idle stream open. `timeout` (seconds) and `max_events` end the
+stream early (bounded examples, tests, one-shot polls).
+
+The change stream is read by a blocking loop on a thread of its own (one per
+watch), bridged to the response through a bounded memory stream: a slow client
+holds the loop back (backpressure) instead of filling memory. The response
+listens for the client's disconnect; then, or when the stream ends, the loop
+is told to stop, ends within the change stream's await time (0.25 s) and
+closes its change stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from catalog.errors import BadRequestError, InvalidPathError
+from catalog.names import check_path, check_prefix
+from catalog.pathevents import PathEvents
+from service.routing import Answer, Ctx, Endpoint, Param
+from service.schemas import PATH_SCHEMA, PREFIX_SCHEMA
+
+__all__ = ["WATCH_ROUTES", "end_watches", "open_watches"]
+
+HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle stream
+BUFFER = 64  # events between the change-stream loop and the response
+MAX_TIMEOUT = 86400.0
+
+_open = 0
+_open_lock = threading.Lock()
+# The cancel scopes of the streams being sent, so that a server shutting down ends them.
+_streams: set[anyio.CancelScope] = set()
+
+
+def open_watches() -> int:
+    """Watches whose change-stream loop is running in this process (for tests and metrics)."""
+    return _open
+
+
+def end_watches() -> None:
+    """End every watch stream of this process cleanly (call on the event loop at shutdown).
+
+    A server waits for open responses before it stops; an SSE stream never
+    ends by itself, so `rescat serve` calls this when it begins to shut down:
+    each stream ends, and its client reconnects (to another instance, or to
+    this one once it is back) from the last revision it received.
+    """
+    for scope in list(_streams):
+        scope.cancel()
+
+
+def _count(delta: int) -> None:
+    global _open
+    with _open_lock:
+        _open += delta
+
+
+class EventStream(Response):
+    """An SSE response fed by a PathEvents on a thread of its own; ends on disconnect."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, events: PathEvents, *, timeout: float | None, max_events: int | None
+    ) -> None:
+        super().__init__(
+            status_code=200,
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            media_type=self.media_type,
+        )
+        # A stream: no Content-Length (the base class sets one for its empty body).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.events = events
+        self.timeout = timeout
+        self.max_events = max_events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sender, receiver = anyio.create_memory_object_stream[dict[str, Any] | BaseException](BUFFER)
+        stop = threading.Event()
+        token = anyio.lowlevel.current_token()
+        _count(1)
+        thread = threading.Thread(
+            target=_pump, args=(self.events, sender, stop, token), name="rescat-watch", daemon=True
+        )
+        try:
+            thread.start()
+        except BaseException:
+            _count(-1)
+            self.events.close()
+            raise
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            # A comment first: the client knows the watch is open (its read is done).
+            await send(_body(b": open\n\n"))
+            try:
+                async with anyio.create_task_group() as group:
+                    _streams.add(group.cancel_scope)
+                    try:
+                        group.start_soon(_until_disconnect, receive, group.cancel_scope)
+                        await self._forward(receiver, send)
+                        group.cancel_scope.cancel()
+                    finally:
+                        _streams.discard(group.cancel_scope)
+            except Exception as failed:  # a task group's ExceptionGroup: unwrap its one failure
+                inner = getattr(failed, "exceptions", None)
+                if inner and len(inner) == 1 and isinstance(inner[0], Exception):
+                    # The client gone, or the stream broken: the app classifies it.
+                    raise inner[0] from None
+                raise
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            stop.set()
+            receiver.close()
+
+    async def _forward(
+        self, receiver: MemoryObjectReceiveStream[dict[str, Any] | BaseException], send: Send
+    ) -> None:
+        sent = 0
+        deadline = math.inf if self.timeout is None else anyio.current_time() + self.timeout
+        while self.max_events is None or sent < self.max_events:
+            wait = min(HEARTBEAT, deadline - anyio.current_time())
+            if wait <= 0:
+                return
+            item: dict[str, Any] | BaseException | None = None
+            with anyio.move_on_after(wait):
+                try:
+                    item = await receiver.receive()
+                except anyio.EndOfStream:
+                    return
+            if item is None:
+                if anyio.current_time() < deadline:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b": keep-alive\n\n",
+                            "more_body": True,
+                        }
+                    )
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            await send(_body(frame(item)))
+            sent += 1
+
+
+def _body(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+def frame(event: dict[str, Any]) -> bytes:
+    """One SSE event: the revision as its id, the type as its name, the JSON as its data."""
+    data = json.dumps(event, separators=(",", ":"))
+    return f"id: {event['revision']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+
+
+async def _until_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _pump(
+    events: PathEvents,
+    sender: MemoryObjectSendStream[dict[str, Any] | BaseException],
+    stop: threading.Event,
+    token: Any,
+) -> None:
+    """The change-stream loop: events into `sender` until stop is set or the reader is gone."""
+    try:
+        with events:
+            while not stop.is_set() and not events.ended:
+                item = events.next()
+                if item is not None:
+                    anyio.from_thread.run(sender.send, item, token=token)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+        pass  # the response ended (client gone) or the event loop stopped
+    except Exception as exc:  # the stream broke for good: the response reports it
+        with contextlib.suppress(Exception):
+            anyio.from_thread.run(sender.send, exc, token=token)
+    finally:
+        _count(-1)
+        with contextlib.suppress(Exception):
+            anyio.from_thread.run_sync(sender.close, token=token)
+
+
+# -- the route -------------------------------------------------------------------------------
+def _query(ctx: Ctx[None]) -> dict[str, str]:
+    raw: bytes = ctx.request.scope.get("query_string", b"")
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidPathError("the query string is not valid UTF-8") from None
+    return dict(pairs)
+
+
+def _revision(value: str, name: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or len(text) > 20:
+        raise BadRequestError(f"{name} must be a revision (a non-negative integer), not {value!r}")
+    return int(text)
+
+
+def _number(value: str, name: str, *, integer: bool, top: float) -> float:
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a number, not {value!r}") from None
+    if not (0 < number <= top):
+        raise BadRequestError(f"{name} must be above 0 and at most {top:g}, not {value!r}")
+    return number
+
+
+async def watch(ctx: Ctx[None]) -> Response:
+    env = ctx.params["env"]
+    query = _query(ctx)
+    key = query.get("key")
+    prefix = query.get("prefix")
+    if key is not None and prefix is not None:
+        raise BadRequestError("give key or prefix, not both")
+    key = check_path(key) if key is not None else None
+    prefix = check_prefix(prefix or "")
+    since: int | None = None
+    if "since" in query:
+        since = _revision(query["since"], "since")
+    elif ctx.request.headers.get("last-event-id"):
+        since = _revision(ctx.request.headers["last-event-id"], "Last-Event-ID")
+    timeout = (
+        _number(query["timeout"], "timeout", integer=False, top=MAX_TIMEOUT)
+        if "timeout" in query
+        else None
+    )
+    max_events = (
+        int(_number(query["max_events"], "max_events", integer=True, top=2**31))
+        if "max_events" in query
+        else None
+    )
+    events = await ctx.app.sync(
+        lambda: PathEvents(ctx.app.managed, env, prefix=prefix, key=key, since=since)
+    )
+    if ctx.method == "HEAD":
+        events.close()
+        return Response(status_code=200, media_type=EventStream.media_type)
+    return EventStream(events, timeout=timeout, max_events=max_events)
+
+
+KEY = Param(
+    "key",
+    "query",
+    "Watch this one path (exactly); not with `prefix`.",
+    PATH_SCHEMA,
+    error="invalid_path",
+)
+WATCH_PREFIX = Param(
+    "prefix",
+    "query",
+    "Watch the paths that start with this plain string (as the list's prefix).",
+    PREFIX_SCHEMA,
+    error="invalid_path",
+)
+SINCE = Param(
+    "since",
+    "query",
+    "First replay the changes after this revision, from the kept history (410 "
+    "request_expired when it is older than what is kept), then go on live.",
+    {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    error="bad_request",
+)
+TIMEOUT = Param(
+    "timeout",
+    "query",
+    "End the stream after this many seconds (default: never).",
+    {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": MAX_TIMEOUT},
+    error="bad_request",
+)
+MAX_EVENTS = Param(
+    "max_events",
+    "query",
+    "End the stream after this many events (default: never).",
+    {"type": "integer", "minimum": 1, "maximum": 2**31},
+    error="bad_request",
+)
+LAST_EVENT_ID = Param(
+    "Last-Event-ID",
+    "header",
+    "A reconnecting EventSource's last event id (a revision): like `since` when "
+    "`since` is not given.",
+    {"type": "string", "pattern": "^[0-9]{1,19}$"},
+    error="bad_request",
+)
+
+WATCH_ROUTES: tuple[Endpoint[Any], ...] = (
+    Endpoint(
+        ("GET",),
+        "/v1/environments/{env}/watch",
+        watch,
+        "Watch changes of paths (Server-Sent Events): puts and deletes with their revisions",
+        (
+            Answer(
+                200,
+                "A text/event-stream of `put` and `delete` events; each event's id is its "
+                'revision and its data `{"type","path","hash","length","revision"}` (a '
+                "delete: type, path, revision). A comment every 15 s keeps it alive.",
+                media=("text/event-stream",),
+            ),
+        ),
+        errors=("bad_request", "request_expired"),
+        query=(KEY, WATCH_PREFIX, SINCE, TIMEOUT, MAX_EVENTS),
+        headers=(LAST_EVENT_ID,),
+        tag="kv",
+    ),
+)

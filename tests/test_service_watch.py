@@ -1,0 +1,401 @@
+"""The HTTP watch (Server-Sent Events) against a real `rescat serve`, and CatalogClient.watch.
+
+Order and fields of puts and deletes, a replay with `since` joined to the live
+stream without gap or duplicate while a writer keeps writing, two service
+instances, 410 once the history was trimmed, the server side freed on
+disconnect, and the client reconnecting across a service restart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from catalog import ManagedStorage
+from catalog import history as hist
+from catalog.errors import RequestExpiredError
+from catalog.kv import KVStore
+from catalog.mongod import free_port
+from catalog.tokens import TokenStore
+from service import routes_watch
+from service.app import create_app
+from service.client import CatalogClient
+from service.routes_watch import open_watches
+from tests.test_service_support import (
+    REPO,
+    ServerThread,
+    cli_env,
+    rescat_command,
+    server_process,
+    wait_until,
+)
+
+ENV = "watched"
+Event = dict[str, Any]
+
+
+@pytest.fixture
+def database(managed: ManagedStorage) -> str:
+    return str(managed.db.name)
+
+
+@pytest.fixture
+def token(managed: ManagedStorage) -> str:
+    return TokenStore(managed.db).create(env=ENV)[0]
+
+
+def put(managed: ManagedStorage, path: str, data: bytes) -> int:
+    return managed.put_path(ENV, path, io.BytesIO(data), len(data)).revision
+
+
+def collect(
+    client: CatalogClient, into: queue.Queue[Event], stop: threading.Event, **kwargs: Any
+) -> threading.Thread:
+    def run() -> None:
+        try:
+            for event in client.watch(ENV, stop=stop, **kwargs):
+                into.put(event)
+        except Exception as exc:  # surfaced by the test
+            into.put({"error": repr(exc)})
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def take(into: queue.Queue[Event], count: int, timeout: float = 30.0) -> list[Event]:
+    out: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        event = into.get(timeout=max(deadline - time.monotonic(), 0.01))
+        assert "error" not in event, event
+        out.append(event)
+    return out
+
+
+def open_stream(http: httpx.Client, url: str, **params: Any) -> Iterator[str]:
+    """Lines of an SSE response, returned once its `: open` comment says the watch is open."""
+
+    def lines() -> Iterator[str]:
+        with http.stream("GET", url, params=params) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            it = response.iter_lines()
+            assert next(it) == ": open" and next(it) == ""
+            yield ""
+            yield from it
+
+    stream = lines()
+    next(stream)
+    return stream
+
+
+def test_events_in_revision_order_with_their_fields(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    with server_process(mongo_uri, database, "--log-level", "warning") as url:
+        headers = {"authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            path = f"/v1/environments/{ENV}/watch"
+            lines = open_stream(http, path, prefix="cfg/", max_events=4)
+            wrote = [
+                ("put", "cfg/a", put(managed, "cfg/a", b"one")),
+                ("put", "other", put(managed, "other", b"x")),  # not under the prefix
+                ("put", "cfg/a", put(managed, "cfg/a", b"two!")),
+                ("put", "cfg/b", put(managed, "cfg/b", b"three")),
+                ("delete", "cfg/a", managed.delete_path(ENV, "cfg/a")),
+            ]
+            text = "\n".join(lines).strip()  # the stream ends after max_events
+            frames = [f for f in text.split("\n\n") if f.strip()]
+            events = []
+            for chunk in frames:
+                fields = dict(line.split(": ", 1) for line in chunk.split("\n"))
+                data = json.loads(fields["data"])
+                assert fields["id"] == str(data["revision"]) and fields["event"] == data["type"]
+                events.append(data)
+            expected = [(k, p, r) for k, p, r in wrote if p.startswith("cfg/")]
+            assert [(e["type"], e["path"], e["revision"]) for e in events] == expected
+            revisions = [e["revision"] for e in events]
+            assert revisions == sorted(revisions)
+            two = managed.stat_for_environment(ENV, "cfg/b")
+            assert events[2] == {
+                "type": "put",
+                "path": "cfg/b",
+                "hash": two.hash,
+                "length": 5,
+                "revision": two.revision,
+            }
+            assert events[1]["length"] == 4 and events[3] == {
+                "type": "delete",
+                "path": "cfg/a",
+                "revision": wrote[4][2],
+            }
+            # A key watch, the token rules, and parameters refused before any stream.
+            lines = open_stream(http, path, key="cfg/b", max_events=1)
+            put(managed, "cfg/bb", b"not this one")
+            rev = put(managed, "cfg/b", b"this one")
+            assert f"id: {rev}" in "\n".join(lines)
+            assert httpx.get(url + path).status_code == 401
+            other = TokenStore(managed.db).create(env="elsewhere")[0]
+            r = httpx.get(url + path, headers={"authorization": f"Bearer {other}"})
+            assert r.status_code == 403
+            for params in ({"since": "x"}, {"key": "a", "prefix": "b"}, {"timeout": "0"}):
+                r = http.get(path, params=params)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+            assert http.get(path, params={"key": "../x"}).status_code == 400
+            assert http.head(path).status_code == 200
+
+
+def test_since_replays_then_continues_live_without_gap_or_duplicate(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    written: list[tuple[str, int]] = []  # (path, revision) of every change, deletes included
+    done = threading.Event()
+    store = KVStore(managed, ENV)
+
+    def writer() -> None:
+        i = 0
+        while not done.is_set() and i < 600:
+            key = f"w/{i % 7}"
+            if i % 5 == 4:
+                written.append((key, managed.delete_path(ENV, key)))
+            else:
+                written.append((key, store.put(key, f"v{i}".encode()).last_index))
+            i += 1
+
+    for i in range(7):  # every key exists before the writer starts deleting
+        written.append((f"w/{i}", store.put(f"w/{i}", b"start").last_index))
+    thread = threading.Thread(target=writer, daemon=True)
+    with server_process(mongo_uri, database, "--log-level", "warning") as url:
+        client = CatalogClient(url, token)
+        thread.start()
+        assert wait_until(lambda: len(written) > 60)
+        since = written[40][1]
+        got: queue.Queue[Event] = queue.Queue()
+        stop = threading.Event()
+        watcher = collect(client, got, stop, prefix="w/", since=since)
+        time.sleep(1.0)  # the writer goes on while the watch replays and joins the stream
+        done.set()
+        thread.join(30)
+        expected = [(p, r) for p, r in written if r > since]
+        events = take(got, len(expected), timeout=60)
+        stop.set()
+        watcher.join(10)
+        client.close()
+    store.close()
+    received = [(e["path"], e["revision"]) for e in events]
+    assert len(set(received)) == len(received), "a duplicate"
+    assert sorted(received, key=lambda x: x[1]) == sorted(expected, key=lambda x: x[1])
+    assert got.empty(), got.get()
+    for key in {p for p, _ in expected}:  # each path's events come in revision order
+        revs = [r for p, r in received if p == key]
+        assert revs == sorted(revs)
+    deletes = set(written[11::5])  # the writer's i % 5 == 4, after the 7 first puts
+    assert all(managed.history.find_one({"env": ENV, "events.revision": r}) for _, r in deletes)
+    kinds = {(e["path"], e["revision"]): e["type"] for e in events}
+    assert {kinds[d] for d in deletes if d in kinds} == {"delete"}
+    assert {t for m, t in kinds.items() if m not in deletes} == {"put"}
+
+
+def test_write_through_one_instance_watch_through_the_other(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    with (
+        server_process(mongo_uri, database, "--log-level", "warning") as one,
+        server_process(mongo_uri, database, "--log-level", "warning") as two,
+        CatalogClient(one, token) as writer,
+        CatalogClient(two, token) as reader,
+    ):
+        start = put(managed, "x/start", b"0")
+        got: queue.Queue[Event] = queue.Queue()
+        stop = threading.Event()
+        watcher = collect(reader, got, stop, prefix="x/", since=start)
+        results = [writer.upload(ENV, f"x/{i}", io.BytesIO(f"n{i}".encode())) for i in range(5)]
+        writer.remove(ENV, "x/0")
+        events = take(got, 6)
+        stop.set()
+        watcher.join(10)
+    assert [e["path"] for e in events] == ["x/0", "x/1", "x/2", "x/3", "x/4", "x/0"]
+    assert [e["hash"] for e in events[:5]] == [r.hash for r in results]
+    assert events[5]["type"] == "delete"
+
+
+def test_since_older_than_the_history_kept_is_410(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    first = put(managed, "t/a", b"1")
+    second = put(managed, "t/a", b"2")
+    managed.delete_path(ENV, "t/a")
+    with server_process(mongo_uri, database, "--log-level", "warning") as url:
+        client = CatalogClient(url, token)
+        path = f"/v1/environments/{ENV}/watch"
+        headers = {"authorization": f"Bearer {token}"}
+        stop = threading.Event()
+        threading.Timer(3.0, stop.set).start()
+        events = list(client.watch(ENV, prefix="t/", since=first, stop=stop))
+        assert [e["type"] for e in events] == ["put", "delete"]
+        assert events[0]["revision"] == second
+        # A reconnecting EventSource's Last-Event-ID resumes like since.
+        resumed = httpx.get(
+            url + path,
+            params={"prefix": "t/", "timeout": "1"},
+            headers=headers | {"last-event-id": str(first)},
+        )
+        assert f"id: {second}\nevent: put" in resumed.text
+        assert resumed.text.count("id: ") == 2
+        # Retention trims everything older than now: the floor is the last revision trimmed.
+        hist.trim([managed.paths, managed.history], 0)
+        floor = hist.floor(managed.db, ENV)
+        assert floor > second
+        r = httpx.get(url + path, params={"since": first}, headers=headers)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "request_expired"
+        r = httpx.get(url + path, params={"since": first}, headers=headers | {"last-event-id": "1"})
+        assert r.status_code == 410
+        with pytest.raises(RequestExpiredError):
+            next(iter(client.watch(ENV, since=first)))
+        r = httpx.get(url + path, params={"since": floor, "timeout": "0.5"}, headers=headers)
+        assert r.status_code == 200 and "id:" not in r.text
+        client.close()
+
+
+def change_streams(client: MongoClient[Any], database: str) -> int:
+    """Change-stream cursors open on `database` (running or idle)."""
+    count = 0
+    for op in client.admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}]):
+        command = op.get("cursor", {}).get("originatingCommand") or op.get("command") or {}
+        pipeline = command.get("pipeline") or []
+        if op.get("ns", "").split(".")[0] == database and any(
+            "$changeStream" in stage for stage in pipeline
+        ):
+            count += 1
+    return count
+
+
+def test_a_client_disconnect_frees_the_server_side(
+    managed: ManagedStorage,
+    mongo_client: MongoClient[Any],
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(routes_watch, "HEARTBEAT", 0.2)
+
+    def threads() -> int:
+        return sum(t.name == "rescat-watch" for t in threading.enumerate())
+
+    base_streams, base_threads = change_streams(mongo_client, database), threads()
+    with (
+        ServerThread(create_app(managed, auth=False)) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as http,
+    ):
+        path = f"/v1/environments/{ENV}/watch"
+        opened = [open_stream(http, path, prefix=f"p{i}/") for i in range(3)]
+        for i, stream in enumerate(opened):
+            assert next(stream) == ": keep-alive"  # after HEARTBEAT seconds of silence
+            assert next(stream) == ""
+            put(managed, f"p{i}/k", b"v")
+            assert next(stream).startswith("id: ")
+        assert open_watches() == 3 and threads() == base_threads + 3
+        assert wait_until(lambda: change_streams(mongo_client, database) == base_streams + 3)
+        for stream in opened:
+            stream.close()  # closes the response: the client goes away
+        assert wait_until(lambda: open_watches() == 0 and threads() == base_threads, 10)
+        assert wait_until(lambda: change_streams(mongo_client, database) == base_streams, 10)
+
+
+@contextmanager
+def serve_on(port: int, mongo_uri: str, database: str) -> Iterator[str]:
+    proc = subprocess.Popen(
+        rescat_command(
+            "--mongo-uri",
+            mongo_uri,
+            "--database",
+            database,
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+        cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), 30)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_client_watch_reconnects_after_the_service_restarts(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    port = free_port()
+    start = put(managed, "r/start", b"0")
+    got: queue.Queue[Event] = queue.Queue()
+    stop = threading.Event()
+    with serve_on(port, mongo_uri, database) as url:
+        client = CatalogClient(url, token)
+        watcher = collect(client, got, stop, prefix="r/", since=start)
+        before = [put(managed, f"r/{i}", b"a") for i in range(3)]
+        assert [e["revision"] for e in take(got, 3)] == before
+    during = [put(managed, f"r/{i}", b"b") for i in range(3)]  # while the service is down
+    with serve_on(port, mongo_uri, database):
+        after = [put(managed, f"r/{i}", b"c") for i in range(3)]
+        assert [e["revision"] for e in take(got, 6)] == during + after
+        stop.set()
+        watcher.join(10)
+        assert not watcher.is_alive()
+    assert got.empty()
+    client.close()
+
+
+def test_cli_kv_watch_over_http(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    start = put(managed, "c/start", b"0")
+    with server_process(mongo_uri, database, "--log-level", "warning") as url:
+        proc = subprocess.Popen(
+            rescat_command(
+                "kv", "watch", "--server", url, ENV, "--prefix", "c/", "--since", str(start)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(RESCAT_TOKEN=token, RESCAT_MONGO_URI="mongodb://127.0.0.1:1/"),
+            cwd=REPO,
+            text=True,
+        )
+        try:
+            first = put(managed, "c/a", "é".encode())
+            gone = managed.delete_path(ENV, "c/a")
+            assert proc.stdout is not None
+            lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    data = "é".encode()
+    assert lines[0]["type"] == "put" and lines[0]["key"] == "c/a"
+    assert lines[0]["revision"] == first and lines[0]["length"] == len(data)
+    assert lines[1] == {"type": "delete", "key": "c/a", "revision": gone}
