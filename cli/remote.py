@@ -97,6 +97,13 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help="info logs one JSON line per request on stderr.",
 )
+@click.option(
+    "--dedup-scope",
+    type=click.Choice(["global", "environment"]),
+    default=None,
+    help="environment: a put-request only finds content the same environment already "
+    "references (no cross-environment side channel). Default global, or $RESCAT_DEDUP_SCOPE.",
+)
 @blob_serve_options
 @pass_ctx
 def serve(
@@ -111,6 +118,7 @@ def serve(
     max_conns_per_client: int,
     token_cache: float,
     log_level: str,
+    dedup_scope: str | None,
     blob: BlobServe,
 ) -> None:
     """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
@@ -135,6 +143,8 @@ def serve(
     try:
         embedded = ctx.uses_embedded
         managed = ctx.managed
+        if dedup_scope is not None:
+            managed.dedup_scope = dedup_scope
         app = create_app(
             managed,
             auth=not no_auth,

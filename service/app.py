@@ -98,6 +98,9 @@ def _error_response(exc: CatalogError, status: int | None = None) -> Response:
     response.headers["x-rescat-error"] = exc.code  # for HEAD, whose errors have no body
     for key, value in headers_of(exc).items():
         response.headers[key] = value
+    retry_after = getattr(exc, "retry_after", None)  # a budget ran out (429)
+    if isinstance(retry_after, int) and "retry-after" not in response.headers:
+        response.headers["retry-after"] = str(retry_after)
     return response
 
 

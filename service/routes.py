@@ -479,7 +479,7 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         create_put_request,
         "Ask for a new path to content the service already has (dedup): a challenge",
         (Answer(201, "A proof-of-access challenge", ChallengeOut),),
-        errors=("invalid_path", "not_found", "upload_pending"),
+        errors=("invalid_path", "not_found", "upload_pending", "too_many_requests"),
         body=PutRequestBody,
         tag="proof of access",
     ),

@@ -35,7 +35,7 @@ class ReplicaSet:
     @property
     def uri(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-        return f"mongodb://{hosts}/?replicaSet={SET_NAME}&serverSelectionTimeoutMS=60000"
+        return f"mongodb://{hosts}/?replicaSet={SET_NAME}&serverSelectionTimeoutMS=120000"
 
     def start(self, i: int) -> None:
         dbpath = self.root / f"m{i}"
@@ -63,7 +63,7 @@ class ReplicaSet:
             serverSelectionTimeoutMS=2000,
         )
 
-    def primary(self, timeout: float = 60.0) -> int:
+    def primary(self, timeout: float = 120.0) -> int:
         """The index of the member that is writable primary now (waits for one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -49,7 +49,7 @@ def read_back(managed: ManagedStorage, env: str, path: str) -> bytes:
         reader.close()
 
 
-def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+def wait_for(predicate: Any, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -145,7 +145,7 @@ def test_step_down_under_concurrent_uploads(rs: ReplicaSet) -> None:
         threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
         for t in threads:
             t.start()
-        wait_for(lambda: len(acknowledged) >= 10, 60)
+        wait_for(lambda: len(acknowledged) >= 10)
         primary = rs.primary()
         # The step-down closes our own connection: its error says nothing.
         with rs.direct(primary) as direct, contextlib.suppress(Exception):

@@ -617,3 +617,14 @@ def test_one_structured_log_line_per_request(
     assert lines[1]["bytes_out"] == 5 and lines[1]["request_id"] == "req-42"
     assert lines[1]["route"] == "/v1/environments/{env}/resources/{path}"
     assert all("duration_ms" in line for line in lines)
+
+
+def test_proof_budget_answers_429_with_retry_after(http: httpx.Client) -> None:
+    data = os.urandom(50_000)
+    assert put(http, "owner", "orig", data).status_code == 201
+    body = {"path": "copy", "hash": h(data)}
+    for _ in range(10):  # the daily budget; unanswered challenges count
+        assert http.post("/v1/environments/thief/put-requests", json=body).status_code == 201
+    r = http.post("/v1/environments/thief/put-requests", json=body)
+    assert r.status_code == 429 and error_code(r) == "too_many_requests"
+    assert int(r.headers["retry-after"]) > 0
