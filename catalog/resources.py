@@ -147,56 +147,29 @@ class ResourceCatalog:
         digest = parse_hash(hash)
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise BadRequestError(f"invalid length: {length!r}")
-        collection = self.collection
-        while True:
-            now = utcnow()
-            history = [{"state": "created", "at": now}]
-            if uploading:
-                history.append({"state": "uploading", "at": now})
-            try:
-                doc = collection.find_one_and_update(
-                    {"hash": digest, "length": length},
-                    {
-                        "$inc": {"refcount": 1},
-                        "$set": {
-                            "updated_at": now,
-                            "lease_until": now + datetime.timedelta(seconds=self.lease),
-                        },
-                        "$setOnInsert": {
-                            "path": "",
-                            "state": PENDING,
-                            "created_at": now,
-                            "history": history,
-                        },
-                    },
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                    session=session,
-                )
-            except DuplicateKeyError:
-                other = self.collection.find_one({"hash": digest}, session=session)
-                if other is not None and other["length"] != length:
-                    raise LengthMismatchError(
-                        f"content {digest} is recorded with length {other['length']}, not {length}"
-                    ) from None
-                if session is not None:
-                    raise  # inside a transaction the whole transaction is retried
-                continue  # lost an upsert race: the entry exists now
-            assert doc is not None  # upsert with AFTER always returns the document
-            res = to_resource(doc)
-            return res, res.refcount == 1 and res.created_at == aware(now)
+        now = utcnow()
+        history = [{"state": "created", "at": now}]
+        if uploading:
+            history.append({"state": "uploading", "at": now})
+        on_insert = {"path": "", "state": PENDING, "created_at": now, "history": history}
+        doc = self._take_ref(digest, length, now, on_insert, session)
+        res = to_resource(doc)
+        return res, res.refcount == 1 and res.created_at == aware(now)
 
-    def acquire_inline(
-        self, digest: str, data: bytes, *, session: ClientSession | None = None
-    ) -> Resource:
-        """Take a reference to small content, storing its bytes in the entry if new.
+    def _take_ref(
+        self,
+        digest: str,
+        length: int,
+        now: datetime.datetime,
+        on_insert: dict[str, Any],
+        session: ClientSession | None,
+    ) -> dict[str, Any]:
+        """One atomic upsert: refcount += 1 and a fresh lease, the entry made if new.
 
-        One majority write whether the content is new or known: small content is
-        never pending, so nothing waits on an uploader and no lease is renewed.
+        The entry as it is after (without inline bytes); LengthMismatchError if the
+        hash is recorded with another length.
         """
-        length = len(data)
         while True:
-            now = utcnow()
             try:
                 doc = self.collection.find_one_and_update(
                     {"hash": digest, "length": length},
@@ -206,13 +179,7 @@ class ResourceCatalog:
                             "updated_at": now,
                             "lease_until": now + datetime.timedelta(seconds=self.lease),
                         },
-                        "$setOnInsert": {
-                            "path": INLINE,
-                            "data": Binary(data),
-                            "state": READY,
-                            "created_at": now,
-                            "history": [{"state": "created", "at": now}],
-                        },
+                        "$setOnInsert": on_insert,
                     },
                     upsert=True,
                     return_document=ReturnDocument.AFTER,
@@ -226,8 +193,30 @@ class ResourceCatalog:
                         f"content {digest} is recorded with length {other['length']}, not {length}"
                     ) from None
                 if session is not None:
-                    raise
-                continue
+                    raise  # inside a transaction the whole transaction is retried
+                continue  # lost an upsert race: the entry exists now
+            assert doc is not None  # upsert with AFTER always returns the document
+            return dict(doc)
+
+    def acquire_inline(
+        self, digest: str, data: bytes, *, session: ClientSession | None = None
+    ) -> Resource:
+        """Take a reference to small content, storing its bytes in the entry if new.
+
+        One majority write whether the content is new or known: small content is
+        never pending, so nothing waits on an uploader and no lease is renewed.
+        """
+        length = len(data)
+        while True:
+            now = utcnow()
+            on_insert = {
+                "path": INLINE,
+                "data": Binary(data),
+                "state": READY,
+                "created_at": now,
+                "history": [{"state": "created", "at": now}],
+            }
+            doc: dict[str, Any] | None = self._take_ref(digest, length, now, on_insert, session)
             assert doc is not None
             if doc.get("path", "") == "":
                 # A pending entry made through ResourceCatalog.put: complete it with our bytes.

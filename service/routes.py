@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import io
 from typing import Any, BinaryIO, cast
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -21,7 +21,6 @@ from swagger_ui_bundle import swagger_ui_path
 from catalog.errors import (
     BadRequestError,
     HashMismatchError,
-    InvalidPathError,
     LengthMismatchError,
     NotFoundError,
     PreconditionFailedError,
@@ -304,15 +303,6 @@ def _content_length(request: Request) -> int:
     if not value.isdigit() or len(value) > 19:
         raise BadRequestError(f"invalid Content-Length: {value!r}")
     return int(value)
-
-
-def _query(request: Request) -> dict[str, str]:
-    raw: bytes = request.scope.get("query_string", b"")
-    try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidPathError("the query string is not valid UTF-8") from None
-    return dict(pairs)
 
 
 def _docs_page() -> bytes:

@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import datetime
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from typing_extensions import NotRequired, TypedDict
 
 from catalog.clock import aware
-from catalog.errors import InvalidArgumentError, InvalidPathError
+from catalog.errors import InvalidArgumentError
 from catalog.listing import MAX_LIMIT, check_delimiter, list_page
 from catalog.managed import PathInfo
 from catalog.names import check_env, check_path, check_prefix
 from service.ranges import etag_for
-from service.routing import Answer, Ctx, Endpoint, Param
+from service.routing import Answer, Ctx, Endpoint, Param, query_params
 from service.schemas import (
     ENV_RULE,
     ENV_SCHEMA,
@@ -147,7 +146,7 @@ class PathInfoOut(TypedDict):
 # -- handlers ---------------------------------------------------------------------------
 async def list_resources(ctx: Ctx[None]) -> Response:
     env = ctx.params["env"]
-    query = _query(ctx.request)
+    query = query_params(ctx.request)
     prefix = check_prefix(query.get("prefix", ""))
     after = check_prefix(query.get("after", ""))
     delimiter = check_delimiter(query.get("delimiter"))
@@ -250,15 +249,6 @@ def _flag(name: str, value: str | None) -> bool:
     if value == "true":
         return True
     raise InvalidArgumentError(f"invalid {name} {value!r}: true or false")
-
-
-def _query(request: Request) -> dict[str, str]:
-    raw: bytes = request.scope.get("query_string", b"")
-    try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidPathError("the query string is not valid UTF-8") from None
-    return dict(pairs)
 
 
 # -- the rows ---------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import json
 import math
 import threading
 from typing import Any
-from urllib.parse import parse_qsl
 
 import anyio
 import anyio.from_thread
@@ -37,10 +36,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from catalog.errors import BadRequestError, InvalidPathError
+from catalog.errors import BadRequestError
 from catalog.names import check_path, check_prefix
 from catalog.pathevents import PathEvents
-from service.routing import Answer, Ctx, Endpoint, Param
+from service.routing import Answer, Ctx, Endpoint, Param, query_params
 from service.schemas import PATH_SCHEMA, PREFIX_SCHEMA
 
 __all__ = ["WATCH_ROUTES", "end_watches", "open_watches"]
@@ -210,15 +209,6 @@ def _pump(
 
 
 # -- the route -------------------------------------------------------------------------------
-def _query(ctx: Ctx[None]) -> dict[str, str]:
-    raw: bytes = ctx.request.scope.get("query_string", b"")
-    try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidPathError("the query string is not valid UTF-8") from None
-    return dict(pairs)
-
-
 def _revision(value: str, name: str) -> int:
     text = value.strip()
     if not text.isdigit() or len(text) > 20:
@@ -238,7 +228,7 @@ def _number(value: str, name: str, *, integer: bool, top: float) -> float:
 
 async def watch(ctx: Ctx[None]) -> Response:
     env = ctx.params["env"]
-    query = _query(ctx)
+    query = query_params(ctx.request)
     key = query.get("key")
     prefix = query.get("prefix")
     if key is not None and prefix is not None:

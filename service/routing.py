@@ -21,12 +21,15 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel
 from starlette.convertors import CONVERTOR_TYPES, Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import compile_path
+
+from catalog.errors import InvalidPathError
 
 if TYPE_CHECKING:
     from service.app import CallRecord, ServiceApp
@@ -277,3 +280,13 @@ def _guards(endpoints: Sequence[Endpoint[Any]]) -> list[Guard]:
                     pattern += "/" + re.escape(piece)
             guards[prefix] = Guard(re.compile(pattern + "(?:/|$)"), tuple(params))
     return list(guards.values())
+
+
+def query_params(request: Request) -> dict[str, str]:
+    """The query string as a dict; a query that is not UTF-8 is an invalid name (400)."""
+    raw: bytes = request.scope.get("query_string", b"")
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidPathError("the query string is not valid UTF-8") from None
+    return dict(pairs)
