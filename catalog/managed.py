@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import hmac
 import io
+import itertools
 import re
 import secrets
 import uuid
@@ -709,30 +710,51 @@ class ManagedStorage:
     ) -> dict[str, Any]:
         """Point a path at a resource we hold a reference to; the path document after.
 
-        A new path releases nothing, so one upsert that only ever inserts is
-        enough; repointing a path, which drops another reference, and every
-        conditional write run in a transaction.
+        One upsert is the commit point, with the write's condition in its query;
+        its pipeline keeps the resource the path held before in `prev_rid`, whose
+        reference is dropped after it. A crash between the two leaves a count one
+        too high, never too low (gc recounts it), so no transaction is needed.
+        Without pipelines (mongomock) the classic update runs through transact.
         """
         if not options.link:
             return {}
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
-        if options.if_match is None:
-            update = self._link_update(target, options)
-            query = {"env": env_uuid, "path": path, "resource_id": {"$exists": False}}
+        if not self._updates.pipelines:
+            return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
+        query: dict[str, Any] = {"env": env_uuid, "path": path}
+        if options.if_match is not None:
+            query.update(_match_query(options.if_match))
+            query["expires_at"] = {"$not": {"$lte": utcnow()}}
+        elif options.if_none_match:
+            query["$or"] = [{"resource_id": {"$exists": False}}, {"expires_at": {"$lte": utcnow()}}]
+        update = self._link_update(target, options)
+        for attempt in itertools.count():
             try:
                 doc = self.paths.find_one_and_update(
                     query,
                     update,
-                    upsert=True,
+                    upsert=options.if_match is None,
                     projection=NO_EVENTS,
                     return_document=ReturnDocument.AFTER,
                 )
+                break
             except DuplicateKeyError:
-                pass
-            else:
-                assert doc is not None  # an upsert returning AFTER always has one
-                return dict(doc)
-        return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
+                if options.if_none_match:
+                    raise PreconditionFailedError(f"{env_uuid}: {path!r} exists") from None
+                if attempt >= 5:
+                    raise
+                # two first writers of one path: the loser retries as an update
+        if doc is None:  # only a conditional update matches nothing
+            current = self.paths.find_one(self._live_query(env_uuid, path), {"rev": 1})
+            if current is None:
+                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
+            raise PreconditionFailedError(
+                f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+            )
+        old = doc.get("prev_rid")
+        if old is not None:
+            self._release(str(old))
+        return dict(doc)
 
     def _link_update(self, target: dict[str, Any], options: WriteOptions) -> Any:
         extra: dict[str, Any] = {}
