@@ -66,6 +66,7 @@ from catalog.proof import (
 from catalog.readleases import ReadLeases
 from catalog.resources import (
     DEFAULT_LEASE,
+    INLINE,
     READY,
     Resource,
     ResourceCatalog,
@@ -855,8 +856,8 @@ class ManagedStorage:
             deleted, storage_path = self._catalog.remove(rid, session=session)
         except NotFoundError:
             return
-        if deleted and storage_path:
-            doomed.append(storage_path)
+        if deleted and storage_path and storage_path != INLINE:
+            doomed.append(storage_path)  # inline bytes went with their entry
 
     def _release(self, rid: str) -> None:
         doomed: list[str] = []

@@ -287,28 +287,32 @@ class ResourceCatalog:
     def remove(self, id: str, *, session: ClientSession | None = None) -> tuple[bool, str]:
         """Drop one reference; delete the entry at zero. Returns (was_deleted, path).
 
-        Only a call that took a reference away succeeds (the others raise
-        NotFoundError), and the one that took the last deletes the entry with
-        find_one_and_delete, so the path it returns is the one recorded when the
-        entry went: an upload_complete that got in first is never forgotten.
+        The last reference is taken away by deleting the entry (one write, the
+        common case for unique content); any other by a decrement that only
+        matches above one. Each call that succeeds took exactly one reference,
+        the others raise NotFoundError, and the deleting call returns the path
+        recorded when the entry went: an upload_complete that got in first is
+        never forgotten.
         """
         oid = object_id(id)
-        doc = self.collection.find_one_and_update(
-            {"_id": oid, "refcount": {"$gt": 0}},
-            {"$inc": {"refcount": -1}, "$set": {"updated_at": utcnow()}},
-            return_document=ReturnDocument.AFTER,
-            projection={"data": 0},
-            session=session,
-        )
-        if doc is None:
-            raise NotFoundError(f"no resource with id {id}")
-        if doc["refcount"] <= 0:
+        while True:
             gone = self.collection.find_one_and_delete(
-                {"_id": oid, "refcount": {"$lte": 0}}, projection={"path": 1}, session=session
+                {"_id": oid, "refcount": 1}, projection={"path": 1}, session=session
             )
             if gone is not None:
                 return True, gone.get("path", "")
-        return False, doc.get("path", "")
+            doc = self.collection.find_one_and_update(
+                {"_id": oid, "refcount": {"$gt": 1}},
+                {"$inc": {"refcount": -1}, "$set": {"updated_at": utcnow()}},
+                projection={"path": 1},
+                session=session,
+            )
+            if doc is not None:
+                return False, doc.get("path", "")
+            # Neither matched: gone, at zero, or dropped to one between the two.
+            now = self.collection.find_one({"_id": oid}, {"refcount": 1}, session=session)
+            if now is None or now.get("refcount", 0) < 1:
+                raise NotFoundError(f"no resource with id {id}")
 
     # -- beyond the contract -------------------------------------------------
     def entry(self, id: str, *, session: ClientSession | None = None) -> Resource:
