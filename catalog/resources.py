@@ -13,24 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bson import Binary, ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, ReturnDocument, WriteConcern
+from pymongo import ASCENDING, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from catalog.clock import aware, utcnow
 from catalog.errors import (
     AlreadyExistsError,
     BadRequestError,
+    CatalogError,
     LengthMismatchError,
     NotFoundError,
     UploadPendingError,
 )
+from catalog.groupcommit import GroupCommit
 from catalog.names import parse_hash
 
 PENDING = "pending"
@@ -76,6 +79,16 @@ def _history_push(state: str, at: datetime.datetime) -> dict[str, Any]:
     return {"history": {"$each": [{"state": state, "at": at}], "$slice": -HISTORY_LIMIT}}
 
 
+@dataclass(frozen=True)
+class _RefAsk:
+    """One _take_ref waiting to be batched (see ResourceCatalog.take_refs)."""
+
+    digest: str
+    length: int
+    now: datetime.datetime
+    on_insert: dict[str, Any]
+
+
 def to_resource(doc: dict[str, Any]) -> Resource:
     def when(key: str) -> datetime.datetime | None:
         value = doc.get(key)
@@ -117,6 +130,11 @@ class ResourceCatalog:
         self.lease = lease
         self.collection.create_index([("hash", ASCENDING)], unique=True)
         self.collection.create_index([("path", ASCENDING)])
+        # References to small content taken by many threads at once go in one
+        # command (not in mongomock, whose bulk writes lag pymongo's).
+        self.ref_batches: GroupCommit[_RefAsk, dict[str, Any] | None] | None = None
+        if not type(db.client).__module__.startswith("mongomock"):
+            self.ref_batches = GroupCommit(self.take_refs)
 
     # -- the contract ---------------------------------------------------------
     def put(
@@ -216,8 +234,11 @@ class ResourceCatalog:
                 "created_at": now,
                 "history": [{"state": "created", "at": now}],
             }
-            doc: dict[str, Any] | None = self._take_ref(digest, length, now, on_insert, session)
-            assert doc is not None
+            doc: dict[str, Any] | None = None
+            if session is None and self.ref_batches is not None:
+                doc = self.ref_batches.submit(_RefAsk(digest, length, now, on_insert))
+            if doc is None:
+                doc = self._take_ref(digest, length, now, on_insert, session)
             if doc.get("path", "") == "":
                 # A pending entry made through ResourceCatalog.put: complete it with our bytes.
                 doc = self.collection.find_one_and_update(
@@ -236,6 +257,73 @@ class ResourceCatalog:
             if res.inline:
                 res = dataclasses.replace(res, data=data)
             return res
+
+    def take_refs(self, asks: Sequence[_RefAsk]) -> list[dict[str, Any] | None]:
+        """_take_ref for many asks in one bulk write; each one's entry after, or None.
+
+        None: that ask took nothing (it raced another first writer of its hash,
+        or its hash is recorded with another length) and is to be retried alone.
+        Asks for one hash are one upsert adding their count. An error of the
+        whole write is raised for every ask: as with a single failed write, a
+        reference may or may not have been taken, and only ever one too many,
+        which gc recounts once its lease runs out.
+        """
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, ask in enumerate(asks):
+            groups.setdefault((ask.digest, ask.length), []).append(i)
+        keys = list(groups)
+        ops = []
+        for digest, length in keys:
+            first = asks[groups[digest, length][0]]
+            ops.append(
+                UpdateOne(
+                    {"hash": digest, "length": length},
+                    {
+                        "$inc": {"refcount": len(groups[digest, length])},
+                        "$set": {
+                            "updated_at": first.now,
+                            "lease_until": first.now + datetime.timedelta(seconds=self.lease),
+                        },
+                        "$setOnInsert": first.on_insert,
+                    },
+                    upsert=True,
+                )
+            )
+        try:
+            upserted = dict(self.collection.bulk_write(ops, ordered=False).upserted_ids or {})
+            failed: set[int] = set()
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
+            failed = {e["index"] for e in exc.details["writeErrors"] if e.get("code") == 11000}
+            if len(failed) != len(exc.details["writeErrors"]):
+                raise
+        docs: dict[int, dict[str, Any]] = {}
+        for k, oid in upserted.items():
+            digest, length = keys[k]
+            first = asks[groups[digest, length][0]]
+            docs[k] = {
+                "_id": oid,
+                "hash": digest,
+                "length": length,
+                "refcount": len(groups[digest, length]),
+                "updated_at": first.now,
+                "lease_until": first.now + datetime.timedelta(seconds=self.lease),
+                **{f: v for f, v in first.on_insert.items() if f != "data"},
+            }
+        matched = [k for k in range(len(keys)) if k not in upserted and k not in failed]
+        if matched:
+            by_hash = {keys[k][0]: k for k in matched}
+            for doc in self.collection.find({"hash": {"$in": list(by_hash)}}, {"data": 0}):
+                docs[by_hash[doc["hash"]]] = dict(doc)
+            if len(docs) != len(upserted) + len(matched):
+                raise CatalogError("an entry we hold a reference to is gone")
+        out: list[dict[str, Any] | None] = [None] * len(asks)
+        for k, key in enumerate(keys):
+            for i in groups[key]:
+                out[i] = docs.get(k)
+        return out
 
     def read_inline(self, id: str, *, session: ClientSession | None = None) -> bytes:
         doc = self.collection.find_one({"_id": object_id(id)}, {"data": 1}, session=session)
