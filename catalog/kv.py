@@ -297,8 +297,8 @@ class KVStore:
 
         Only an optimisation: the database decides every condition. Threads of
         one process racing on a key would otherwise each take a content
-        reference and run a transaction that mostly loses; in turn, the losers
-        fail on the cheap revision read below.
+        reference for a conditional write that mostly loses; in turn, the
+        losers fail on the cheap revision read below.
         """
         return self._stripes[hash(key) % len(self._stripes)]
 
