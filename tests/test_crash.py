@@ -153,3 +153,38 @@ def test_kill_9_during_a_streamed_put(
     # An insert already sent when the client died may still land: >=.
     assert report["orphan_chunks"] >= written and report["entries"] == 0
     assert_nothing_stored(db)
+
+
+_DIE_AFTER_LINK = """
+import io, os, signal, sys
+from catalog import connect
+ms = connect(sys.argv[1], sys.argv[2], lease=float(sys.argv[3]))
+ms.put_for_environment("env", "p", io.BytesIO(os.urandom(int(sys.argv[4]))))
+# Die between a replace's commit point (the path's upsert) and the release of
+# what the path held before, as a kill -9 landing there would.
+ms._release = lambda rid: os.kill(os.getpid(), signal.SIGKILL)
+ms.put_for_environment("env", "p", io.BytesIO(b"new small"))
+"""
+
+
+@pytest.mark.parametrize("old_size", [100, MiB], ids=["inline", "gridfs"])
+def test_kill_9_between_a_replace_and_its_release(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage, old_size: int
+) -> None:
+    """The replace stands; the count left one too high is fsck's to see and gc's to fix."""
+    args = [mongo_uri, db.name, str(LEASE), str(old_size)]
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_AFTER_LINK, *args], capture_output=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    reader, _ = managed.get_for_environment("env", "p")
+    assert reader.read() == b"new small"  # the commit point was passed
+    time.sleep(LEASE + GRACE + 1.5)  # the old entry's lease, then gc's grace
+    assert fsck(managed, grace=0).kinds() == {"refcount_mismatch"}
+    assert gc(managed, grace=GRACE).entries == 1
+    assert fsck(managed, grace=0).clean
+    (entry,) = db["catalog"].find({})  # the old content went, with its bytes
+    assert bytes(entry["data"]) == b"new small"
+    assert db["resources.files"].count_documents({}) == 0
+    reader, _ = managed.get_for_environment("env", "p")
+    assert reader.read() == b"new small"
