@@ -193,7 +193,7 @@ def cli(
 REMOTE_COMMANDS = (
     "upload",
     "download",
-    *("put", "get", "rm", "mv", "cp", "ls", "stat", "sync"),  # with server_options
+    *("put", "get", "rm", "mv", "cp", "ls", "stat", "sync", "history"),  # with server_options
 )
 
 # Where a setting came from, closest last: a closer one wins.

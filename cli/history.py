@@ -22,7 +22,7 @@ from catalog import gc as gc_sweep
 from catalog import history as path_history
 from catalog.errors import NotFoundError
 from catalog.managed import ManagedStorage
-from cli.app import Context, cli, pass_ctx
+from cli.app import Context, cli, pass_ctx, server_options
 from cli.completion import complete_env, complete_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 @click.argument("env", shell_complete=complete_env)
 @click.argument("path", shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help='Print {"items": [...]} as the HTTP route.')
+@server_options
 @pass_ctx
 def history(ctx: Context, env: str, path: str, as_json: bool) -> None:
     """Show every operation on PATH, oldest first (also after it was deleted).
@@ -44,8 +45,12 @@ def history(ctx: Context, env: str, path: str, as_json: bool) -> None:
     Example:
       rescat history team-a charms/app.tar
       rescat history team-a charms/app.tar --json
+      rescat history --server http://catalog:8470 team-a charms/app.tar
     """
-    items = path_history.items(ctx.managed.history_for_environment(env, path))
+    if ctx.http is not None:
+        items = ctx.http.history(env, path)
+    else:
+        items = path_history.items(ctx.managed.history_for_environment(env, path))
     if not items:
         raise NotFoundError(f"{env}: no history for {path!r}", path=path)
     if as_json:

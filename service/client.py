@@ -86,6 +86,11 @@ class ServiceUnavailableError(ServiceError):
     """The service cannot be reached (connection refused, reset, timed out)."""
 
 
+# A path's history items, as `GET .../history/{path}` sends them (the class's
+# own `list` method shadows the builtin inside it).
+History = list[dict[str, Any]]
+
+
 class CatalogClient:
     """A client of one rescat service. `base_url` is the service root (no /v1)."""
 
@@ -148,6 +153,12 @@ class CatalogClient:
         buffer = io.BytesIO()
         self.download(env, path, buffer)
         return buffer.getvalue()
+
+    def history(self, env: str, path: str) -> History:
+        """Every operation on a path, oldest first (NotFoundError if it never had one)."""
+        url = _env_url(env, "history", _encoded(path))
+        items: History = self._json("GET", url)["items"]
+        return items
 
     def request_put(self, env: str, path: str, hash: str) -> dict[str, Any]:
         """POST a put request: {"request_id", "ranges", "expires_at"} (NotFoundError if unknown)."""

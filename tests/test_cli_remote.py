@@ -139,6 +139,8 @@ def test_each_command_over_http_equals_the_database(
         ["stat", "team-a", "charms/moved.tar"],
         ["stat", "team-a", "charms/moved.tar", "--json"],
         ["get", "team-a", "charms/copied.tar"],
+        ["history", "team-a", "charms/moved.tar"],
+        ["history", "team-a", "charms/again.tar", "--json"],  # moved away: still kept
     ]
     for args in reads:
         assert ok(run(web, *args)) == ok(run(db_env, *args)), args
