@@ -25,6 +25,7 @@ import datetime
 import hmac
 import io
 import itertools
+import logging
 import re
 import secrets
 import uuid
@@ -81,6 +82,8 @@ from catalog.streams import (
     is_seekable,
     read_exact,
 )
+
+log = logging.getLogger("rescat.catalog")
 
 if TYPE_CHECKING:
     from catalog.environment import Environment
@@ -754,7 +757,13 @@ class ManagedStorage:
             )
         old = doc.get("prev_rid")
         if old is not None:
-            self._release(str(old))
+            try:
+                self._release(str(old))
+            except Exception:
+                # Past the commit point a failure must not fail the put: its caller
+                # would then drop the reference the path now holds. The count left
+                # one too high is gc's to recount.
+                log.warning("releasing %s after a link failed", old, exc_info=True)
         return dict(doc)
 
     def _link_update(self, target: dict[str, Any], options: WriteOptions) -> Any:

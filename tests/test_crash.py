@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -188,3 +189,24 @@ def test_kill_9_between_a_replace_and_its_release(
     assert db["resources.files"].count_documents({}) == 0
     reader, _ = managed.get_for_environment("env", "p")
     assert reader.read() == b"new small"
+
+
+def test_a_failed_release_after_a_replace_does_not_fail_the_put(
+    db: Database[Any], managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the commit point, the put stands and keeps the reference its path holds."""
+    from pymongo.errors import AutoReconnect
+
+    managed.put_for_environment("env", "p", io.BytesIO(b"old"))
+
+    def lost(rid: str) -> None:
+        raise AutoReconnect("connection lost while releasing")
+
+    monkeypatch.setattr(managed, "_release", lost)
+    managed.put_for_environment("env", "p", io.BytesIO(b"new"))
+    monkeypatch.undo()
+    reader, _ = managed.get_for_environment("env", "p")
+    assert reader.read() == b"new"
+    new = db["catalog"].find_one({"hash": managed.stat_for_environment("env", "p").hash})
+    assert new is not None and new["refcount"] == 1  # the put's reference was kept
+    assert db["catalog"].count_documents({}) == 2  # "old", one count too many until gc
