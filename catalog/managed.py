@@ -312,13 +312,21 @@ class ManagedStorage:
 
     def move_for_environment(self, env_uuid: str, src: str, dst: str) -> PathInfo:
         """Repoint `dst` at what `src` holds and drop `src`; copies no bytes."""
-        check_env(env_uuid)
-        check_path(src)
-        check_path(dst)
-        if src == dst:
-            return self.stat_for_environment(env_uuid, src)
-        self.transact(lambda s, d: self._move_in(env_uuid, src, dst, s, d))
-        return self.stat_for_environment(env_uuid, dst)
+        return self.move_path(env_uuid, src, env_uuid, dst)
+
+    def move_path(self, src_env: str, src: str, dst_env: str, dst: str) -> PathInfo:
+        """Repoint `dst_env:dst` at what `src_env:src` holds and drop the source, atomically.
+
+        Also across environments (as `aws s3 mv` across buckets): one
+        transaction, no bytes copied, the reference carried over.
+        """
+        for env, path in ((src_env, src), (dst_env, dst)):
+            check_env(env)
+            check_path(path)
+        if (src_env, src) == (dst_env, dst):
+            return self.stat_for_environment(src_env, src)
+        self.transact(lambda s, d: self._move_in(src_env, src, dst, s, d, dst_env=dst_env))
+        return self.stat_for_environment(dst_env, dst)
 
     def copy_path(self, src_env: str, src: str, dst_env: str, dst: str) -> PathInfo:
         """Point `dst_env:dst` at what `src_env:src` holds: one more reference, no bytes."""
@@ -371,21 +379,27 @@ class ManagedStorage:
         dst: str,
         session: ClientSession | None,
         doomed: list[str],
+        *,
+        dst_env: str | None = None,
     ) -> None:
+        """Move within `env_uuid`, or to `dst_env`; history says `env:path` across them."""
+        dst_env = dst_env or env_uuid
+        across = dst_env != env_uuid
         doc = self.paths.find_one_and_delete(self._live_query(env_uuid, src), session=session)
         if doc is None:
             raise NotFoundError(f"{env_uuid}: no such path {src!r}", path=src)
         self.history.update_one(
             {"env": env_uuid, "path": src},
-            self._updates.closing(doc, "move", {"to": dst}),
+            self._updates.closing(doc, "move", {"to": f"{dst_env}:{dst}" if across else dst}),
             upsert=True,
             session=session,
         )
         extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
+        came = f"{env_uuid}:{src}" if across else src
         update = self._updates.link(
-            doc, event="move", detail={"from": src}, extra=extra, unset=("expires_at", "owner")
+            doc, event="move", detail={"from": came}, extra=extra, unset=("expires_at", "owner")
         )
-        self._apply_link(env_uuid, dst, {}, update, True, session, doomed)
+        self._apply_link(dst_env, dst, {}, update, True, session, doomed)
 
     # -- proof of access ------------------------------------------------------
     def put_for_environment_request(self, env_uuid: str, path: str, hash: str) -> RequestResponse:

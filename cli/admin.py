@@ -283,30 +283,31 @@ def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> Non
     ctx.managed.remove_for_environment(env, path)
 
 
-@cli.command()
-@click.argument("env", shell_complete=complete_env)
-@click.argument("src", shell_complete=complete_path)
-@click.argument("dst", shell_complete=complete_path)
+@cli.command(cls=click.Command)  # ENV:PATH forms: the profile's env is filled in below
+@click.argument("first", metavar="ENV", shell_complete=complete_env)
+@click.argument("second", metavar="SRC", shell_complete=complete_path)
+@click.argument("third", metavar="DST", required=False, shell_complete=complete_path)
 @click.option("--json", "as_json", is_flag=True, help="Print the moved path's stat as JSON.")
 @server_options
 @pass_ctx
-def mv(ctx: Context, env: str, src: str, dst: str, as_json: bool) -> None:
-    """Move SRC to DST within environment ENV; copies no bytes.
+def mv(ctx: Context, first: str, second: str, third: str | None, as_json: bool) -> None:
+    """Move SRC to DST in ENV, or ENV:SRC to ENV2:DST; copies no bytes.
 
-    DST is replaced if it exists.
+    DST is replaced if it exists; the move is atomic. Across environments, a
+    --server token must allow both. With a profile's env, `mv SRC DST` and
+    `:SRC` mean that environment.
 
     \b
     Example:
       rescat mv team-a charms/app.tar charms/app-1.0.tar
+      rescat mv team-a:charms/app.tar team-b:vendor/app.tar
     """
-    check_env(env)
-    check_path(src)
-    check_path(dst)
+    src_env, src, dst_env, dst = _endpoints(ctx, first, second, third)
     client = ctx.http
     if client is not None:
-        moved = client.move(env, src, dst)
+        moved = client.move(src_env, src, dst, dst_env=dst_env)
     else:
-        moved = _path_json(ctx.managed.move_for_environment(env, src, dst))
+        moved = _path_json(ctx.managed.move_path(src_env, src, dst_env, dst))
     if as_json:
         echo_json(moved)
 
@@ -330,15 +331,7 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
       rescat cp team-a charms/app.tar charms/app-stable.tar
       rescat cp team-a:charms/app.tar team-b:vendor/app.tar
     """
-    if third is not None:
-        src_env, src, dst_env, dst = first, second, first, third
-    else:
-        src_env, src = _located(ctx, first)
-        dst_env, dst = _located(ctx, second)
-    check_env(src_env)
-    check_path(src)
-    check_env(dst_env)
-    check_path(dst)
+    src_env, src, dst_env, dst = _endpoints(ctx, first, second, third)
     client = ctx.http
     if client is not None:
         copied = client.copy(src_env, src, dst_env, dst)
@@ -349,6 +342,22 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
 
 
 _REMOTE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
+
+
+def _endpoints(
+    ctx: Context, first: str, second: str, third: str | None
+) -> tuple[str, str, str, str]:
+    """(src_env, src, dst_env, dst) of `ENV SRC DST` or `ENV:SRC ENV2:DST`, checked."""
+    if third is not None:
+        src_env, src, dst_env, dst = first, second, first, third
+    else:
+        src_env, src = _located(ctx, first)
+        dst_env, dst = _located(ctx, second)
+    check_env(src_env)
+    check_path(src)
+    check_env(dst_env)
+    check_path(dst)
+    return src_env, src, dst_env, dst
 
 
 def _located(ctx: Context, spec: str) -> tuple[str, str]:

@@ -645,12 +645,17 @@ class CatalogClient:
         """What `rescat stat --json` prints: hash, length, times, revision, content state."""
         return self._json("GET", _env_url(env, "stat", _encoded(path)))  # type: ignore[no-any-return]
 
-    def move(self, env: str, src: str, dst: str) -> dict[str, Any]:
-        """Move `src` to `dst` within `env` on the service (no bytes move); dst's stat."""
+    def move(self, env: str, src: str, dst: str, *, dst_env: str | None = None) -> dict[str, Any]:
+        """Move `env:src` to `dst` in `dst_env` (default `env`) on the service; dst's stat.
+
+        No bytes move; across environments the token must allow both.
+        """
+        check_env(env)
         check_path(src)
         check_path(dst)
-        body = {"from": src, "to": dst}
-        return self._json("POST", _env_url(env, "move"), json=body)  # type: ignore[no-any-return]
+        body = {"from": src, "to": dst, "from_env": env}
+        url = _env_url(dst_env or env, "move")
+        return self._json("POST", url, json=body)  # type: ignore[no-any-return]
 
     def copy(self, src_env: str, src: str, dst_env: str, dst: str) -> dict[str, Any]:
         """Point `dst_env:dst` at what `src_env:src` holds (no bytes move); dst's stat."""

@@ -93,10 +93,13 @@ class _Body(BaseModel):
 
 
 class MoveBody(_Body):
-    """Move `from` to `to` within the environment (replacing `to`)."""
+    """Move `from_env:from` to `to` (replacing `to`; `from_env` defaults to the URL's)."""
 
     from_: _PathIn = Field(alias="from")
     to: _PathIn
+    from_env: Annotated[
+        str, WithJsonSchema({**ENV_SCHEMA, "description": f"Source environment: {ENV_RULE}"})
+    ] = ""
 
 
 class CopyBody(_Body):
@@ -174,22 +177,30 @@ async def stat_resource(ctx: Ctx[None]) -> Response:
 
 async def move_resource(ctx: Ctx[MoveBody]) -> Response:
     env = ctx.params["env"]
+    src_env = await _source_env(ctx, ctx.body.from_env)
     src, dst = check_path(ctx.body.from_), check_path(ctx.body.to)
-    info = await ctx.app.sync(ctx.app.managed.move_for_environment, env, src, dst)
+    info = await ctx.app.sync(ctx.app.managed.move_path, src_env, src, env, dst)
     return _created(env, info)
 
 
 async def copy_resource(ctx: Ctx[CopyBody]) -> Response:
     env = ctx.params["env"]
-    src_env = check_env(ctx.body.from_env) if ctx.body.from_env else env
+    src_env = await _source_env(ctx, ctx.body.from_env)
     src, dst = check_path(ctx.body.from_), check_path(ctx.body.to)
+    info = await ctx.app.sync(ctx.app.managed.copy_path, src_env, src, env, dst)
+    return _created(env, info)
+
+
+async def _source_env(ctx: Ctx[Any], from_env: str) -> str:
+    """The body's source environment (default: the URL's), which the token must allow too."""
+    env: str = ctx.params["env"]
+    src_env = check_env(from_env) if from_env else env
     if src_env != env and ctx.app.auth:
         # The URL's environment was checked by the dispatcher; the source's is checked here.
         token = await ctx.app._authenticate(ctx.request)  # the token, checked again
         if token is not None:
             token.check_env(src_env)
-    info = await ctx.app.sync(ctx.app.managed.copy_path, src_env, src, env, dst)
-    return _created(env, info)
+    return src_env
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -267,7 +278,8 @@ REMOTE_ROUTES: tuple[Endpoint[Any], ...] = (
         ("POST",),
         "/v1/environments/{env}/move",
         move_resource,
-        "Move a path within the environment (replacing the destination); moves no bytes",
+        "Move a path here, from this environment or `from_env` (replacing the destination); "
+        "moves no bytes",
         (Answer(201, _DEST, PathInfoOut, headers=("ETag",)),),
         errors=("invalid_path", "not_found"),
         body=MoveBody,

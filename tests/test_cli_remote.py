@@ -237,6 +237,10 @@ def test_tokens_and_bad_input_are_one_line(
     ok(run(admin_web, "cp", "team-a:p", "team-b:copied"))
     ok(run(db_env, "cp", "team-b:copied", "team-c:again"))
     assert ok(run(admin_web, "get", "team-c", "again")) == b"data"
+    ok(run(admin_web, "mv", "team-c:again", "team-b:moved"))
+    ok(run(db_env, "mv", "team-b:moved", "team-c:back"))
+    assert ok(run(admin_web, "get", "team-c", "back")) == b"data"
+    assert managed.list_for_environment("team-b") == ["copied"]
 
     # Bad input: one line naming it, and nothing written.
     before = {e: managed.list_for_environment(e) for e in ("team-a", "team-b")}

@@ -182,3 +182,38 @@ def test_stat_move_copy_move_no_bytes(
         r = http.post("/v1/environments/e/copy", json={"from": "b", "to": "c", "from_env": "."})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
     assert sorted(managed.list_for_environment("e")) == ["b/dst", "c/copy"]
+
+
+def test_move_across_environments(
+    managed: ManagedStorage, server: ServerThread, admin: str
+) -> None:
+    """Like `aws s3 mv` across buckets: atomic, no bytes, the reference carried over."""
+    data = b"moving" * 20_000  # GridFS-sized
+    managed.put_for_environment("e", "a/src", io.BytesIO(data))
+    managed.put_for_environment("f", "dst", io.BytesIO(b"replaced"))
+    files = gridfs_files(managed)
+    tokens = TokenStore(managed.db)
+    for only in ("e", "f"):  # a token must allow both environments
+        token = tokens.create(env=only)[0]
+        with CatalogClient(server.url, token) as client, pytest.raises(ForbiddenError):
+            client.move("e", "a/src", "dst", dst_env="f")
+    with CatalogClient(server.url, admin) as client:
+        moved = client.move("e", "a/src", "dst", dst_env="f")
+        assert moved["path"] == "dst" and moved["hash"] == b3(data)
+        assert client.read("f", "dst") == data
+        with pytest.raises(NotFoundError):
+            client.path_info("e", "a/src")
+        with pytest.raises(NotFoundError):
+            client.move("e", "a/src", "again", dst_env="f")
+    assert gridfs_files(managed) == files  # no bytes moved
+    res = managed.catalog.get(managed.stat_for_environment("f", "dst").resource_id)
+    assert res.refcount == 1
+    assert managed.catalog.lookup(b3(b"replaced")) is None  # the replaced content went
+    went = managed.history_for_environment("e", "a/src")[-1]
+    came = managed.history_for_environment("f", "dst")[-1]
+    assert (went["event"], went["to"]) == ("move", "f:dst")
+    assert (came["event"], came["from"]) == ("move", "e:a/src")
+    assert came["hash"] == b3(data)
+    # And back, through the library.
+    info = managed.move_path("f", "dst", "e", "back")
+    assert info.hash == b3(data) and managed.list_for_environment("f") == []
