@@ -226,7 +226,7 @@ class StorageDriver:
                 batch = [d["path"] for d in self._range(rel + "/", limit=_DELETE_BATCH).rest()]
                 if not batch:
                     break
-                removed += self.managed.delete_paths(self.env_uuid, batch)
+                removed += len(self.managed.delete_paths(self.env_uuid, batch))
         if not removed:
             raise NotFoundError(f"{self._name}: no such file or directory {path}", path=path)
 

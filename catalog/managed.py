@@ -1050,8 +1050,8 @@ class ManagedStorage:
             drop()
         return _path_info(doc, res.state, res.history)
 
-    def delete_paths(self, env_uuid: str, paths: list[str]) -> int:
-        """Remove many paths in one transaction (missing ones skipped); how many went.
+    def delete_paths(self, env_uuid: str, paths: list[str]) -> list[str]:
+        """Remove many paths in one transaction (missing ones skipped); those that went.
 
         What delete_path does for each, with one commit for all of them (a driver's
         directory delete).
@@ -1060,8 +1060,8 @@ class ManagedStorage:
         for path in paths:
             check_path(path)
 
-        def unlink(session: ClientSession | None, doomed: list[str]) -> int:
-            removed = 0
+        def unlink(session: ClientSession | None, doomed: list[str]) -> list[str]:
+            removed: list[str] = []
             for path in paths:
                 query = self._live_query(env_uuid, path)
                 doc = self.paths.find_one_and_delete(query, session=session)
@@ -1074,7 +1074,7 @@ class ManagedStorage:
                     session=session,
                 )
                 self._release_in(str(doc["resource_id"]), session, doomed)
-                removed += 1
+                removed.append(path)
             return removed
 
         return self.transact(unlink)

@@ -462,6 +462,10 @@ def get_tree(
     report(outcome, plan, dry_run)
 
 
+# Paths per transaction of `rm -r` (the service's bulk delete takes up to 1,000).
+RM_BATCH = 1000
+
+
 def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
     """Remove PREFIX and every path under it; how many went."""
     check_env(env)
@@ -483,17 +487,20 @@ def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
         pass
     if not paths:
         raise NotFoundError(f"{env}: nothing at or under {stripped!r}")
-    removed = 0
-    for path in paths:
-        if dry_run:
+    if dry_run:
+        for path in paths:
             click.echo(f"(dry run) delete: {env}:{path}")
-            continue
-        try:
-            _remove(ctx, env, path)
-        except NotFoundError:
-            continue  # removed concurrently: the end state is the same
-        removed += 1
-        click.echo(f"delete: {env}:{path}")
+        return 0
+    removed = 0
+    for start in range(0, len(paths), RM_BATCH):  # one transaction (and request) per batch
+        batch = paths[start : start + RM_BATCH]
+        if client is not None:
+            gone = client.remove_many(env, batch)["deleted"]
+        else:
+            gone = ctx.managed.delete_paths(env, batch)
+        for path in gone:  # missing ones were removed concurrently: the end state is the same
+            click.echo(f"delete: {env}:{path}")
+        removed += len(gone)
     return removed
 
 

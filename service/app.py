@@ -393,7 +393,7 @@ class ServiceApp:
             )
         body = None
         if endpoint.body is not None:
-            body = _validated(endpoint.body, await self._json_object(request))
+            body = _validated(endpoint.body, await self._json_object(request, endpoint.body_max))
         return await endpoint.handler(Ctx(self, request, params, body, call))
 
     async def _authenticate(self, request: Request) -> TokenInfo | None:
@@ -425,21 +425,21 @@ class ServiceApp:
         self._token_cache[key] = (now + ttl, info)
         return info
 
-    async def _json_object(self, request: Request) -> Any:
-        """The JSON request body (at most MAX_JSON_BODY bytes, within the body deadlines)."""
+    async def _json_object(self, request: Request, limit: int = MAX_JSON_BODY) -> Any:
+        """The JSON request body (at most `limit` bytes, within the body deadlines)."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
-            raise TooLargeError(f"a JSON body may have at most {MAX_JSON_BODY} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise TooLargeError(f"a JSON body may have at most {limit} bytes")
         body = BodyReader(
             request.stream(),
-            max_size=MAX_JSON_BODY,
+            max_size=limit,
             timeout=self.read_timeout,
             min_rate=self.min_rate,
         )
         try:
-            await body.fill(MAX_JSON_BODY + 1)
+            await body.fill(limit + 1)
         except TooLargeError:
-            raise TooLargeError(f"a JSON body may have at most {MAX_JSON_BODY} bytes") from None
+            raise TooLargeError(f"a JSON body may have at most {limit} bytes") from None
         return _parse_json(body.read_buffered())
 
     async def ping(self) -> None:

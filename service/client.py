@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -147,6 +147,13 @@ class CatalogClient:
 
     def remove(self, env: str, path: str) -> None:
         self._send("DELETE", _object_url(env, path))
+
+    def remove_many(self, env: str, paths: Sequence[str]) -> dict[str, Any]:
+        """Delete up to 1,000 paths in one transaction: {"deleted": [...], "missing": [...]}."""
+        for path in paths:
+            check_path(path)
+        body = {"paths": list(paths)}
+        return self._json("POST", _env_url(env, "delete"), json=body)  # type: ignore[no-any-return]
 
     def read(self, env: str, path: str) -> bytes:
         """A path's whole content in memory (small objects; use download for files)."""

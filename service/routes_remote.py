@@ -112,6 +112,33 @@ class CopyBody(_Body):
     ] = ""
 
 
+# Paths per bulk delete, as S3's DeleteObjects: one transaction each. Its body
+# can hold that many of the longest paths, escaped (\uXXXX) at worst.
+DELETE_MAX = 1000
+DELETE_BODY_MAX = 8 * 1024 * 1024
+
+
+class DeleteBody(_Body):
+    """Delete these paths of the environment together (missing ones are skipped)."""
+
+    paths: Annotated[
+        list[_PathIn],
+        WithJsonSchema(
+            {
+                "type": "array",
+                "items": {**PATH_SCHEMA, "description": PATH_RULE},
+                "minItems": 1,
+                "maxItems": DELETE_MAX,
+            }
+        ),
+    ]
+
+
+class DeletedOut(TypedDict):
+    deleted: list[_PathOut]
+    missing: list[_PathOut]
+
+
 class ListedOut(ResourceOut):
     """A path of a listing: what it holds (and with `detail=true`, when it last changed)."""
 
@@ -189,6 +216,18 @@ async def copy_resource(ctx: Ctx[CopyBody]) -> Response:
     src, dst = check_path(ctx.body.from_), check_path(ctx.body.to)
     info = await ctx.app.sync(ctx.app.managed.copy_path, src_env, src, env, dst)
     return _created(env, info)
+
+
+async def delete_resources(ctx: Ctx[DeleteBody]) -> Response:
+    """Many deletes in one transaction: all of them (those that exist), or none."""
+    env = ctx.params["env"]
+    given = ctx.body.paths
+    if not given or len(given) > DELETE_MAX:  # counted as sent, repeats included
+        raise InvalidArgumentError(f"give 1 to {DELETE_MAX} paths, not {len(given)}")
+    paths = list(dict.fromkeys(check_path(p) for p in given))
+    deleted = await ctx.app.sync(ctx.app.managed.delete_paths, env, paths)
+    gone = set(deleted)
+    return JSONResponse(DeletedOut(deleted=deleted, missing=[p for p in paths if p not in gone]))
 
 
 async def _source_env(ctx: Ctx[Any], from_env: str) -> str:
@@ -283,6 +322,17 @@ REMOTE_ROUTES: tuple[Endpoint[Any], ...] = (
         (Answer(201, _DEST, PathInfoOut, headers=("ETag",)),),
         errors=("invalid_path", "not_found"),
         body=MoveBody,
+    ),
+    Endpoint(
+        ("POST",),
+        "/v1/environments/{env}/delete",
+        delete_resources,
+        f"Delete up to {DELETE_MAX} paths in one transaction (as S3's DeleteObjects); "
+        "missing ones are listed, not an error",
+        (Answer(200, "The paths deleted and those that were missing", DeletedOut),),
+        errors=("invalid_path", "invalid_argument"),
+        body=DeleteBody,
+        body_max=DELETE_BODY_MAX,
     ),
     Endpoint(
         ("POST",),

@@ -106,7 +106,8 @@ class Endpoint(Generic[B]):
     `methods` that include GET also answer HEAD (as Starlette routes do): the
     handler sees `ctx.method`. `auth`: needs a bearer token (else open, like
     /healthz). `body`: a pydantic model the JSON request body is validated
-    into (`ctx.body`), or None; `raw_body` documents a streamed byte body.
+    into (`ctx.body`), or None, of at most `body_max` bytes; `raw_body`
+    documents a streamed byte body.
     `errors`: the error codes the handler itself may answer with; those that
     follow from the declaration (invalid parameters, tokens, JSON bodies, the
     database) are added by the document generator.
@@ -120,6 +121,7 @@ class Endpoint(Generic[B]):
     errors: tuple[str, ...] = ()
     auth: bool = True
     body: type[B] | None = None
+    body_max: int = 64 * 1024  # bytes of a JSON body (413 too_large beyond)
     raw_body: str | None = None  # description of a streamed request body
     query: tuple[Param, ...] = ()
     headers: tuple[Param, ...] = ()

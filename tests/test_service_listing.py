@@ -217,3 +217,35 @@ def test_move_across_environments(
     # And back, through the library.
     info = managed.move_path("f", "dst", "e", "back")
     assert info.hash == b3(data) and managed.list_for_environment("f") == []
+
+
+def test_bulk_delete_is_one_transaction_and_lists_what_was_missing(
+    managed: ManagedStorage, server: ServerThread, admin: str
+) -> None:
+    many(managed, "e", [f"d/{i:04d}" for i in range(1200)])
+    managed.put_for_environment("e", "keep", io.BytesIO(b"x"))  # the same content
+    with CatalogClient(server.url, admin) as client:
+        batch = [f"d/{i:04d}" for i in range(999)]
+        out = client.remove_many("e", [*batch[:-1], "d/nope", batch[-1]])  # 1,000 paths
+        assert out == {"deleted": batch, "missing": ["d/nope"]}
+        rest = client.remove_many("e", [f"d/{i:04d}" for i in range(999, 1200)])
+        assert len(rest["deleted"]) == 201
+        res = managed.catalog.get(managed.stat_for_environment("e", "keep").resource_id)
+        assert res.refcount == 1  # every deleted path gave its reference back
+        with pytest.raises(ForbiddenError):
+            CatalogClient(server.url, TokenStore(managed.db).create(env="f")[0]).remove_many(
+                "e", ["keep"]
+            )
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {admin}"}) as http:
+        for body, code in (
+            ({"paths": []}, "invalid_argument"),
+            ({"paths": [f"p{i}" for i in range(1001)]}, "invalid_argument"),
+            ({"paths": ["ok", "a//b"]}, "invalid_path"),
+            ({"paths": "keep"}, "invalid_argument"),
+        ):
+            r = http.post("/v1/environments/e/delete", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] in (code, "bad_request"), (
+                body,
+                r.text,
+            )
+    assert managed.list_for_environment("e") == ["keep"]  # bad requests deleted nothing
