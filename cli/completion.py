@@ -61,16 +61,58 @@ def complete_env(
     return []
 
 
+def _service(ctx: click.Context) -> tuple[str, str | None] | None:
+    """(URL, token) of the service when no database is configured but a server is."""
+    import os
+
+    root = ctx.find_root().params
+    server, token = ctx.params.get("server"), ctx.params.get("token")
+    with contextlib.suppress(Exception):
+        from cli.config import load_profile
+
+        profile = load_profile(root.get("profile"))
+        if root.get("mongo_uri") or os.environ.get("RESCAT_MONGO_URI") or profile.get("mongo_uri"):
+            return None  # at the same level the database wins, as for the commands
+        server = server or os.environ.get("RESCAT_SERVER") or profile.get("server")
+        token = token or os.environ.get("RESCAT_TOKEN") or profile.get("token")
+    return (str(server), token) if server else None
+
+
+def _remote_paths(service: tuple[str, str | None], env: str, incomplete: str) -> list[str]:
+    """One folder level of the paths under `incomplete`, from the service's listing."""
+    import httpx
+
+    url, token = service
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    params = {"prefix": incomplete, "delimiter": "/", "limit": str(LIMIT)}
+    got = httpx.get(
+        f"{url.rstrip('/')}/v1/environments/{env}/resources",
+        params=params,
+        headers=headers,
+        timeout=TIMEOUT_MS / 1000,
+    )
+    got.raise_for_status()
+    page = got.json()
+    return sorted({*(i["path"] for i in page.get("items", [])), *page.get("prefixes", [])})
+
+
 def complete_path(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
-    """Paths of the ENV typed before, up to the next '/' after what was typed."""
-    env = ctx.params.get("env")
-    if not env:
+    """Paths of the ENV typed before, up to the next '/' after what was typed.
+
+    From the database, or from the service (--server, RESCAT_SERVER, the
+    profile's server) when no database is configured.
+    """
+    env = ctx.params.get("env") or ctx.params.get("first")  # `first`: mv's and cp's ENV
+    if not env or ":" in env:
         return []
     with contextlib.suppress(Exception):
         import re
 
+        service = _service(ctx)
+        if service is not None:
+            return [CompletionItem(p) for p in _remote_paths(service, env, incomplete)[:LIMIT]]
         db = _database(ctx)
         if db is None:
             return []

@@ -254,6 +254,27 @@ def test_completion_of_environments_and_paths(
     assert not (Path(clean_env["RESCAT_DATA_DIR"]) / "db").exists()
 
 
+def test_completion_of_paths_through_the_service(
+    clean_env: dict[str, str], mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    from catalog.tokens import TokenStore
+    from tests.test_service_support import server_process
+
+    for path in ("charms/app.tar", "charms/lib/x", "notes"):
+        managed.put_for_environment("team-a", path, io.BytesIO(b"x"))
+    token = TokenStore(db).create(env="team-a")[0]
+    with server_process(mongo_uri, db.name, "--log-level", "warning") as url:
+        # No database configured and none reachable: the service answers.
+        web = {**clean_env, "RESCAT_SERVER": url, "RESCAT_TOKEN": token}
+        assert complete(web, ["get", "team-a", ""]) == ["charms/", "notes"]
+        assert complete(web, ["get", "team-a", "charms/"]) == ["charms/app.tar", "charms/lib/"]
+        assert complete(web, ["mv", "team-a", "charms/l"]) == ["charms/lib/"]
+        assert complete({**web, "RESCAT_TOKEN": "wrong"}, ["get", "team-a", ""]) == []
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    assert complete(clean_env, [*base, "mv", "team-a", "n"]) == ["notes"]  # mv's ENV too
+    assert not (Path(clean_env["RESCAT_DATA_DIR"]) / "db").exists()
+
+
 @pytest.mark.parametrize(
     "command", [["sync"], ["db"], ["db", "status"], ["db", "stop"], ["config"]], ids=" ".join
 )
