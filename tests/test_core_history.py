@@ -105,3 +105,20 @@ def test_retention_by_age(managed: ManagedStorage, db: Database[Any]) -> None:
     db.paths.update_one({"path": "p"}, {"$set": {"events.0.at": hist.utcnow().replace(year=2000)}})
     assert hist.trim([managed.paths, managed.history], 30) == 1
     assert events(managed, "p") == [("replace", "ok")]
+
+
+def test_a_hot_path_keeps_its_last_events_and_a_bounded_document(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    from catalog.pathdocs import EVENTS_CAP
+
+    for i in range(EVENTS_CAP + 44):
+        managed.put_for_environment("e", "hot", io.BytesIO(f"v{i}".encode()))
+    events = managed.history_for_environment("e", "hot")
+    assert len(events) == EVENTS_CAP
+    assert events[-1]["hash"] == b3(f"v{EVENTS_CAP + 43}".encode())
+    assert events[0]["hash"] == b3(b"v44")  # the oldest went first
+    revisions = [e["revision"] for e in events]
+    assert revisions == sorted(revisions)
+    doc = db["paths"].find_one({"env": "e", "path": "hot"})
+    assert doc is not None and len(doc["events"]) == EVENTS_CAP
