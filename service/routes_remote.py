@@ -21,6 +21,7 @@ Move and copy answer 201 with the destination's stat, as a PUT answers 201.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -203,18 +204,19 @@ async def stat_resource(ctx: Ctx[None]) -> Response:
 
 
 async def move_resource(ctx: Ctx[MoveBody]) -> Response:
-    env = ctx.params["env"]
-    src_env = await _source_env(ctx, ctx.body.from_env)
-    src, dst = check_path(ctx.body.from_), check_path(ctx.body.to)
-    info = await ctx.app.sync(ctx.app.managed.move_path, src_env, src, env, dst)
-    return _created(env, info)
+    return await _repoint(ctx, ctx.app.managed.move_path)
 
 
 async def copy_resource(ctx: Ctx[CopyBody]) -> Response:
+    return await _repoint(ctx, ctx.app.managed.copy_path)
+
+
+async def _repoint(ctx: Ctx[Any], fn: Callable[[str, str, str, str], PathInfo]) -> Response:
+    """Move or copy `from_env:from` to `to` here: fn(src_env, src, dst_env, dst)."""
     env = ctx.params["env"]
     src_env = await _source_env(ctx, ctx.body.from_env)
     src, dst = check_path(ctx.body.from_), check_path(ctx.body.to)
-    info = await ctx.app.sync(ctx.app.managed.copy_path, src_env, src, env, dst)
+    info = await ctx.app.sync(fn, src_env, src, env, dst)
     return _created(env, info)
 
 

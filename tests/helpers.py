@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 import blake3
 
@@ -54,3 +55,12 @@ class BrokenReader(OneWayReader):
         if self._pos >= self._fail_after:
             raise OSError("connection reset by peer")
         return super().read(size)
+
+
+def gridfs_files(managed: Any) -> int:
+    """GridFS files documents in every bucket of the managed storage's database."""
+    return sum(
+        managed.db[name].count_documents({})
+        for name in managed.db.list_collection_names()
+        if name.endswith(".files")
+    )

@@ -22,6 +22,7 @@ from pymongo.database import Database
 
 from catalog import ManagedStorage
 from catalog.tokens import TokenStore
+from tests.helpers import gridfs_files
 from tests.test_service_support import server_process
 
 RESCAT = str(Path(sys.executable).with_name("rescat"))
@@ -85,14 +86,6 @@ def received_bytes(url: str) -> float:
         if line.startswith("rescat_http_received_bytes_total{") and "resources/{path}" in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def gridfs_files(managed: ManagedStorage) -> int:
-    return sum(
-        managed.db[name].count_documents({})
-        for name in managed.db.list_collection_names()
-        if name.endswith(".files")
-    )
 
 
 def test_each_command_over_http_equals_the_database(

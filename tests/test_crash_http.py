@@ -22,7 +22,7 @@ from pymongo import MongoClient
 
 from catalog import connect
 from catalog.fsck import fsck
-from catalog.mongod import free_port
+from catalog.mongod import free_port, stop_process
 from tests.helpers import rand
 from tests.test_service_support import REPO, cli_env, rescat_command, wait_until
 
@@ -64,13 +64,7 @@ def start_server(mongo_uri: str, database: str, *extra: str) -> tuple[subprocess
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, 15)
 
 
 def stalled_upload(url: str, path: str, release: threading.Event) -> threading.Thread:

@@ -15,7 +15,7 @@ from catalog.listing import list_page
 from catalog.tokens import TokenStore
 from service.app import create_app
 from service.client import CatalogClient
-from tests.helpers import b3
+from tests.helpers import b3, gridfs_files
 from tests.test_service_support import ServerThread
 
 
@@ -37,14 +37,6 @@ def many(managed: ManagedStorage, env: str, paths: list[str]) -> None:
         with managed.transaction() as tx:
             for path in paths[start : start + 500]:
                 tx.put(env, path, io.BytesIO(b"x"))
-
-
-def gridfs_files(managed: ManagedStorage) -> int:
-    return sum(
-        managed.db[name].count_documents({})
-        for name in managed.db.list_collection_names()
-        if name.endswith(".files")
-    )
 
 
 def test_pages_list_every_path_once_in_order(

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from catalog.mongod import free_port
+from catalog.mongod import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,12 +102,7 @@ def server_process(mongo_uri: str, database: str, *extra: str) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
         if proc.stderr:
             proc.stderr.close()
 

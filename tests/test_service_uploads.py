@@ -24,7 +24,7 @@ import service.client as client_module
 from catalog import ManagedStorage
 from catalog.driver import StorageDriver
 from catalog.errors import NotFoundError, OffsetMismatchError
-from catalog.mongod import free_port
+from catalog.mongod import free_port, stop_process
 from catalog.tokens import TokenStore
 from service.app import create_app
 from service.client import CatalogClient
@@ -495,12 +495,7 @@ def serve_logged(mongo_uri: str, database: str, log: Path, **env: str) -> Iterat
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 def test_resume_across_instances(mongo_uri: str, database: str) -> None:
