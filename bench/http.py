@@ -34,6 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
@@ -52,6 +53,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 from pymongo import MongoClient  # noqa: E402
 
+from bench.ceiling import ceiling_server  # noqa: E402
 from catalog import connect  # noqa: E402
 from catalog.mongod import free_port, start_mongod, stop_process, uri_for, wait_primary  # noqa: E402
 from service.client import CatalogClient  # noqa: E402
@@ -308,9 +310,9 @@ def small_objects(
     with keep-alive, so the only difference is the server behind it.
     """
     results: list[tuple[str, float, str, bool]] = []
-    base = f"{url}/v1/environments/small/resources"
 
-    def http_put(w: int) -> Callable[[int], None]:
+    def http_put(w: int, server: str = url) -> Callable[[int], None]:
+        base = f"{server}/v1/environments/small/resources"
         c = httpx.Client(timeout=60)
         payload = os.urandom(SMALL)
 
@@ -319,7 +321,8 @@ def small_objects(
 
         return op
 
-    def http_get(w: int) -> Callable[[int], None]:
+    def http_get(w: int, server: str = url) -> Callable[[int], None]:
+        base = f"{server}/v1/environments/small/resources"
         c = httpx.Client(timeout=60)
         payload = os.urandom(SMALL)
         for i in range(KEPT):
@@ -359,6 +362,13 @@ def small_objects(
     get_raw = rate(CLIENTS, seconds, raw_get)
     get_http = rate(CLIENTS, seconds, http_get)
     raw_client.close()
+    ceilings: dict[str, tuple[float, float]] = {}
+    for mode in ("null", "pymongo"):  # the same clients against bench.ceiling's servers
+        with ceiling_server(mode, uri) as floor_url:
+            ceilings[mode] = (
+                rate(CLIENTS, seconds, functools.partial(_on, http_put, floor_url)),
+                rate(CLIENTS, seconds, functools.partial(_on, http_get, floor_url)),
+            )
     put_ratio, get_ratio = put_http / put_raw, get_http / get_raw
     print(
         f"4 KiB PUT, {CLIENTS} concurrent: HTTP {put_http:.0f}/s, raw pymongo insert_one "
@@ -371,8 +381,21 @@ def small_objects(
         f"{get_raw:.0f}/s -> {get_ratio:.2f}x (target >= 0.5x)",
         flush=True,
     )
+    for mode, what in (("null", "no database"), ("pymongo", "one pymongo call per request")):
+        put_c, get_c = ceilings[mode]
+        print(
+            f"ceiling ({what}; same server stack and clients, bench.ceiling --mode {mode}): "
+            f"PUT {put_c:.0f}/s ({put_c / put_raw:.2f}x raw), GET {get_c:.0f}/s "
+            f"({get_c / get_raw:.2f}x raw) -> rescat reaches PUT {put_http / put_c:.2f}x, "
+            f"GET {get_http / get_c:.2f}x of it",
+            flush=True,
+        )
     results.append(("4 KiB PUT/s HTTP / raw inserts", put_ratio, ">= 0.3", put_ratio >= 0.3))
     results.append(("4 KiB GET/s HTTP / raw find_one", get_ratio, ">= 0.5", get_ratio >= 0.5))
+    for mode in ("null", "pymongo"):
+        put_c, get_c = ceilings[mode]
+        results.append((f"ceiling {mode}: PUT/s / raw inserts", put_c / put_raw, "", True))
+        results.append((f"ceiling {mode}: GET/s / raw find_one", get_c / get_raw, "", True))
     if etcd_url:
         put_etcd, get_etcd = etcd_rates(etcd_url, seconds)
         print(
@@ -384,6 +407,12 @@ def small_objects(
         results.append(("4 KiB PUT/s rescat / etcd", put_http / put_etcd, "", True))
         results.append(("4 KiB GET/s rescat / etcd", get_http / get_etcd, "", True))
     return results
+
+
+def _on(
+    make: Callable[[int, str], Callable[[int], None]], server: str, w: int
+) -> Callable[[int], None]:
+    return make(w, server)
 
 
 def etcd_rates(etcd_url: str, seconds: float) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 import re
@@ -143,6 +144,8 @@ class ServiceApp:
         self.token_cache_seconds = token_cache_seconds
         self._token_cache: dict[str, tuple[float, TokenInfo]] = {}
         self.metrics = Metrics()
+        self._id_prefix = secrets.token_hex(4)
+        self._id_count = itertools.count(secrets.randbelow(2**32))
         # Uploads hold a thread for as long as the client sends; give them their own
         # pool so that slow uploaders cannot starve reads and small calls.
         self._upload_threads = upload_threads
@@ -228,7 +231,9 @@ class ServiceApp:
                 text = str(value.decode("latin-1"))
                 if _REQUEST_ID_RE.fullmatch(text):
                     return text
-        return secrets.token_hex(8)
+        # 16 hex digits, as random ones would be: this instance's random prefix and a
+        # count (unique without asking the OS for randomness on every request).
+        return f"{self._id_prefix}{next(self._id_count) & 0xFFFFFFFF:08x}"
 
     def _log(self, call: CallRecord, request_id: str, scope: Scope, seconds: float) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -7,6 +7,8 @@ paths, environments or tokens, which would make the series unbounded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -17,6 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+_Series = list[Any]  # the requests, duration, bytes in and bytes out series of one label set
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -61,17 +64,38 @@ class Metrics:
         self.proof_failures = Counter(
             "rescat_proof_failures", "Proof-of-access answers refused", ["reason"], registry=reg
         )
+        self._series: dict[tuple[str, str, int], _Series] = {}
 
     def observe(
         self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        method = method if method in METHODS else "OTHER"
-        self.requests.labels(method, route, str(status)).inc()
-        self.duration.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series_for(method, route, status)
+        series[0].inc()
+        series[1].observe(seconds)
         if bytes_in:
-            self.bytes_in.labels(route).inc(bytes_in)
+            if series[2] is None:  # byte series appear once there are bytes, not at 0
+                series[2] = self.bytes_in.labels(route)
+            series[2].inc(bytes_in)
         if bytes_out:
-            self.bytes_out.labels(route).inc(bytes_out)
+            if series[3] is None:
+                series[3] = self.bytes_out.labels(route)
+            series[3].inc(bytes_out)
+
+    def _series_for(self, method: str, route: str, status: int) -> _Series:
+        """The children of one label set, looked up once: `labels()` costs more than `inc()`."""
+        label = method if method in METHODS else "OTHER"
+        series: _Series = [
+            self.requests.labels(label, route, str(status)),
+            self.duration.labels(label, route),
+            None,
+            None,
+        ]
+        if len(self._series) < 10_000:  # routes x methods x statuses: bounded, but be sure
+            self._series[method, route, status] = series
+        return series
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ characters, any other path up to 256 characters (256 x 4 bytes at most).
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from typing_extensions import TypedDict
@@ -87,8 +88,8 @@ HEX_SCHEMA: dict[str, Any] = {"type": "string", "pattern": HEX_PATTERN}
 # -- raw path parameter decoding ---------------------------------------------------------
 def _segment(raw: str) -> str:
     """One raw path segment, percent-decoded and UTF-8 checked."""
-    from urllib.parse import unquote_to_bytes
-
+    if "%" not in raw and raw.isascii():  # nothing to decode (most names)
+        return raw
     try:
         return unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
     except UnicodeDecodeError:
