@@ -874,17 +874,25 @@ class ManagedStorage:
                 raise PreconditionFailedError(f"{env_uuid}: {path!r} does not match {if_match!r}")
         raise NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
 
-    def _release_in(self, rid: str, session: ClientSession | None, doomed: list[str]) -> None:
+    def _release_in(
+        self, rid: str, session: ClientSession | None, doomed: list[str], *, durable: bool = True
+    ) -> None:
         try:
-            deleted, storage_path = self._catalog.remove(rid, session=session)
+            deleted, storage_path = self._catalog.remove(rid, session=session, durable=durable)
         except NotFoundError:
             return
         if deleted and storage_path and storage_path != INLINE:
             doomed.append(storage_path)  # inline bytes went with their entry
 
     def _release(self, rid: str) -> None:
+        """Drop a reference no path holds: after a link's commit point, or when a put failed.
+
+        Not a majority write (see ResourceCatalog.remove): losing it in a
+        failover leaves the count one too high, as a crash just before it
+        would, and gc recounts that.
+        """
         doomed: list[str] = []
-        self._release_in(rid, None, doomed)
+        self._release_in(rid, None, doomed, durable=False)
         for storage_path in doomed:
             self._discard(storage_path)
 

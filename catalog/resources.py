@@ -372,7 +372,9 @@ class ResourceCatalog:
                 raise NotFoundError(f"no resource with id {id}")
             raise AlreadyExistsError(f"resource {id} already has its content stored")
 
-    def remove(self, id: str, *, session: ClientSession | None = None) -> tuple[bool, str]:
+    def remove(
+        self, id: str, *, session: ClientSession | None = None, durable: bool = True
+    ) -> tuple[bool, str]:
         """Drop one reference; delete the entry at zero. Returns (was_deleted, path).
 
         The last reference is taken away by deleting the entry (one write, the
@@ -381,15 +383,22 @@ class ResourceCatalog:
         the others raise NotFoundError, and the deleting call returns the path
         recorded when the entry went: an upload_complete that got in first is
         never forgotten.
+
+        durable=False (outside a transaction) acknowledges once the primary has
+        applied the write, without waiting for a majority: for a reference that
+        no path holds any more, whose loss in a failover rollback only leaves
+        a count one too high, which gc recounts (the state a crash before the
+        release leaves too). It spares mongod a majority write per replace.
         """
         oid = object_id(id)
+        collection = self._fast if not durable and session is None else self.collection
         while True:
-            gone = self.collection.find_one_and_delete(
+            gone = collection.find_one_and_delete(
                 {"_id": oid, "refcount": 1}, projection={"path": 1}, session=session
             )
             if gone is not None:
                 return True, gone.get("path", "")
-            doc = self.collection.find_one_and_update(
+            doc = collection.find_one_and_update(
                 {"_id": oid, "refcount": {"$gt": 1}},
                 {"$inc": {"refcount": -1}, "$set": {"updated_at": utcnow()}},
                 projection={"path": 1},
