@@ -2,27 +2,32 @@
 
 A watcher that reads a state and then opens a stream "from now" can miss what
 changed in between (docker/libkv#15). `PathChanges` takes the server's
-operation time first and opens the stream there (startAtOperationTime is
+operation time first and starts its events there (startAtOperationTime is
 inclusive), so the watcher's read, made afterwards, is covered: every change
-after the read is in the stream, and the changes the read already reflects
-carry a revision no larger than the one read, which is how watchers drop them.
+after the read comes, and the changes the read already reflects carry a
+revision no larger than the one read, which is how watchers drop them.
 
-One stream carries, for one environment:
+A watcher gets, for one environment:
 
 * every change of `managed.paths` (inserts only for that environment: updates
   and deletes carry just the document id, which the watcher knows from its
   read or from the insert that created the document; `focus` narrows them to
-  the documents a watcher follows, server-side). Updates arrive as
-  deltas: `updatedFields` holds `rev` on every change of content and
-  `expires_at` on TTL renewals; the per-path event list is projected away.
+  the documents a watcher follows). Updates arrive as deltas: `updatedFields`
+  holds `rev` on every change of content and `expires_at` on TTL renewals;
+  the per-path event list is projected away.
 * inserts of small (inline) catalog entries with their bytes. A put of new
   content inserts the entry before it links the path, so a watcher holds the
   bytes a change wrote even after the key was overwritten and those bytes
   deleted.
 
-When the stream breaks (a failover, a killed cursor) it is reopened from its
-last resume token, so nothing is lost or repeated; pymongo already resumes
-once on its own, this covers the rest.
+The events normally come from the process's one stream of the database
+(catalog.changehub), since a stream per watcher costs mongod an oplog cursor
+each. When that hub cannot cover the watcher's start time (or there is no
+hub: mongomock, a standalone server), or the watcher fell behind the hub, the
+watcher opens a stream of its own with the same filter on the server. When a
+stream breaks (a failover, a killed cursor) it is reopened from its last
+resume token, so nothing is lost or repeated; pymongo already resumes once on
+its own, this covers the rest.
 """
 
 from __future__ import annotations
@@ -36,26 +41,19 @@ from bson import Timestamp
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
+from catalog import changehub
+from catalog.changehub import PATH_FIELDS, operation_time
 from catalog.errors import CatalogError
 from catalog.resources import INLINE
+
+__all__ = ["PATH_FIELDS", "PathChanges", "operation_time"]
 
 log = logging.getLogger("rescat.changes")
 
 # Server codes after which a stream cannot resume (the oplog moved past it).
-_HISTORY_LOST = {136, 280, 286}
+_HISTORY_LOST = changehub.HISTORY_LOST
 # Events after which a stream can never resume.
-_ENDING = {"invalidate", "dropDatabase"}
-# How long a broken stream keeps trying to reopen before the watcher gives up.
-REOPEN_FOR = 60.0
-
-PATH_FIELDS = ("env", "path", "rev", "hash", "resource_id", "length", "expires_at", "owner")
-
-
-def operation_time(db: Any) -> Timestamp | None:
-    """The server's latest operation time: a stream opened there misses nothing after it."""
-    reply = db.command("ping")
-    value = reply.get("operationTime")
-    return value if isinstance(value, Timestamp) else None
+_ENDING = changehub.ENDING
 
 
 class PathChanges:
@@ -67,29 +65,40 @@ class PathChanges:
         """Take the start time now; open the stream now, or (defer) at the first focus/next.
 
         Deferring lets a watcher read first and then open a stream already
-        narrowed to what it read: the stream still starts at this time.
+        narrowed to what it read: the stream still starts at this time. On
+        the shared stream the watcher is subscribed at once either way: its
+        filter is applied in this process, so a later focus costs nothing.
         """
         self._db = managed.db
         self._env = env_uuid
         self._paths = managed.paths.name
         self._catalog = managed.catalog.collection.name
+        self._await_seconds = await_seconds
         self._await_ms = max(int(await_seconds * 1000), 10)
-        self._start = operation_time(self._db)
         self._token: Any = None
         self._ids: list[Any] | None = None
         self._last_key: Any = None  # the path document of the update/delete last returned
+        self._last_token: Any = None  # the resume token of the event last returned (shared)
         self._stream: ChangeStream[Any] | None = None
         self._closed = False
         self.ended = False  # True once the watched collection is gone: no more events
-        if not defer:
+        self._start: Timestamp | None
+        self._sub: changehub.Subscriber | None
+        self._start, self._sub = changehub.subscribe(self._db, self._paths, self._catalog, env_uuid)
+        if not defer and self._sub is None:
             self._open()
+
+    @property
+    def shared(self) -> bool:
+        """True while the events come from the process's shared stream (not one of its own)."""
+        return self._sub is not None
 
     def focus(self, ids: list[Any] | None) -> None:
         """Only updates and deletes of these path documents from now on (None: all).
 
-        The stream is reopened from where it is with the new filter, so the
-        server drops other documents' changes instead of sending them to every
-        watcher; inserts into the environment always come through.
+        A stream of its own is reopened from where it is with the new filter,
+        so the server drops other documents' changes instead of sending them
+        to every watcher; inserts into the environment always come through.
         """
         if ids is not None and self._last_key is not None and self._last_key not in ids:
             # Resuming needs the event the token names to pass the new filter.
@@ -97,6 +106,9 @@ class PathChanges:
         if ids == self._ids:
             return
         self._ids = None if ids is None else list(ids)
+        if self._sub is not None:
+            self._sub.focus(self._ids)
+            return
         if self._stream is not None:
             with contextlib.suppress(PyMongoError):
                 self._stream.close()
@@ -106,16 +118,6 @@ class PathChanges:
     def _pipeline(self) -> list[dict[str, Any]]:
         paths, catalog = self._paths, self._catalog
         ids = {} if self._ids is None else {"documentKey._id": {"$in": self._ids}}
-        project: dict[str, Any] = {
-            "operationType": 1,
-            "documentKey": 1,
-            "ns": 1,
-            "updateDescription.removedFields": 1,
-            "fullDocument.data": 1,
-        }
-        for name in PATH_FIELDS:
-            project[f"fullDocument.{name}"] = 1
-            project[f"updateDescription.updatedFields.{name}"] = 1
         return [
             {
                 "$match": {
@@ -135,7 +137,7 @@ class PathChanges:
                     ]
                 }
             },
-            {"$project": project},
+            {"$project": changehub.projection()},
         ]
 
     def _open(self) -> None:
@@ -154,12 +156,51 @@ class PathChanges:
                 self._token = token
 
     def next(self) -> dict[str, Any] | None:
-        """The next event, or None once the stream has waited ~await_seconds with nothing new."""
+        """The next event, or None once the stream has waited ~await_seconds with nothing new.
+
+        The event's nested parts (fullDocument, updateDescription) may be shared
+        with other watchers of the process: read them, do not change them.
+        """
         if self._closed:
             raise CatalogError("the change stream is closed")
         if self.ended:
             return None
-        give_up = time.monotonic() + REOPEN_FOR
+        if self._sub is not None:
+            item = self._sub.take(self._await_seconds)
+            if item is None:
+                return None
+            if item is changehub.END:
+                self.ended = True
+                self._leave()
+                return None
+            if isinstance(item, changehub.Failure):
+                self._leave()  # a later next() tries again on a stream of its own
+                raise CatalogError(item.message)
+            if item is not changehub.BEHIND:
+                return self._returned(item)
+            self._leave()  # let go by the hub: resumes on its own after the last event
+        return self._next_own()
+
+    def _returned(self, event: dict[str, Any]) -> dict[str, Any]:
+        key = None
+        if event.get("ns", {}).get("coll") == self._paths and event.get("operationType") in (
+            "update",
+            "delete",
+        ):
+            key = (event.get("documentKey") or {}).get("_id")
+        self._last_key = key
+        self._last_token = event.get("_id")
+        return dict(event)
+
+    def _leave(self) -> None:
+        """Off the shared stream; a stream of its own would resume after the last event returned."""
+        if self._sub is not None:
+            self._sub.hub.detach(self._sub)
+            self._sub = None
+            self._token = self._last_token
+
+    def _next_own(self) -> dict[str, Any] | None:
+        give_up = time.monotonic() + changehub.REOPEN_FOR
         delay = 0.05
         while True:
             try:
@@ -191,14 +232,7 @@ class PathChanges:
                 self.ended = True  # the database was dropped
                 self._drop(0)
                 return None
-            key = None
-            if event.get("ns", {}).get("coll") == self._paths and event.get("operationType") in (
-                "update",
-                "delete",
-            ):
-                key = (event.get("documentKey") or {}).get("_id")
-            self._last_key = key
-            return dict(event)
+            return self._returned(event)
 
     def _drop(self, delay: float) -> None:
         """Forget a broken stream; the next read reopens it from the resume token."""
@@ -209,12 +243,18 @@ class PathChanges:
         time.sleep(delay)
 
     def break_for_test(self) -> None:
-        """Close the underlying stream as a failure would (tests of resumption)."""
-        if self._stream is not None:
+        """Close the underlying stream as a failure would (tests of resumption).
+
+        On the shared stream that is the hub's: it resumes for every subscriber.
+        """
+        if self._sub is not None:
+            self._sub.hub.break_stream()
+        elif self._stream is not None:
             self._stream.close()
 
     def close(self) -> None:
         self._closed = True
+        self._leave()
         if self._stream is not None:
             with contextlib.suppress(PyMongoError):
                 self._stream.close()
@@ -225,3 +265,8 @@ class PathChanges:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._sub is not None:  # dropped unclosed: stop queueing events for it
+                self._sub.hub.detach(self._sub)
