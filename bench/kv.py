@@ -420,12 +420,23 @@ class RescatHttp:
 
         return op
 
+    def end_workload(self) -> None:
+        """Close the connections of a workload's threads (the next workload has new threads).
+
+        Left open, each workload's 16 idle keep-alive connections would add up
+        to more than the service's per-client cap (64) before they time out.
+        """
+        with self.lock:
+            clients, self.clients = self.clients, []
+        for client in clients:
+            client.close()
+        self.local = threading.local()
+
     def close(self) -> None:
         for client, response in self.watchers:
             response.close()
             client.close()
-        for client in self.clients:
-            client.close()
+        self.end_workload()
 
 
 @contextlib.contextmanager
@@ -471,7 +482,12 @@ def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[st
     ops = [getattr(system, workload)(n) for n in range(threads)]
     if any(op is None for op in ops):
         return None
-    return run_threads(threads, seconds, lambda n: ops[n])
+    try:
+        return run_threads(threads, seconds, lambda n: ops[n])
+    finally:
+        end = getattr(system, "end_workload", None)
+        if end is not None:
+            end()
 
 
 def main() -> None:

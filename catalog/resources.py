@@ -268,6 +268,9 @@ class ResourceCatalog:
         reference may or may not have been taken, and only ever one too many,
         which gc recounts once its lease runs out.
         """
+        if len(asks) == 1:  # alone: one upsert that returns the entry, not a write and a read
+            ask = asks[0]
+            return [self._take_ref(ask.digest, ask.length, ask.now, ask.on_insert, None)]
         groups: dict[tuple[str, int], list[int]] = {}
         for i, ask in enumerate(asks):
             groups.setdefault((ask.digest, ask.length), []).append(i)
