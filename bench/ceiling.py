@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from catalog.mongod import free_port
+from catalog.mongod import free_port, stop_process
 from service.server import Limits, run
 
 BODY = os.urandom(4096)
@@ -103,12 +103,7 @@ def ceiling_server(mode: str, uri: str | None = None) -> Iterator[str]:
                 time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
 
 
 def main() -> None:

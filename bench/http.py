@@ -150,12 +150,7 @@ def serve(uri: str, database: str, *extra: str) -> Iterator[tuple[str, int]]:
             raise RuntimeError("rescat serve did not start")
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
 
 
 def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], None]]) -> float:

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import blake3
+from pymongo import MongoClient
 
 
 def rand(n: int, seed: int | None = None) -> bytes:
@@ -64,3 +65,16 @@ def gridfs_files(managed: Any) -> int:
         for name in managed.db.list_collection_names()
         if name.endswith(".files")
     )
+
+
+def change_streams(client: MongoClient[Any], database: str) -> int:
+    """Change-stream cursors open on `database` (running or idle)."""
+    count = 0
+    for op in client.admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}]):
+        command = op.get("cursor", {}).get("originatingCommand") or op.get("command") or {}
+        pipeline = command.get("pipeline") or []
+        if op.get("ns", "").split(".")[0] == database and any(
+            "$changeStream" in stage for stage in pipeline
+        ):
+            count += 1
+    return count

@@ -28,7 +28,7 @@ from catalog.changes import PathChanges, operation_time
 from catalog.errors import CatalogError
 from catalog.kv import KVStore
 from storage import GridFSStorage
-from tests.helpers import b3
+from tests.helpers import b3, change_streams
 
 ENV = "hubtest"
 
@@ -38,19 +38,6 @@ def kv(managed: ManagedStorage) -> Iterator[KVStore]:
     store = KVStore(managed, ENV)
     yield store
     store.close()
-
-
-def change_streams(client: MongoClient[Any], database: str) -> int:
-    """Change-stream cursors open on `database` (running or idle)."""
-    count = 0
-    for op in client.admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}]):
-        command = op.get("cursor", {}).get("originatingCommand") or op.get("command") or {}
-        pipeline = command.get("pipeline") or []
-        if op.get("ns", "").split(".")[0] == database and any(
-            "$changeStream" in stage for stage in pipeline
-        ):
-            count += 1
-    return count
 
 
 def wait_until(check: Callable[[], bool], seconds: float = 10) -> bool:

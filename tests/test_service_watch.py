@@ -32,6 +32,7 @@ from service import routes_watch
 from service.app import create_app
 from service.client import CatalogClient
 from service.routes_watch import open_watches
+from tests.helpers import change_streams
 from tests.test_service_support import (
     REPO,
     ServerThread,
@@ -267,19 +268,6 @@ def test_since_older_than_the_history_kept_is_410(
         r = httpx.get(url + path, params={"since": floor, "timeout": "0.5"}, headers=headers)
         assert r.status_code == 200 and "id:" not in r.text
         client.close()
-
-
-def change_streams(client: MongoClient[Any], database: str) -> int:
-    """Change-stream cursors open on `database` (running or idle)."""
-    count = 0
-    for op in client.admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}]):
-        command = op.get("cursor", {}).get("originatingCommand") or op.get("command") or {}
-        pipeline = command.get("pipeline") or []
-        if op.get("ns", "").split(".")[0] == database and any(
-            "$changeStream" in stage for stage in pipeline
-        ):
-            count += 1
-    return count
 
 
 def test_a_client_disconnect_frees_the_server_side(
