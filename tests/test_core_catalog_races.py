@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pymongo.database import Database
 
 from catalog import NotFoundError, ResourceCatalog
@@ -36,7 +37,11 @@ def race(n: int, fn: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-def test_concurrent_removes_take_exactly_the_references_there_were(db: Database[Any]) -> None:
+@pytest.mark.parametrize("durable", [True, False], ids=["majority", "primary-acknowledged"])
+def test_concurrent_removes_take_exactly_the_references_there_were(
+    db: Database[Any], durable: bool
+) -> None:
+    """Also for the release after a link (durable=False): only its write concern differs."""
     rc = ResourceCatalog(db)
     for round_ in range(25):
         digest = f"{round_:064x}"
@@ -44,7 +49,7 @@ def test_concurrent_removes_take_exactly_the_references_there_were(db: Database[
         for _ in range(refs):
             rid, _ = rc.put(digest, 10)
         rc.upload_complete(rid, f"stored/{round_}")
-        results = race(refs + 6, lambda _i, rid=rid: rc.remove(rid))
+        results = race(refs + 6, lambda _i, rid=rid: rc.remove(rid, durable=durable))
         succeeded = [r for r in results if isinstance(r, tuple)]
         failed = [r for r in results if isinstance(r, NotFoundError)]
         assert len(succeeded) == refs, (round_, results)
