@@ -84,6 +84,26 @@ def operation_time(db: Any) -> Timestamp | None:
     return value if isinstance(value, Timestamp) else None
 
 
+# What `failure` says of an error after which the database is gone: no more events.
+ENDED = "the database was dropped"
+
+
+def failure(exc: PyMongoError, failing_for: float) -> str | None:
+    """What a stream's error means, for the hub's stream and a watcher's own alike.
+
+    ENDED: resuming after an invalidate, the database went. A message: the
+    stream cannot go on (the oplog moved past its token, or it has failed for
+    REOPEN_FOR seconds). None: reopen it from its resume token.
+    """
+    if isinstance(exc, OperationFailure) and exc.code == 260:
+        return ENDED
+    if isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST:
+        return f"the change history was lost: {exc}"
+    if failing_for >= REOPEN_FOR:
+        return f"the change stream broke: {exc}"
+    return None
+
+
 def weight(item: Any) -> int:
     """Roughly the memory an event holds: inline content can make it up to 64 KiB."""
     if not isinstance(item, dict):
@@ -343,16 +363,11 @@ class ChangeHub:
                     self._finish(Failure(f"the change stream broke: {exc}"))
                     return
                 except PyMongoError as exc:
-                    if isinstance(exc, OperationFailure) and exc.code == 260:
-                        self._finish(END)  # resuming after an invalidate: the database went
-                        return
-                    if isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST:
-                        self._finish(Failure(f"the change history was lost: {exc}"))
-                        return
                     now = time.monotonic()
                     failing_since = now if failing_since is None else failing_since
-                    if now - failing_since >= REOPEN_FOR:
-                        self._finish(Failure(f"the change stream broke: {exc}"))
+                    verdict = failure(exc, now - failing_since)
+                    if verdict is not None:
+                        self._finish(END if verdict is ENDED else Failure(verdict))
                         return
                     log.warning("change stream broke (%s); resuming from its token", exc)
                     self._drop()

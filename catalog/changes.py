@@ -39,7 +39,7 @@ from typing import Any
 
 from bson import Timestamp
 from pymongo.change_stream import ChangeStream
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
 from catalog import changehub
 from catalog.changehub import PATH_FIELDS, operation_time
@@ -50,8 +50,6 @@ __all__ = ["PATH_FIELDS", "PathChanges", "operation_time"]
 
 log = logging.getLogger("rescat.changes")
 
-# Server codes after which a stream cannot resume (the oplog moved past it).
-_HISTORY_LOST = changehub.HISTORY_LOST
 # Events after which a stream can never resume.
 _ENDING = changehub.ENDING
 
@@ -200,7 +198,7 @@ class PathChanges:
             self._token = self._last_token
 
     def _next_own(self) -> dict[str, Any] | None:
-        give_up = time.monotonic() + changehub.REOPEN_FOR
+        started = time.monotonic()
         delay = 0.05
         while True:
             try:
@@ -209,14 +207,13 @@ class PathChanges:
                 assert self._stream is not None
                 event = self._stream.try_next()
             except PyMongoError as exc:
-                if isinstance(exc, OperationFailure) and exc.code == 260:
-                    self.ended = True  # resuming after an invalidate: the database went
+                verdict = changehub.failure(exc, time.monotonic() - started)
+                if verdict is changehub.ENDED:
+                    self.ended = True
                     self._drop(0)
                     return None
-                if isinstance(exc, OperationFailure) and exc.code in _HISTORY_LOST:
-                    raise CatalogError(f"the change history was lost: {exc}") from exc
-                if time.monotonic() >= give_up:
-                    raise CatalogError(f"the change stream broke: {exc}") from exc
+                if verdict is not None:
+                    raise CatalogError(verdict) from exc
                 log.warning("change stream broke (%s); resuming from its token", exc)
                 self._drop(delay)
                 delay = min(delay * 2, 2.0)
