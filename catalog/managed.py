@@ -54,7 +54,7 @@ from catalog.errors import (
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.pathdocs import PathUpdates
+from catalog.pathdocs import EVENTS_SHOWN, PathUpdates
 from catalog.proof import (
     DAILY_BUDGET,
     ProofBudget,
@@ -258,7 +258,7 @@ class ManagedStorage:
         gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": 1})
         if gone is not None:
             events.extend(gone.get("events") or [])
-        live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": 1})
+        live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
         if live is not None:
             events.extend(live.get("events") or [])
         events.sort(key=lambda e: (int(e.get("revision", 0)), aware(e["at"])))

@@ -21,11 +21,18 @@ import threading
 import time
 from typing import Any
 
-# Cap on events kept inside one path document (4x that for a deleted path's
-# history document). Every change rewrites the document, so the cap is also
-# what a hot key's write costs: at 2,000 events (a 434 KB document) a KV put
-# on a key ran at 0.37-0.40x of one on a fresh key; at 256 (56 KB), 0.87-0.92x.
+# Events of a path shown and replayed (4x that for a deleted path's history
+# document). Every change rewrites the document, so the cap is also what a hot
+# key's write costs: at 2,000 events (a 434 KB document) a KV put on a key ran
+# at 0.37-0.40x of one on a fresh key; at 256 (56 KB), 0.87-0.92x.
 EVENTS_CAP = 256
+# The document itself holds up to twice that, and is cut back to the newest
+# EVENTS_CAP only when full: a change that appends one event is logged (oplog,
+# journal, every change stream) as that event, ~400 bytes, while one that also
+# drops the oldest shifts the whole array and was logged as all of it, 32 KB
+# per put on a hot key. Readers take the newest EVENTS_CAP (EVENTS_SHOWN).
+EVENTS_KEPT = 2 * EVENTS_CAP
+EVENTS_SHOWN: dict[str, Any] = {"$slice": -EVENTS_CAP}
 
 _CLUSTER_CLOCK: dict[str, Any] = {
     "$add": [
@@ -117,12 +124,14 @@ class PathUpdates:
                     **{k: literal(v) for k, v in fields.items()},
                 }
             },
+            {"$set": {"events": {"$concatArrays": [{"$ifNull": ["$events", []]}, [entry]]}}},
             {
                 "$set": {
                     "events": {
-                        "$slice": [
-                            {"$concatArrays": [{"$ifNull": ["$events", []]}, [entry]]},
-                            -EVENTS_CAP,
+                        "$cond": [
+                            {"$gt": [{"$size": "$events"}, EVENTS_KEPT]},
+                            {"$slice": ["$events", -EVENTS_CAP]},
+                            "$events",
                         ]
                     }
                 }
@@ -163,7 +172,7 @@ class PathUpdates:
 
     def closing(self, doc: dict[str, Any], event: str, detail: dict[str, Any] | None = None) -> Any:
         """The update of `path_history` when `doc`'s path goes: its events plus the last."""
-        kept = list(doc.get("events") or [])
+        kept = list(doc.get("events") or [])[-EVENTS_CAP:]
         entry: dict[str, Any] = {
             "event": event,
             "state": "ok",

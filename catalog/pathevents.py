@@ -39,7 +39,7 @@ from typing import Any
 from catalog import history
 from catalog.changes import PathChanges
 from catalog.errors import RequestExpiredError
-from catalog.pathdocs import EVENTS_CAP
+from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN
 
 # A watch following at most this many path documents has the server filter their changes.
 FOCUS_MAX = 1000
@@ -113,9 +113,9 @@ class PathEvents:
                     f"changes since {since} are no longer known"
                 )
         query = {"env": self._env, **self._match()}
-        fields = {"path": 1, "hash": 1, "length": 1, "rev": 1}
+        fields: dict[str, Any] = {"path": 1, "hash": 1, "length": 1, "rev": 1}
         if since is not None:
-            fields["events"] = 1
+            fields["events"] = EVENTS_SHOWN
         replay: list[dict[str, Any]] = []
         for doc in managed.paths.find(query, fields):
             rev = int(doc.get("rev", 0))

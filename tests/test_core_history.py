@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+import bson
 import pytest
 from pymongo.database import Database
 
@@ -110,15 +111,38 @@ def test_retention_by_age(managed: ManagedStorage, db: Database[Any]) -> None:
 def test_a_hot_path_keeps_its_last_events_and_a_bounded_document(
     managed: ManagedStorage, db: Database[Any]
 ) -> None:
+    from catalog.pathdocs import EVENTS_CAP, EVENTS_KEPT
+
+    n = EVENTS_KEPT + 44  # past the point where the document is cut back
+    for i in range(n):
+        managed.put_for_environment("e", "hot", io.BytesIO(f"v{i}".encode()))
+        if i in (EVENTS_CAP + 10, EVENTS_KEPT, n - 1):
+            events = managed.history_for_environment("e", "hot")
+            assert len(events) == EVENTS_CAP
+            assert events[-1]["hash"] == b3(f"v{i}".encode())
+            assert events[0]["hash"] == b3(f"v{i - EVENTS_CAP + 1}".encode())  # oldest went
+            revisions = [e["revision"] for e in events]
+            assert revisions == sorted(revisions)
+            doc = db["paths"].find_one({"env": "e", "path": "hot"})
+            assert doc is not None and EVENTS_CAP <= len(doc["events"]) <= EVENTS_KEPT
+
+
+def test_a_change_of_a_hot_path_is_logged_as_one_event_not_its_whole_history(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """The oplog (and so the journal and every change stream) carries what changed."""
     from catalog.pathdocs import EVENTS_CAP
 
-    for i in range(EVENTS_CAP + 44):
+    if not managed._updates.pipelines:
+        pytest.skip("the in-memory store has no oplog")
+    for i in range(EVENTS_CAP + 20):
         managed.put_for_environment("e", "hot", io.BytesIO(f"v{i}".encode()))
-    events = managed.history_for_environment("e", "hot")
-    assert len(events) == EVENTS_CAP
-    assert events[-1]["hash"] == b3(f"v{EVENTS_CAP + 43}".encode())
-    assert events[0]["hash"] == b3(b"v44")  # the oldest went first
-    revisions = [e["revision"] for e in events]
-    assert revisions == sorted(revisions)
-    doc = db["paths"].find_one({"env": "e", "path": "hot"})
-    assert doc is not None and len(doc["events"]) == EVENTS_CAP
+    oplog = db.client["local"]["oplog.rs"]
+    sizes = [
+        len(bson.encode(entry))
+        for entry in oplog.find({"ns": f"{db.name}.paths", "op": "u"})
+        .sort("$natural", -1)
+        .limit(10)
+    ]
+    assert len(sizes) == 10
+    assert max(sizes) < 2048, sizes  # one event is ~400 bytes; the whole history is 30+ KB
