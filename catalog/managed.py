@@ -28,6 +28,7 @@ import itertools
 import logging
 import re
 import secrets
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from catalog.errors import (
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.pathdocs import EVENTS_SHOWN, PathUpdates
+from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, LIVE_EVENTS, SPILL_AT, PathUpdates
 from catalog.proof import (
     DAILY_BUDGET,
     ProofBudget,
@@ -181,6 +182,8 @@ class ManagedStorage:
         # Read leases need a store that can hide a file before deleting it (GridFS).
         self._leased = hasattr(resource_storage, "mark_doomed")
         self.read_leases = ReadLeases(db)
+        self._spilling: set[tuple[str, str]] = set()
+        self._spill_lock = threading.Lock()
 
     @property
     def catalog(self) -> ResourceCatalog:
@@ -261,6 +264,7 @@ class ManagedStorage:
         live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
         if live is not None:
             events.extend(live.get("events") or [])
+        events = _once(events)  # a spill cut short leaves some in both documents
         events.sort(key=lambda e: (int(e.get("revision", 0)), aware(e["at"])))
         for event in events:
             event["at"] = aware(event["at"])
@@ -778,7 +782,50 @@ class ManagedStorage:
                 # would then drop the reference the path now holds. The count left
                 # one too high is gc's to recount.
                 log.warning("releasing %s after a link failed", old, exc_info=True)
+        self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
+
+    def _spill_if_full(self, env_uuid: str, path: str, doc: dict[str, Any]) -> None:
+        """Past SPILL_AT events, move the older ones to the path's history document.
+
+        Past the commit point: a failure is logged, not raised (the next writer
+        spills, and the document is cut back at EVENTS_KEPT in any case). One
+        spill per path at a time in this process; two from different processes
+        copy the same events twice, which readers show once.
+        """
+        if int(doc.get("n_events") or 0) <= SPILL_AT:
+            return
+        key = (env_uuid, path)
+        with self._spill_lock:
+            if key in self._spilling:
+                return
+            self._spilling.add(key)
+        try:
+            self._spill(env_uuid, path)
+        except Exception:
+            log.warning("moving the events of %s:%s to its history failed", *key, exc_info=True)
+        finally:
+            with self._spill_lock:
+                self._spilling.discard(key)
+
+    def _spill(self, env_uuid: str, path: str) -> None:
+        """Copy all but the newest LIVE_EVENTS to the history document, then drop them here.
+
+        Copied first and dropped after: a crash in between leaves some events in
+        both documents (shown once), never in neither.
+        """
+        doc = self.paths.find_one({"env": env_uuid, "path": path}, {"events": 1})
+        events = list((doc or {}).get("events") or [])
+        if doc is None or len(events) <= SPILL_AT:
+            return
+        moved = events[:-LIVE_EVENTS]
+        self.history.update_one(
+            {"env": env_uuid, "path": path},
+            {"$push": {"events": {"$each": moved, "$slice": -EVENTS_CAP * 4}}},
+            upsert=True,
+        )
+        upto = max(int(e.get("revision") or 0) for e in moved)
+        self.paths.update_one({"_id": doc["_id"]}, self._updates.trim(upto))
 
     def _link_update(self, target: dict[str, Any], options: WriteOptions) -> Any:
         extra: dict[str, Any] = {}
@@ -860,6 +907,8 @@ class ManagedStorage:
             assert doc is not None
         if old is not None:
             self._release_in(str(old), session, doomed)
+        if session is None:
+            self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
 
     def _live_query(self, env_uuid: str, path: str) -> dict[str, Any]:
@@ -1200,6 +1249,18 @@ def _match_query(if_match: int | str) -> dict[str, Any]:
 
 def _matches(doc: dict[str, Any], if_match: int | str) -> bool:
     return all(doc.get(k) == v for k, v in _match_query(if_match).items())
+
+
+def _once(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events without repeats (the same event in a path's document and its history's)."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for e in events:
+        key = (e.get("revision"), e.get("event"), e.get("op"), e.get("at"), e.get("state"))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
 
 
 def _revision(doc: dict[str, Any]) -> int:

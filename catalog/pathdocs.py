@@ -21,16 +21,20 @@ import threading
 import time
 from typing import Any
 
-# Events of a path shown and replayed (4x that for a deleted path's history
-# document). Every change rewrites the document, so the cap is also what a hot
-# key's write costs: at 2,000 events (a 434 KB document) a KV put on a key ran
-# at 0.37-0.40x of one on a fresh key; at 256 (56 KB), 0.87-0.92x.
+# A path's events live in its own document while they are few: a put of new
+# content costs no extra write for its history. Every change rewrites that
+# document, and mongod's cost of it grows with the document (measured, 16
+# threads: a link on a path holding 256 events cost 2.2x one on a fresh path).
+# So a writer that leaves more than SPILL_AT events moves all but the newest
+# LIVE_EVENTS to the path's `path_history` document (ManagedStorage._spill),
+# where up to EVENTS_CAP * 4 are kept, as for a deleted path.
+LIVE_EVENTS = 32
+SPILL_AT = 2 * LIVE_EVENTS
+# Events of a path replayed from its document; should spills fail, its document
+# is cut back to the newest EVENTS_CAP at EVENTS_KEPT. An event appended is
+# logged (oplog, journal, every change stream) as that event, ~400 bytes; a cut
+# shifts the array and is logged as all of it.
 EVENTS_CAP = 256
-# The document itself holds up to twice that, and is cut back to the newest
-# EVENTS_CAP only when full: a change that appends one event is logged (oplog,
-# journal, every change stream) as that event, ~400 bytes, while one that also
-# drops the oldest shifts the whole array and was logged as all of it, 32 KB
-# per put on a hot key. Readers take the newest EVENTS_CAP (EVENTS_SHOWN).
 EVENTS_KEPT = 2 * EVENTS_CAP
 EVENTS_SHOWN: dict[str, Any] = {"$slice": -EVENTS_CAP}
 
@@ -136,6 +140,7 @@ class PathUpdates:
                     }
                 }
             },
+            {"$set": {"n_events": {"$size": "$events"}}},  # past SPILL_AT: the writer spills
         ]
         if unset:
             stages.append({"$unset": list(unset)})
@@ -169,6 +174,16 @@ class PathUpdates:
         if unset:
             update["$unset"] = dict.fromkeys(unset, "")
         return update
+
+    def trim(self, upto: int) -> list[dict[str, Any]]:
+        """Drop a path's events up to revision `upto` (moved to its history document)."""
+        kept = {
+            "$filter": {
+                "input": {"$ifNull": ["$events", []]},
+                "cond": {"$gt": [{"$ifNull": ["$$this.revision", 0]}, upto]},
+            }
+        }
+        return [{"$set": {"events": kept}}, {"$set": {"n_events": {"$size": "$events"}}}]
 
     def closing(self, doc: dict[str, Any], event: str, detail: dict[str, Any] | None = None) -> Any:
         """The update of `path_history` when `doc`'s path goes: its events plus the last."""
