@@ -2,7 +2,7 @@
 
     python -m bench.kv [--threads 16] [--seconds 2] [--rounds 3] [--etcd-url URL] [--http]
 
-Four workloads, each run by --threads client threads in this process, every
+Five workloads, each run by --threads client threads in this process, every
 thread on keys of its own (no contention: this measures cost, not conflicts):
 
 * put: `KVStore.put` of a 128-byte value vs `update_one(upsert)` at w=majority
@@ -10,6 +10,8 @@ thread on keys of its own (no contention: this measures cost, not conflicts):
 * get: `KVStore.get` vs `find_one` by _id;
 * cas: `get` + `atomic_put(previous)` vs `find_one` + `update_one({_id, rev})`
   at w=majority;
+* hot: `put`, but each thread on one key already written HOT_HISTORY times (a
+  leader key, a counter: a key with a long history), vs the same raw upsert;
 * watch: one `KVStore.watch` per thread on its key; each thread writes its key
   and waits for its own event; the latency from the start of the write to the
   event vs the same over a raw change stream on the raw collection.
@@ -43,6 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import blake3
@@ -56,7 +59,8 @@ from catalog.mongod import free_port
 from storage import GridFSStorage
 
 VALUE_BYTES = 128
-WORKLOADS = ("put", "get", "cas", "watch")
+WORKLOADS = ("put", "get", "cas", "hot", "watch")  # watch last: its shared stream lingers
+HOT_HISTORY = 300  # writes of a hot key before it is measured
 
 
 # -- the harness ------------------------------------------------------------------------
@@ -477,9 +481,26 @@ def _b64(data: bytes) -> str:
 
 
 # -- main -----------------------------------------------------------------------------------
+def hot(system: Any, n: int) -> Callable[[int], None]:
+    """Thread n's put on its one key, after HOT_HISTORY writes of it (not measured)."""
+    key = f"hot/{n}"
+    for i in range(HOT_HISTORY):
+        system._put(key, value(n, -1 - i))
+
+    def op(i: int) -> None:
+        system._put(key, value(n, i))
+
+    return op
+
+
 def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[str, float] | None:
-    """The workload's figures, or None when the system cannot run it (see RescatHttp.cas)."""
-    ops = [getattr(system, workload)(n) for n in range(threads)]
+    """The workload's figures, or None when the system cannot run it (see RescatHttp.cas).
+
+    Each thread's setup (keys written first, streams opened) runs in parallel.
+    """
+    make = functools.partial(hot, system) if workload == "hot" else getattr(system, workload)
+    with ThreadPoolExecutor(threads) as pool:
+        ops = list(pool.map(make, range(threads)))
     if any(op is None for op in ops):
         return None
     try:

@@ -818,7 +818,7 @@ class ManagedStorage:
         events = list((doc or {}).get("events") or [])
         if doc is None or len(events) <= SPILL_AT:
             return
-        moved = events[:-LIVE_EVENTS]
+        moved = events[: len(events) - LIVE_EVENTS]
         self.history.update_one(
             {"env": env_uuid, "path": path},
             {"$push": {"events": {"$each": moved, "$slice": -EVENTS_CAP * 4}}},
