@@ -48,6 +48,7 @@ from catalog.errors import (
     PreconditionFailedError,
 )
 from catalog.leases import Renewer
+from catalog.lru import SizedLRU
 from catalog.managed import ManagedStorage, WriteOptions
 from catalog.names import check_env, check_path
 
@@ -162,23 +163,19 @@ def _contents(managed: ManagedStorage, hashes: set[str]) -> dict[str, bytes]:
 
 
 class ContentCache:
-    """Bytes by content hash, least recently used out first (content never changes)."""
+    """Bytes by content hash (content never changes); misses are read from the store."""
 
     def __init__(self, managed: ManagedStorage, limit: int) -> None:
         self._managed = managed
-        self._limit = limit
-        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
+        self._items: SizedLRU[str, bytes] = SizedLRU(limit, len)
 
     def get_many(self, hashes: set[str]) -> dict[str, bytes]:
         """The bytes of each hash still known here or stored (the others are left out)."""
         found: dict[str, bytes] = {}
-        with self._lock:
-            for digest in hashes:
-                if digest in self._items:
-                    self._items.move_to_end(digest)
-                    found[digest] = self._items[digest]
+        for digest in hashes:
+            data = self._items.get(digest)
+            if data is not None:
+                found[digest] = data
         missing = hashes - found.keys()
         if missing:
             fetched = _contents(self._managed, missing)
@@ -191,17 +188,7 @@ class ContentCache:
         return self.get_many({digest}).get(digest)
 
     def add(self, digest: str, data: bytes) -> None:
-        if len(data) > self._limit // 4:
-            return
-        with self._lock:
-            if digest in self._items:
-                self._items.move_to_end(digest)
-                return
-            self._items[digest] = data
-            self._size += len(data)
-            while self._size > self._limit:
-                _, old = self._items.popitem(last=False)
-                self._size -= len(old)
+        self._items.add(digest, data)
 
 
 class KVStore:

@@ -54,6 +54,7 @@ from catalog.errors import (
     ResponseMismatchError,
     UploadPendingError,
 )
+from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
 from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, LIVE_EVENTS, SPILL_AT, PathUpdates
 from catalog.proof import (
@@ -95,6 +96,9 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 # Content up to this size lives in its catalog entry: one document to write and
 # to read instead of a GridFS files document plus chunks (bench/core.py measures).
 INLINE_MAX = 64 * 1024
+# Inline entries a process keeps after reading or writing them (content never
+# changes): a read of small content is then one query for its path document.
+INLINE_CACHE_BYTES = 16 * 1024 * 1024
 # Path documents carry their history; reads never need it.
 NO_EVENTS = {"events": 0}
 
@@ -182,6 +186,10 @@ class ManagedStorage:
         # Read leases need a store that can hide a file before deleting it (GridFS).
         self._leased = hasattr(resource_storage, "mark_doomed")
         self.read_leases = ReadLeases(db)
+        # Inline entries by hash: the bytes of small reads without the entry's query.
+        self._inline: SizedLRU[str, Resource] = SizedLRU(
+            INLINE_CACHE_BYTES, lambda res: len(res.data or b"") + 256
+        )
         self._spilling: set[tuple[str, str]] = set()
         self._spill_lock = threading.Lock()
 
@@ -214,7 +222,7 @@ class ManagedStorage:
         check_env(env_uuid)
         check_path(path)
         for attempt in range(3):
-            doc, res = self._lookup(env_uuid, path)
+            doc, res = self._lookup(env_uuid, path, cached=True)
             if res is None:
                 raise NotFoundError(f"{env_uuid}: {path!r} points at missing content", path=path)
             if res.pending:
@@ -626,10 +634,12 @@ class ManagedStorage:
             self._check_creatable(env_uuid, path)
         res = self._catalog.acquire_inline(digest, data)
         try:
-            return res, self._link(env_uuid, path, res, options)
+            doc = self._link(env_uuid, path, res, options)
         except BaseException:
             self._release(res.id)
             raise
+        self._keep_inline(res)
+        return res, doc
 
     def _put_known(
         self,
@@ -1015,12 +1025,18 @@ class ManagedStorage:
             raise NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
         return dict(doc)
 
-    def _lookup(self, env_uuid: str, path: str) -> tuple[dict[str, Any], Resource | None]:
+    def _lookup(
+        self, env_uuid: str, path: str, *, cached: bool = False
+    ) -> tuple[dict[str, Any], Resource | None]:
         """The live path document and its catalog entry (None if the entry is gone).
 
         One round trip ($lookup) where the server has aggregation joins: a small
-        read is bound by per-request cost, and this halves it.
+        read is bound by per-request cost, and this halves it. cached: for
+        reads of the bytes, the path document alone when its inline entry is
+        one this process has read or written (see INLINE_CACHE_BYTES).
         """
+        if cached:
+            return self._lookup_cached(env_uuid, path)
         if not self._updates.pipelines:
             doc = self._path_doc(env_uuid, path)
             try:
@@ -1050,8 +1066,25 @@ class ManagedStorage:
         entries = doc.pop("entry", [])
         return doc, to_resource(entries[0]) if entries else None
 
+    def _lookup_cached(self, env_uuid: str, path: str) -> tuple[dict[str, Any], Resource | None]:
+        doc = self._path_doc(env_uuid, path)
+        rid = str(doc["resource_id"])
+        known = self._inline.get(str(doc.get("hash", "")))
+        if known is not None and known.id == rid:  # the same entry, not one made anew since
+            return doc, known
+        try:
+            res = self._catalog.entry(rid)
+        except NotFoundError:
+            return doc, None
+        self._keep_inline(res)
+        return doc, res
+
+    def _keep_inline(self, res: Resource) -> None:
+        if res.inline and res.data is not None and not res.pending:
+            self._inline.add(res.hash, res)
+
     def _resolve(self, env_uuid: str, path: str) -> Resource:
-        _, res = self._lookup(env_uuid, path)
+        _, res = self._lookup(env_uuid, path, cached=True)
         if res is None:
             raise NotFoundError(f"{env_uuid}: {path!r} points at missing content", path=path)
         if res.pending:
