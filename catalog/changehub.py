@@ -9,6 +9,8 @@ PathChanges) subscribe to a `ChangeHub`: one stream of every change any
 watcher could want, filtered per subscriber in Python the way each watcher's
 own stream filtered on the server (path inserts by environment, path updates
 and deletes by the documents the watcher follows, the rest to everyone).
+New inline content goes only to watchers that show values (KV key watches),
+and is queued without waking them (see LAZY_MAX).
 
 Gap-free attach. A watcher takes its start time T before its read, and must
 get every event from T on (startAtOperationTime is inclusive). The hub's
@@ -69,6 +71,12 @@ BUFFER_SECONDS = 30.0
 # A subscriber with more than this waiting is detached (see the module docstring).
 QUEUE_MAX = 100_000
 QUEUE_BYTES = 64 << 20
+# New inline content is queued to every subscriber (a later change may point a
+# watcher's path at it) but wakes none: by itself it changes no watcher's state,
+# and waking every watcher's thread for every small put of the database cost
+# more than the put's own work once 16 watched. A subscriber is woken by its
+# next event of its own, or after LAZY_MAX content events, to keep its queue short.
+LAZY_MAX = 64
 # A hub without subscribers for this long closes its stream and ends its thread.
 IDLE_SECONDS = 5.0
 # How long one getMore of the hub waits for events: how soon it notices it is idle or broken.
@@ -144,15 +152,18 @@ BEHIND = object()
 class Subscriber:
     """One watcher's place at a hub: its filter, its start and its queue (under the hub's lock)."""
 
-    def __init__(self, hub: ChangeHub, env: str, start: Timestamp) -> None:
+    def __init__(self, hub: ChangeHub, env: str, start: Timestamp, content: bool = True) -> None:
         self.hub = hub
         self.env = env
         self.start = start
+        self.content = content  # wants new inline content (a watcher that shows values does)
         self.ids: frozenset[Any] | list[Any] | None = None
         self.queue: collections.deque[Any] = collections.deque()
         self.bytes = 0  # the weight of what is queued
         self.ready = threading.Condition(hub.lock)
         self.behind = False
+        self.lazy = 0  # content events queued since it was last woken
+        self.caught_up = False  # an event at or after `start` has come: so will every later one
 
     def push(self, item: Any) -> None:
         self.queue.append(item)
@@ -167,6 +178,8 @@ class Subscriber:
             return self.ids is None or value in self.ids
         if kind == "env":
             return bool(value == self.env)
+        if kind == "content":
+            return self.content
         return True
 
     def take(self, timeout: float) -> Any:
@@ -234,13 +247,19 @@ class ChangeHub:
 
     # -- subscribers (any thread) ------------------------------------------------------------
     def route(self, event: dict[str, Any]) -> tuple[str, Any]:
-        """What decides who gets an event: a path document's id, an environment, or nothing."""
+        """What decides who gets an event: a path document's id, an environment, or nothing.
+
+        "content" (new inline content) goes to everyone, as "all" does, but lazily.
+        """
         op = event.get("operationType")
-        if (event.get("ns") or {}).get("coll") == self.paths:
+        coll = (event.get("ns") or {}).get("coll")
+        if coll == self.paths:
             if op in ("update", "delete"):
                 return "id", (event.get("documentKey") or {}).get("_id")
             if op in ("insert", "replace"):
                 return "env", (event.get("fullDocument") or {}).get("env")
+        if coll == self.catalog and op == "insert":
+            return "content", None
         return "all", None
 
     def hold(self, db: Any) -> bool:
@@ -406,15 +425,21 @@ class ChangeHub:
             self._buffer_bytes += size
             self._evict(now)
             behind: list[Subscriber] = []
+            lazy = kind == "content"
             for sub in self._subs:
-                if when is not None and when < sub.start:
-                    continue  # before this subscriber's start: its own stream would not have it
+                if not sub.caught_up and when is not None:
+                    if when < sub.start:
+                        continue  # before this subscriber's start: its own stream would not have it
+                    sub.caught_up = True  # stream order: no later event is before it either
                 if not sub.passes(kind, value):
                     continue
                 sub.push(event)
                 if len(sub.queue) > QUEUE_MAX or sub.bytes > QUEUE_BYTES:
                     behind.append(sub)
+                elif lazy and sub.lazy < LAZY_MAX:
+                    sub.lazy += 1
                 else:
+                    sub.lazy = 0
                     sub.ready.notify()
             for sub in behind:
                 log.warning(
@@ -492,7 +517,7 @@ def _key(db: Any, paths: str, catalog: str) -> tuple[int, str, str, str]:
 
 
 def subscribe(
-    db: Any, paths: str, catalog: str, env: str
+    db: Any, paths: str, catalog: str, env: str, content: bool = True
 ) -> tuple[Timestamp | None, Subscriber | None]:
     """A new watcher's start time, and its subscription (None: it needs a stream of its own).
 
@@ -524,7 +549,7 @@ def subscribe(
         start = operation_time(db)
         if start is None:
             return None, None
-        sub = Subscriber(hub, env, start)
+        sub = Subscriber(hub, env, start, content)
         return start, (sub if hub.attach(sub) else None)
     finally:
         hub.release()

@@ -58,9 +58,18 @@ class PathChanges:
     """Change events of one environment's paths (and new inline content), resumable."""
 
     def __init__(
-        self, managed: Any, env_uuid: str, *, await_seconds: float = 0.25, defer: bool = False
+        self,
+        managed: Any,
+        env_uuid: str,
+        *,
+        await_seconds: float = 0.25,
+        defer: bool = False,
+        content: bool = True,
     ) -> None:
         """Take the start time now; open the stream now, or (defer) at the first focus/next.
+
+        content=False: no inserts of new inline content, for a watcher that
+        shows no values (their bytes are most of what a stream carries).
 
         Deferring lets a watcher read first and then open a stream already
         narrowed to what it read: the stream still starts at this time. On
@@ -72,6 +81,7 @@ class PathChanges:
         self._paths = managed.paths.name
         self._catalog = managed.catalog.collection.name
         self._await_seconds = await_seconds
+        self._content = content
         self._await_ms = max(int(await_seconds * 1000), 10)
         self._token: Any = None
         self._ids: list[Any] | None = None
@@ -82,7 +92,9 @@ class PathChanges:
         self.ended = False  # True once the watched collection is gone: no more events
         self._start: Timestamp | None
         self._sub: changehub.Subscriber | None
-        self._start, self._sub = changehub.subscribe(self._db, self._paths, self._catalog, env_uuid)
+        self._start, self._sub = changehub.subscribe(
+            self._db, self._paths, self._catalog, env_uuid, content
+        )
         if not defer and self._sub is None:
             self._open()
 
@@ -116,27 +128,20 @@ class PathChanges:
     def _pipeline(self) -> list[dict[str, Any]]:
         paths, catalog = self._paths, self._catalog
         ids = {} if self._ids is None else {"documentKey._id": {"$in": self._ids}}
-        return [
+        wanted: list[dict[str, Any]] = [
+            {"ns.coll": paths, "operationType": {"$in": ["update", "delete"]}, **ids},
             {
-                "$match": {
-                    "$or": [
-                        {"ns.coll": paths, "operationType": {"$in": ["update", "delete"]}, **ids},
-                        {
-                            "ns.coll": paths,
-                            "operationType": {"$in": ["insert", "replace"]},
-                            "fullDocument.env": self._env,
-                        },
-                        {
-                            "ns.coll": catalog,
-                            "operationType": "insert",
-                            "fullDocument.path": INLINE,
-                        },
-                        {"operationType": {"$in": sorted(_ENDING)}},
-                    ]
-                }
+                "ns.coll": paths,
+                "operationType": {"$in": ["insert", "replace"]},
+                "fullDocument.env": self._env,
             },
-            {"$project": changehub.projection()},
+            {"operationType": {"$in": sorted(_ENDING)}},
         ]
+        if self._content:
+            wanted.append(
+                {"ns.coll": catalog, "operationType": "insert", "fullDocument.path": INLINE}
+            )
+        return [{"$match": {"$or": wanted}}, {"$project": changehub.projection()}]
 
     def _open(self) -> None:
         kwargs: dict[str, Any] = {}

@@ -426,11 +426,17 @@ class KVStore:
 class _Watch:
     """Common to key and range watches: the stream, stop, and closing."""
 
+    # Whether the stream carries new inline content: a key watch shows the value each
+    # change wrote, even once overwritten; a range watch rereads the range instead.
+    CONTENT = True
+
     def __init__(self, store: KVStore, stop: threading.Event | None) -> None:
         self._store = store
         self._stop = stop
         # Started now, before the first read; opened once the read says what to follow.
-        self._changes: PathChanges | None = PathChanges(store.managed, store.env_uuid, defer=True)
+        self._changes: PathChanges | None = PathChanges(
+            store.managed, store.env_uuid, defer=True, content=self.CONTENT
+        )
 
     def _stopped(self) -> bool:
         ended = self._changes is not None and self._changes.ended
@@ -585,6 +591,8 @@ class KeyWatch(_Watch):
 class RangeWatch(_Watch):
     """Iterator of the list of pairs under a prefix: now, then after each change."""
 
+    CONTENT = False
+
     def __init__(self, store: KVStore, prefix: str, stop: threading.Event | None) -> None:
         super().__init__(store, stop)
         self.prefix = prefix
@@ -687,7 +695,7 @@ class Lock:
                     return False
                 if changes is None or changes.ended:
                     # Opened before the next attempt: a release right after it is seen.
-                    changes = PathChanges(self._store.managed, self._store.env_uuid)
+                    changes = PathChanges(self._store.managed, self._store.env_uuid, content=False)
                     continue
                 self._wait(changes, deadline, stop)
         finally:

@@ -83,7 +83,9 @@ class PathEvents:
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._docs: dict[Any, dict[str, Any]] = {}  # path document id -> path, hash, length, rev
         self._seen: dict[str, int] = {}  # path -> the largest revision sent or read
-        self._changes = PathChanges(managed, env_uuid, await_seconds=await_seconds, defer=True)
+        self._changes = PathChanges(
+            managed, env_uuid, await_seconds=await_seconds, defer=True, content=False
+        )
         try:
             self._start(since)
         except BaseException:
@@ -192,7 +194,7 @@ class PathEvents:
 
     def _apply(self, event: dict[str, Any]) -> None:
         if event.get("ns", {}).get("coll") != self._managed.paths.name:
-            return  # new inline content: the KV watches' concern
+            return  # not asked for (content=False), but the stream's ending events pass
         op = event.get("operationType")
         doc_id = (event.get("documentKey") or {}).get("_id")
         if op in ("insert", "replace"):

@@ -475,6 +475,92 @@ def test_filters_environments_and_focus(managed: ManagedStorage, kv: KVStore) ->
         other.close()
 
 
+def _events_until(changes: PathChanges, rev: int, seconds: float = 20) -> list[dict[str, Any]]:
+    """Events until the path change of revision `rev` (inclusive)."""
+    paths = changes._paths
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        event = changes.next()
+        if event is None:
+            continue
+        got.append(event)
+        doc = event.get("fullDocument") or (event.get("updateDescription") or {}).get(
+            "updatedFields", {}
+        )
+        if event["ns"]["coll"] == paths and doc.get("rev") == rev:
+            return got
+    raise AssertionError(f"revision {rev} did not come")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_watcher_that_shows_no_values_gets_no_content(
+    managed: ManagedStorage, kv: KVStore, monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    if not shared:  # as a watcher whose start the hub cannot cover
+        monkeypatch.setattr(changehub, "subscribe", lambda db, *a, **k: (operation_time(db), None))
+    with_values = PathChanges(managed, ENV)
+    without = PathChanges(managed, ENV, content=False)
+    try:
+        assert with_values.shared is shared and without.shared is shared
+        last = [kv.put(f"c{i}", f"new content {i}".encode()).last_index for i in range(5)][-1]
+        catalog = managed.catalog.collection.name
+        got_with = _events_until(with_values, last)
+        got_without = _events_until(without, last)
+        assert len([e for e in got_with if e["ns"]["coll"] == catalog]) == 5
+        assert [e for e in got_without if e["ns"]["coll"] == catalog] == []
+        paths = [e["_id"] for e in got_with if e["ns"]["coll"] != catalog]
+        assert [e["_id"] for e in got_without] == paths  # the same path changes, in order
+    finally:
+        with_values.close()
+        without.close()
+
+
+def test_new_content_alone_wakes_no_watcher_and_comes_before_its_next_change(
+    managed: ManagedStorage, kv: KVStore
+) -> None:
+    """Content is queued to a blocked watcher without waking it; its own change wakes it."""
+    mine = kv.put("mine", b"0")
+    doc = managed.paths.find_one({"env": ENV, "path": "mine"}, {"_id": 1})
+    assert doc is not None
+    other = KVStore(managed, "hubother")
+    changes = PathChanges(managed, ENV, await_seconds=30, defer=True)
+    changes.focus([doc["_id"]])
+    assert changes.shared
+    returned: list[tuple[float, dict[str, Any] | None]] = []
+    waiter = threading.Thread(target=lambda: returned.append((time.monotonic(), changes.next())))
+    try:
+        # Drain what the start may include (the put before it), then block.
+        while True:
+            event = changes._sub.take(0.5) if changes._sub is not None else None
+            if event is None:
+                break
+        waiter.start()
+        time.sleep(0.3)
+        theirs = [f"theirs {i}".encode() for i in range(5)]
+        for i, value in enumerate(theirs):
+            other.put(f"other{i}", value)  # another environment: only its content comes
+        waiter.join(timeout=1.5)
+        assert waiter.is_alive(), "new content of other keys woke the watcher"
+        changed_at = time.monotonic()
+        last = kv.put("mine", b"1").last_index
+        waiter.join(timeout=10)
+        assert not waiter.is_alive()
+        woke_at, first = returned[0]
+        assert woke_at - changed_at < 5  # woken by the change, not by its 30 s wait
+        assert first is not None
+        rest = [first, *_events_until(changes, last)]
+        catalog = managed.catalog.collection.name
+        hashes = [e["fullDocument"]["hash"] for e in rest if e["ns"]["coll"] == catalog]
+        # Every piece of content, in order, before the change that followed it.
+        assert hashes == [b3(v) for v in theirs] + [b3(b"1")]
+        assert rest[-1]["ns"]["coll"] == managed.paths.name
+        assert mine.last_index < last
+    finally:
+        changes.close()
+        other.close()
+
+
 # -- lifetime ------------------------------------------------------------------------------
 def test_the_hub_stops_after_its_last_subscriber_leaves(
     managed: ManagedStorage, kv: KVStore, db: Database[Any], mongo_client: MongoClient[Any]
