@@ -14,15 +14,17 @@ proxies keep an idle stream open. `timeout` (seconds) and `max_events` end the
 stream early (bounded examples, tests, one-shot polls).
 
 The change stream is read by a blocking loop on a thread of its own (one per
-watch), bridged to the response through a bounded memory stream: a slow client
-holds the loop back (backpressure) instead of filling memory. The response
-listens for the client's disconnect; then, or when the stream ends, the loop
-is told to stop, ends within the change stream's await time (0.25 s) and
-closes its change stream.
+watch), which hands each event to the response on the event loop without
+waiting for it there (`_Handoff`): BUFFER slots bound what is in flight, so a
+slow client holds the loop back (backpressure) instead of filling memory. The
+response listens for the client's disconnect; then, or when the stream ends,
+the loop is told to stop, ends within the change stream's await time (0.25 s)
+and closes its change stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -30,9 +32,6 @@ import threading
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -97,12 +96,11 @@ class EventStream(Response):
         self.max_events = max_events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sender, receiver = anyio.create_memory_object_stream[dict[str, Any] | BaseException](BUFFER)
+        handoff = _Handoff(asyncio.get_running_loop())
         stop = threading.Event()
-        token = anyio.lowlevel.current_token()
         _count(1)
         thread = threading.Thread(
-            target=_pump, args=(self.events, sender, stop, token), name="rescat-watch", daemon=True
+            target=_pump, args=(self.events, handoff, stop), name="rescat-watch", daemon=True
         )
         try:
             thread.start()
@@ -119,7 +117,11 @@ class EventStream(Response):
                     _streams.add(group.cancel_scope)
                     try:
                         group.start_soon(_until_disconnect, receive, group.cancel_scope)
-                        await self._forward(receiver, send)
+                        group.start_soon(_heartbeat, handoff)
+                        with anyio.move_on_after(
+                            math.inf if self.timeout is None else self.timeout
+                        ):
+                            await self._forward(handoff, send)
                         group.cancel_scope.cancel()
                     finally:
                         _streams.discard(group.cancel_scope)
@@ -133,41 +135,71 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             stop.set()
-            receiver.close()
 
-    async def _forward(
-        self, receiver: MemoryObjectReceiveStream[dict[str, Any] | BaseException], send: Send
-    ) -> None:
+    async def _forward(self, handoff: _Handoff, send: Send) -> None:
         sent = 0
-        deadline = math.inf if self.timeout is None else anyio.current_time() + self.timeout
         while self.max_events is None or sent < self.max_events:
-            wait = min(HEARTBEAT, deadline - anyio.current_time())
-            if wait <= 0:
+            item = await handoff.get()
+            if item is _END:
                 return
-            item: dict[str, Any] | BaseException | None = None
-            with anyio.move_on_after(wait):
-                try:
-                    item = await receiver.receive()
-                except anyio.EndOfStream:
-                    return
-            if item is None:
-                if anyio.current_time() < deadline:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": b": keep-alive\n\n",
-                            "more_body": True,
-                        }
-                    )
+            if item is _IDLE:
+                await send(_body(b": keep-alive\n\n"))
                 continue
             if isinstance(item, BaseException):
                 raise item
             await send(_body(frame(item)))
+            handoff.sent_at = anyio.current_time()
             sent += 1
 
 
-def _body(data: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": True}
+class _Handoff:
+    """Events from a watch's thread to its response, without a round trip per event.
+
+    The thread posts each event to the event loop and goes on (a blocking call
+    into the loop per event cost a task, a future and two more thread switches:
+    measured, a third of the service's work per event). BUFFER slots, taken by
+    the thread and given back as events are sent, bound what is in flight.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.slots = threading.Semaphore(BUFFER)
+        self.sent_at = anyio.current_time()  # when the client last got something
+
+    def post(self, item: Any, stop: threading.Event) -> bool:
+        """(On the thread) Queue an event once a slot is free; False if stopped first."""
+        while not self.slots.acquire(timeout=0.25):
+            if stop.is_set():
+                return False
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # RuntimeError: loop gone
+        return True
+
+    def end(self, item: Any = None) -> None:
+        """(On the thread) Queue the end of the stream, or its failure; needs no slot."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, _END if item is None else item)
+
+    async def get(self) -> Any:
+        item = await self.queue.get()
+        if item is not _IDLE and item is not _END:
+            self.slots.release()
+        return item
+
+
+_END = object()  # the stream ended
+_IDLE = object()  # nothing sent for HEARTBEAT seconds: a keep-alive comment is due
+
+
+async def _heartbeat(handoff: _Handoff) -> None:
+    """A keep-alive comment on a stream idle for HEARTBEAT seconds (none while events flow)."""
+    while True:
+        due = handoff.sent_at + HEARTBEAT
+        now = anyio.current_time()
+        if now >= due:
+            handoff.sent_at = now
+            handoff.queue.put_nowait(_IDLE)
+            due = now + HEARTBEAT
+        await anyio.sleep(due - now)
 
 
 def frame(event: dict[str, Any]) -> bytes:
@@ -184,28 +216,28 @@ async def _until_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
             return
 
 
-def _pump(
-    events: PathEvents,
-    sender: MemoryObjectSendStream[dict[str, Any] | BaseException],
-    stop: threading.Event,
-    token: Any,
-) -> None:
-    """The change-stream loop: events into `sender` until stop is set or the reader is gone."""
+def _pump(events: PathEvents, handoff: _Handoff, stop: threading.Event) -> None:
+    """The change-stream loop: events to the response until stop is set or the loop is gone."""
+    failed: Exception | None = None
     try:
         with events:
             while not stop.is_set() and not events.ended:
                 item = events.next()
-                if item is not None:
-                    anyio.from_thread.run(sender.send, item, token=token)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
-        pass  # the response ended (client gone) or the event loop stopped
+                if item is not None and not handoff.post(item, stop):
+                    return
+    except RuntimeError:
+        return  # the event loop stopped
     except Exception as exc:  # the stream broke for good: the response reports it
-        with contextlib.suppress(Exception):
-            anyio.from_thread.run(sender.send, exc, token=token)
+        failed = exc
     finally:
         _count(-1)
-        with contextlib.suppress(Exception):
-            anyio.from_thread.run_sync(sender.close, token=token)
+        if not stop.is_set():
+            with contextlib.suppress(RuntimeError):
+                handoff.end(failed)
+
+
+def _body(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": True}
 
 
 # -- the route -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ disconnect, and the client reconnecting across a service restart.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import queue
@@ -336,6 +337,46 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_client_that_reads_nothing_holds_the_watch_thread_back() -> None:
+    """At most BUFFER events are in flight to a response that sends none: the thread waits."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        handoff = asyncio.run_coroutine_threadsafe(_make_handoff(), loop).result(5)
+        stop = threading.Event()
+        posted = [handoff.post({"n": n}, stop) for n in range(routes_watch.BUFFER)]
+        assert all(posted)
+        blocked: list[bool] = []
+        poster = threading.Thread(target=lambda: blocked.append(handoff.post({"n": -1}, stop)))
+        poster.start()
+        poster.join(timeout=1.0)
+        assert poster.is_alive()  # no slot until the response takes one
+        first = asyncio.run_coroutine_threadsafe(handoff.get(), loop).result(5)
+        assert first == {"n": 0}
+        poster.join(timeout=5)
+        assert blocked == [True]  # the slot freed lets it through, in order, after the others
+        poster = threading.Thread(target=lambda: blocked.append(handoff.post({"n": -2}, stop)))
+        poster.start()
+        poster.join(timeout=1.0)
+        stop.set()  # the response ended: the waiting thread gives up, posting nothing
+        poster.join(timeout=5)
+        assert blocked == [True, False]
+        rest = [
+            asyncio.run_coroutine_threadsafe(handoff.get(), loop).result(5)
+            for _ in range(routes_watch.BUFFER)
+        ]
+        assert rest == [{"n": n} for n in range(1, routes_watch.BUFFER)] + [{"n": -1}]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=5)
+        loop.close()
+
+
+async def _make_handoff() -> Any:
+    return routes_watch._Handoff(asyncio.get_running_loop())
 
 
 def test_client_watch_reconnects_after_the_service_restarts(
