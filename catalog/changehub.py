@@ -1,4 +1,4 @@
-"""One change stream per database, shared by every watcher in the process.
+"""One change stream per database (two: with and without new content), shared in the process.
 
 Every open change stream is an oplog cursor on mongod that looks at every
 oplog entry. With a stream per watcher, 16 watchers cost mongod 16 such
@@ -9,8 +9,10 @@ PathChanges) subscribe to a `ChangeHub`: one stream of every change any
 watcher could want, filtered per subscriber in Python the way each watcher's
 own stream filtered on the server (path inserts by environment, path updates
 and deletes by the documents the watcher follows, the rest to everyone).
-New inline content goes only to watchers that show values (KV key watches),
-and is queued without waking them (see LAZY_MAX).
+New inline content goes only to watchers that show values (KV key watches):
+they share a hub of their own whose stream carries it, and it is queued to
+them without waking them (see LAZY_MAX). The other watchers' hub never asks
+the server for it, so a put of new content is one event for them, not two.
 
 Gap-free attach. A watcher takes its start time T before its read, and must
 get every event from T on (startAtOperationTime is inclusive). The hub's
@@ -152,11 +154,10 @@ BEHIND = object()
 class Subscriber:
     """One watcher's place at a hub: its filter, its start and its queue (under the hub's lock)."""
 
-    def __init__(self, hub: ChangeHub, env: str, start: Timestamp, content: bool = True) -> None:
+    def __init__(self, hub: ChangeHub, env: str, start: Timestamp) -> None:
         self.hub = hub
         self.env = env
         self.start = start
-        self.content = content  # wants new inline content (a watcher that shows values does)
         self.ids: frozenset[Any] | list[Any] | None = None
         self.queue: collections.deque[Any] = collections.deque()
         self.bytes = 0  # the weight of what is queued
@@ -178,8 +179,6 @@ class Subscriber:
             return self.ids is None or value in self.ids
         if kind == "env":
             return bool(value == self.env)
-        if kind == "content":
-            return self.content
         return True
 
     def take(self, timeout: float) -> Any:
@@ -222,10 +221,13 @@ def _idset(ids: list[Any] | None) -> frozenset[Any] | list[Any] | None:
 class ChangeHub:
     """One change stream of one database, fanned out to subscribers by a daemon thread."""
 
-    def __init__(self, db: Any, paths: str, catalog: str, start: Timestamp) -> None:
+    def __init__(
+        self, db: Any, paths: str, catalog: str, start: Timestamp, content: bool = True
+    ) -> None:
         self.db = db
         self.paths = paths
         self.catalog = catalog
+        self.content = content  # whether its stream carries new inline content
         self.start = start
         self.lock = threading.Lock()
         self._subs: list[Subscriber] = []
@@ -320,25 +322,18 @@ class ChangeHub:
         self._thread.start()
 
     def _pipeline(self) -> list[dict[str, Any]]:
-        return [
+        wanted: list[dict[str, Any]] = [
             {
-                "$match": {
-                    "$or": [
-                        {
-                            "ns.coll": self.paths,
-                            "operationType": {"$in": ["insert", "replace", "update", "delete"]},
-                        },
-                        {
-                            "ns.coll": self.catalog,
-                            "operationType": "insert",
-                            "fullDocument.path": INLINE,
-                        },
-                        {"operationType": {"$in": sorted(ENDING)}},
-                    ]
-                }
+                "ns.coll": self.paths,
+                "operationType": {"$in": ["insert", "replace", "update", "delete"]},
             },
-            {"$project": {**projection(), "clusterTime": 1}},
+            {"operationType": {"$in": sorted(ENDING)}},
         ]
+        if self.content:
+            wanted.append(
+                {"ns.coll": self.catalog, "operationType": "insert", "fullDocument.path": INLINE}
+            )
+        return [{"$match": {"$or": wanted}}, {"$project": {**projection(), "clusterTime": 1}}]
 
     def _watch(self) -> ChangeStream[Any]:
         kwargs: dict[str, Any] = {}
@@ -501,19 +496,19 @@ class ChangeHub:
         self._closed = True
         self._buffer.clear()
         self._buffer_bytes = 0
-        key = _key(self.db, self.paths, self.catalog)
+        key = _key(self.db, self.paths, self.catalog, self.content)
         if _hubs.get(key) is self:
             del _hubs[key]
 
 
 # The live hubs, by client, database and collections. A hub leaves when it stops, so
 # hubs of closed clients (whose streams fail with InvalidOperation) do not stay.
-_hubs: dict[tuple[int, str, str, str], ChangeHub] = {}
+_hubs: dict[tuple[int, str, str, str, bool], ChangeHub] = {}
 _hubs_lock = threading.Lock()
 
 
-def _key(db: Any, paths: str, catalog: str) -> tuple[int, str, str, str]:
-    return (id(db.client), db.name, paths, catalog)
+def _key(db: Any, paths: str, catalog: str, content: bool) -> tuple[int, str, str, str, bool]:
+    return (id(db.client), db.name, paths, catalog, content)
 
 
 def subscribe(
@@ -527,7 +522,7 @@ def subscribe(
     streams to share.
     """
     with _hubs_lock:
-        hub = _hubs.get(_key(db, paths, catalog))
+        hub = _hubs.get(_key(db, paths, catalog, content))
         if hub is not None and not hub.alive:
             hub = None  # its thread is not in this process (a fork): make another
         if hub is not None:
@@ -537,19 +532,19 @@ def subscribe(
             hub_start = operation_time(db)
             if hub_start is None:
                 return None, None
-            hub = ChangeHub(db, paths, catalog, hub_start)
+            hub = ChangeHub(db, paths, catalog, hub_start, content)
             hub.hold(db)
             try:
                 hub.open()
             except PyMongoError as exc:  # the watcher's own stream will say why
                 log.debug("no shared change stream: %s", exc)
                 return hub_start, None
-            _hubs[_key(db, paths, catalog)] = hub
+            _hubs[_key(db, paths, catalog, content)] = hub
     try:
         start = operation_time(db)
         if start is None:
             return None, None
-        sub = Subscriber(hub, env, start, content)
+        sub = Subscriber(hub, env, start)
         return start, (sub if hub.attach(sub) else None)
     finally:
         hub.release()

@@ -503,6 +503,8 @@ def test_a_watcher_that_shows_no_values_gets_no_content(
     without = PathChanges(managed, ENV, content=False)
     try:
         assert with_values.shared is shared and without.shared is shared
+        if shared:  # two streams: only the one of watchers that show values carries content
+            assert hub_of(with_values).content and not hub_of(without).content
         last = [kv.put(f"c{i}", f"new content {i}".encode()).last_index for i in range(5)][-1]
         catalog = managed.catalog.collection.name
         got_with = _events_until(with_values, last)
