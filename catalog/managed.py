@@ -56,7 +56,7 @@ from catalog.errors import (
 )
 from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, LIVE_EVENTS, SPILL_AT, PathUpdates
+from catalog.pathdocs import EVENTS_SHOWN, HISTORY_SHOWN, LIVE_EVENTS, SPILL_AT, PathUpdates
 from catalog.proof import (
     DAILY_BUDGET,
     ProofBudget,
@@ -266,7 +266,7 @@ class ManagedStorage:
         check_env(env_uuid)
         check_path(path)
         events: list[dict[str, Any]] = []
-        gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": 1})
+        gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": HISTORY_SHOWN})
         if gone is not None:
             events.extend(gone.get("events") or [])
         live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
@@ -830,9 +830,7 @@ class ManagedStorage:
             return
         moved = events[: len(events) - LIVE_EVENTS]
         self.history.update_one(
-            {"env": env_uuid, "path": path},
-            {"$push": {"events": {"$each": moved, "$slice": -EVENTS_CAP * 4}}},
-            upsert=True,
+            {"env": env_uuid, "path": path}, self._updates.spilled(moved), upsert=True
         )
         upto = max(int(e.get("revision") or 0) for e in moved)
         self.paths.update_one({"_id": doc["_id"]}, self._updates.trim(upto))

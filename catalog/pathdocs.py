@@ -27,7 +27,7 @@ from typing import Any
 # threads: a link on a path holding 256 events cost 2.2x one on a fresh path).
 # So a writer that leaves more than SPILL_AT events moves all but the newest
 # LIVE_EVENTS to the path's `path_history` document (ManagedStorage._spill),
-# where up to EVENTS_CAP * 4 are kept, as for a deleted path.
+# where up to HISTORY_CAP are kept, as for a deleted path.
 LIVE_EVENTS = 32
 SPILL_AT = 2 * LIVE_EVENTS
 # Events of a path replayed from its document; should spills fail, its document
@@ -37,6 +37,13 @@ SPILL_AT = 2 * LIVE_EVENTS
 EVENTS_CAP = 256
 EVENTS_KEPT = 2 * EVENTS_CAP
 EVENTS_SHOWN: dict[str, Any] = {"$slice": -EVENTS_CAP}
+# The newest HISTORY_CAP events of a history document are shown; it grows to
+# HISTORY_KEPT before it is cut back, for the same reason: cut back on every
+# move, a hot key's moves logged its whole history (6.8 KiB of oplog per put,
+# against 2.0 KiB for a key with a short past).
+HISTORY_CAP = EVENTS_CAP * 4
+HISTORY_KEPT = 2 * HISTORY_CAP
+HISTORY_SHOWN: dict[str, Any] = {"$slice": -HISTORY_CAP}
 
 _CLUSTER_CLOCK: dict[str, Any] = {
     "$add": [
@@ -129,17 +136,7 @@ class PathUpdates:
                 }
             },
             {"$set": {"events": {"$concatArrays": [{"$ifNull": ["$events", []]}, [entry]]}}},
-            {
-                "$set": {
-                    "events": {
-                        "$cond": [
-                            {"$gt": [{"$size": "$events"}, EVENTS_KEPT]},
-                            {"$slice": ["$events", -EVENTS_CAP]},
-                            "$events",
-                        ]
-                    }
-                }
-            },
+            {"$set": {"events": _cut(EVENTS_KEPT, EVENTS_CAP)}},
             {"$set": {"n_events": {"$size": "$events"}}},  # past SPILL_AT: the writer spills
         ]
         if unset:
@@ -175,6 +172,13 @@ class PathUpdates:
             update["$unset"] = dict.fromkeys(unset, "")
         return update
 
+    def spilled(self, moved: list[dict[str, Any]]) -> Any:
+        """The update of `path_history` that appends events moved from the path document."""
+        if not self.pipelines:
+            return {"$push": {"events": {"$each": moved, "$slice": -HISTORY_CAP}}}
+        events = {"$concatArrays": [{"$ifNull": ["$events", []]}, literal(moved)]}
+        return [{"$set": {"events": events}}, {"$set": {"events": _cut(HISTORY_KEPT, HISTORY_CAP)}}]
+
     def trim(self, upto: int) -> list[dict[str, Any]]:
         """Drop a path's events up to revision `upto` (moved to its history document)."""
         kept = {
@@ -203,7 +207,7 @@ class PathUpdates:
             entry["revision"] = max(self.clock(), floor)
             return {
                 "$set": {"last_rev": entry["revision"]},
-                "$push": {"events": {"$each": [*kept, entry], "$slice": -EVENTS_CAP * 4}},
+                "$push": {"events": {"$each": [*kept, entry], "$slice": -HISTORY_CAP}},
             }
         clock = _CLUSTER_CLOCK if self.mode == "cluster" else _SERVER_MS_CLOCK
         new_entry: dict[str, Any] = {k: literal(v) for k, v in entry.items()}
@@ -213,17 +217,24 @@ class PathUpdates:
             {
                 "$set": {
                     "events": {
-                        "$slice": [
-                            {
-                                "$concatArrays": [
-                                    {"$ifNull": ["$events", []]},
-                                    literal(kept),
-                                    [new_entry],
-                                ]
-                            },
-                            -EVENTS_CAP * 4,
-                        ]
+                        "$concatArrays": [{"$ifNull": ["$events", []]}, literal(kept), [new_entry]]
                     }
                 }
             },
+            {"$set": {"events": _cut(HISTORY_KEPT, HISTORY_CAP)}},
         ]
+
+
+def _cut(over: int, to: int) -> dict[str, Any]:
+    """`events` as they are, or their newest `to` once more than `over`.
+
+    Cut only now and then: a cut shifts the array and is logged whole, while an
+    append is logged as what was appended.
+    """
+    return {
+        "$cond": [
+            {"$gt": [{"$size": "$events"}, over]},
+            {"$slice": ["$events", -to]},
+            "$events",
+        ]
+    }

@@ -39,7 +39,7 @@ from typing import Any
 from catalog import history
 from catalog.changes import PathChanges
 from catalog.errors import RequestExpiredError
-from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN
+from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, HISTORY_CAP, HISTORY_SHOWN
 
 # A watch following at most this many path documents has the server filter their changes.
 FOCUS_MAX = 1000
@@ -132,8 +132,8 @@ class PathEvents:
                 replay.extend(self._replayed(doc, since, EVENTS_CAP))
         if since is not None:
             gone = {**query, "events.revision": {"$gt": since}}
-            for doc in managed.history.find(gone, {"path": 1, "events": 1}):
-                replay.extend(self._replayed(doc, since, EVENTS_CAP * 4))
+            for doc in managed.history.find(gone, {"path": 1, "events": HISTORY_SHOWN}):
+                replay.extend(self._replayed(doc, since, HISTORY_CAP))
             replay.sort(key=lambda e: e["revision"])
             sent: set[tuple[str, int]] = set()
             for event in replay:

@@ -187,3 +187,61 @@ def test_a_change_of_a_hot_path_is_logged_as_one_event_not_its_whole_history(
     # one event is ~400 bytes, the whole history 30+ KB; one in LIVE_EVENTS changes is
     # the move of the older events to the history document (a few KB)
     assert sorted(sizes)[8] < 2048, sizes
+
+
+def test_a_move_to_a_long_history_is_logged_as_the_events_moved(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """A hot key's past fills its history document; a move there still logs only itself."""
+    from catalog.pathdocs import HISTORY_CAP, HISTORY_KEPT, LIVE_EVENTS, SPILL_AT
+
+    if not managed._updates.pipelines:
+        pytest.skip("the in-memory store has no oplog")
+    past = [
+        {
+            "at": hist.utcnow(),
+            "event": "replace",
+            "state": "ok",
+            "hash": b3(f"old{j}".encode()),
+            "length": 4,
+            "revision": j + 1,
+        }
+        for j in range(HISTORY_KEPT - 40)
+    ]
+    db["path_history"].insert_one({"env": "e", "path": "hot", "events": past})
+    oplog = db.client["local"]["oplog.rs"]
+
+    def last_move() -> int:
+        entry = oplog.find_one(
+            {"ns": f"{db.name}.path_history", "op": "u"}, sort=[("$natural", -1)]
+        )
+        assert entry is not None
+        return len(bson.encode(entry))
+
+    def stored() -> int:
+        doc = db["path_history"].find_one({"env": "e", "path": "hot"})
+        assert doc is not None
+        return len(doc["events"])
+
+    put = 0
+    for _ in range(SPILL_AT + 1):  # the first move: 33 events, still under HISTORY_KEPT
+        managed.put_for_environment("e", "hot", io.BytesIO(f"v{put}".encode()))
+        put += 1
+    moved = SPILL_AT + 1 - LIVE_EVENTS
+    assert stored() == len(past) + moved
+    # ~400 bytes an event moved; the whole history would be ~2,000 events (300+ KB)
+    assert last_move() < 600 * moved, last_move()
+    shown = managed.history_for_environment("e", "hot")
+    assert len(shown) == HISTORY_CAP + LIVE_EVENTS  # the newest of the history, then the path's
+    assert [e["hash"] for e in shown[-put:]] == [b3(f"v{j}".encode()) for j in range(put)]
+    while stored() <= HISTORY_KEPT - moved:  # on until a move passes HISTORY_KEPT: cut back
+        managed.put_for_environment("e", "hot", io.BytesIO(f"v{put}".encode()))
+        put += 1
+    for _ in range(SPILL_AT):
+        managed.put_for_environment("e", "hot", io.BytesIO(f"v{put}".encode()))
+        put += 1
+    assert stored() <= HISTORY_CAP + SPILL_AT
+    shown = managed.history_for_environment("e", "hot")
+    assert [e["hash"] for e in shown[-put:]] == [b3(f"v{j}".encode()) for j in range(put)]
+    revisions = [e["revision"] for e in shown]
+    assert revisions == sorted(set(revisions))
