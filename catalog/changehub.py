@@ -9,10 +9,12 @@ PathChanges) subscribe to a `ChangeHub`: one stream of every change any
 watcher could want, filtered per subscriber in Python the way each watcher's
 own stream filtered on the server (path inserts by environment, path updates
 and deletes by the documents the watcher follows, the rest to everyone).
-New inline content goes only to watchers that show values (KV key watches):
-they share a hub of their own whose stream carries it, and it is queued to
-them without waking them (see LAZY_MAX). The other watchers' hub never asks
-the server for it, so a put of new content is one event for them, not two.
+New inline content matters only to watchers that show values (KV key
+watches): they share a hub of their own whose stream carries it, and that hub
+keeps it (RECENT_BYTES) and hands it on with the change that points a path at
+it (under CONTENT in that event), so no watcher gets an event of content
+alone. The other watchers' hub never asks the server for it, so a put of new
+content is one event for them, not two.
 
 Gap-free attach. A watcher takes its start time T before its read, and must
 get every event from T on (startAtOperationTime is inclusive). The hub's
@@ -56,6 +58,7 @@ from bson import Timestamp
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import InvalidOperation, OperationFailure, PyMongoError
 
+from catalog.lru import SizedLRU
 from catalog.resources import INLINE
 
 log = logging.getLogger("rescat.changes")
@@ -73,12 +76,12 @@ BUFFER_SECONDS = 30.0
 # A subscriber with more than this waiting is detached (see the module docstring).
 QUEUE_MAX = 100_000
 QUEUE_BYTES = 64 << 20
-# New inline content is queued to every subscriber (a later change may point a
-# watcher's path at it) but wakes none: by itself it changes no watcher's state,
-# and waking every watcher's thread for every small put of the database cost
-# more than the put's own work once 16 watched. A subscriber is woken by its
-# next event of its own, or after LAZY_MAX content events, to keep its queue short.
-LAZY_MAX = 64
+# New inline content the hub has seen, kept until a change points a path at it (a put
+# inserts the entry, then links the path); the change's event then carries it under
+# CONTENT. Queued to every subscriber as events of their own, every small put of
+# the database woke every watcher's thread: more work than the put once 16 watched.
+RECENT_BYTES = 32 << 20
+CONTENT = "rescatContent"
 # A hub without subscribers for this long closes its stream and ends its thread.
 IDLE_SECONDS = 5.0
 # How long one getMore of the hub waits for events: how soon it notices it is idle or broken.
@@ -118,7 +121,9 @@ def weight(item: Any) -> int:
     """Roughly the memory an event holds: inline content can make it up to 64 KiB."""
     if not isinstance(item, dict):
         return 0
-    data = (item.get("fullDocument") or {}).get("data")
+    data = item.get(CONTENT)
+    if data is None:
+        data = (item.get("fullDocument") or {}).get("data")
     return 512 + (len(data) if isinstance(data, bytes) else 0)
 
 
@@ -163,8 +168,13 @@ class Subscriber:
         self.bytes = 0  # the weight of what is queued
         self.ready = threading.Condition(hub.lock)
         self.behind = False
-        self.lazy = 0  # content events queued since it was last woken
         self.caught_up = False  # an event at or after `start` has come: so will every later one
+        # Path documents inserted (into its environment) since the watcher last focused,
+        # or still in its queue: it may follow them once it has read their insert, so
+        # their updates come until it says (a stream of its own would reopen from the
+        # insert with the new filter and get them too).
+        self.provisional: set[Any] = set()
+        self._taken: Any = None  # the insert taken last: decided on by the next take
 
     def push(self, item: Any) -> None:
         self.queue.append(item)
@@ -174,17 +184,29 @@ class Subscriber:
         self.queue.clear()
         self.bytes = 0
 
+    def offer(self, event: dict[str, Any], kind: str, value: Any) -> bool:
+        """Queue the event if it passes the filter; True if it was queued."""
+        if not self.passes(kind, value):
+            return False
+        if kind == "env" and self.ids is not None:
+            self.provisional.add((event.get("documentKey") or {}).get("_id"))
+        self.push(event)
+        return True
+
     def passes(self, kind: str, value: Any) -> bool:
         if kind == "id":
-            return self.ids is None or value in self.ids
+            return self.ids is None or value in self.ids or value in self.provisional
         if kind == "env":
             return bool(value == self.env)
-        return True
+        return kind != "content"
 
     def take(self, timeout: float) -> Any:
         """The next queued item; None after `timeout` with nothing; BEHIND once detached."""
         deadline = time.monotonic() + timeout
         with self.ready:
+            if self._taken is not None:  # its watcher has read it and focused (or not) since
+                self._decided(self._taken)
+                self._taken = None
             while not self.queue:
                 if self.behind:
                     return BEHIND
@@ -194,12 +216,36 @@ class Subscriber:
                 self.ready.wait(left)
             item = self.queue.popleft()
             self.bytes -= weight(item)
+            if self.provisional and isinstance(item, dict) and self.hub.route(item)[0] == "env":
+                self._taken = (item.get("documentKey") or {}).get("_id")
             return item
+
+    def _decided(self, doc_id: Any) -> None:
+        """Its watcher read the insert of doc_id: unless it follows it now, no more of it.
+
+        As a stream of its own would: reopened from that insert with the new filter.
+        """
+        self.provisional.discard(doc_id)
+        if self.ids is None or doc_id in self.ids:
+            return
+        kept = collections.deque(
+            item
+            for item in self.queue
+            if not isinstance(item, dict) or self.hub.route(item) != ("id", doc_id)
+        )
+        if len(kept) != len(self.queue):
+            self.queue = kept
+            self.bytes = sum(weight(item) for item in kept)
 
     def focus(self, ids: list[Any] | None) -> None:
         """Change the filter, and apply it to what is queued, as a reopened stream would."""
         with self.ready:
             self.ids = _idset(ids)
+            self.provisional = {  # the inserts it has not read yet
+                (item.get("documentKey") or {}).get("_id")
+                for item in self.queue
+                if isinstance(item, dict) and self.hub.route(item)[0] == "env"
+            }
             if self.ids is not None and self.queue:
                 self.queue = collections.deque(
                     item
@@ -228,6 +274,7 @@ class ChangeHub:
         self.paths = paths
         self.catalog = catalog
         self.content = content  # whether its stream carries new inline content
+        self._recent: SizedLRU[str, bytes] = SizedLRU(RECENT_BYTES, len)
         self.start = start
         self.lock = threading.Lock()
         self._subs: list[Subscriber] = []
@@ -251,7 +298,7 @@ class ChangeHub:
     def route(self, event: dict[str, Any]) -> tuple[str, Any]:
         """What decides who gets an event: a path document's id, an environment, or nothing.
 
-        "content" (new inline content) goes to everyone, as "all" does, but lazily.
+        "content" (new inline content) goes to no one: it travels with its change.
         """
         op = event.get("operationType")
         coll = (event.get("ns") or {}).get("coll")
@@ -291,8 +338,7 @@ class ChangeHub:
                     break
                 replay.append(event)
             for event in reversed(replay):
-                if sub.passes(*self.route(event)):
-                    sub.push(event)
+                sub.offer(event, *self.route(event))
             self._subs.append(sub)
             return True
 
@@ -407,7 +453,27 @@ class ChangeHub:
             self._finish(Failure(f"the change stream broke: {exc!r}"))
             raise
 
+    def _carry(self, event: dict[str, Any]) -> bool:
+        """Keep new content; put it in the change pointing a path at it. False: not for anyone."""
+        if (event.get("ns") or {}).get("coll") == self.catalog:
+            full = event.get("fullDocument") or {}
+            data = full.get("data")
+            if isinstance(data, bytes) and full.get("hash"):
+                self._recent.add(str(full["hash"]), data)
+            return False
+        if self.content:
+            changed = event.get("fullDocument") or (event.get("updateDescription") or {}).get(
+                "updatedFields"
+            )
+            digest = (changed or {}).get("hash")
+            data = self._recent.get(digest) if isinstance(digest, str) else None
+            if data is not None:
+                event[CONTENT] = data
+        return True
+
     def _fan_out(self, event: dict[str, Any]) -> None:
+        if not self._carry(event):
+            return
         when = event.get("clusterTime")
         if isinstance(when, Timestamp):
             self._last_time = when
@@ -420,21 +486,16 @@ class ChangeHub:
             self._buffer_bytes += size
             self._evict(now)
             behind: list[Subscriber] = []
-            lazy = kind == "content"
             for sub in self._subs:
                 if not sub.caught_up and when is not None:
                     if when < sub.start:
                         continue  # before this subscriber's start: its own stream would not have it
                     sub.caught_up = True  # stream order: no later event is before it either
-                if not sub.passes(kind, value):
+                if not sub.offer(event, kind, value):
                     continue
-                sub.push(event)
                 if len(sub.queue) > QUEUE_MAX or sub.bytes > QUEUE_BYTES:
                     behind.append(sub)
-                elif lazy and sub.lazy < LAZY_MAX:
-                    sub.lazy += 1
                 else:
-                    sub.lazy = 0
                     sub.ready.notify()
             for sub in behind:
                 log.warning(

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from catalog import changehub
 from catalog.changes import PathChanges
 from catalog.clock import aware, utcnow
 from catalog.errors import (
@@ -535,6 +536,10 @@ class KeyWatch(_Watch):
             if full.get("data") is not None:  # new inline content: keep its bytes a while
                 self._cache.add(full["hash"], bytes(full["data"]))
             return
+        carried = event.get(changehub.CONTENT)  # the shared stream hands content on this way
+        if carried is not None:
+            changed = full or (event.get("updateDescription") or {}).get("updatedFields") or {}
+            self._cache.add(str(changed["hash"]), bytes(carried))
         if op in ("insert", "replace"):
             if full.get("path") != self.key or full.get("env") != self._store.env_uuid:
                 return

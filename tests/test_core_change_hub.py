@@ -172,11 +172,10 @@ def test_many_watchers_share_one_server_side_stream(
         assert len({id(hub_of(w)) for w in watchers}) == 1
         assert wait_until(lambda: change_streams(mongo_client, db.name) == before + 1)
         pair = kv.put("one", b"for all")
-        for w in watchers:
+        for w in watchers:  # the new content comes with the change that links it
             event = w.next() or w.next()
-            assert event is not None and event["ns"]["coll"] == managed.catalog.collection.name
-            event = w.next()
             assert event is not None and event["fullDocument"]["rev"] == pair.last_index
+            assert event[changehub.CONTENT] == b"for all"
         time.sleep(0.5)  # still one: none opened a stream of its own meanwhile
         assert change_streams(mongo_client, db.name) == before + 1
     finally:
@@ -460,19 +459,27 @@ def test_filters_environments_and_focus(managed: ManagedStorage, kv: KVStore) ->
             ("insert", f2["_id"], ENV),
             ("update", ids[0], ENV),
         ]
-        # New inline content goes to every watcher, whichever environment wrote it.
-        for events in (wide_events, focused_events):
-            inline = [
-                e["fullDocument"]["hash"]
-                for e in events
-                if e["ns"]["coll"] == managed.catalog.collection.name
-                and e["fullDocument"]["hash"] != b3(b"0")
-            ]
-            assert sorted(inline) == sorted(b3(v) for v in values)
+        # New inline content comes with each change that links it, to whoever gets that.
+        # (the other environment's insert is not the wide watcher's; b"1" came twice)
+        wide_values = [b"before focus", b"changed in the other environment", b"1", b"1"]
+        assert carried(wide_events) == [b3(v) for v in [*wide_values, b"new", b"2"]]
+        assert carried(focused_events) == [b3(b"1"), b3(b"new"), b3(b"2")]
+        assert set(values) >= set(wide_values)
         wide.close()
         focused.close()
     finally:
         other.close()
+
+
+def carried(events: list[dict[str, Any]]) -> list[str]:
+    """The hashes of the content the events brought: in events of their own, or with a change."""
+    out = []
+    for e in events:
+        if e["ns"]["coll"] != "paths":
+            out.append(e["fullDocument"]["hash"])
+        elif changehub.CONTENT in e:
+            out.append(b3(e[changehub.CONTENT]))
+    return out
 
 
 def _events_until(changes: PathChanges, rev: int, seconds: float = 20) -> list[dict[str, Any]]:
@@ -509,8 +516,8 @@ def test_a_watcher_that_shows_no_values_gets_no_content(
         catalog = managed.catalog.collection.name
         got_with = _events_until(with_values, last)
         got_without = _events_until(without, last)
-        assert len([e for e in got_with if e["ns"]["coll"] == catalog]) == 5
-        assert [e for e in got_without if e["ns"]["coll"] == catalog] == []
+        assert carried(got_with) == [b3(f"new content {i}".encode()) for i in range(5)]
+        assert carried(got_without) == []
         paths = [e["_id"] for e in got_with if e["ns"]["coll"] != catalog]
         assert [e["_id"] for e in got_without] == paths  # the same path changes, in order
     finally:
@@ -518,11 +525,11 @@ def test_a_watcher_that_shows_no_values_gets_no_content(
         without.close()
 
 
-def test_new_content_alone_wakes_no_watcher_and_comes_before_its_next_change(
+def test_new_content_alone_wakes_no_watcher_and_comes_with_its_change(
     managed: ManagedStorage, kv: KVStore
 ) -> None:
-    """Content is queued to a blocked watcher without waking it; its own change wakes it."""
-    mine = kv.put("mine", b"0")
+    """Content is no event of its own on the shared stream: it comes with the change."""
+    kv.put("mine", b"0")
     doc = managed.paths.find_one({"env": ENV, "path": "mine"}, {"_id": 1})
     assert doc is not None
     other = KVStore(managed, "hubother")
@@ -539,28 +546,43 @@ def test_new_content_alone_wakes_no_watcher_and_comes_before_its_next_change(
                 break
         waiter.start()
         time.sleep(0.3)
-        theirs = [f"theirs {i}".encode() for i in range(5)]
-        for i, value in enumerate(theirs):
-            other.put(f"other{i}", value)  # another environment: only its content comes
+        for i in range(5):  # another environment: only its content would come
+            other.put(f"other{i}", f"theirs {i}".encode())
         waiter.join(timeout=1.5)
         assert waiter.is_alive(), "new content of other keys woke the watcher"
         changed_at = time.monotonic()
         last = kv.put("mine", b"1").last_index
         waiter.join(timeout=10)
         assert not waiter.is_alive()
-        woke_at, first = returned[0]
+        woke_at, event = returned[0]
         assert woke_at - changed_at < 5  # woken by the change, not by its 30 s wait
-        assert first is not None
-        rest = [first, *_events_until(changes, last)]
-        catalog = managed.catalog.collection.name
-        hashes = [e["fullDocument"]["hash"] for e in rest if e["ns"]["coll"] == catalog]
-        # Every piece of content, in order, before the change that followed it.
-        assert hashes == [b3(v) for v in theirs] + [b3(b"1")]
-        assert rest[-1]["ns"]["coll"] == managed.paths.name
-        assert mine.last_index < last
+        assert event is not None and event["ns"]["coll"] == managed.paths.name
+        assert event["updateDescription"]["updatedFields"]["rev"] == last
+        assert event[changehub.CONTENT] == b"1"
     finally:
         changes.close()
         other.close()
+
+
+def test_a_key_watch_shows_values_overwritten_and_deleted_before_it_read_them(
+    managed: ManagedStorage, kv: KVStore
+) -> None:
+    """Each item carries the value its change wrote, though the entry is gone when it is read."""
+    watch = kv.watch("busy")
+    assert next(watch) is None
+    values = [f"value {i}".encode() for i in range(50)]
+    for value in values:
+        kv.put("busy", value)  # each overwrite deletes the entry of the value before
+    kv.delete("busy")
+    seen: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: seen.extend(next(watch) for _ in range(len(values) + 1)), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=30)
+    watch.close()
+    assert [p.value if p is not None else None for p in seen] == [*values, None]
+    assert managed.catalog.collection.count_documents({"hash": b3(values[0])}) == 0
 
 
 # -- lifetime ------------------------------------------------------------------------------
