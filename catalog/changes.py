@@ -15,10 +15,11 @@ A watcher gets, for one environment:
   the documents a watcher follows). Updates arrive as deltas: `updatedFields`
   holds `rev` on every change of content and `expires_at` on TTL renewals;
   the per-path event list is projected away.
-* inserts of small (inline) catalog entries with their bytes. A put of new
+* (content=True) the bytes of new small (inline) content. A put of new
   content inserts the entry before it links the path, so a watcher holds the
   bytes a change wrote even after the key was overwritten and those bytes
-  deleted.
+  deleted. On a stream of its own they come as the entry's insert; from the
+  shared stream, inside the change that links them (changehub.CONTENT).
 
 The events normally come from the process's one stream of the database
 (catalog.changehub), since a stream per watcher costs mongod an oplog cursor
