@@ -28,7 +28,9 @@ GET of the key's path; CAS as GET (its `X-Revision`) then PUT with
 `If-Match: "<revision>"` (skipped, and said so, when the service sends no
 `X-Revision`: revision CAS is not in that build); watch as one SSE stream
 (`GET .../watch?key=K`) per thread, the latency from the start of the PUT to
-its event. http/pymongo and http/etcd ratios are printed too.
+its event. http/pymongo and http/etcd ratios are printed too, and each http
+row the CPU the `rescat serve` process spent per operation (so the watch row
+less the put row is what delivering one event costs the service).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any
 
 import blake3
 import httpx
+import psutil
 from pymongo import MongoClient, WriteConcern
 
 from bench.mongo import throwaway_mongod
@@ -334,9 +337,10 @@ class RescatHttp:
 
     name = "http"
 
-    def __init__(self, url: str, env: str) -> None:
+    def __init__(self, url: str, env: str, pid: int) -> None:
         self.url = url
         self.env = env
+        self.service = psutil.Process(pid)  # its CPU per operation is printed
         self.local = threading.local()
         self.clients: list[httpx.Client] = []
         self.watchers: list[Any] = []
@@ -444,8 +448,8 @@ class RescatHttp:
 
 
 @contextlib.contextmanager
-def rescat_serve(uri: str, database: str) -> Iterator[str]:
-    """`rescat serve --no-auth` on a free loopback port (stopped by its PID afterwards)."""
+def rescat_serve(uri: str, database: str) -> Iterator[tuple[str, int]]:
+    """`rescat serve --no-auth` on a free loopback port: its URL and PID (stopped afterwards)."""
     port = free_port()
     command = [
         sys.executable, "-c", "from cli.main import main; main()",
@@ -466,7 +470,7 @@ def rescat_serve(uri: str, database: str) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("rescat serve did not start")
             time.sleep(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -503,8 +507,14 @@ def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[st
         ops = list(pool.map(make, range(threads)))
     if any(op is None for op in ops):
         return None
+    service: psutil.Process | None = getattr(system, "service", None)
     try:
-        return run_threads(threads, seconds, lambda n: ops[n])
+        before = sum(service.cpu_times()[:2]) if service is not None else 0.0
+        result = run_threads(threads, seconds, lambda n: ops[n])
+        if service is not None:
+            used = sum(service.cpu_times()[:2]) - before
+            result["service_ms"] = 1000 * used / max(result["ops_s"] * seconds, 1)
+        return result
     finally:
         end = getattr(system, "end_workload", None)
         if end is not None:
@@ -523,14 +533,14 @@ def main() -> None:
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     skipped: set[tuple[str, str]] = set()
     with throwaway_mongod() as uri, contextlib.ExitStack() as stack:
-        url = stack.enter_context(rescat_serve(uri, "bench_kv_http")) if args.http else None
+        url, pid = stack.enter_context(rescat_serve(uri, "bench_kv_http")) if args.http else ("", 0)
         for round_no in range(args.rounds):
             makers: list[Callable[[], Any]] = [
                 lambda: RawMongo(uri, args.threads),
                 lambda: Rescat(uri, args.threads),
             ]
-            if url is not None:
-                makers.append(functools.partial(RescatHttp, url, f"bench{round_no}"))
+            if url:
+                makers.append(functools.partial(RescatHttp, url, f"bench{round_no}", pid))
             if args.etcd_url:
                 makers.append(lambda: Etcd(args.etcd_url, args.threads))
             for make in makers:
@@ -544,7 +554,7 @@ def main() -> None:
                         results.setdefault(system.name, {}).setdefault(workload, []).append(result)
                 finally:
                     system.close()
-        if url is not None:
+        if url:
             with contextlib.suppress(Exception):
                 MongoClient(uri).drop_database("bench_kv_http")
 
@@ -560,10 +570,13 @@ def main() -> None:
             if workload not in results[name]:
                 print(f"   {name:<8} {workload:<6} skipped (revision CAS not in this service)")
                 continue
+            service = ""
+            if "service_ms" in results[name][workload][0]:
+                service = f"   service CPU {med(name, workload, 'service_ms'):5.2f} ms/op"
             print(
                 f"   {name:<8} {workload:<6} {med(name, workload, 'ops_s'):9.0f} ops/s"
                 f"   p50 {med(name, workload, 'p50_ms'):7.2f} ms"
-                f"   p99 {med(name, workload, 'p99_ms'):7.2f} ms"
+                f"   p99 {med(name, workload, 'p99_ms'):7.2f} ms{service}"
             )
     ratios: dict[str, float] = {}
     subjects = [n for n in ("rescat", "http") if n in results]
