@@ -21,7 +21,7 @@ from typing import Any
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from catalog.mongod import find_mongod, free_port, stop_process
+from catalog.mongod import find_mongod, free_ports, stop_process
 
 SET_NAME = "rsf"
 
@@ -98,7 +98,7 @@ class ReplicaSet:
 @contextlib.contextmanager
 def replica_set(members: int = 3) -> Iterator[ReplicaSet]:
     root = Path(tempfile.mkdtemp(prefix="rescat-rs-"))
-    rs = ReplicaSet(root, [free_port() for _ in range(members)])
+    rs = ReplicaSet(root, free_ports(members))  # distinct: two members on one port fail
     try:
         for i in range(members):
             rs.start(i)
