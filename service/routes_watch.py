@@ -181,7 +181,7 @@ class _Handoff:
 
     async def get(self) -> Any:
         item = await self.queue.get()
-        if item is not _IDLE and item is not _END:
+        if isinstance(item, dict):  # an event: it came through post(), with a slot
             self.slots.release()
         return item
 
