@@ -241,16 +241,18 @@ class Subscriber:
         """Change the filter, and apply it to what is queued, as a reopened stream would."""
         with self.ready:
             self.ids = _idset(ids)
+            routed = [
+                (item, self.hub.route(item) if isinstance(item, dict) else None)
+                for item in self.queue
+            ]
             self.provisional = {  # the inserts it has not read yet
                 (item.get("documentKey") or {}).get("_id")
-                for item in self.queue
-                if isinstance(item, dict) and self.hub.route(item)[0] == "env"
+                for item, route in routed
+                if route is not None and route[0] == "env"
             }
             if self.ids is not None and self.queue:
                 self.queue = collections.deque(
-                    item
-                    for item in self.queue
-                    if not isinstance(item, dict) or self.passes(*self.hub.route(item))
+                    item for item, route in routed if route is None or self.passes(*route)
                 )
                 self.bytes = sum(weight(item) for item in self.queue)
 
