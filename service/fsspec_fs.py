@@ -4,12 +4,16 @@ Two modes, one class:
 
 * MongoDB (default): `fsspec.filesystem("rescat", mongo_uri=..., database=...)`, else
   $RESCAT_MONGO_URI, else the embedded mongod. Every call is a StorageDriver call
-  on the URL's environment: directories are indexed range queries, `mv` repoints
-  without copying, `open(..., "wb")` is a writer session committed on close and
-  cancelled when the `with` block raises.
+  on the URL's environment: directories are indexed range queries,
+  `open(..., "wb")` is a writer session committed on close and cancelled when
+  the `with` block raises.
 * HTTP: `fsspec.filesystem("rescat", server=URL, token=T)` talks to the service
   through `service.client.CatalogClient` with the routes it has: ranged GET, PUT,
-  DELETE and the list (writes are spooled to a temporary file and PUT on close).
+  DELETE, move, copy and the list (writes are spooled to a temporary file and
+  PUT on close).
+
+In both, `mv` and `copy` (`cp_file`) repoint paths and copy no bytes, also
+from one environment to another.
 
 A missing path raises FileNotFoundError. `checksum` is the content's BLAKE3 as an
 int. `sign(path, expiration)` returns a signed GET URL of the service: over HTTP the
@@ -252,24 +256,53 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         maxdepth: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """Repoint (no bytes copied); a directory moves file by file (recursive)."""
-        if self.client is not None:
-            raise NotImplementedError("mv over HTTP: the service has no move route")
-        env1, rel1 = self._split(path1)
-        env2, rel2 = self._split(path2)
-        if env1 != env2 or not rel1 or not rel2:
-            raise NotImplementedError("mv moves paths within one environment")
-        driver = self._driver(env1)
+        """Repoint (no bytes copied), also across environments and over HTTP.
+
+        A file moves atomically; a directory (recursive) moves file by file, as
+        `aws s3 mv --recursive` does. Into path2 when it is a directory (or ends
+        with `/`), as `mv` does.
+        """
+        root = self._strip_protocol(path1)
+        dest = self._strip_protocol(path2)
+        if str(path2).endswith("/") or (dest and self.isdir(dest)):
+            dest = f"{dest}/{root.rsplit('/', 1)[-1]}"  # into the directory, as mv does
+        if root == dest:
+            return
         with _not_found(path1):
-            if self.isfile(path1):
-                driver.move("/" + rel1, "/" + rel2)
-            elif recursive and self.isdir(path1):
-                for name in self.find(path1):
-                    tail = name[len(f"{env1}/{rel1}") :]
-                    driver.move("/" + rel1 + tail, "/" + rel2 + tail)
+            if self.isfile(root):
+                self._repoint(root, dest, move=True)
+            elif recursive and self.isdir(root):
+                for name in self.find(root, maxdepth=maxdepth):
+                    self._repoint(name, dest + name[len(root) :], move=True)
             else:
                 raise FileNotFoundError(path1)
         self.invalidate_cache()
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """path2 holds what path1 holds: one more reference, no bytes copied.
+
+        `copy` (also recursive, also across environments) calls this per file.
+        """
+        with _not_found(path1):
+            self._repoint(path1, path2, move=False)
+        self.invalidate_cache(self._parent(path2))
+
+    def _repoint(self, path1: str, path2: str, *, move: bool) -> None:
+        env1, rel1 = self._split(path1)
+        env2, rel2 = self._split(path2)
+        if not rel1:
+            raise FileNotFoundError(path1)  # an environment is not a file (copy skips it)
+        if not rel2:
+            raise IsADirectoryError(path2)
+        if self.client is not None:
+            if move:
+                self.client.move(env1, rel1, rel2, dst_env=env2)
+            else:
+                self.client.copy(env1, rel1, env2, rel2)
+        elif move:
+            self.managed.move_path(env1, rel1, env2, rel2)
+        else:
+            self.managed.copy_path(env1, rel1, env2, rel2)
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
         for one in path if isinstance(path, list) else [path]:

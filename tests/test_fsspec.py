@@ -139,6 +139,30 @@ def test_mv_rm_find_walk_du(fs: RescatFileSystem, db: Database[Any]) -> None:
         fs.rm("t/nothing")
 
 
+def test_copy_and_mv_repoint_across_environments(fs: RescatFileSystem, db: Database[Any]) -> None:
+    for path in ("a/src/1", "a/src/2", "a/src/deep/3", "a/srcx/4"):
+        fs.pipe_file(path, path.encode() * 1000)
+    entries = db["catalog"].count_documents({})
+    fs.copy("a/src/1", "b/one")
+    assert fs.cat_file("b/one") == b"a/src/1" * 1000 and fs.exists("a/src/1")
+    fs.copy("a/src", "b/tree", recursive=True)  # cp -r: b/tree does not exist yet
+    assert fs.find("b/tree") == ["b/tree/1", "b/tree/2", "b/tree/deep/3"]
+    one = db["catalog"].find_one({"hash": b3(b"a/src/1" * 1000)})
+    assert one is not None and one["refcount"] == 3  # a/src/1, b/one, b/tree/1
+    fs.mv("b/one", "c/moved")  # across environments, atomically
+    assert fs.cat_file("c/moved") == b"a/src/1" * 1000 and not fs.exists("b/one")
+    fs.mv("c/moved", "b/tree")  # into an existing directory, as mv does
+    assert fs.cat_file("b/tree/moved") == b"a/src/1" * 1000 and not fs.exists("c/moved")
+    fs.mv("b/tree/deep", "c/", recursive=True)  # a trailing / means into it
+    assert fs.find("c") == ["c/deep/3"] and not fs.exists("b/tree/deep/3")
+    assert db["catalog"].count_documents({}) == entries  # references, never bytes
+    with pytest.raises(FileNotFoundError):
+        fs.copy("a/nothing", "b/x")
+    with pytest.raises(FileNotFoundError):
+        fs.mv("a/src", "a/dst")  # a directory moves only with recursive=True
+    assert fs.find("a") == ["a/src/1", "a/src/2", "a/src/deep/3", "a/srcx/4"]
+
+
 def test_sign_with_database_secret(
     fs: RescatFileSystem, mongo_uri: str, db: Database[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,8 +221,13 @@ def test_http_mode(http_fs: tuple[RescatFileSystem, ManagedStorage]) -> None:
     assert httpx.get(url, headers={"range": "bytes=5-9"}).content == data[5:10]
     with pytest.raises(FileNotFoundError):
         fs.cat_file("env/h/missing")
-    with pytest.raises(NotImplementedError):
-        fs.mv("env/h/a.bin", "env/h/b.bin")
+    fs.mv("env/h/a.bin", "env/h/b.bin")  # the service's move route: no bytes sent
+    assert fs.cat_file("env/h/b.bin") == data and not fs.exists("env/h/a.bin")
+    fs.copy("env/h/b.bin", "other/h/c.bin")  # its copy route, across environments
+    assert managed.get_for_environment("other", "h/c.bin")[0].read() == data
+    fs.mv("env/h/b.bin", "env/h/a.bin")
+    with pytest.raises(FileNotFoundError):
+        fs.mv("env/h/nothing", "env/h/x")
     with pytest.raises(IsADirectoryError):
         fs.rm("env/h")
     fs.rm("env/h", recursive=True)
