@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -35,6 +35,7 @@ import blake3
 import httpx
 
 from catalog.errors import (
+    BadRequestError,
     CatalogError,
     HashMismatchError,
     InvalidPathError,
@@ -71,6 +72,9 @@ class UploadResult:
     length: int
     deduplicated: bool
     bytes_sent: int  # body bytes that went over the wire (0 when deduplicated)
+    # The path's revision after a put (its X-Revision); not compared, so that results
+    # compare as the contract's five fields.
+    revision: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,11 @@ class CatalogClient:
         return [item for item in self.iter_list(env, prefix) if "path" in item]
 
     def stat(self, env: str, path: str) -> dict[str, Any]:
-        """{"path", "hash", "length", "etag"} of a path (a HEAD request)."""
+        """{"path", "hash", "length", "etag", "revision"} of a path (a HEAD request).
+
+        `revision` (for `put(..., if_match=)`) is None from a service that sends
+        no X-Revision.
+        """
         response = self._send("HEAD", _object_url(env, path))
         etag = response.headers.get("etag", "")
         return {
@@ -143,6 +151,7 @@ class CatalogClient:
             "hash": parse_hash(etag.strip('"')),
             "length": int(response.headers["content-length"]),
             "etag": etag,
+            "revision": _revision_of(response),
         }
 
     def remove(self, env: str, path: str) -> None:
@@ -189,24 +198,46 @@ class CatalogClient:
         *,
         hash: str | None = None,
         progress: Progress | None = None,
+        if_match: int | str | None = None,
+        if_none_match: bool = False,
     ) -> UploadResult:
-        """Plain PUT of the bytes (no dedup round trip). `hash`: sent as X-Content-Hash."""
+        """Plain PUT of the bytes (no dedup round trip). `hash`: sent as X-Content-Hash.
+
+        if_match: write only if the path is at this revision (an int) or holds
+        this content (its ETag, or `blake3:<hex>`); if_none_match: only if the
+        path does not exist. Checked atomically with the write; otherwise
+        PreconditionFailedError and nothing changed. The result's `revision`
+        is the path's revision after the write.
+        """
         check_env(env)
         check_path(path)
+        conditions = _conditions(if_match, if_none_match)
         if isinstance(file, bytes):
             file = io.BytesIO(file)
         if isinstance(file, (str, os.PathLike)) and not is_regular_source(file):
             with open_source(os.fspath(file)) as pipe:
-                return self.put(env, path, pipe, hash=hash, progress=progress)
+                return self.put(
+                    env, path, pipe, hash=hash, progress=progress,
+                    if_match=if_match, if_none_match=if_none_match,
+                )  # fmt: skip
         if not isinstance(file, (str, os.PathLike)) and _tell(file) < 0:
-            return self._put_pipe(env, path, file, hash, progress)
+            return self._put_pipe(env, path, file, hash, progress, conditions)
         with _source(file) as (reader, start):
             length = _remaining(reader, start)
-            doc, sent = self._put_stream(env, path, reader, length, hash, progress)
-        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+            response, sent = self._put_stream(env, path, reader, length, hash, progress, conditions)
+        doc = response.json()
+        return UploadResult(
+            path, doc["hash"], int(doc["length"]), False, sent, _revision_of(response)
+        )
 
     def _put_pipe(
-        self, env: str, path: str, pipe: BinaryIO, hash: str | None, progress: Progress | None
+        self,
+        env: str,
+        path: str,
+        pipe: BinaryIO,
+        hash: str | None,
+        progress: Progress | None,
+        conditions: dict[str, str],
     ) -> UploadResult:
         """A chunked PUT straight from a pipe: nothing spooled, the hash checked after.
 
@@ -226,16 +257,19 @@ class CatalogClient:
                     progress("upload", sent, None)
                 yield data
 
-        headers = {"content-type": "application/octet-stream"}
+        headers = {"content-type": "application/octet-stream", **conditions}
         if hash:
             headers["x-content-hash"] = format_hash(parse_hash(hash))
-        doc = self._json("PUT", _object_url(env, path), content=body(), headers=headers)
+        response = self._send("PUT", _object_url(env, path), content=body(), headers=headers)
+        doc = response.json()
         if doc["hash"] != hasher.hexdigest() or int(doc["length"]) != sent:
             raise HashMismatchError(
                 f"{path}: the service stored {doc['length']} bytes hashing to {doc['hash']}, "
                 f"but {sent} bytes hashing to {hasher.hexdigest()} were sent"
             )
-        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+        return UploadResult(
+            path, doc["hash"], int(doc["length"]), False, sent, _revision_of(response)
+        )
 
     def upload(
         self,
@@ -277,7 +311,8 @@ class CatalogClient:
                     env, path, reader, start, length, digest, progress
                 )
             else:
-                doc, sent = self._put_stream(env, path, reader, length, digest, progress)
+                response, sent = self._put_stream(env, path, reader, length, digest, progress)
+                doc = response.json()
         return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
 
     def _put_stream(
@@ -288,7 +323,8 @@ class CatalogClient:
         length: int,
         hash: str | None,
         progress: Progress | None,
-    ) -> tuple[dict[str, Any], int]:
+        conditions: dict[str, str] | None = None,
+    ) -> tuple[httpx.Response, int]:
         sent = 0
 
         def body() -> Iterator[bytes]:
@@ -304,11 +340,14 @@ class CatalogClient:
                     progress("upload", sent, length)
                 yield data
 
-        headers = {"content-length": str(length), "content-type": "application/octet-stream"}
+        headers = {
+            "content-length": str(length),
+            "content-type": "application/octet-stream",
+            **(conditions or {}),
+        }
         if hash:
             headers["x-content-hash"] = format_hash(parse_hash(hash))
-        doc = self._json("PUT", _object_url(env, path), content=body(), headers=headers)
-        return doc, sent
+        return self._send("PUT", _object_url(env, path), content=body(), headers=headers), sent
 
     # -- resumable uploads ---------------------------------------------------------
     def create_upload(self, env: str, path: str) -> dict[str, Any]:
@@ -826,6 +865,24 @@ def _part(
         if progress is not None:
             progress("upload", position, total)
         yield data
+
+
+def _conditions(if_match: int | str | None, if_none_match: bool) -> dict[str, str]:
+    """The precondition headers of a PUT: a revision or ETag to match, or absence."""
+    headers: dict[str, str] = {}
+    if if_match is not None:
+        if isinstance(if_match, bool) or not isinstance(if_match, (int, str)) or not if_match:
+            raise BadRequestError(f"if_match: a revision or an ETag, not {if_match!r}")
+        text = str(if_match)
+        headers["if-match"] = text if text.startswith(('"', "W/")) else f'"{text}"'
+    if if_none_match:
+        headers["if-none-match"] = "*"
+    return headers
+
+
+def _revision_of(response: httpx.Response) -> int | None:
+    value = response.headers.get("x-revision")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _resumable_failure(exc: CatalogError) -> bool:

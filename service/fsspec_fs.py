@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ from typing import Any
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from catalog.driver import FileInfo, SkipDir, StorageDriver
-from catalog.errors import CatalogError, NotFoundError
+from catalog.errors import CatalogError, NotFoundError, PreconditionFailedError
+from catalog.managed import WriteOptions
 from catalog.names import check_env
 from service.client import CatalogClient
 from service.signing import SECRET_ENV, URLSigner
@@ -218,13 +220,27 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     # -- writes -------------------------------------------------------------------
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        """Set the file's bytes; mode="create" only if it does not exist (FileExistsError).
+
+        The existence check of "create" is part of the write (If-None-Match),
+        not a look before it: of racing creators exactly one succeeds.
+        """
+        if mode not in ("overwrite", "create"):
+            raise ValueError(f"mode is 'overwrite' or 'create', not {mode!r}")
         env, rel = self._split(path)
         if not rel:
             raise IsADirectoryError(path)
-        if self.client is not None:
-            self.client.put(env, rel, bytes(value))
-        else:
-            self._driver(env).put_content("/" + rel, bytes(value))
+        data, create = bytes(value), mode == "create"
+        try:
+            if self.client is not None:
+                self.client.put(env, rel, data, if_none_match=create)
+            elif create:
+                options = WriteOptions(if_none_match=True)
+                self.managed.put_path(env, rel, io.BytesIO(data), len(data), options=options)
+            else:
+                self._driver(env).put_content("/" + rel, data)
+        except PreconditionFailedError:
+            raise FileExistsError(path) from None
         self.invalidate_cache(self._parent(path))
 
     def _open(

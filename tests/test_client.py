@@ -16,10 +16,12 @@ import pytest
 
 from catalog import ManagedStorage
 from catalog.errors import (
+    BadRequestError,
     ForbiddenError,
     HashMismatchError,
     InvalidPathError,
     NotFoundError,
+    PreconditionFailedError,
     RequestExpiredError,
     ResponseMismatchError,
     UnauthorizedError,
@@ -330,3 +332,50 @@ def test_sixteen_concurrent_clients_exact_refcounts(
         for worker in (0, 7, 15):
             for path, which in plan[worker]:
                 assert c.read(f"env{worker % 3}", path) == contents[which]
+
+
+def test_conditional_put(client: CatalogClient, server: ServerThread) -> None:
+    """If-None-Match / If-Match from the client: checked with the write, revisions back."""
+    first = client.put("env", "cfg", b"one", if_none_match=True)
+    assert first.revision is not None and first.revision > 0
+    assert client.stat("env", "cfg")["revision"] == first.revision
+    with pytest.raises(PreconditionFailedError):
+        client.put("env", "cfg", b"two", if_none_match=True)
+    second = client.put("env", "cfg", b"two", if_match=first.revision)
+    assert second.revision is not None and second.revision > first.revision
+    with pytest.raises(PreconditionFailedError):  # stale: nothing changes
+        client.put("env", "cfg", b"three", if_match=first.revision)
+    with pytest.raises(PreconditionFailedError):  # a path that does not exist matches nothing
+        client.put("env", "absent", b"x", if_match=first.revision)
+    assert client.read("env", "cfg") == b"two"
+    third = client.put("env", "cfg", b"three", if_match=f"blake3:{h(b'two')}")  # by content
+    assert third.revision is not None and third.revision > second.revision
+    read, write = os.pipe()  # a pipe: a chunked PUT, the same conditions
+    with os.fdopen(write, "wb") as w:
+        w.write(b"four")
+    with os.fdopen(read, "rb") as r, pytest.raises(PreconditionFailedError):
+        client.put("env", "cfg", r, if_match=second.revision)
+    assert client.read("env", "cfg") == b"three"
+    with pytest.raises(BadRequestError):
+        client.put("env", "cfg", b"x", if_match=True)  # type: ignore[arg-type]
+
+    # Racing creators of one path: exactly one wins.
+    outcomes: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> None:
+        with CatalogClient(server.url) as c:
+            barrier.wait(10)
+            try:
+                outcomes.append(c.put("env", "race", f"v{i}".encode(), if_none_match=True))
+            except PreconditionFailedError as exc:
+                outcomes.append(exc)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [o for o in outcomes if isinstance(o, UploadResult)]
+    assert len(outcomes) == 8 and len(won) == 1
+    assert h(client.read("env", "race")) == won[0].hash  # the winner's bytes, and only theirs

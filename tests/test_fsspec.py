@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,6 +162,42 @@ def test_copy_and_mv_repoint_across_environments(fs: RescatFileSystem, db: Datab
     with pytest.raises(FileNotFoundError):
         fs.mv("a/src", "a/dst")  # a directory moves only with recursive=True
     assert fs.find("a") == ["a/src/1", "a/src/2", "a/src/deep/3", "a/srcx/4"]
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+def test_pipe_file_create_is_one_atomic_step(
+    over_http: bool, fs: RescatFileSystem, http_fs: tuple[RescatFileSystem, ManagedStorage]
+) -> None:
+    """mode="create": the existence check is the write's own (of 8 racing creators, one wins)."""
+    target = http_fs[0] if over_http else fs
+    target.pipe_file("env/new", b"first", mode="create")
+    with pytest.raises(FileExistsError):
+        target.pipe_file("env/new", b"second", mode="create")
+    assert target.cat_file("env/new") == b"first"
+    target.pipe_file("env/new", b"third")  # overwrite, the default
+    assert target.cat_file("env/new") == b"third"
+    with pytest.raises(ValueError):
+        target.pipe_file("env/new", b"x", mode="append")
+
+    outcomes: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> None:
+        barrier.wait(10)
+        try:
+            target.pipe_file("env/race", f"v{i}".encode(), mode="create")
+            outcomes.append(i)
+        except FileExistsError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [o for o in outcomes if isinstance(o, int)]
+    assert len(outcomes) == 8 and len(won) == 1
+    assert target.cat_file("env/race") == f"v{won[0]}".encode()
 
 
 def test_sign_with_database_secret(
