@@ -54,22 +54,44 @@ def kv() -> None:
 @click.argument("key")
 @click.argument("value")
 @click.option("--ttl", type=float, default=None, help="Seconds the key lives after this put.")
+@click.option(
+    "--if-revision",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Only if the key is at this revision (compare-and-swap).",
+)
+@click.option("--create", is_flag=True, help="Only if the key does not exist.")
 @pass_ctx
-def kv_put(ctx: Context, env: str, key: str, value: str, ttl: float | None) -> None:
+def kv_put(
+    ctx: Context,
+    env: str,
+    key: str,
+    value: str,
+    ttl: float | None,
+    if_revision: int | None,
+    create: bool,
+) -> None:
     """Set KEY to VALUE (text), to stdin with -, or to a file's bytes with @FILE.
 
     Prints the key's new revision. With --ttl the key is gone from every read
     TTL seconds later (nothing renews it once this command has exited).
+    --if-revision N writes only if the key is still at revision N (as printed
+    by a put, or `kv ls --json`), --create only if it does not exist: checked
+    with the write; otherwise the command fails, exit 1, and nothing changes.
 
     \b
     Example:
       rescat kv put team-a config/db postgres://db
       rescat kv put team-a certs/ca @ca.pem
       echo -n on | rescat kv put team-a flags/x - --ttl 30
+      rescat kv put team-a leader node-1 --create
+      rescat kv put team-a config/db postgres://db2 --if-revision 7713966
     """
     check_env(env)
-    clean_key(key)
+    k = clean_key(key)
     check_ttl(ttl)
+    if create and if_revision is not None:
+        raise click.UsageError("--create and --if-revision exclude each other")
     if value == "-":
         data = sys.stdin.buffer.read()
     elif value.startswith("@"):
@@ -82,7 +104,12 @@ def kv_put(ctx: Context, env: str, key: str, value: str, ttl: float | None) -> N
         data = value.encode("utf-8")
     store = KVStore(ctx.managed, env)
     try:
-        pair = store.put(key, data, ttl=ttl)
+        if create:
+            pair = store.atomic_put(k, data, None, ttl=ttl)
+        elif if_revision is not None:
+            pair = store.atomic_put(k, data, KVPair(k, b"", if_revision), ttl=ttl)
+        else:
+            pair = store.put(k, data, ttl=ttl)
     finally:
         store.close()
     click.echo(pair.last_index)
@@ -141,23 +168,37 @@ def kv_ls(ctx: Context, env: str, prefix: str, as_json: bool) -> None:
 @click.argument("env")
 @click.argument("key")
 @click.option("-r", "--recursive", is_flag=True, help="Delete KEY and every key under KEY/.")
+@click.option(
+    "--if-revision",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Only if the key is at this revision.",
+)
 @pass_ctx
-def kv_rm(ctx: Context, env: str, key: str, recursive: bool) -> None:
+def kv_rm(ctx: Context, env: str, key: str, recursive: bool, if_revision: int | None) -> None:
     """Delete KEY (with -r, KEY and every key under it).
+
+    --if-revision N deletes only if the key is still at revision N (checked
+    with the delete; otherwise exit 1 and nothing changes).
 
     \b
     Example:
       rescat kv rm team-a config/db
       rescat kv rm -r team-a config
+      rescat kv rm team-a leader --if-revision 7713966
     """
     check_env(env)
-    clean_key(key)
+    k = clean_key(key)
+    if recursive and if_revision is not None:
+        raise click.UsageError("-r and --if-revision exclude each other")
     store = KVStore(ctx.managed, env)
     try:
         if recursive:
-            store.delete_range(key)
+            store.delete_range(k)
+        elif if_revision is not None:
+            store.atomic_delete(k, KVPair(k, b"", if_revision))
         else:
-            store.delete(key)
+            store.delete(k)
     finally:
         store.close()
 

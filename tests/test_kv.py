@@ -538,6 +538,27 @@ def test_cli_put_get_ls_rm(mongo_uri: str, db: Database[Any], tmp_path: Any) -> 
         assert code != 0 and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_compare_and_swap(mongo_uri: str, db: Database[Any], kv: KVStore) -> None:
+    """kv put --create / --if-revision and kv rm --if-revision: the store's atomic calls."""
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    code, out, _ = _rescat(base, "kv", "put", ENV, "leader", "n1", "--create")
+    assert code == 0 and kv.get("leader") == KVPair("leader", b"n1", int(out))
+    first = int(out)
+    code, out, err = _rescat(base, "kv", "put", ENV, "leader", "n2", "--create")
+    assert (code, out) == (1, b"") and "exists" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = _rescat(base, "kv", "put", ENV, "leader", "n3", "--if-revision", str(first))
+    assert code == 0 and int(out) > first
+    second = int(out)
+    code, _, err = _rescat(base, "kv", "put", ENV, "leader", "n4", "--if-revision", str(first))
+    assert code == 1 and f"changed since revision {first}" in err  # stale: nothing written
+    code, _, err = _rescat(base, "kv", "rm", ENV, "leader", "--if-revision", str(first))
+    assert code == 1 and kv.get("leader") == KVPair("leader", b"n3", second)
+    assert _rescat(base, "kv", "rm", ENV, "leader", "--if-revision", str(second))[0] == 0
+    assert not kv.exists("leader")
+    code, _, err = _rescat(base, "kv", "put", ENV, "x", "v", "--create", "--if-revision", "3")
+    assert code == 2 and "exclude each other" in err and not kv.exists("x")
+
+
 def test_cli_ttl_and_watch(mongo_uri: str, db: Database[Any], kv: KVStore) -> None:
     base = ["--mongo-uri", mongo_uri, "--database", db.name]
     assert _rescat(base, "kv", "put", ENV, "short", "x", "--ttl", "1")[0] == 0
