@@ -154,8 +154,14 @@ class CatalogClient:
             "revision": _revision_of(response),
         }
 
-    def remove(self, env: str, path: str) -> None:
-        self._send("DELETE", _object_url(env, path))
+    def remove(self, env: str, path: str, *, if_match: int | str | None = None) -> None:
+        """Delete the path.
+
+        if_match: only at that revision or ETag, checked with the delete
+        (otherwise PreconditionFailedError, and nothing changed).
+        """
+        headers = _conditions(if_match, False)
+        self._send("DELETE", _object_url(env, path), headers=headers)
 
     def remove_many(self, env: str, paths: Sequence[str]) -> dict[str, Any]:
         """Delete up to 1,000 paths in one transaction: {"deleted": [...], "missing": [...]}."""

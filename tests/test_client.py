@@ -358,6 +358,11 @@ def test_conditional_put(client: CatalogClient, server: ServerThread) -> None:
     assert client.read("env", "cfg") == b"three"
     with pytest.raises(BadRequestError):
         client.put("env", "cfg", b"x", if_match=True)  # type: ignore[arg-type]
+    with pytest.raises(PreconditionFailedError):  # a conditional delete, stale
+        client.remove("env", "cfg", if_match=second.revision)
+    client.remove("env", "cfg", if_match=third.revision)
+    with pytest.raises(NotFoundError):
+        client.stat("env", "cfg")
 
     # Racing creators of one path: exactly one wins.
     outcomes: list[object] = []
