@@ -118,13 +118,20 @@ def kv_put(
 @kv.command("get")
 @click.argument("env")
 @click.argument("key")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"key","revision","value",...} instead.'
+)
 @pass_ctx
-def kv_get(ctx: Context, env: str, key: str) -> None:
+def kv_get(ctx: Context, env: str, key: str, as_json: bool) -> None:
     """Write KEY's value, raw, to stdout.
+
+    With --json, the key, its revision (for `kv put --if-revision`) and its
+    value, as `kv ls --json` prints each key.
 
     \b
     Example:
       rescat kv get team-a config/db
+      rescat kv get team-a config/db --json
     """
     check_env(env)
     clean_key(key)
@@ -133,6 +140,9 @@ def kv_get(ctx: Context, env: str, key: str) -> None:
         pair = store.get(key)
     finally:
         store.close()
+    if as_json:
+        echo_json(_pair_json(pair))
+        return
     sys.stdout.buffer.write(pair.value)
     sys.stdout.buffer.flush()
 

@@ -546,6 +546,8 @@ def test_cli_compare_and_swap(mongo_uri: str, db: Database[Any], kv: KVStore) ->
     first = int(out)
     code, out, err = _rescat(base, "kv", "put", ENV, "leader", "n2", "--create")
     assert (code, out) == (1, b"") and "exists" in err and len(err.strip().splitlines()) == 1
+    shown = json.loads(_rescat(base, "kv", "get", ENV, "leader", "--json")[1])
+    assert (shown["key"], shown["revision"], shown["value"]) == ("leader", first, "n1")
     code, out, _ = _rescat(base, "kv", "put", ENV, "leader", "n3", "--if-revision", str(first))
     assert code == 0 and int(out) > first
     second = int(out)
