@@ -24,8 +24,8 @@ from catalog import stats as catalog_stats
 from catalog.clock import aware
 from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
 from catalog.history import DEFAULT_HISTORY_DAYS
-from catalog.managed import ManagedStorage, PathInfo
-from catalog.names import check_env, check_path, check_prefix, format_hash
+from catalog.managed import ManagedStorage, PathInfo, WriteOptions
+from catalog.names import check_env, check_path, check_prefix, format_hash, parse_hash
 from catalog.sessions import DEFAULT_MAX_AGE as DEFAULT_SESSION_MAX_AGE
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx, server_options
 from cli.completion import complete_env, complete_path
@@ -103,6 +103,14 @@ def _pieces(reader: Any) -> Iterator[bytes]:
 @click.option("--json", "as_json", is_flag=True, help='Print {"path","hash","length"}.')
 @click.option("-r", "--recursive", is_flag=True, help="FILE is a directory, PATH a folder.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be stored only.")
+@click.option(
+    "--if-match",
+    "if_match",
+    default=None,
+    metavar="REV|ETAG",
+    help="Only if PATH is at this revision or holds this content (blake3:<hex>).",
+)
+@click.option("--if-none-match", "create_only", is_flag=True, help="Only if PATH does not exist.")
 @jobs_option
 @server_options
 @pass_ctx
@@ -114,6 +122,8 @@ def put(
     as_json: bool,
     recursive: bool,
     dry_run: bool,
+    if_match: str | None,
+    create_only: bool,
     jobs: int,
 ) -> None:
     """Store FILE (or stdin for -) at PATH in environment ENV.
@@ -124,30 +134,46 @@ def put(
     end. With -r, every file under the directory FILE is stored under the
     folder PATH, in parallel, skipping those already equal.
 
+    --if-none-match (create only) and --if-match REV|ETAG (replace only that
+    revision or content, as `rescat stat --json` shows them) are checked with the
+    write: when they fail the command exits 1 and nothing changes. With
+    --server a conditional put sends the bytes (the dedup proof carries no
+    condition).
+
     \b
     Example:
       rescat put team-a charms/app.tar ./app.tar
       tar c src | rescat put team-a backups/src.tar -
       rescat put -r team-a charms/ ./build/charms
+      rescat put team-a charms/app.tar ./app.tar --if-none-match
     """
+    conditional = if_match is not None or create_only
     if recursive:
         if file == "-":
             raise click.UsageError("put -r needs a directory, not -")
+        if conditional:
+            raise click.UsageError("--if-match and --if-none-match are for one file, not -r")
         put_tree(ctx, env, path, file, jobs=jobs, dry_run=dry_run, delete=False)
         return
+    if if_match is not None and create_only:
+        raise click.UsageError("--if-match and --if-none-match exclude each other")
+    match = _if_match(if_match)
     check_env(env)
     check_path(path)
     client = ctx.http
     if client is not None:
         from cli.remote import send_file
 
-        digest, length = send_file(client, env, path, file)
+        digest, length = send_file(
+            client, env, path, file, if_match=match, if_none_match=create_only
+        )
         if as_json:
             echo_json({"path": path, "hash": digest, "length": length})
         else:
             click.echo(format_hash(digest))
         return
     managed = ctx.managed
+    options = WriteOptions(if_match=match, if_none_match=create_only)
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if file == "-" else stack.enter_context(open_source(file))
         # Only a regular file's size is real: a pipe, FIFO or /dev/stdin is read to EOF.
@@ -155,11 +181,26 @@ def put(
         length = -1 if size is None else size
         progress = stack.enter_context(bar(size, "hash" if size is not None else "upload"))
         reader = cast(BinaryIO, ProgressReader(source, progress))
-        res = managed.put_for_environment(env, path, reader, length)
+        info = managed.put_path(env, path, reader, length, options=options)
     if as_json:
-        echo_json({"path": path, "hash": res.hash, "length": res.length})
+        echo_json({"path": path, "hash": info.hash, "length": info.length})
     else:
-        click.echo(format_hash(res.hash))
+        click.echo(format_hash(info.hash))
+
+
+def _if_match(value: str | None) -> int | str | None:
+    """--if-match: a revision (digits) or content (blake3:<hex>, or its quoted ETag)."""
+    if value is None:
+        return None
+    text = value.strip().strip('"')
+    if text.isdigit():
+        return int(text)
+    try:
+        return format_hash(parse_hash(text))
+    except CatalogError:
+        raise click.BadParameter(
+            f"{value!r} is neither a revision nor blake3:<hex>", param_hint="--if-match"
+        ) from None
 
 
 @cli.command()

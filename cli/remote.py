@@ -444,13 +444,29 @@ def download(server: str, token: str | None, output: str | None, env: str, path:
 
 
 # -- the data commands' --server mode (called by cli.admin and cli.files) ----------------
-def send_file(client: Any, env: str, path: str, file: str) -> tuple[str, int]:
-    """`put` over HTTP: a regular file by the dedup workflow, a pipe streamed; (hash, length)."""
+def send_file(
+    client: Any,
+    env: str,
+    path: str,
+    file: str,
+    *,
+    if_match: int | str | None = None,
+    if_none_match: bool = False,
+) -> tuple[str, int]:
+    """`put` over HTTP: (hash, length).
+
+    A regular file goes by the dedup workflow, a pipe is streamed; a put with
+    a condition is one plain PUT carrying it (the dedup proof carries none).
+    """
     progress = _Bars(path)
+    conditional = if_match is not None or if_none_match
     try:
-        if file == "-" or not is_regular_source(file):
+        if conditional or file == "-" or not is_regular_source(file):
             source: Any = sys.stdin.buffer if file == "-" else file
-            result = client.put(env, path, source, progress=progress)
+            result = client.put(
+                env, path, source, progress=progress,
+                if_match=if_match, if_none_match=if_none_match,
+            )  # fmt: skip
         else:
             result = client.upload(env, path, file, progress=progress)
     finally:

@@ -210,7 +210,8 @@ class CatalogClient:
         """Plain PUT of the bytes (no dedup round trip). `hash`: sent as X-Content-Hash.
 
         if_match: write only if the path is at this revision (an int) or holds
-        this content (its ETag, or `blake3:<hex>`); if_none_match: only if the
+        this content (its ETag, `blake3:<hex>` or the hex), or exists at all
+        (`"*"`); if_none_match: only if the
         path does not exist. Checked atomically with the write; otherwise
         PreconditionFailedError and nothing changed. The result's `revision`
         is the path's revision after the write.
@@ -880,7 +881,9 @@ def _conditions(if_match: int | str | None, if_none_match: bool) -> dict[str, st
         if isinstance(if_match, bool) or not isinstance(if_match, (int, str)) or not if_match:
             raise BadRequestError(f"if_match: a revision or an ETag, not {if_match!r}")
         text = str(if_match)
-        headers["if-match"] = text if text.startswith(('"', "W/")) else f'"{text}"'
+        if text != "*" and not text.startswith(('"', "W/")):  # a revision, or content
+            text = f'"{text if text.isdigit() else format_hash(parse_hash(text))}"'
+        headers["if-match"] = text
     if if_none_match:
         headers["if-none-match"] = "*"
     return headers

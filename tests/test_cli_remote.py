@@ -286,3 +286,40 @@ def test_profile_server_and_precedence(
     err = one_line_error(run(env, "--profile", "ci", "ls", "--server", "http://127.0.0.1:1"))
     assert "127.0.0.1:1" in err
     assert not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+def test_conditional_put(
+    over_http: bool,
+    url: str,
+    base: dict[str, str],
+    db_env: dict[str, str],
+    managed: ManagedStorage,
+    tmp_path: Path,
+) -> None:
+    """put --if-none-match / --if-match REV|blake3:<hex>: checked with the write, both ways."""
+    token = TokenStore(managed.db).create(env="e")[0]
+    env = http_env(base, url, token, tmp_path) if over_http else db_env
+    put = ("put", "e", "cfg", "-")
+
+    def revision() -> int:
+        return int(json.loads(ok(run(env, "stat", "e", "cfg", "--json")))["revision"])
+
+    ok(run(env, *put, "--if-none-match", input=b"1"))
+    first = revision()
+    err = one_line_error(run(env, "put", "e", "cfg", "-", "--if-none-match", input=b"2"))
+    assert "exists" in err
+    rev = str(first)
+    ok(run(env, *put, "--if-match", rev, input=b"2"))
+    assert revision() > first
+    one_line_error(run(env, "put", "e", "cfg", "-", "--if-match", rev, input=b"3"))  # stale
+    by_content = f"blake3:{b3(b'2')}"
+    ok(run(env, "put", "e", "cfg", "-", "--if-match", by_content, input=b"3"))
+    one_line_error(run(env, "put", "e", "cfg", "-", "--if-match", by_content, input=b"4"))
+    assert managed.get_for_environment("e", "cfg")[0].read() == b"3"
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"3")  # a regular file, content the service has: still conditional
+    one_line_error(run(env, "put", "e", "cfg", str(source), "--if-none-match"))
+    bad = run(env, "put", "e", "cfg", "-", "--if-match", "nope", input=b"x")
+    assert bad.returncode == 2 and b"--if-match" in bad.stderr
+    assert managed.get_for_environment("e", "cfg")[0].read() == b"3"
