@@ -300,28 +300,43 @@ def _copy_out(managed: ManagedStorage, env: str, path: str, info: PathInfo, sink
 @click.argument("path", shell_complete=complete_path)
 @click.option("-r", "--recursive", is_flag=True, help="Also every path under the folder PATH.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be removed only.")
+@click.option(
+    "--if-match",
+    "if_match",
+    default=None,
+    metavar="REV|ETAG",
+    help="Only if PATH is at this revision or holds this content (blake3:<hex>).",
+)
 @server_options
 @pass_ctx
-def rm(ctx: Context, env: str, path: str, recursive: bool, dry_run: bool) -> None:
+def rm(
+    ctx: Context, env: str, path: str, recursive: bool, dry_run: bool, if_match: str | None
+) -> None:
     """Remove PATH from environment ENV (content nothing else uses is deleted).
 
-    With -r, PATH and every path under PATH/ go (never `PATHxyz`).
+    With -r, PATH and every path under PATH/ go (never `PATHxyz`). With
+    --if-match, only if PATH is still at that revision or holds that content
+    (checked with the delete; otherwise exit 1 and nothing changes).
 
     \b
     Example:
       rescat rm team-a charms/app.tar
       rescat rm -r team-a charms/old/
+      rescat rm team-a charms/app.tar --if-match 7713966
     """
+    match = _if_match(if_match)
     if recursive:
+        if match is not None:
+            raise click.UsageError("--if-match is for one path, not -r")
         remove_tree(ctx, env, path, dry_run=dry_run)
         return
     check_env(env)
     check_path(path)
     client = ctx.http
     if client is not None:
-        client.remove(env, path)
+        client.remove(env, path, if_match=match)
         return
-    ctx.managed.remove_for_environment(env, path)
+    ctx.managed.delete_path(env, path, if_match=match)
 
 
 @cli.command(cls=click.Command)  # ENV:PATH forms: the profile's env is filled in below

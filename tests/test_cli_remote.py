@@ -323,3 +323,7 @@ def test_conditional_put(
     bad = run(env, "put", "e", "cfg", "-", "--if-match", "nope", input=b"x")
     assert bad.returncode == 2 and b"--if-match" in bad.stderr
     assert managed.get_for_environment("e", "cfg")[0].read() == b"3"
+    one_line_error(run(env, "rm", "e", "cfg", "--if-match", rev))  # stale: kept
+    assert managed.get_for_environment("e", "cfg")[0].read() == b"3"
+    ok(run(env, "rm", "e", "cfg", "--if-match", f"blake3:{b3(b'3')}"))
+    assert managed.list_for_environment("e") == []
