@@ -95,6 +95,16 @@ def _pieces(reader: Any) -> Iterator[bytes]:
         yield data
 
 
+# A write's precondition, as the HTTP service takes it in If-Match.
+if_match_option = click.option(
+    "--if-match",
+    "if_match",
+    default=None,
+    metavar="REV|ETAG",
+    help="Only if PATH is at this revision or holds this content (blake3:<hex>).",
+)
+
+
 # -- transfers --------------------------------------------------------------------
 @cli.command()
 @click.argument("env", shell_complete=complete_env)
@@ -103,13 +113,7 @@ def _pieces(reader: Any) -> Iterator[bytes]:
 @click.option("--json", "as_json", is_flag=True, help='Print {"path","hash","length"}.')
 @click.option("-r", "--recursive", is_flag=True, help="FILE is a directory, PATH a folder.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be stored only.")
-@click.option(
-    "--if-match",
-    "if_match",
-    default=None,
-    metavar="REV|ETAG",
-    help="Only if PATH is at this revision or holds this content (blake3:<hex>).",
-)
+@if_match_option
 @click.option("--if-none-match", "create_only", is_flag=True, help="Only if PATH does not exist.")
 @jobs_option
 @server_options
@@ -300,13 +304,7 @@ def _copy_out(managed: ManagedStorage, env: str, path: str, info: PathInfo, sink
 @click.argument("path", shell_complete=complete_path)
 @click.option("-r", "--recursive", is_flag=True, help="Also every path under the folder PATH.")
 @click.option("--dry-run", is_flag=True, help="With -r: print what would be removed only.")
-@click.option(
-    "--if-match",
-    "if_match",
-    default=None,
-    metavar="REV|ETAG",
-    help="Only if PATH is at this revision or holds this content (blake3:<hex>).",
-)
+@if_match_option
 @server_options
 @pass_ctx
 def rm(

@@ -29,6 +29,7 @@ from catalog.errors import (
 from catalog.tokens import TokenStore
 from service.app import create_app
 from service.client import CatalogClient, ServiceUnavailableError, UploadResult
+from tests.test_core_catalog_races import race
 from tests.test_service_support import ServerThread
 
 
@@ -365,22 +366,12 @@ def test_conditional_put(client: CatalogClient, server: ServerThread) -> None:
         client.stat("env", "cfg")
 
     # Racing creators of one path: exactly one wins.
-    outcomes: list[object] = []
-    barrier = threading.Barrier(8)
-
-    def create(i: int) -> None:
+    def create(i: int) -> UploadResult:
         with CatalogClient(server.url) as c:
-            barrier.wait(10)
-            try:
-                outcomes.append(c.put("env", "race", f"v{i}".encode(), if_none_match=True))
-            except PreconditionFailedError as exc:
-                outcomes.append(exc)
+            return c.put("env", "race", f"v{i}".encode(), if_none_match=True)
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    outcomes = race(8, create)
+    assert all(isinstance(o, (UploadResult, PreconditionFailedError)) for o in outcomes)
     won = [o for o in outcomes if isinstance(o, UploadResult)]
     assert len(outcomes) == 8 and len(won) == 1
     assert h(client.read("env", "race")) == won[0].hash  # the winner's bytes, and only theirs

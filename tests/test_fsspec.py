@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from service.app import create_app
 from service.fsspec_fs import RescatFileSystem
 from service.signing import URLSigner
 from tests.helpers import b3, rand
+from tests.test_core_catalog_races import race
 from tests.test_service_support import ServerThread
 
 MiB = 1024 * 1024
@@ -179,22 +179,12 @@ def test_pipe_file_create_is_one_atomic_step(
     with pytest.raises(ValueError):
         target.pipe_file("env/new", b"x", mode="append")
 
-    outcomes: list[object] = []
-    barrier = threading.Barrier(8)
+    def create(i: int) -> int:
+        target.pipe_file("env/race", f"v{i}".encode(), mode="create")
+        return i
 
-    def create(i: int) -> None:
-        barrier.wait(10)
-        try:
-            target.pipe_file("env/race", f"v{i}".encode(), mode="create")
-            outcomes.append(i)
-        except FileExistsError as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    outcomes = race(8, create)
+    assert all(isinstance(o, (int, FileExistsError)) for o in outcomes)
     won = [o for o in outcomes if isinstance(o, int)]
     assert len(outcomes) == 8 and len(won) == 1
     assert target.cat_file("env/race") == f"v{won[0]}".encode()
