@@ -209,12 +209,12 @@ class CatalogClient:
     ) -> UploadResult:
         """Plain PUT of the bytes (no dedup round trip). `hash`: sent as X-Content-Hash.
 
-        if_match: write only if the path is at this revision (an int) or holds
-        this content (its ETag, `blake3:<hex>` or the hex), or exists at all
-        (`"*"`); if_none_match: only if the
-        path does not exist. Checked atomically with the write; otherwise
-        PreconditionFailedError and nothing changed. The result's `revision`
-        is the path's revision after the write.
+        if_match: write only if the path is at this revision (an int), holds
+        this content (its ETag, `blake3:<hex>` or the hex) or exists at all
+        (`"*"`); if_none_match: only if the path does not exist. Checked
+        atomically with the write; otherwise PreconditionFailedError and
+        nothing changed. The result's `revision` is the path's revision after
+        the write.
         """
         check_env(env)
         check_path(path)
@@ -232,7 +232,7 @@ class CatalogClient:
         with _source(file) as (reader, start):
             length = _remaining(reader, start)
             response, sent = self._put_stream(env, path, reader, length, hash, progress, conditions)
-        doc = response.json()
+        doc = _decoded(response)
         return UploadResult(
             path, doc["hash"], int(doc["length"]), False, sent, _revision_of(response)
         )
@@ -268,7 +268,7 @@ class CatalogClient:
         if hash:
             headers["x-content-hash"] = format_hash(parse_hash(hash))
         response = self._send("PUT", _object_url(env, path), content=body(), headers=headers)
-        doc = response.json()
+        doc = _decoded(response)
         if doc["hash"] != hasher.hexdigest() or int(doc["length"]) != sent:
             raise HashMismatchError(
                 f"{path}: the service stored {doc['length']} bytes hashing to {doc['hash']}, "
@@ -319,7 +319,7 @@ class CatalogClient:
                 )
             else:
                 response, sent = self._put_stream(env, path, reader, length, digest, progress)
-                doc = response.json()
+                doc = _decoded(response)
         return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
 
     def _put_stream(
@@ -730,13 +730,7 @@ class CatalogClient:
         return response
 
     def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        response = self._send(method, url, **kwargs)
-        try:
-            return response.json()
-        except ValueError:
-            raise ServiceError(
-                f"{method} {url}: the service sent no JSON", status=response.status_code
-            ) from None
+        return _decoded(self._send(method, url, **kwargs))
 
     # -- watch (Server-Sent Events) -----------------------------------------------------
     def watch(
@@ -887,6 +881,18 @@ def _conditions(if_match: int | str | None, if_none_match: bool) -> dict[str, st
     if if_none_match:
         headers["if-none-match"] = "*"
     return headers
+
+
+def _decoded(response: httpx.Response) -> Any:
+    """The JSON body of an answer; ServiceError when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        request = response.request
+        raise ServiceError(
+            f"{request.method} {request.url.path}: the service sent no JSON",
+            status=response.status_code,
+        ) from None
 
 
 def _revision_of(response: httpx.Response) -> int | None:
