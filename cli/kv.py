@@ -76,7 +76,7 @@ def kv_put(
     Prints the key's new revision. With --ttl the key is gone from every read
     TTL seconds later (nothing renews it once this command has exited).
     --if-revision N writes only if the key is still at revision N (as printed
-    by a put, or `kv ls --json`), --create only if it does not exist: checked
+    by a put, or `kv get --json`), --create only if it does not exist: checked
     with the write; otherwise the command fails, exit 1, and nothing changes.
 
     \b
