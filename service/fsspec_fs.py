@@ -3,10 +3,11 @@
 Two modes, one class:
 
 * MongoDB (default): `fsspec.filesystem("rescat", mongo_uri=..., database=...)`, else
-  $RESCAT_MONGO_URI, else the embedded mongod. Every call is a StorageDriver call
-  on the URL's environment: directories are indexed range queries,
-  `open(..., "wb")` is a writer session committed on close and cancelled when
-  the `with` block raises.
+  $RESCAT_MONGO_URI, else the embedded mongod. Calls go to the StorageDriver of
+  the URL's environment (directories are indexed range queries, `open(...,
+  "wb")` is a writer session committed on close and cancelled when the `with`
+  block raises), or to the catalog itself where they may cross environments
+  (`mv`, `copy`) or carry a condition (`pipe_file(mode="create")`).
 * HTTP: `fsspec.filesystem("rescat", server=URL, token=T)` talks to the service
   through `service.client.CatalogClient` with the routes it has: ranged GET, PUT,
   DELETE, move, copy and the list (writes are spooled to a temporary file and
