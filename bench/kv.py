@@ -1,9 +1,11 @@
 """KV benchmark: catalog.kv against raw pymongo single-document operations, in one run.
 
     python -m bench.kv [--threads 16] [--seconds 2] [--rounds 3] [--etcd-url URL] [--http]
+                       [--put-rate 100]
 
-Five workloads, each run by --threads client threads in this process, every
-thread on keys of its own (no contention: this measures cost, not conflicts):
+Six workloads, the first five run by --threads client threads in this process,
+every thread on keys of its own (no contention: this measures cost, not
+conflicts):
 
 * put: `KVStore.put` of a 128-byte value vs `update_one(upsert)` at w=majority
   (the durability a KV put has);
@@ -17,7 +19,15 @@ thread on keys of its own (no contention: this measures cost, not conflicts):
   event vs the same over a raw change stream on the raw collection. Also
   printed: the latency from the write's return to the event (how long a
   writer waits for its own event once its write is acknowledged), which
-  leaves out the write's own latency under 16 writers.
+  leaves out the write's own latency under 16 writers. With 16 writers
+  saturating the store, a write waits in line: its latency is about 16 over
+  the put rate (Little's law), whatever delivering the event costs;
+* paced: etcd's own `benchmark watch-latency` (tools/benchmark/cmd/
+  watch_latency.go): one writer puts one key at --put-rate puts/s (etcd's
+  default, 100) while --threads watches watch it; each event's latency from
+  the start of its put (p50/p99) and from the put's return (etcd's tool times
+  only this one). The latency a watcher sees under a steady load, not the
+  queueing of a saturated one.
 
 Rounds alternate baseline and rescat; the medians of the rounds are printed,
 ratios last (throughput ratio: higher is better; latency ratio: lower is
@@ -65,7 +75,9 @@ from catalog.mongod import free_port
 from storage import GridFSStorage
 
 VALUE_BYTES = 128
-WORKLOADS = ("put", "get", "cas", "hot", "watch")  # watch last: its shared stream lingers
+# The watches last: their streams stay open until the system is closed.
+WORKLOADS = ("put", "get", "cas", "hot", "watch", "paced")
+LATENCY_WORKLOADS = ("watch", "paced")
 HOT_HISTORY = 300  # writes of a hot key before it is measured
 
 
@@ -141,6 +153,11 @@ def value(n: int, i: int) -> bytes:
     return head + os.urandom(VALUE_BYTES - len(head))
 
 
+def digest(data: bytes) -> str:
+    """How a watch event is matched to its write (the HTTP watch sends the BLAKE3 hash)."""
+    return blake3.blake3(data).hexdigest()
+
+
 # -- rescat ---------------------------------------------------------------------------------
 class Rescat:
     name = "rescat"
@@ -174,23 +191,16 @@ class Rescat:
 
         return op
 
-    def watch(self, n: int) -> Callable[[int], Lag]:
-        key = f"watch/{n}"
-        self.kv.put(key, value(n, -1))
+    def digests(self, key: str) -> Iterator[str]:
         items = self.kv.watch(key)
-        next(items)
+        next(items)  # the current pair: the watch is open
 
-        def op(i: int) -> Lag:
-            data = value(n, i)
-            start = time.perf_counter()
-            self.kv.put(key, data)
-            acked = time.perf_counter()
+        def changes() -> Iterator[str]:
             for item in items:
-                if item is not None and item.value == data:
-                    return _lags(start, acked)
-            raise RuntimeError("watch ended")
+                if item is not None:
+                    yield digest(item.value)
 
-        return op
+        return changes()
 
     def close(self) -> None:
         self.kv.close()
@@ -236,24 +246,17 @@ class RawMongo:
 
         return op
 
-    def watch(self, n: int) -> Callable[[int], Lag]:
-        key = f"watch/{n}"
-        self._put(key, value(n, -1))
-        stream = self.coll.watch(
-            [{"$match": {"documentKey._id": key}}], full_document="updateLookup"
-        )
+    def digests(self, key: str) -> Iterator[str]:
+        stream = self.coll.watch([{"$match": {"documentKey._id": key}}])
 
-        def op(i: int) -> Lag:
-            data = value(n, i)
-            start = time.perf_counter()
-            self._put(key, data)
-            acked = time.perf_counter()
+        def changes() -> Iterator[str]:
+            # The value each change wrote (not updateLookup: that reads the key as it is
+            # by then, which skips values overwritten meanwhile).
             for change in stream:
-                if (change.get("fullDocument") or {}).get("v") == data:
-                    return _lags(start, acked)
-            raise RuntimeError("stream ended")
+                written = change.get("updateDescription", {}).get("updatedFields")
+                yield digest((written or change.get("fullDocument") or {}).get("v", b""))
 
-        return op
+        return changes()
 
     def close(self) -> None:
         self.client.drop_database("bench_raw")
@@ -326,9 +329,7 @@ class Etcd:
 
         return op
 
-    def watch(self, n: int) -> Callable[[int], Lag]:
-        key = f"watch/{n}"
-        self._put(key, value(n, -1))
+    def digests(self, key: str) -> Iterator[str]:
         client = httpx.Client(base_url=self.url, timeout=None)
         body = {"create_request": {"key": _b64(key.encode())}}
         response = client.send(client.build_request("POST", "/v3/watch", json=body), stream=True)
@@ -336,26 +337,14 @@ class Etcd:
         lines = response.iter_lines()
         next(lines)  # the "created" answer
 
-        def events() -> Iterator[bytes]:
+        def changes() -> Iterator[str]:
             for line in lines:
                 if not line.strip():
                     continue
                 for event in json.loads(line).get("result", {}).get("events", []) or []:
-                    yield base64.b64decode(event["kv"].get("value", ""))
+                    yield digest(base64.b64decode(event["kv"].get("value", "")))
 
-        stream = events()
-
-        def op(i: int) -> Lag:
-            data = value(n, i)
-            start = time.perf_counter()
-            self._put(key, data)
-            acked = time.perf_counter()
-            for seen in stream:
-                if seen == data:
-                    return _lags(start, acked)
-            raise RuntimeError("etcd watch ended")
-
-        return op
+        return changes()
 
     def close(self) -> None:
         for client, response in self.watchers:
@@ -427,9 +416,7 @@ class RescatHttp:
 
         return op
 
-    def watch(self, n: int) -> Callable[[int], Lag]:
-        key = f"watch/{n}"
-        self._put(key, value(n, -1))
+    def digests(self, key: str) -> Iterator[str]:
         client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(60.0, connect=10.0))
         request = client.build_request(
             "GET", f"/v1/environments/{self.env}/watch", params={"key": key}
@@ -440,25 +427,12 @@ class RescatHttp:
         if next(lines) != ": open":  # the watch has read its key: changes from now on come
             raise RuntimeError("the watch did not open")
 
-        def hashes() -> Iterator[str]:
+        def changes() -> Iterator[str]:
             for line in lines:
                 if line.startswith("data:"):
                     yield str(json.loads(line[5:])["hash"])
 
-        stream = hashes()
-
-        def op(i: int) -> Lag:
-            data = value(n, i)
-            digest = blake3.blake3(data).hexdigest()
-            start = time.perf_counter()
-            self._put(key, data)
-            acked = time.perf_counter()
-            for seen in stream:
-                if seen == digest:
-                    return _lags(start, acked)
-            raise RuntimeError("the HTTP watch ended")
-
-        return op
+        return changes()
 
     def end_workload(self) -> None:
         """Close the connections of a workload's threads (the next workload has new threads).
@@ -529,20 +503,112 @@ def hot(system: Any, n: int) -> Callable[[int], None]:
     return op
 
 
-def measure(system: Any, workload: str, threads: int, seconds: float) -> dict[str, float] | None:
+def watch(system: Any, n: int) -> Callable[[int], Lag]:
+    """Thread n's write of its key and the wait for that write's event on its own watch."""
+    key = f"watch/{n}"
+    system._put(key, value(n, -1))
+    stream = system.digests(key)
+
+    def op(i: int) -> Lag:
+        data = value(n, i)
+        expected = digest(data)
+        start = time.perf_counter()
+        system._put(key, data)
+        acked = time.perf_counter()
+        for seen in stream:
+            if seen == expected:
+                return _lags(start, acked)
+        raise RuntimeError(f"{system.name}: the watch ended")
+
+    return op
+
+
+def paced(system: Any, watchers: int, seconds: float, rate: float) -> dict[str, float]:
+    """etcd's own `benchmark watch-latency`: one writer at `rate` puts/s, `watchers` watches.
+
+    etcd's tool (tools/benchmark/cmd/watch_latency.go) puts one key at a fixed
+    rate (default 100/s) while every watcher watches it, and times each event
+    from the put's return. Both are printed here: from the put's start (p50_ms)
+    and from its return (ack_p50_ms, 0 when the event came first). Unlike the
+    watch workload, the writes are not queued behind 16 saturating writers, so
+    this is what a watcher waits for a change, not the write's own latency
+    under full load.
+    """
+    key = "paced"
+    system._put(key, value(-1, -1))
+    with ThreadPoolExecutor(watchers) as pool:
+        streams = list(pool.map(lambda _: system.digests(key), range(watchers)))
+    data = [value(-1, i) for i in range(max(1, int(seconds * rate)))]
+    wanted = [digest(d) for d in data]
+    arrivals: list[dict[str, float]] = [{} for _ in streams]
+
+    def read(stream: Iterator[str], seen: dict[str, float]) -> None:
+        for got in stream:
+            seen.setdefault(got, time.perf_counter())
+            if got == wanted[-1]:
+                return
+
+    readers = [
+        threading.Thread(target=read, args=(stream, seen), daemon=True)
+        for stream, seen in zip(streams, arrivals, strict=True)
+    ]
+    for t in readers:
+        t.start()
+    writes: list[tuple[float, float]] = []
+    began = time.perf_counter()
+    for i, d in enumerate(data):
+        time.sleep(max(0.0, began + i / rate - time.perf_counter()))
+        start = time.perf_counter()
+        system._put(key, d)
+        writes.append((start, time.perf_counter()))
+    elapsed = time.perf_counter() - began
+    for t in readers:
+        t.join(timeout=30)
+    from_start: list[float] = []
+    from_ack: list[float] = []
+    for seen in arrivals:
+        for (start, acked), want in zip(writes, wanted, strict=True):
+            if want not in seen:
+                raise RuntimeError(f"{system.name}: a paced watcher missed an event")
+            from_start.append(seen[want] - start)
+            from_ack.append(max(0.0, seen[want] - acked))
+    from_start.sort()
+    from_ack.sort()
+    return {
+        "ops_s": len(writes) / elapsed,
+        "p50_ms": from_start[len(from_start) // 2] * 1000,
+        "p99_ms": from_start[min(len(from_start) - 1, int(len(from_start) * 0.99))] * 1000,
+        "ack_p50_ms": from_ack[len(from_ack) // 2] * 1000,
+    }
+
+
+def measure(
+    system: Any, workload: str, threads: int, seconds: float, rate: float
+) -> dict[str, float] | None:
     """The workload's figures, or None when the system cannot run it (see RescatHttp.cas).
 
     Each thread's setup (keys written first, streams opened) runs in parallel.
     """
-    make = functools.partial(hot, system) if workload == "hot" else getattr(system, workload)
-    with ThreadPoolExecutor(threads) as pool:
-        ops = list(pool.map(make, range(threads)))
-    if any(op is None for op in ops):
-        return None
+    ops: list[Callable[[int], Lag | None]] = []
+    if workload != "paced":
+        own: dict[str, Callable[[Any, int], Callable[[int], Any]]] = {"hot": hot, "watch": watch}
+        make: Callable[[int], Callable[[int], Lag | None] | None] = (
+            functools.partial(own[workload], system)
+            if workload in own
+            else getattr(system, workload)
+        )
+        with ThreadPoolExecutor(threads) as pool:
+            made = list(pool.map(make, range(threads)))
+        if any(op is None for op in made):
+            return None
+        ops = [op for op in made if op is not None]
     service: psutil.Process | None = getattr(system, "service", None)
     try:
         before = sum(service.cpu_times()[:2]) if service is not None else 0.0
-        result = run_threads(threads, seconds, lambda n: ops[n])
+        if workload == "paced":
+            result = paced(system, threads, seconds, rate)
+        else:
+            result = run_threads(threads, seconds, lambda n: ops[n])
         if service is not None:
             used = sum(service.cpu_times()[:2]) - before
             result["service_ms"] = 1000 * used / max(result["ops_s"] * seconds, 1)
@@ -560,6 +626,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--etcd-url", default=None, help="e.g. http://127.0.0.1:2379")
     parser.add_argument("--http", action="store_true", help="also over HTTP (rescat serve)")
+    parser.add_argument(
+        "--put-rate", type=float, default=100.0, help="the paced watch's puts/s (etcd's default)"
+    )
     args = parser.parse_args()
 
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -579,7 +648,9 @@ def main() -> None:
                 system = make()
                 try:
                     for workload in WORKLOADS:
-                        result = measure(system, workload, args.threads, args.seconds)
+                        result = measure(
+                            system, workload, args.threads, args.seconds, args.put_rate
+                        )
                         if result is None:
                             skipped.add((system.name, workload))
                             continue
@@ -621,18 +692,18 @@ def main() -> None:
             for workload in WORKLOADS:
                 if workload not in results[subject] or workload not in results[other]:
                     continue
-                if workload == "watch":
+                if workload in LATENCY_WORKLOADS:
                     ratio = med(subject, workload, "p50_ms") / med(other, workload, "p50_ms")
-                    label = f"{subject}/{other} watch p50 latency (lower is better)"
+                    label = f"{subject}/{other} {workload} p50 latency (lower is better)"
                 else:
                     ratio = med(subject, workload, "ops_s") / med(other, workload, "ops_s")
                     label = f"{subject}/{other} {workload} ops/s (higher is better)"
                 ratios[f"{subject}_{other}_{workload}"] = ratio
                 print(f"{label:<54} {ratio:7.3f}x")
-                if workload == "watch":
+                if workload == "watch":  # paced: both about 0 (events come before the ack)
                     ratio = med(subject, "watch", "ack_p50_ms") / med(other, "watch", "ack_p50_ms")
-                    label = f"{subject}/{other} watch p50 after the write returned"
-                    ratios[f"{subject}_{other}_watch_after_ack"] = ratio
+                    label = f"{subject}/{other} {workload} p50 after the write returned"
+                    ratios[f"{subject}_{other}_{workload}_after_ack"] = ratio
                     print(f"{label:<54} {ratio:7.3f}x")
     print(json.dumps({"results": results, "ratios": ratios, "skipped": sorted(skipped)}))
 
