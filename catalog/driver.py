@@ -9,8 +9,9 @@ nothing is visible until commit, and a closed writer is resumed from any process
 
 Walk order is depth first with each directory's entries sorted, a directory
 before its contents: the order of the paths with `/` sorting before every
-other character. The index sorts `-` and `.` before `/`, so a directory `a`
-can lie after its siblings `a-b` and `a.c` in the index; the walk reads one
+other character. The index sorts `-` and `.` (and, in paths outside
+distribution's charset, a space and other punctuation) before `/`, so a
+directory `a` can lie after its siblings `a-b` and `a.c` in the index; the walk reads one
 cursor in index order and looks such a directory up (once per name) when a
 sibling that sorts after it shows up first.
 
@@ -81,8 +82,14 @@ class StorageDriver:
         *,
         name: str = "rescat",
         redirect: Any = None,
+        strict_paths: bool = True,
     ) -> None:
+        """strict_paths: only distribution's path charset (`[A-Za-z0-9._-]` per
+        component), as a registry driver must; False admits every path the
+        catalog does, for faces (fsspec) that must reach what the CLI or HTTP wrote.
+        """
         self._name = name
+        self._strict = strict_paths
         self.managed = managed
         with self._errors(""):
             self.env_uuid = check_env(env_uuid)
@@ -264,7 +271,9 @@ class StorageDriver:
         """The environment path of a driver path ("" for "/" where allowed)."""
         if root_ok and path == "/":
             return ""
-        if not isinstance(path, str) or not _PATH_RE.fullmatch(path):
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise InvalidPathError(f"{self._name}: invalid path {path!r}")
+        if self._strict and not _PATH_RE.fullmatch(path):
             raise InvalidPathError(f"{self._name}: invalid path {path!r}")
         rel = path[1:]
         try:
@@ -400,7 +409,7 @@ def _walk_key(rel: str) -> str:
 def _candidates(name: str) -> Iterator[str]:
     """Names that sort before `name` in walk order but whose subtree the index puts after it."""
     for i, ch in enumerate(name):
-        if ch in "-." and i:
+        if ch < "/" and i:  # "-" and "."; with strict_paths=False also " ", "!", "+", ...
             yield name[:i]
 
 

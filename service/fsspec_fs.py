@@ -16,8 +16,13 @@ Two modes, one class:
 In both, `mv` and `copy` (`cp_file`) repoint paths and copy no bytes, also
 from one environment to another.
 
-A missing path raises FileNotFoundError. `checksum` is the content's BLAKE3 as an
-int. `sign(path, expiration)` returns a signed GET URL of the service: over HTTP the
+Paths are the catalog's (any path the CLI or HTTP takes, spaces and all), not
+only a registry's. As in fsspec's own filesystems: a missing path raises
+FileNotFoundError from info/ls/open and finds nothing in find/glob/du; an
+environment exists while it holds a path; `rm` resolves every path and glob
+before it deletes anything. A file open for reading reads the content the path
+held at open, never a mix of two (see RescatFile). `checksum` is the content's
+BLAKE3 as an int. `sign(path, expiration)` returns a signed GET URL of the service: over HTTP the
 service signs it (POST /v1/environments/ENV/sign; no secret on the client); with
 MongoDB it is signed here with `signing_secret=`, RESCAT_SIGNING_SECRET or the
 database's own secret, for `base_url=` / $RESCAT_SERVER.
@@ -27,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import io
 import os
 import tempfile
 from collections.abc import Iterator
+from glob import has_magic  # what fsspec's own glob and expand_path use
 from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -108,7 +115,8 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def _driver(self, env: str) -> StorageDriver:
         if env not in self._drivers:
-            self._drivers[env] = StorageDriver(self.managed, env, name=PROTOCOL)
+            # Every path the catalog takes, not only a registry's: the CLI and HTTP write them.
+            self._drivers[env] = StorageDriver(self.managed, env, name=PROTOCOL, strict_paths=False)
         return self._drivers[env]
 
     # -- reads --------------------------------------------------------------------
@@ -118,6 +126,8 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
             return {"name": "", "size": 0, "type": "directory"}
         env, rel = self._split(stripped)
         if not rel:
+            if not self._env_exists(env):  # environments exist while they hold a path
+                raise FileNotFoundError(path)
             return {"name": env, "size": 0, "type": "directory"}
         with _not_found(path):
             if self.client is not None:
@@ -146,12 +156,16 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
             with _not_found(path):
                 if self.client is not None:
                     entries = self._http_ls(env, rel)
+                    if not rel and not entries:
+                        raise FileNotFoundError(path)
                 else:
                     try:
                         children = self._driver(env).children("/" + rel if rel else "/")
                     except NotFoundError:
                         info = self.info(stripped)  # a file lists as itself
                         return [info] if detail else [info["name"]]
+                    if not rel and not children:
+                        raise FileNotFoundError(path)
                     entries = [_entry(env, fi) for fi in children]
         return entries if detail else [e["name"] for e in entries]
 
@@ -178,26 +192,39 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         detail: bool = False,
         **kwargs: Any,
     ) -> Any:
+        """As fsspec's: a missing path finds nothing ([]), withdirs includes path itself."""
         stripped = self._strip_protocol(path)
         found: dict[str, dict[str, Any]] = {}
         roots = [e["name"] for e in self.ls("", detail=True)] if not stripped else [stripped]
         for root in roots:
-            found.update(self._find_under(root, maxdepth, withdirs))
+            with contextlib.suppress(FileNotFoundError):
+                under = self._find_under(root, maxdepth, withdirs)
+                if withdirs and stripped and under and stripped not in under:
+                    found[stripped] = {"name": stripped, "size": 0, "type": "directory"}
+                found.update(under)
         names = sorted(found)
         return {n: found[n] for n in names} if detail else names
 
     def checksum(self, path: str) -> int:
-        """The content's BLAKE3 digest as an int (equal content, equal checksum)."""
-        return int(self.info(path)["hash"], 16)
+        """A file's: its content's BLAKE3 digest as an int (equal content, equal checksum)."""
+        info = self.info(path)
+        if info["type"] != "file":
+            return int(super().checksum(path))  # fsspec's: a token of the info
+        return int(info["hash"], 16)
 
     def modified(self, path: str) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], datetime.timezone.utc)
+        return self._time(path, "mtime")
 
     def created(self, path: str) -> datetime.datetime:
+        return self._time(path, "created")
+
+    def _time(self, path: str, field: str) -> datetime.datetime:
         info = self.info(path)
-        return datetime.datetime.fromtimestamp(
-            info.get("created", info["mtime"]), datetime.timezone.utc
-        )
+        if info["type"] != "file":  # directories are implicit: they have no times
+            raise IsADirectoryError(errno.EISDIR, "a directory has no times", path)
+        if field not in info:  # a listing's entry: ask for the file's own
+            info = self.info(info["name"])
+        return datetime.datetime.fromtimestamp(info[field], datetime.timezone.utc)
 
     def sign(self, path: str, expiration: int = 100, **kwargs: Any) -> str:
         """A URL of the service that serves the path without a token for `expiration` s."""
@@ -322,21 +349,47 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
             self.managed.copy_path(env1, rel1, env2, rel2)
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        for one in path if isinstance(path, list) else [path]:
-            env, rel = self._split(one)
-            with _not_found(one):
-                if self.client is not None:
-                    self._http_rm(env, rel, recursive)
-                elif not rel:
-                    if not recursive:
-                        raise IsADirectoryError(one)
-                    for child in self._driver(env).list("/"):
-                        self._driver(env).delete(child)
-                elif not recursive and self.isdir(one):
-                    raise IsADirectoryError(one)
+        """Delete files, globs and (recursive) directories: all or, if one is missing, none.
+
+        Every path or glob is resolved first: a missing one (FileNotFoundError)
+        or a directory without `recursive` (IsADirectoryError) stops it before
+        anything is deleted. maxdepth: only files that many levels down.
+        """
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError("maxdepth must be at least 1")
+        targets: list[tuple[str, str]] = []
+        for one in path if isinstance(path, (list, tuple)) else [path]:
+            name = self._strip_protocol(one)
+            if has_magic(name):
+                matched = self.glob(name, detail=True)
+                if not matched:
+                    raise FileNotFoundError(one)
+                targets += [(n, str(i["type"])) for n, i in sorted(matched.items())]
+            else:
+                targets.append((name, str(self.info(name)["type"])))
+        if not recursive:
+            for name, kind in targets:
+                if kind == "directory":
+                    raise IsADirectoryError(errno.EISDIR, "use recursive=True", name)
+        for name, kind in targets:
+            with contextlib.suppress(FileNotFoundError):  # gone with a directory before it
+                if kind == "directory" and maxdepth is not None:
+                    for file in self.find(name, maxdepth=maxdepth):
+                        self._rm_one(file, False)
                 else:
-                    self._driver(env).delete("/" + rel)
+                    self._rm_one(name, recursive)
         self.invalidate_cache()
+
+    def _rm_one(self, name: str, recursive: bool) -> None:
+        env, rel = self._split(name)
+        with _not_found(name):
+            if self.client is not None:
+                self._http_rm(env, rel, recursive)
+            elif not rel:
+                for child in self._driver(env).list("/"):
+                    self._driver(env).delete(child)
+            else:
+                self._driver(env).delete("/" + rel)
 
     def _rm(self, path: str) -> None:
         self.rm(path)
@@ -349,6 +402,11 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if self.client is not None:
             raise NotImplementedError("listing environments over HTTP")
         return sorted(self.managed.paths.distinct("env"))
+
+    def _env_exists(self, env: str) -> bool:
+        if self.client is not None:
+            return bool(self.client.list_page(env, "", limit=1)["items"])
+        return next(iter(self.managed.iter_paths(env, "")), None) is not None
 
     def _find_under(
         self, root: str, maxdepth: int | None, withdirs: bool
@@ -363,16 +421,17 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
                     info = self._http_info(env, rel)
                     return {info["name"]: info}
                 for item in items:
-                    depth = item["path"][len(prefix) :].count("/") + 1
-                    if maxdepth is not None and depth > maxdepth:
+                    parts = item["path"][len(prefix) :].split("/")
+                    if withdirs:  # the directories above it, also of a file too deep itself
+                        for i in range(len(parts) - 1):
+                            if maxdepth is not None and i + 1 > maxdepth:
+                                break
+                            d = f"{env}/{prefix}{'/'.join(parts[: i + 1])}"
+                            out.setdefault(d, {"name": d, "size": 0, "type": "directory"})
+                    if maxdepth is not None and len(parts) > maxdepth:
                         continue
                     name = f"{env}/{item['path']}"
                     out[name] = {"name": name, "size": int(item["length"]), "type": "file"}
-                    if withdirs:
-                        parts = item["path"][len(prefix) :].split("/")[:-1]
-                        for i in range(len(parts)):
-                            d = f"{env}/{prefix}{'/'.join(parts[: i + 1])}"
-                            out.setdefault(d, {"name": d, "size": 0, "type": "directory"})
                 return out
             driver = self._driver(env)
             base_depth = rel.count("/") + 1 if rel else 0
@@ -397,16 +456,19 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def _http_info(self, env: str, rel: str) -> dict[str, Any]:
         assert self.client is not None
         try:
-            stat = self.client.stat(env, rel)
+            stat = self.client.path_info(env, rel)
         except NotFoundError:
-            if self.client.list(env, rel + "/"):
+            if self.client.list_page(env, rel + "/", limit=1)["items"]:
                 return {"name": f"{env}/{rel}", "size": 0, "type": "directory"}
             raise
         return {
             "name": f"{env}/{rel}",
             "size": int(stat["length"]),
             "type": "file",
+            "mtime": _timestamp(stat["updated_at"]),
+            "created": _timestamp(stat["created_at"]),
             "hash": stat["hash"],
+            "revision": stat.get("revision"),
         }
 
     def _http_ls(self, env: str, rel: str) -> list[dict[str, Any]]:
@@ -425,12 +487,18 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 found.setdefault(full, {"name": full, "size": int(item["length"]), "type": "file"})
         return [found[k] for k in sorted(found)]
 
-    def _http_range(self, env: str, rel: str, start: int | None, end: int | None) -> bytes:
-        """A Range GET (the whole content when no range is asked for)."""
+    def _http_range(
+        self, env: str, rel: str, start: int | None, end: int | None, *, etag: str = ""
+    ) -> bytes:
+        """A Range GET (the whole content when no range is asked for).
+
+        etag: of the content the caller is reading; if the path holds another
+        by now, OSError(ESTALE) instead of bytes of the other.
+        """
         assert self.client is not None
         from service.client import _object_url, _raise_for
 
-        if not start and end is None:
+        if not start and end is None and not etag:
             return self.client.read(env, rel)
         stop: int | None
         if (start or 0) < 0 or (end is not None and end < 0):
@@ -441,9 +509,13 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
             return b""
         last = "" if stop is None else str(stop - 1)
         headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
+        if etag:
+            headers["if-match"] = etag
         response = self.client._http.get(_object_url(env, rel), headers=headers)
         if response.status_code == 416:  # starts at or past the end
             return b""
+        if response.status_code == 412:
+            raise _changed(f"{env}/{rel}")
         _raise_for(response)
         if response.status_code == 200:  # the range was ignored
             return response.content[first:stop]
@@ -476,9 +548,42 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
 
 class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
-    """`rb`: ranged reads through cat_file. `wb`: a writer session (MongoDB) or a spooled PUT."""
+    """`rb`: ranged reads of the content the path held at open. `wb`: a writer
+    session (MongoDB) or a spooled PUT.
+
+    A path overwritten while it is read must not hand out a mix of two
+    contents: with MongoDB the file holds one stream of the content it opened
+    (its read lease keeps those bytes until close); over HTTP each range is
+    asked for with If-Match on that content's ETag, and a change raises
+    OSError(ESTALE).
+    """
 
     fs: RescatFileSystem
+
+    def __init__(self, fs: RescatFileSystem, path: str, mode: str = "rb", **kwargs: Any) -> None:
+        self._reader: Any = None
+        self._etag = ""
+        if mode == "rb":
+            env, rel = fs._split(path)
+            if not rel:
+                raise IsADirectoryError(errno.EISDIR, "an environment is a directory", path)
+            try:
+                if fs.client is not None:
+                    info = fs.client.stat(env, rel)
+                    self._etag, size = info["etag"], int(info["length"])
+                else:
+                    self._reader, opened = fs.managed.open_path(env, rel)
+                    size = opened.length
+            except NotFoundError:
+                if fs.isdir(path):
+                    raise IsADirectoryError(errno.EISDIR, "a directory", path) from None
+                raise FileNotFoundError(path) from None
+            kwargs["size"] = size
+        try:
+            super().__init__(fs, path, mode, **kwargs)
+        except BaseException:
+            self._close_reader()
+            raise
 
     def _initiate_upload(self) -> None:
         env, rel = self.fs._split(self.path)
@@ -514,7 +619,23 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
         return True
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs.cat_file(self.path, start=start, end=end)
+        if self._reader is not None:
+            self._reader.seek(start)
+            return bytes(self._reader.read(max(0, end - start)))
+        env, rel = self.fs._split(self.path)
+        return self.fs._http_range(env, rel, start, end, etag=self._etag)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._close_reader()
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                reader.close()
 
     def discard(self) -> None:
         """Throw the upload away: nothing becomes visible."""
@@ -547,6 +668,14 @@ def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
     first = 0 if start is None else (size + start if start < 0 else start)
     stop = size if end is None else (size + end if end < 0 else end)
     return max(0, min(first, size)), max(0, min(stop, size))
+
+
+def _timestamp(rfc3339: str) -> float:
+    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def _changed(path: str) -> OSError:
+    return OSError(errno.ESTALE, "the path was overwritten while it was being read", path)
 
 
 @contextlib.contextmanager

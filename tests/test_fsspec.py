@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -123,7 +125,7 @@ def test_mv_rm_find_walk_du(fs: RescatFileSystem, db: Database[Any]) -> None:
     assert fs.cat_file("t/z/3") == b"t/a/b/3" * 1000 and not fs.exists("t/a/b")
     assert db["catalog"].count_documents({}) == files_before  # repointed, nothing copied
     assert fs.find("t") == ["t/a-x/4", "t/a/1", "t/a/2", "t/moved", "t/z/3"]
-    assert fs.find("t", withdirs=True, maxdepth=1) == ["t/a", "t/a-x", "t/moved", "t/z"]
+    assert fs.find("t", withdirs=True, maxdepth=1) == ["t", "t/a", "t/a-x", "t/moved", "t/z"]
     assert fs.find("t/a/1") == ["t/a/1"]
     walked = list(fs.walk("t"))
     assert walked[0] == ("t", ["a", "a-x", "z"], ["moved"])
@@ -261,3 +263,133 @@ def test_http_mode(http_fs: tuple[RescatFileSystem, ManagedStorage]) -> None:
     assert managed.list_for_environment("env") == []
     with pytest.raises(FileNotFoundError):
         fs.rm("env/h/a.bin")
+
+
+# -- what fsspec's own filesystems do, in both modes ------------------------------------
+@pytest.fixture(params=["mongo", "http"])
+def any_fs(
+    request: pytest.FixtureRequest, mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> Iterator[RescatFileSystem]:
+    if request.param == "mongo":
+        yield fsspec.filesystem(
+            "rescat", mongo_uri=mongo_uri, database=db.name, skip_instance_cache=True
+        )
+        return
+    with ServerThread(create_app(managed, auth=False)) as srv:
+        yield fsspec.filesystem("rescat", server=srv.url, skip_instance_cache=True)
+
+
+def _put(managed: ManagedStorage, env: str, path: str, data: bytes) -> None:
+    """Written as the CLI and HTTP write: any path the catalog takes."""
+    managed.put_for_environment(env, path, io.BytesIO(data), len(data))
+
+
+def test_paths_beyond_the_registry_charset(
+    any_fs: RescatFileSystem, managed: ManagedStorage
+) -> None:
+    fs = any_fs
+    for path in ("a/ok.txt", "b c/x", "b/y", "b-c", "b!x/z", "é/ü"):
+        _put(managed, "sp", path, path.encode())
+    assert fs.find("sp") == ["sp/a/ok.txt", "sp/b c/x", "sp/b!x/z", "sp/b-c", "sp/b/y", "sp/é/ü"]
+    walked = [(root, sorted(dirs), files) for root, dirs, files in fs.walk("sp")]
+    assert walked[0] == ("sp", ["a", "b", "b c", "b!x", "é"], ["b-c"])
+    assert fs.cat_file("sp/b c/x") == b"b c/x"
+    fs.pipe_file("sp/new file", b"n")
+    with fs.open("sp/d e/f g", "wb") as f:
+        f.write(b"w")
+    assert fs.cat_file("sp/d e/f g") == b"w" and fs.cat_file("sp/new file") == b"n"
+    fs.rm("sp/b c", recursive=True)
+    assert not fs.exists("sp/b c/x")
+    fs.rm("sp", recursive=True)  # every path, not a part of them
+    assert managed.list_for_environment("sp") == []
+
+
+def test_glob_and_find_list_directories_as_fsspec_does(any_fs: RescatFileSystem) -> None:
+    fs = any_fs
+    mem = fsspec.filesystem("memory", skip_instance_cache=True)
+    mem.store.clear()
+    mem.pseudo_dirs.clear()
+    mem.pseudo_dirs.append("")
+    for path in ("E/top.txt", "E/d/s/b.txt", "E/d/a.txt"):
+        fs.pipe_file(path, b"x")
+        mem.pipe_file("/" + path, b"x")
+
+    def same(call: str, *args: Any, **kwargs: Any) -> None:
+        ours = getattr(fs, call)(*args, **kwargs)
+        theirs = [p.lstrip("/") for p in getattr(mem, call)("/" + args[0], *args[1:], **kwargs)]
+        assert ours == theirs, (call, args, kwargs)
+
+    same("glob", "E/*")
+    same("glob", "E/d/*")
+    same("glob", "E/**")
+    same("find", "E", maxdepth=1, withdirs=True)
+    same("find", "E/d", withdirs=True)
+    same("find", "E/d", maxdepth=1, withdirs=True)
+    # a missing path finds nothing, as in fsspec's own filesystems
+    for call in ("glob", "find"):
+        same(call, "E/nope/*" if call == "glob" else "E/nope")
+    assert fs.glob("E/nope/**") == [] and fs.du("E/nope") == 0
+
+
+def test_missing_environments_do_not_exist(any_fs: RescatFileSystem) -> None:
+    fs = any_fs
+    assert not fs.exists("no-such-env") and not fs.isdir("no-such-env")
+    with pytest.raises(FileNotFoundError):
+        fs.ls("no-such-env")
+    fs.pipe_file("gone/a", b"a")
+    assert fs.isdir("gone")
+    fs.rm("gone", recursive=True)
+    assert not fs.exists("gone")
+
+
+def test_open_a_directory_for_reading(any_fs: RescatFileSystem) -> None:
+    any_fs.pipe_file("E9/d/x", b"123")
+    for path in ("E9/d", "E9"):
+        with pytest.raises(IsADirectoryError):
+            any_fs.open(path, "rb")
+    with pytest.raises(FileNotFoundError):
+        any_fs.open("E9/nope", "rb")
+
+
+def test_a_read_never_mixes_two_contents(any_fs: RescatFileSystem) -> None:
+    fs, old, new = any_fs, b"A" * (12 * MiB), b"B" * (12 * MiB)
+    fs.pipe_file("E8/f", old)
+    with fs.open("E8/f", "rb") as f:
+        first = f.read(5 * MiB)
+        fs.pipe_file("E8/f", new)
+        if fs.client is None:  # the file holds the content it opened
+            assert first + f.read() == old
+        else:  # each range is asked for on the condition that the content is the same
+            with pytest.raises(OSError) as caught:
+                f.read()
+            assert caught.value.errno == errno.ESTALE
+    assert fs.cat_file("E8/f") == new
+
+
+def test_rm_of_globs_and_lists_is_all_or_nothing(any_fs: RescatFileSystem) -> None:
+    fs = any_fs
+    for path in ("E/a/1", "E/a/2", "E/a/s/3", "E9/a", "E9/b"):
+        fs.pipe_file(path, b"x")
+    with pytest.raises(FileNotFoundError):
+        fs.rm(["E9/a", "E9/missing", "E9/b"])
+    assert fs.find("E9") == ["E9/a", "E9/b"]  # nothing deleted
+    with pytest.raises(IsADirectoryError):
+        fs.rm("E/a/*")  # matches the directory E/a/s too
+    assert fs.find("E/a") == ["E/a/1", "E/a/2", "E/a/s/3"]
+    fs.rm("E/a/[12]")
+    assert fs.find("E/a") == ["E/a/s/3"]
+    with pytest.raises(FileNotFoundError):
+        fs.rm("E/a/*.nothing")
+    fs.rm("E9/*", recursive=True)
+    assert not fs.exists("E9")
+
+
+def test_times_and_checksums(any_fs: RescatFileSystem) -> None:
+    fs = any_fs
+    fs.pipe_file("T/d/f", b"one")
+    modified, created = fs.modified("T/d/f"), fs.created("T/d/f")
+    assert modified.tzinfo is not None and created <= modified
+    assert fs.checksum("T/d/f") == int(b3(b"one"), 16)
+    assert isinstance(fs.checksum("T/d"), int)  # a directory's is fsspec's own token
+    with pytest.raises(IsADirectoryError):
+        fs.modified("T/d")
