@@ -431,9 +431,12 @@ def put_tree(
     check_env(env)
     root = Path(directory)
     if not root.is_dir():
-        raise LocalFileError(f"{directory}: not a directory")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise LocalFileError(f"{directory}: {what}; nothing copied or deleted")
     local = local_entries(root)
     remote = remote_entries(ctx, env, prefix)
+    if not local:  # a wrong or empty directory must never empty the folder (--delete)
+        raise LocalFileError(f"{directory}: no files to copy; nothing copied or deleted")
     plan = plan_upload(local, remote, root, prefix, delete=delete)
     outcome = execute(
         ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="put"
@@ -449,6 +452,8 @@ def get_tree(
     if root.exists() and not root.is_dir():
         raise LocalFileError(f"{directory}: exists and is not a directory")
     remote = remote_entries(ctx, env, prefix)
+    if not remote:  # a typo in PREFIX must never empty the directory (--delete)
+        raise NotFoundError(f"{_nothing_under(env, prefix)}; nothing copied or deleted")
     local = local_entries(root) if root.is_dir() else {}
     plan = plan_download(remote, local, root, env, delete=delete)
     if not dry_run and plan.actions:
@@ -460,6 +465,14 @@ def get_tree(
         ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="get"
     )
     report(outcome, plan, dry_run)
+
+
+def _nothing_under(env: str, prefix: str) -> str:
+    """What an empty source says: the folder (or the whole environment) has no paths."""
+    stripped = prefix.rstrip("/")
+    if not stripped:
+        return f"{env}: no paths in the environment"
+    return f"{env}: nothing at or under {stripped!r}"
 
 
 # Paths per transaction of `rm -r` (the service's bulk delete takes up to 1,000).

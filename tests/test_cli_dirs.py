@@ -217,3 +217,41 @@ def test_put_r_survives_a_symlink_loop(
     assert result.exit_code == 0, result.output
     assert managed.list_for_environment("e") == ["p/d/f"]
     assert "already walked" in result.stderr
+
+
+def test_an_empty_source_refuses_and_changes_nothing(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"x1": b"1", "x2": b"2"})
+    assert invoke(base, "sync", str(src), "e:syn/").exit_code == 0
+    local = tmp_path / "local"
+    assert invoke(base, "sync", "e:syn", str(local), "--delete").exit_code == 0
+    assert tree(local) == {"x1": b"1", "x2": b"2"}
+
+    # A typo in PREFIX (or an empty environment) must not empty the directory.
+    for args, said in [
+        (["sync", "e:sny/", str(local), "--delete"], "e: nothing at or under 'sny'"),
+        (["sync", "e:sny/", str(local), "--delete", "--dry-run"], "nothing at or under 'sny'"),
+        (["sync", "other:", str(local), "--delete"], "other: no paths in the environment"),
+        (["get", "-r", "e", "nonexist/", str(tmp_path / "out")], "nothing at or under"),
+    ]:
+        result = invoke(base, *args)
+        assert result.exit_code == 1 and said in error(result), args
+        assert result.stdout == "", args
+        assert tree(local) == {"x1": b"1", "x2": b"2"}, args
+    assert not (tmp_path / "out").exists()
+
+    # The other way: a missing or empty directory must not empty the folder.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, said in [
+        (["sync", str(empty), "e:syn/", "--delete"], "no files to copy"),
+        (["sync", str(empty), "e:syn/", "--delete", "--dry-run"], "no files to copy"),
+        (["sync", str(tmp_path / "missing"), "e:syn/", "--delete"], "no such directory"),
+        (["put", "-r", "e", "syn/", str(empty)], "no files to copy"),
+    ]:
+        result = invoke(base, *args)
+        assert result.exit_code == 1 and said in error(result), args
+        assert result.stdout == "", args
+        assert managed.list_for_environment("e") == ["syn/x1", "syn/x2"], args
