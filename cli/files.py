@@ -452,8 +452,8 @@ def get_tree(
     if root.exists() and not root.is_dir():
         raise LocalFileError(f"{directory}: exists and is not a directory")
     remote = remote_entries(ctx, env, prefix)
-    if not remote:  # a typo in PREFIX must never empty the directory (--delete)
-        raise NotFoundError(f"{_nothing_under(env, prefix)}; nothing copied or deleted")
+    if not remote:
+        prefix, remote = _one_file(ctx, env, prefix, delete=delete)
     local = local_entries(root) if root.is_dir() else {}
     plan = plan_download(remote, local, root, env, delete=delete)
     if not dry_run and plan.actions:
@@ -465,6 +465,37 @@ def get_tree(
         ctx, plan, env=env, prefix=prefix, root=root, jobs=jobs, dry_run=dry_run, label="get"
     )
     report(outcome, plan, dry_run)
+
+
+def _one_file(ctx: Context, env: str, prefix: str, *, delete: bool) -> tuple[str, dict[str, Entry]]:
+    """A PREFIX with nothing under it that names a path: that one file, by its name.
+
+    As `aws s3 cp --recursive` takes the key as a prefix, `get -r ENV dir/a.txt
+    DIR` copies dir/a.txt to DIR/a.txt. Otherwise (a typo in PREFIX) the command
+    stops before anything changes: an empty source must never empty the
+    directory with --delete.
+    """
+    stripped = prefix.rstrip("/")
+    info: Any = None
+    if stripped:
+        try:
+            client = ctx.http
+            if client is not None:
+                info = client.stat(env, stripped)
+            else:
+                found = ctx.managed.stat_for_environment(env, stripped)
+                info = {"hash": found.hash, "length": found.length}
+        except NotFoundError:
+            info = None
+    if info is None:
+        raise NotFoundError(f"{_nothing_under(env, prefix)}; nothing copied or deleted")
+    if delete:
+        raise CatalogError(
+            f"{env}: {stripped!r} is a file, not a folder: sync --delete takes a folder "
+            f"(copy one file with rescat get {env} {stripped} -o FILE); nothing copied or deleted"
+        )
+    parent, _, name = stripped.rpartition("/")
+    return parent, {name: Entry(name, int(info["length"]), str(info["hash"]))}
 
 
 def _nothing_under(env: str, prefix: str) -> str:

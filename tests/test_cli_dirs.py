@@ -255,3 +255,23 @@ def test_an_empty_source_refuses_and_changes_nothing(
         assert result.exit_code == 1 and said in error(result), args
         assert result.stdout == "", args
         assert managed.list_for_environment("e") == ["syn/x1", "syn/x2"], args
+
+
+def test_get_r_of_a_file_copies_that_file(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    managed.put_for_environment("e", "dir/a.txt", io.BytesIO(b"a"))
+    managed.put_for_environment("e", "dir/a.txt2", io.BytesIO(b"neighbour"))
+    out = tmp_path / "out"
+    result = invoke(base, "get", "-r", "e", "dir/a.txt", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"download: e:dir/a.txt -> {out / 'a.txt'}\n"
+    assert tree(out) == {"a.txt": b"a"}  # by its name, never dir/a.txt2
+    again = invoke(base, "sync", "e:dir/a.txt", str(out))
+    assert again.exit_code == 0 and "0 copied (0 bytes), 1 unchanged" in again.stderr
+
+    # With --delete, a file is no folder to mirror: refused, nothing changes.
+    (out / "other").write_bytes(b"mine")
+    refused = invoke(base, "sync", "e:dir/a.txt", str(out), "--delete")
+    assert refused.exit_code == 1 and "'dir/a.txt' is a file, not a folder" in error(refused)
+    assert tree(out) == {"a.txt": b"a", "other": b"mine"}
