@@ -22,7 +22,12 @@ from catalog import fsck as fsck_check
 from catalog import gc as gc_sweep
 from catalog import stats as catalog_stats
 from catalog.clock import aware
-from catalog.errors import CatalogError, HashMismatchError, LengthMismatchError
+from catalog.errors import (
+    CatalogError,
+    HashMismatchError,
+    InvalidPathError,
+    LengthMismatchError,
+)
 from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage, PathInfo, WriteOptions
 from catalog.names import check_env, check_path, check_prefix, format_hash, parse_hash
@@ -456,10 +461,10 @@ def ls(
 ) -> None:
     """List the paths of environment ENV (starting with PREFIX), sorted.
 
-    PREFIX is a plain string prefix. One path per line; with --delimiter /,
-    paths below the next / after PREFIX show once as their folder, `dir/`
-    (as `aws s3 ls` does). -l adds the time the path last changed (UTC), the
-    size and the content hash.
+    PREFIX is a plain string prefix; `/` alone is the top level. One path
+    per line; with --delimiter /, paths below the next / after PREFIX show
+    once as their folder, `dir/` (as `aws s3 ls` does). -l adds the time the
+    path last changed (UTC), the size and the content hash.
 
     \b
     Example:
@@ -468,6 +473,14 @@ def ls(
       rescat ls team-a --json
     """
     check_env(env)
+    if prefix.startswith("/"):
+        relative = prefix.lstrip("/")
+        if relative:
+            raise InvalidPathError(
+                f"invalid prefix {prefix!r}: paths are relative, no leading '/' "
+                f"(write {relative!r})"
+            )
+        prefix = ""  # `/` is the top level, as in `aws s3 ls s3://bucket/`
     check_prefix(prefix)
     if delimiter is not None and len(delimiter) != 1:
         raise click.BadParameter("one character, such as /", param_hint="--delimiter")

@@ -275,3 +275,17 @@ def test_get_r_of_a_file_copies_that_file(
     refused = invoke(base, "sync", "e:dir/a.txt", str(out), "--delete")
     assert refused.exit_code == 1 and "'dir/a.txt' is a file, not a folder" in error(refused)
     assert tree(out) == {"a.txt": b"a", "other": b"mine"}
+
+
+def test_ls_slash_is_the_top_level(base: list[str], managed: ManagedStorage) -> None:
+    for path in ("charms/app.tar", "charms/lib/x", "readme"):
+        managed.put_for_environment("e", path, io.BytesIO(path.encode()))
+    everything = invoke(base, "ls", "e", "/")
+    assert everything.exit_code == 0, everything.output
+    assert everything.stdout.splitlines() == ["charms/app.tar", "charms/lib/x", "readme"]
+    folded = invoke(base, "ls", "e", "/", "-d", "/")
+    assert folded.stdout.splitlines() == ["charms/", "readme"]
+    assert json.loads(invoke(base, "ls", "e", "/", "--json").stdout)[2]["path"] == "readme"
+
+    leading = invoke(base, "ls", "e", "/charms/")
+    assert "no leading '/' (write 'charms/')" in error(leading)
