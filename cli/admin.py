@@ -27,6 +27,7 @@ from catalog.errors import (
     HashMismatchError,
     InvalidPathError,
     LengthMismatchError,
+    NotFoundError,
 )
 from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.managed import ManagedStorage, PathInfo, WriteOptions
@@ -34,7 +35,7 @@ from catalog.names import check_env, check_path, check_prefix, format_hash, pars
 from catalog.sessions import DEFAULT_MAX_AGE as DEFAULT_SESSION_MAX_AGE
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx, server_options
 from cli.completion import complete_env, complete_path
-from cli.files import get_tree, jobs_option, put_tree, remove_tree
+from cli.files import folder_hint, get_tree, jobs_option, put_tree, remove_tree
 from cli.progress import ProgressReader, bar
 from service.localfiles import Output, open_source, regular_size
 
@@ -265,10 +266,16 @@ def get(
     if client is not None:
         from cli.remote import fetch_file
 
-        fetch_file(client, env, path, output)
+        try:
+            fetch_file(client, env, path, output)
+        except NotFoundError as exc:
+            raise folder_hint(ctx, env, path, exc) from None
         return
     managed = ctx.managed
-    info = managed.stat_for_environment(env, path)
+    try:
+        info = managed.stat_for_environment(env, path)
+    except NotFoundError as exc:
+        raise folder_hint(ctx, env, path, exc) from None
     if output is None or output == "-":
         _copy_out(managed, env, path, info, sys.stdout.buffer)
         sys.stdout.buffer.flush()
@@ -336,10 +343,13 @@ def rm(
     check_env(env)
     check_path(path)
     client = ctx.http
-    if client is not None:
-        client.remove(env, path, if_match=match)
-        return
-    ctx.managed.delete_path(env, path, if_match=match)
+    try:
+        if client is not None:
+            client.remove(env, path, if_match=match)
+        else:
+            ctx.managed.delete_path(env, path, if_match=match)
+    except NotFoundError as exc:
+        raise folder_hint(ctx, env, path, exc) from None
 
 
 @cli.command(cls=click.Command)  # ENV:PATH forms: the profile's env is filled in below

@@ -467,6 +467,22 @@ def get_tree(
     report(outcome, plan, dry_run)
 
 
+def folder_hint(ctx: Context, env: str, path: str, exc: NotFoundError) -> NotFoundError:
+    """`rm ENV dir` or `get ENV dir` where dir is a folder: say so, and that -r takes it."""
+    try:
+        query = folder(path)
+        client = ctx.http
+        if client is not None:
+            under = bool(client.list_page(env, query, limit=1)["items"])
+        else:
+            under = next(iter(ctx.managed.iter_paths(env, query).limit(1)), None) is not None
+    except CatalogError:
+        return exc
+    if not under:
+        return exc
+    return NotFoundError(f"{exc}; {path!r} is a folder: use -r", path=exc.path)
+
+
 def _one_file(ctx: Context, env: str, prefix: str, *, delete: bool) -> tuple[str, dict[str, Entry]]:
     """A PREFIX with nothing under it that names a path: that one file, by its name.
 

@@ -289,3 +289,18 @@ def test_ls_slash_is_the_top_level(base: list[str], managed: ManagedStorage) -> 
 
     leading = invoke(base, "ls", "e", "/charms/")
     assert "no leading '/' (write 'charms/')" in error(leading)
+
+
+def test_rm_and_get_of_a_folder_hint_at_r(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    managed.put_for_environment("e", "dir/a.txt", io.BytesIO(b"a"))
+    for args in (["rm", "e", "dir"], ["get", "e", "dir"], ["get", "e", "dir", "-o", "f"]):
+        result = invoke(base, *args)
+        assert result.exit_code == 1, args
+        assert "no such path 'dir'; 'dir' is a folder: use -r" in error(result), args
+    assert managed.list_for_environment("e") == ["dir/a.txt"]
+    missing = invoke(base, "rm", "e", "nope")
+    assert "no such path 'nope'" in error(missing) and "folder" not in error(missing)
+    neighbour = invoke(base, "get", "e", "di")  # di/ holds nothing: dir/ is not under it
+    assert "folder" not in error(neighbour)

@@ -327,3 +327,32 @@ def test_conditional_put(
     assert managed.get_for_environment("e", "cfg")[0].read() == b"3"
     ok(run(env, "rm", "e", "cfg", "--if-match", f"blake3:{b3(b'3')}"))
     assert managed.list_for_environment("e") == []
+
+
+def test_empty_sources_files_and_folders_over_http(
+    url: str, base: dict[str, str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    token = TokenStore(managed.db).create(env="e")[0]
+    web = http_env(base, url, token, tmp_path)
+    ok(run(web, "put", "e", "dir/a.txt", "-", input=b"a"))
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "mine").write_bytes(b"mine")
+
+    # A prefix with nothing under it never empties the directory.
+    err = one_line_error(run(web, "sync", "e:dri/", str(local), "--delete"))
+    assert "nothing at or under 'dri'" in err
+    assert (local / "mine").read_bytes() == b"mine"
+    # An empty directory never empties the folder.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no files to copy" in one_line_error(run(web, "sync", str(empty), "e:dir/", "--delete"))
+    assert managed.list_for_environment("e") == ["dir/a.txt"]
+
+    # A prefix naming a file copies that file; a folder given to rm or get hints at -r.
+    ok(run(web, "get", "-r", "e", "dir/a.txt", str(local)))
+    assert (local / "a.txt").read_bytes() == b"a" and (local / "mine").exists()
+    for args in (["rm", "e", "dir"], ["get", "e", "dir"]):
+        assert "'dir' is a folder: use -r" in one_line_error(run(web, *args)), args
+    assert managed.list_for_environment("e") == ["dir/a.txt"]
+    assert not (tmp_path / "no-data").exists()
