@@ -362,7 +362,8 @@ def rm(
 def mv(ctx: Context, first: str, second: str, third: str | None, as_json: bool) -> None:
     """Move SRC to DST in ENV, or ENV:SRC to ENV2:DST; copies no bytes.
 
-    DST is replaced if it exists; the move is atomic. Across environments, a
+    DST is replaced if it exists; the move is atomic. A DST ending in `/` is
+    a folder: SRC goes into it by its name. Across environments, a
     --server token must allow both. With a profile's env, `mv SRC DST` and
     `:SRC` mean that environment.
 
@@ -392,7 +393,8 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
     """Copy SRC to DST in ENV, or ENV:SRC to ENV2:DST; copies no bytes.
 
     The content is stored once: DST becomes one more reference to it. DST is
-    replaced if it exists. Across environments, a --server token must allow
+    replaced if it exists; a DST ending in `/` is a folder: SRC goes into it
+    by its name. Across environments, a --server token must allow
     both. With a profile's env, `cp SRC DST` and `:SRC` mean that environment.
 
     \b
@@ -425,6 +427,9 @@ def _endpoints(
     check_env(src_env)
     check_path(src)
     check_env(dst_env)
+    if dst.endswith("/") or (third is None and dst == ""):
+        # Into that folder (`/`, or `ENV2:` alone: the top level), as `mv` and `aws s3 mv` do.
+        dst = ("" if dst == "/" else dst) + src.rpartition("/")[2]
     check_path(dst)
     return src_env, src, dst_env, dst
 

@@ -298,3 +298,16 @@ def test_debug_shows_the_exception(base: list[str]) -> None:
 
     with pytest.raises(NotFoundError):
         main([*base, "--debug", "stat", "e", "missing"])
+
+
+def test_mv_and_cp_into_a_folder(base: list[str]) -> None:
+    invoke(base, "put", "e", "dir/a.txt", "-", input=b"a")
+    moved = invoke(base, "mv", "e", "dir/a.txt", "other/", "--json")
+    assert moved.exit_code == 0, moved.output
+    assert json.loads(moved.stdout)["path"] == "other/a.txt"
+    copied = invoke(base, "cp", "e", "other/a.txt", "deep/er/", "--json")
+    assert json.loads(copied.stdout)["path"] == "deep/er/a.txt"
+    assert invoke(base, "cp", "e:other/a.txt", "f:").exit_code == 0  # ENV2: alone: the top
+    assert invoke(base, "mv", "e", "deep/er/a.txt", "/").exit_code == 0  # `/`: the top
+    assert invoke(base, "ls", "e").stdout.splitlines() == ["a.txt", "other/a.txt"]
+    assert invoke(base, "ls", "f").stdout == "a.txt\n"
