@@ -435,7 +435,7 @@ def put_tree(
         raise LocalFileError(f"{directory}: {what}; nothing copied or deleted")
     local = local_entries(root)
     remote = remote_entries(ctx, env, prefix)
-    if not local:  # a wrong or empty directory must never empty the folder (--delete)
+    if not local and delete:  # an empty directory must never empty the folder
         raise LocalFileError(f"{directory}: no files to copy; nothing copied or deleted")
     plan = plan_upload(local, remote, root, prefix, delete=delete)
     outcome = execute(

@@ -249,11 +249,15 @@ def test_an_empty_source_refuses_and_changes_nothing(
         (["sync", str(empty), "e:syn/", "--delete"], "no files to copy"),
         (["sync", str(empty), "e:syn/", "--delete", "--dry-run"], "no files to copy"),
         (["sync", str(tmp_path / "missing"), "e:syn/", "--delete"], "no such directory"),
-        (["put", "-r", "e", "syn/", str(empty)], "no files to copy"),
     ]:
         result = invoke(base, *args)
         assert result.exit_code == 1 and said in error(result), args
         assert result.stdout == "", args
+        assert managed.list_for_environment("e") == ["syn/x1", "syn/x2"], args
+    # Without --delete an empty directory copies nothing and is no error (aws s3 cp/sync).
+    for args in (["sync", str(empty), "e:syn/"], ["put", "-r", "e", "syn/", str(empty)]):
+        result = invoke(base, *args)
+        assert result.exit_code == 0 and "0 copied" in result.stderr, (args, result.output)
         assert managed.list_for_environment("e") == ["syn/x1", "syn/x2"], args
 
 
