@@ -100,6 +100,13 @@ class PathChanges:
             self._open()
 
     @property
+    def start_revision(self) -> int | None:
+        """Where this stream starts, as a revision (a cluster time: seconds << 32 | increment)."""
+        if self._start is None:
+            return None
+        return (int(self._start.time) << 32) | int(self._start.inc)
+
+    @property
     def shared(self) -> bool:
         """True while the events come from the process's shared stream (not one of its own)."""
         return self._sub is not None

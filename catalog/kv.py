@@ -688,7 +688,7 @@ class Lock:
         stop: threading.Event | None = None,
     ) -> bool:
         """Take the lock; False when `timeout` passes or `stop` is set first."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
             raise InvalidArgumentError(f"timeout must be seconds, not {timeout!r}")
         deadline = None if timeout < 0 else time.monotonic() + timeout
         changes: PathChanges | None = None

@@ -27,7 +27,11 @@ last revision. A TTL key that expires is sent as a delete when it is deleted
 
 Across different paths, events come in the order their changes committed,
 which for concurrent writers can differ from revision order; for one path they
-are always in revision order.
+are always in revision order. So a watcher that resumes must not ask for
+`since=<the last revision it got>`: a change that committed later with a
+smaller revision would be skipped. It asks for `resume_since(newest, floor)`
+and drops what it has already had by (path, revision), as
+`service.client.CatalogClient.watch` does.
 """
 
 from __future__ import annotations
@@ -43,12 +47,27 @@ from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, HISTORY_CAP, HISTORY_SHOW
 
 # A watch following at most this many path documents has the server filter their changes.
 FOCUS_MAX = 1000
+# A change's revision is the cluster time when its write ran; its event comes when it
+# commits. A write runs at most a transaction's life (MongoDB's
+# transactionLifetimeLimitSeconds, 60 s), plus slack, so every change a watcher has
+# not had yet is above (the newest revision it had) - this.
+RESUME_WINDOW = 61 << 32
 _CLOSING = {"$or": [{"event": "delete"}, {"event": "move", "to": {"$exists": True}}]}
 
 
 def _closing(event: dict[str, Any]) -> bool:
     kind = event.get("event")
     return kind == "delete" or (kind == "move" and "to" in event)
+
+
+def resume_since(newest: int, floor: int = 0) -> int:
+    """The `since` that resumes a watch whose newest event had revision `newest`.
+
+    floor: the watch's own start (its first `since`, or where it opened):
+    nothing at or below it was asked for. Events between the result and
+    `newest` may come again; a resuming watcher drops those it has had.
+    """
+    return max(floor, newest - RESUME_WINDOW)
 
 
 def put_event(path: str, hash: str, length: int, revision: int) -> dict[str, Any]:
@@ -80,6 +99,7 @@ class PathEvents:
         self._env = env_uuid
         self._key = key
         self._prefix = prefix
+        self._since = since
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._docs: dict[Any, dict[str, Any]] = {}  # path document id -> path, hash, length, rev
         self._seen: dict[str, int] = {}  # path -> the largest revision sent or read
@@ -172,6 +192,11 @@ class PathEvents:
     def _focus(self) -> None:
         ids = sorted(self._docs)
         self._changes.focus(ids if len(ids) <= FOCUS_MAX else None)
+
+    @property
+    def opened_at(self) -> int | None:
+        """The revision this watch starts after: its `since`, or where its stream opened."""
+        return self._since if self._since is not None else self._changes.start_revision
 
     # -- live --------------------------------------------------------------------------------
     @property

@@ -47,6 +47,7 @@ from catalog.errors import (
     UploadPendingError,
 )
 from catalog.names import check_env, check_path, check_prefix, format_hash, parse_hash
+from catalog.pathevents import resume_since
 from catalog.proof import ranges_checksum
 from catalog.streams import hash_into
 from service.errors import ServiceError, error_classes, exception_from
@@ -749,9 +750,12 @@ class CatalogClient:
         `{"type": "delete", "path", "revision"}`. With `since`, the changes after
         that revision come first (RequestExpiredError when the service no longer
         keeps them). When the connection drops or the service restarts, it
-        reconnects with the last revision received as `since`, so nothing is
-        lost; an event seen again after a reconnect is not yielded twice. Gives
-        up with ServiceUnavailableError after `reconnect_for` seconds without a
+        reconnects and nothing is lost: not with the last revision received as
+        `since` (across paths events come in commit order, and a change that
+        commits later can have a smaller revision), but a window before it
+        (`catalog.pathevents.resume_since`); what it had already is dropped by
+        (path, revision), so no event is yielded twice. Gives up with
+        ServiceUnavailableError after `reconnect_for` seconds without a
         connection. Ends when `stop` is set (promptly, even while waiting).
         """
         url = _env_url(env, "watch")
@@ -762,8 +766,9 @@ class CatalogClient:
             params["key"] = check_path(key)
         elif prefix is not None:
             params["prefix"] = check_prefix(prefix)
-        last = since
-        recent: deque[tuple[str, int]] = deque()
+        floor = since  # nothing at or below it is wanted; else where the first stream opened
+        newest = since  # the largest revision yielded (or the floor)
+        recent: deque[tuple[str, int]] = deque()  # what was yielded, within the resume window
         seen: set[tuple[str, int]] = set()
         down_since: float | None = None
         delay = 0.1
@@ -771,22 +776,29 @@ class CatalogClient:
         timeout = httpx.Timeout(60.0, connect=10.0)
         while stop is None or not stop.is_set():
             query = dict(params)
-            if last is not None:
-                query["since"] = str(last)
+            if newest is not None:
+                query["since"] = str(resume_since(newest, floor or 0))
             try:
                 with self._http.stream("GET", url, params=query, timeout=timeout) as response:
                     _raise_for(response)
                     down_since, delay = None, 0.1
                     with _closed_on(stop, response):
-                        for event in _sse_events(response.iter_lines()):
+                        for ident, event in _sse_messages(response.iter_lines()):
+                            if event is None:  # the block that opens the stream: its start
+                                if floor is None and ident.isdigit():
+                                    floor = newest = int(ident)
+                                continue
                             mark = (str(event.get("path", "")), int(event["revision"]))
-                            if mark in seen:
+                            if floor is None:  # a service that says not where it opened
+                                floor = mark[1] - 1
+                            if mark in seen or mark[1] <= floor:
                                 continue
                             seen.add(mark)
                             recent.append(mark)
-                            if len(recent) > _WATCH_DEDUPE:
+                            newest = max(newest or 0, mark[1])
+                            horizon = resume_since(newest)
+                            while recent and recent[0][1] <= horizon:
                                 seen.discard(recent.popleft())
-                            last = mark[1]
                             yield event
                             if stop is not None and stop.is_set():
                                 return
@@ -912,24 +924,26 @@ def _retryable(exc: ServiceError) -> bool:
     return exc.code == "unavailable" or int(getattr(exc, "status", 0) or 0) >= 500
 
 
-# Events a watch remembers to drop when a reconnect replays them.
-_WATCH_DEDUPE = 4096
-
-
-def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON data of each Server-Sent Event (comments and other fields skipped)."""
+def _sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(id, JSON data) of each Server-Sent Event; (id, None) for a block with an id alone."""
     data: list[str] = []
+    ident: str | None = None
     for line in lines:
         if not line:
             if data:
-                yield json.loads("\n".join(data))
-                data = []
+                yield ident or "", json.loads("\n".join(data))
+            elif ident is not None:
+                yield ident, None
+            data, ident = [], None
             continue
         if line.startswith(":"):
             continue
         name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
         if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
+            data.append(value)
+        elif name == "id":
+            ident = value
 
 
 @contextlib.contextmanager

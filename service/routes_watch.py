@@ -3,7 +3,8 @@
 `GET /v1/environments/{env}/watch?prefix=P` (or `?key=K`) sends one event per
 change after the connection opened, as `catalog.pathevents.PathEvents` makes
 them; `?since=R` (or a reconnecting EventSource's `Last-Event-ID`) first
-replays the changes after revision R. Each event is
+replays the changes after revision R. The stream opens with the comment
+`: open` and `id:` the revision it starts after. Each event is
 
     id: <revision>
     event: put | delete
@@ -110,8 +111,10 @@ class EventStream(Response):
             raise
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            # A comment first: the client knows the watch is open (its read is done).
-            await send(_body(b": open\n\n"))
+            # A comment first: the client knows the watch is open (its read is done). The
+            # id is where it starts: a reconnect before any event resumes from there.
+            opened = self.events.opened_at
+            await send(_body(b": open\n" + (b"id: %d\n" % opened if opened else b"") + b"\n"))
             try:
                 async with anyio.create_task_group() as group:
                     _streams.add(group.cancel_scope)

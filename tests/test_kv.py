@@ -421,6 +421,9 @@ def test_bad_input_is_refused_and_changes_nothing(kv: KVStore, managed: ManagedS
         kv.atomic_delete("a", None)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         kv.lock("l", ttl=-1)
+    for timeout in (float("nan"), "1", None):
+        with pytest.raises(InvalidArgumentError):  # not an endless wait
+            kv.lock("l").acquire(timeout=timeout)  # type: ignore[arg-type]
     assert kv.get("a") == before
     assert kv.get("b").value == b"2"
     assert managed.list_for_environment(ENV) == ["a", "b", "max"]

@@ -27,7 +27,9 @@ from catalog import ManagedStorage
 from catalog import history as hist
 from catalog.errors import RequestExpiredError
 from catalog.kv import KVStore
+from catalog.managed import PLAIN, WriteOptions
 from catalog.mongod import free_port
+from catalog.resources import object_id
 from catalog.tokens import TokenStore
 from service import routes_watch
 from service.app import create_app
@@ -94,7 +96,12 @@ def open_stream(http: httpx.Client, url: str, **params: Any) -> Iterator[str]:
             assert response.status_code == 200, response.read()
             assert response.headers["content-type"].startswith("text/event-stream")
             it = response.iter_lines()
-            assert next(it) == ": open" and next(it) == ""
+            assert next(it) == ": open"
+            line = next(it)
+            if line.startswith("id: "):  # where the watch starts
+                assert int(line[4:]) > 0
+                line = next(it)
+            assert line == ""
             yield ""
             yield from it
 
@@ -255,7 +262,8 @@ def test_since_older_than_the_history_kept_is_410(
             headers=headers | {"last-event-id": str(first)},
         )
         assert f"id: {second}\nevent: put" in resumed.text
-        assert resumed.text.count("id: ") == 2
+        assert resumed.text.count("event: ") == 2
+        assert resumed.text.startswith(f": open\nid: {first}\n\n")  # where it starts
         # Retention trims everything older than now: the floor is the last revision trimmed.
         hist.trim([managed.paths, managed.history], 0)
         floor = hist.floor(managed.db, ENV)
@@ -267,7 +275,7 @@ def test_since_older_than_the_history_kept_is_410(
         with pytest.raises(RequestExpiredError):
             next(iter(client.watch(ENV, since=first)))
         r = httpx.get(url + path, params={"since": floor, "timeout": "0.5"}, headers=headers)
-        assert r.status_code == 200 and "id:" not in r.text
+        assert r.status_code == 200 and "event:" not in r.text
         client.close()
 
 
@@ -429,3 +437,44 @@ def test_cli_kv_watch_over_http(
     assert lines[0]["type"] == "put" and lines[0]["key"] == "c/a"
     assert lines[0]["revision"] == first and lines[0]["length"] == len(data)
     assert lines[1] == {"type": "delete", "key": "c/a", "revision": gone}
+
+
+def test_client_watch_resume_keeps_a_change_that_committed_after_a_newer_revision(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    """Across paths events come in commit order, not revision order: a change whose
+    revision was taken before another's can commit after it. A client that resumed
+    from the last revision it got would never see that change."""
+    port = free_port()
+    start = put(managed, "r/start", b"0")
+    got: queue.Queue[Event] = queue.Queue()
+    stop = threading.Event()
+    linked, release = threading.Event(), threading.Event()
+    res, _ = managed._put(ENV, "r/a", io.BytesIO(b"a"), 1, None, WriteOptions(link=False))
+    target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
+
+    def slow_link(session: Any, doomed: list[str]) -> None:
+        managed._link_in(ENV, "r/a", target, PLAIN, session, doomed)  # its revision: now
+        linked.set()
+        release.wait(30)  # ... but it commits only later
+
+    with serve_on(port, mongo_uri, database) as url:
+        client = CatalogClient(url, token)
+        watcher = collect(client, got, stop, prefix="r/", since=start)
+        slow = threading.Thread(target=managed.transact, args=(slow_link,))
+        slow.start()
+        assert linked.wait(30)
+        newer = put(managed, "r/b", b"b")
+        assert [(e["path"], e["revision"]) for e in take(got, 1)] == [("r/b", newer)]
+    release.set()  # r/a commits while the service is down, with a smaller revision
+    slow.join(30)
+    older = managed.stat_for_environment(ENV, "r/a").revision
+    assert start < older < newer
+    with serve_on(port, mongo_uri, database):
+        assert [(e["path"], e["revision"]) for e in take(got, 1)] == [("r/a", older)]
+        later = put(managed, "r/c", b"c")
+        assert [(e["path"], e["revision"]) for e in take(got, 1)] == [("r/c", later)]
+        stop.set()
+        watcher.join(10)
+    assert got.empty()  # r/b came once, r/start never
+    client.close()
