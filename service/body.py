@@ -40,7 +40,7 @@ import anyio.from_thread
 import anyio.to_thread
 from starlette.requests import ClientDisconnect
 
-from catalog.errors import TooLargeError
+from catalog.errors import BadRequestError, TooLargeError
 from service.errors import RequestTimeoutError
 
 HOP_BYTES = 1024 * 1024
@@ -64,6 +64,29 @@ else:  # pragma: no cover - Python 3.10
     async def _deadline(seconds: float) -> AsyncIterator[None]:
         with anyio.fail_after(None if seconds == math.inf else seconds):
             yield
+
+
+def declared_length(headers: Any) -> int:
+    """The request body's declared length, or -1 for a chunked body (RFC 9112 §6).
+
+    A Transfer-Encoding other than exactly `chunked` (gzip, identity, a list)
+    is refused, not read as "no body": uvicorn hands the request over before
+    its parser rejects such a framing, and a body taken as empty would
+    replace the object with zero bytes while the client is told 400.
+    """
+    te = headers.get("transfer-encoding")
+    value = headers.get("content-length")
+    if te is not None:
+        if value is not None:
+            raise BadRequestError("a request has Content-Length or Transfer-Encoding, not both")
+        if te.strip().lower() != "chunked":
+            raise BadRequestError(f"unsupported Transfer-Encoding {te!r}: only chunked")
+        return -1
+    if value is None:
+        return 0
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise BadRequestError(f"invalid Content-Length: {value!r}")
+    return int(value)
 
 
 class ClientGone(Exception):

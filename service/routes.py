@@ -19,7 +19,6 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from swagger_ui_bundle import swagger_ui_path
 
 from catalog.errors import (
-    BadRequestError,
     HashMismatchError,
     LengthMismatchError,
     NotFoundError,
@@ -31,7 +30,7 @@ from catalog.errors import (
 )
 from catalog.managed import PathInfo, WriteOptions
 from catalog.names import check_path, parse_hash
-from service.body import HOP_BYTES, OUT_HOP_BYTES, iter_content
+from service.body import HOP_BYTES, OUT_HOP_BYTES, declared_length, iter_content
 from service.conditions import (
     Condition,
     content_type,
@@ -138,7 +137,7 @@ async def put_resource(ctx: Ctx[None]) -> Response:
     app, request = ctx.app, ctx.request
     header = request.headers.get("x-content-hash")
     expected = parse_hash(header) if header is not None else None
-    length = _content_length(request)
+    length = declared_length(request.headers)
     if app.max_size is not None and length > app.max_size:
         raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
     condition = await _write_condition(ctx, env, path)
@@ -292,17 +291,6 @@ async def _fail_early(ctx: Ctx[Any], env: str, path: str, condition: Condition) 
     info = await _stat(ctx, env, path)
     if info is None or (condition.if_match is not None and not holds(info, condition.if_match)):
         raise PreconditionFailedError("If-Match does not match the current content")
-
-
-def _content_length(request: Request) -> int:
-    """The declared body length, or -1 for a chunked body."""
-    value = request.headers.get("content-length")
-    if value is None:
-        te = request.headers.get("transfer-encoding", "")
-        return -1 if "chunked" in te.lower() else 0
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequestError(f"invalid Content-Length: {value!r}")
-    return int(value)
 
 
 def _docs_page() -> bytes:

@@ -134,10 +134,11 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         return ctx.params["location"]
 
     async def write(ctx: Ctx[Any], options: WriteOptions) -> Any:
-        from service.routes import _content_length, store_body
+        from service.body import declared_length
+        from service.routes import store_body
 
         name = await authorize(ctx)
-        length = _content_length(ctx.request)
+        length = declared_length(ctx.request.headers)
         app = ctx.app
         if app.max_size is not None and length > app.max_size:
             raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")

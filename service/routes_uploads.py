@@ -30,7 +30,7 @@ from typing_extensions import TypedDict
 from catalog.errors import BadRequestError, NotFoundError, OffsetMismatchError, TooLargeError
 from catalog.names import check_path, parse_hash
 from catalog.sessions import UPLOAD, Session, SessionStore
-from service.body import HOP_BYTES, BodyReader
+from service.body import HOP_BYTES, BodyReader, declared_length
 from service.errors import with_headers
 from service.openapi import RESPONSE_HEADERS
 from service.ranges import etag_for
@@ -129,7 +129,7 @@ async def append_upload(ctx: Ctx[None]) -> Response:
     env, upload_id = ctx.params["env"], ctx.params["upload_id"]
     app, request = ctx.app, ctx.request
     offset = _parse_offset(request.headers.get("upload-offset"))
-    length = _content_length(request.headers)
+    length = declared_length(request.headers)
     session = await app.sync(_upload_session, app, env, upload_id)
     if offset != session.offset:  # refused before a byte of the body is read
         raise _mismatch(upload_id, offset, session.offset)
@@ -225,16 +225,6 @@ def _parse_offset(value: str | None) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > _MAX_OFFSET_DIGITS:
         raise BadRequestError(f"invalid Upload-Offset: {value!r} (bytes received so far)")
     return int(text)
-
-
-def _content_length(headers: Any) -> int:
-    """The declared body length, or -1 for a chunked body."""
-    value = headers.get("content-length")
-    if value is None:
-        return -1 if "chunked" in headers.get("transfer-encoding", "").lower() else 0
-    if not value.isascii() or not value.isdigit() or len(value) > _MAX_OFFSET_DIGITS:
-        raise BadRequestError(f"invalid Content-Length: {value!r}")
-    return int(value)
 
 
 def _mismatch(upload_id: str, offset: int, current: int) -> OffsetMismatchError:

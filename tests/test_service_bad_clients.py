@@ -294,3 +294,31 @@ def test_a_catalog_error_without_a_code_is_400(managed: ManagedStorage) -> None:
     with Server(app, Limits()) as srv:
         r = httpx.put(f"{srv.url}/v1/environments/env/resources/x", content=b"abc")
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity", "xyz", "gzip, chunked"])
+def test_a_transfer_coding_other_than_chunked_writes_nothing(
+    server: Server, managed: ManagedStorage, coding: str
+) -> None:
+    """RFC 9112 §6: only a final `chunked` frames a body we can read; anything else is
+    refused, and nothing is written (it once became a zero-byte replace after a 400)."""
+    for path in ("/v1/environments/env/resources/a", "/store/a"):
+        with connect(server.port) as sock:
+            sock.sendall(
+                f"PUT {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n".encode()
+                + b"3\r\nnew\r\n0\r\n\r\n"
+            )
+            sock.settimeout(10)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                    if b"\r\n\r\n" in answer:
+                        break
+        status = int(answer.split(b" ", 2)[1])
+        assert status in (400, 404, 501), answer[:300]
+    time.sleep(1.0)  # a write after the answer would land by now
+    reader, length = managed.get_for_environment("env", "a")
+    with contextlib.closing(reader):
+        assert (reader.read(), length) == (b"0123456789", 10)
+    assert [e["event"] for e in managed.history_for_environment("env", "a")] == ["create"]
