@@ -182,6 +182,18 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
             super().data_received(data)
             self._check_headers_done()
 
+        def on_headers_complete(self) -> None:
+            """The request's headers are complete: what comes later is no header of it.
+
+            uvicorn's httptools protocol hands the request the list it appends
+            header fields to, and a chunked body's trailer fields are appended
+            too; a trailer parsed before the app reads its headers would act
+            as a header (an `Authorization` or `X-Content-Hash` that no proxy
+            in front saw). RFC 9110 §6.5.1: trailers are not merged in.
+            """
+            super().on_headers_complete()
+            self.headers: list[tuple[bytes, bytes]] = list(getattr(self, "headers", []))
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():

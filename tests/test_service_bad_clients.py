@@ -322,3 +322,24 @@ def test_a_transfer_coding_other_than_chunked_writes_nothing(
     with contextlib.closing(reader):
         assert (reader.read(), length) == (b"0123456789", 10)
     assert [e["event"] for e in managed.history_for_environment("env", "a")] == ["create"]
+
+
+def test_trailer_fields_are_not_request_headers(server: Server, managed: ManagedStorage) -> None:
+    """RFC 9110 §6.5.1: a chunked body's trailer is not merged into the headers (a trailer
+    `X-Content-Hash` once made a valid PUT fail, a trailer `Authorization` let one in)."""
+    for n in range(5):
+        with connect(server.port) as sock:
+            sock.sendall(
+                f"PUT /v1/environments/env/resources/t{n} HTTP/1.1\r\nHost: x\r\n".encode()
+                + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                + b"3\r\nabc\r\n0\r\nX-Content-Hash: "
+                + HASH.encode()
+                + b"\r\n\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+        reader, _ = managed.get_for_environment("env", f"t{n}")
+        with contextlib.closing(reader):
+            assert reader.read() == b"abc"
