@@ -32,6 +32,7 @@ import datetime
 import io
 import secrets
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -177,16 +178,23 @@ class SessionStore:
         """A new empty session for `path`.
 
         kind DRIVER: the path's previous driver session, if any, is discarded
-        (a writer opened without append starts over).
+        (a writer opened without append starts over), unless a live writer is
+        committing it: its chunks are becoming the path's content, so this
+        waits for that commit to end (UploadPendingError after a lease). A
+        writer that dies mid-commit leaves a session whose lease runs out; that
+        one is discarded (its chunks only if no stored file took them).
         """
         check_env(env_uuid)
         check_path(path)
         if kind not in (DRIVER, UPLOAD):
             raise BadRequestError(f"invalid session kind: {kind!r}")
+        deadline = time.monotonic() + self.lease + 5.0
         while True:
             if kind == DRIVER:
+                now = utcnow()
+                not_committing = [{"state": {"$ne": COMMITTING}}, {"lease_until": {"$lte": now}}]
                 old = self.sessions.find_one_and_delete(
-                    {"env": env_uuid, "path": path, "kind": DRIVER}
+                    {"env": env_uuid, "path": path, "kind": DRIVER, "$or": not_committing}
                 )
                 if old is not None:
                     self.storage.discard_session_chunks(old["file_id"])
@@ -210,7 +218,14 @@ class SessionStore:
                 # The document comes before any chunk, so gc always sees whose they are.
                 self.sessions.insert_one(doc)
             except DuplicateKeyError:
-                continue  # another writer of this path created one meanwhile: replace it
+                # Another writer of this path created one meanwhile (replace it), or one
+                # is committing (wait for it).
+                if time.monotonic() > deadline:
+                    raise UploadPendingError(
+                        f"{env_uuid}: {path!r} is being committed by another writer"
+                    ) from None
+                time.sleep(0.01)
+                continue
             return _session(doc)
 
     def get(self, env_uuid: str, session_id: str) -> Session:

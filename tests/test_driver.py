@@ -160,6 +160,42 @@ def test_writer_without_append_starts_over(driver: StorageDriver, db: Database[A
     assert counts(db)["resources.chunks"] == 0 and counts(db)["upload_sessions"] == 0
 
 
+def test_a_new_writer_waits_for_a_commit_under_way(db: Database[Any]) -> None:
+    """A writer opened without append discards the path's session, but never one
+    being committed: its chunks were becoming the content (the path once pointed
+    at a stored file with no chunks)."""
+    committing, other = ManagedStorage(db, GridFSStorage(db)), ManagedStorage(db, GridFSStorage(db))
+    data = rand(300_000)
+    writer = StorageDriver(committing, "reg").writer("/p")
+    writer.write(data)
+    inside, started = threading.Event(), threading.Event()
+    storage = committing.resource_storage
+    original = storage.commit_session_file
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        inside.set()
+        assert started.wait(10)
+        time.sleep(0.5)  # the new writer comes in meanwhile
+        return original(*args, **kwargs)
+
+    storage.commit_session_file = slow_commit  # type: ignore[method-assign]
+    opened: list[Any] = []
+
+    def open_another() -> None:
+        assert inside.wait(10)
+        started.set()
+        opened.append(StorageDriver(other, "reg").writer("/p"))
+
+    thread = threading.Thread(target=open_another)
+    thread.start()
+    info = writer.commit()
+    thread.join(30)
+    assert info.length == len(data)
+    assert StorageDriver(other, "reg").get_content("/p") == data
+    assert opened and opened[0].size() == 0  # the new writer starts over after the commit
+    opened[0].cancel()
+
+
 def test_move_repoints_without_copying(driver: StorageDriver, db: Database[Any]) -> None:
     big, other = rand(2 * MiB), rand(2 * MiB)
     driver.put_content("/src", big)
