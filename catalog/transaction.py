@@ -7,6 +7,12 @@ the block ends, one MongoDB transaction links every put and applies every
 remove and move in the order called; if it fails, or the block raised, the
 puts' references are released again, so their bytes go (at once when nobody
 else holds them, or by gc after its grace if this process dies first).
+
+A `remove` or `move` checks its path at the call against what the paths will be
+by then: as committed, changed by this transaction's earlier calls (a path it
+put or moved in exists, one it removed or moved away does not). A call that
+raised NotFoundError dooms the transaction even when the caller catches it:
+nothing takes effect, and its end raises that error again.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pymongo.client_session import ClientSession
 
-from catalog.errors import NoTransactionError
+from catalog.errors import NotFoundError, NoTransactionError
 from catalog.managed import PLAIN, WriteOptions
 from catalog.names import check_env, check_path
 from catalog.resources import Resource, object_id
@@ -36,6 +42,8 @@ class ContentTransaction:
         self._steps: list[Step] = []
         self._held: list[Resource] = []
         self._open = True
+        self._paths: dict[tuple[str, str], bool] = {}  # what earlier calls made exist or not
+        self._failed: NotFoundError | None = None
 
     def put(
         self,
@@ -52,6 +60,7 @@ class ContentTransaction:
         staged = WriteOptions(link=False)
         res, _ = self._managed._put(env_uuid, path, reader, length, check_hash or None, staged)
         self._held.append(res)
+        self._paths[(env_uuid, path)] = True
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
         self._steps.append(lambda s, d: self._managed._link_in(env_uuid, path, target, PLAIN, s, d))
         return res
@@ -60,7 +69,8 @@ class ContentTransaction:
         self._check_open()
         check_env(env_uuid)
         check_path(path)
-        self._managed.stat_for_environment(env_uuid, path)  # NotFoundError at the call
+        self._require(env_uuid, path)  # NotFoundError at the call
+        self._paths[(env_uuid, path)] = False
         self._steps.append(lambda s, d: self._managed._unlink_in(env_uuid, path, None, s, d))
 
     def move(self, env_uuid: str, src: str, dst: str) -> None:
@@ -68,14 +78,18 @@ class ContentTransaction:
         check_env(env_uuid)
         check_path(src)
         check_path(dst)
-        self._managed.stat_for_environment(env_uuid, src)
+        self._require(env_uuid, src)
         if src != dst:
+            self._paths[(env_uuid, src)], self._paths[(env_uuid, dst)] = False, True
             self._steps.append(lambda s, d: self._managed._move_in(env_uuid, src, dst, s, d))
 
     def commit(self) -> None:
         """Apply everything in one MongoDB transaction; on failure nothing changed."""
         self._check_open()
         self._open = False
+        if self._failed is not None:  # a call failed (and was caught): nothing takes effect
+            self._release_held()
+            raise self._failed
         try:
             self._managed.transact(self._apply)
         except BaseException:
@@ -113,6 +127,19 @@ class ContentTransaction:
         for res in self._held:
             self._managed._release(res.id)
         self._held.clear()
+
+    def _require(self, env_uuid: str, path: str) -> None:
+        """NotFoundError, dooming the transaction, if the path will not exist at this call."""
+        exists = self._paths.get((env_uuid, path))
+        if exists is None:
+            try:
+                self._managed.stat_for_environment(env_uuid, path)
+                exists = True
+            except NotFoundError:
+                exists = False
+        if not exists:
+            self._failed = NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
+            raise self._failed
 
     def _check_open(self) -> None:
         if not self._open:

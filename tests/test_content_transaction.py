@@ -126,3 +126,41 @@ def test_reader_never_sees_half_a_group(managed: ManagedStorage) -> None:
         thread.join(30)
     assert seen > 0
     assert not bad, bad[:5]
+
+
+def test_calls_see_the_earlier_calls_of_their_transaction(managed: ManagedStorage) -> None:
+    managed.put_for_environment("e", "a", io.BytesIO(b"A"))
+    managed.put_for_environment("e", "z", io.BytesIO(b"Z"))
+    with pytest.raises(NotFoundError), managed.transaction() as tx:
+        tx.put("e", "n", io.BytesIO(b"N"))
+        tx.move("e", "n", "n2")  # put, then moved on
+        tx.move("e", "a", "c")
+        tx.move("e", "c", "d")  # a chain of moves
+        tx.put("e", "t", io.BytesIO(b"T"))
+        tx.remove("e", "t")  # put, then removed
+        tx.remove("e", "z")
+        with pytest.raises(NotFoundError):
+            tx.move("e", "a", "b")  # a moved away earlier in this transaction
+    assert managed.list_for_environment("e") == ["a", "z"]  # ... so nothing took effect
+
+    with managed.transaction() as tx:
+        tx.put("e", "n", io.BytesIO(b"N"))
+        tx.move("e", "n", "n2")
+        tx.move("e", "a", "c")
+        tx.move("e", "c", "d")
+        tx.put("e", "t", io.BytesIO(b"T"))
+        tx.remove("e", "t")
+        tx.remove("e", "z")
+    assert managed.list_for_environment("e") == ["d", "n2"]
+    assert read(managed, "e", "d") == b"A" and read(managed, "e", "n2") == b"N"
+    assert fsck(managed, grace=0).clean
+
+
+def test_a_caught_not_found_still_means_nothing_takes_effect(managed: ManagedStorage) -> None:
+    with pytest.raises(NotFoundError), managed.transaction() as tx:
+        tx.put("e", "y", io.BytesIO(b"Y"))
+        with pytest.raises(NotFoundError):
+            tx.remove("e", "missing")
+        # the caller went on; the block's end raises the error again
+    assert managed.list_for_environment("e") == []
+    assert fsck(managed, grace=0).clean
