@@ -125,6 +125,7 @@ class StorageDriver:
         rel = self._rel(path)
         data = bytes(content or b"")
         with self._errors(path):
+            self._check_file_place(rel, path)
             self.managed.put_path(self.env_uuid, rel, io.BytesIO(data), len(data))
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO:
@@ -145,6 +146,7 @@ class StorageDriver:
         env = self.env_uuid
         sessions = self.sessions
         with self._errors(path):
+            self._check_file_place(rel, path)
             if not append:
                 session = sessions.create(env, rel, kind=DRIVER)
                 return FileWriter(self, path, sessions.open(env, session.id))
@@ -219,6 +221,10 @@ class StorageDriver:
         rel_src = self._rel(src)
         rel_dst = self._rel(dst)
         with self._errors(src):
+            if rel_src != rel_dst:
+                if self.managed.paths.find_one(self._exact(rel_src), {"_id": 1}) is None:
+                    raise NotFoundError(f"{self._name}: no such file {src}", path=src)
+                self._check_file_place(rel_dst, dst)
             self.managed.move_for_environment(self.env_uuid, rel_src, rel_dst)
 
     def delete(self, path: str) -> None:
@@ -281,6 +287,29 @@ class StorageDriver:
         except InvalidPathError as exc:
             raise InvalidPathError(f"{self._name}: {exc}") from None
 
+    def _check_file_place(self, rel: str, path: str) -> None:
+        """InvalidPathError if a file at rel would be a directory too, or lie below a file.
+
+        An environment can hold both `a` and `a/b` (written through other
+        faces); a file system cannot, and distribution's drivers refuse to
+        make one (put or move onto a directory, or below a file). One query.
+        """
+        ancestors = [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
+        below = {"path": {"$gte": rel + "/", "$lt": rel + "0"}}
+        clash = self.managed.paths.find_one(
+            {
+                "env": self.env_uuid,
+                "$or": [{"path": {"$in": ancestors}}, below] if ancestors else [below],
+                "expires_at": {"$not": {"$lte": utcnow()}},
+            },
+            {"path": 1},
+        )
+        if clash is None:
+            return
+        if clash["path"] in ancestors:
+            raise InvalidPathError(f"{self._name}: {path}: /{clash['path']} is a file")
+        raise InvalidPathError(f"{self._name}: {path} is a directory")
+
     def _exact(self, rel: str) -> dict[str, Any]:
         return {"env": self.env_uuid, "path": rel, "expires_at": {"$not": {"$lte": utcnow()}}}
 
@@ -339,6 +368,7 @@ class FileWriter:
 
     def commit(self) -> PathInfo:
         with self._driver._errors(self.path):
+            self._driver._check_file_place(self._driver._rel(self.path), self.path)
             return self._writer.commit()
 
     def __enter__(self) -> FileWriter:

@@ -196,6 +196,37 @@ def test_a_new_writer_waits_for_a_commit_under_way(db: Database[Any]) -> None:
     opened[0].cancel()
 
 
+def test_a_name_is_never_a_file_and_a_directory(driver: StorageDriver) -> None:
+    """As distribution's drivers: no put, writer or move onto a directory or below a file."""
+    driver.put_content("/dir/x", b"1")
+    driver.put_content("/t", b"T")
+    driver.put_content("/f", b"F")
+    calls = {
+        "move onto a directory": lambda: driver.move("/t", "/dir"),
+        "put onto a directory": lambda: driver.put_content("/dir", b"D"),
+        "put below a file": lambda: driver.put_content("/f/g", b"G"),
+        "move below a file": lambda: driver.move("/t", "/f/g/h"),
+        "writer below a file": lambda: driver.writer("/f/w"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidPathError) as caught:
+            call()
+        assert str(caught.value).startswith(f"{NAME}: "), name
+    writer = driver.writer("/late")
+    writer.write(b"w")
+    driver.put_content("/late/child", b"c")  # a directory appears before the commit
+    with pytest.raises(InvalidPathError):
+        writer.commit()
+    writer.cancel()
+    assert driver.stat("/dir").is_dir and driver.get_content("/t") == b"T"
+    seen: list[tuple[str, bool]] = []
+    driver.walk("/", lambda fi: seen.append((fi.path, fi.is_dir)))
+    assert seen == [
+        ("/dir", True), ("/dir/x", False), ("/f", False), ("/late", True),
+        ("/late/child", False), ("/t", False),
+    ]  # fmt: skip
+
+
 def test_move_repoints_without_copying(driver: StorageDriver, db: Database[Any]) -> None:
     big, other = rand(2 * MiB), rand(2 * MiB)
     driver.put_content("/src", big)
@@ -209,9 +240,16 @@ def test_move_repoints_without_copying(driver: StorageDriver, db: Database[Any])
         driver.stat("/src")
 
 
-def test_delete_directory_keeps_its_neighbours(driver: StorageDriver) -> None:
+def through_the_catalog(managed: ManagedStorage, path: str, data: bytes) -> None:
+    """Write as the CLI or HTTP do: they may make a name both a file and a directory."""
+    managed.put_for_environment("reg", path[1:], io.BytesIO(data), len(data))
+
+
+def test_delete_directory_keeps_its_neighbours(
+    driver: StorageDriver, managed: ManagedStorage
+) -> None:
     for path in ("/a/b", "/a/b/c", "/a/b/d/e", "/a/bc", "/a/b-c", "/a/b.c/x", "/ab"):
-        driver.put_content(path, path.encode())
+        through_the_catalog(managed, path, path.encode())
     driver.delete("/a/b")
     assert driver.list("/a") == ["/a/b-c", "/a/b.c", "/a/bc"]
     assert driver.list("/") == ["/a", "/ab"]
@@ -220,10 +258,12 @@ def test_delete_directory_keeps_its_neighbours(driver: StorageDriver) -> None:
     assert driver.list("/") == []
 
 
-def test_list_and_walk_order_with_dash_and_dot_siblings(driver: StorageDriver) -> None:
+def test_list_and_walk_order_with_dash_and_dot_siblings(
+    driver: StorageDriver, managed: ManagedStorage
+) -> None:
     paths = ["/d/a", "/d/a/x", "/d/a-b", "/d/a-b/y", "/d/a.c", "/d/a/z/w", "/d/a0", "/d/b-1/q"]
     for path in paths:
-        driver.put_content(path, b"1")
+        through_the_catalog(managed, path, b"1")
     assert driver.list("/d") == ["/d/a", "/d/a-b", "/d/a.c", "/d/a0", "/d/b-1"]
     seen: list[tuple[str, bool]] = []
     driver.walk("/d", lambda fi: seen.append((fi.path, fi.is_dir)))
