@@ -21,8 +21,9 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from catalog.errors import NotFoundError, PreconditionFailedError
+from catalog.errors import BadRequestError, NotFoundError, PreconditionFailedError
 from catalog.managed import PathInfo
+from service.ranges import tag_list
 
 _HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _MEDIA_RE = re.compile(
@@ -51,23 +52,44 @@ class Condition:
 
 
 def parse_tag(tag: str) -> int | str | None:
-    """A revision (int), a content hash (bare hex) or `*`; None for a tag that never matches."""
+    """A revision (int), a content hash (bare hex) or `*`; None for a tag that never matches.
+
+    BadRequestError for a malformed one (RFC 9110 §8.8.3: a tag is quoted, maybe
+    `W/`-prefixed; a bare revision or `blake3:<hex>` is taken too), so that a
+    typo is not silently a condition that never matches (or always does).
+    """
     tag = tag.strip()
     if tag == "*":
         return "*"
+    quoted = _quoted(tag)
     if tag.startswith("W/"):
+        if not _quoted(tag[2:]):
+            raise BadRequestError(f"malformed entity tag {tag!r}")
         return None  # weak: never equal under strong comparison
-    if len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"':
+    if quoted:
         tag = tag[1:-1]
     if tag.isascii() and tag.isdigit() and len(tag) <= 19 and int(tag) < 2**63:
         return int(tag)  # revisions are 64-bit (cluster times on a replica set)
     if tag[:7].lower() == "blake3:" and _HEX_RE.fullmatch(tag[7:]):
         return tag[7:].lower()
+    if not quoted:
+        raise BadRequestError(f"malformed entity tag {tag!r}: an entity tag is quoted")
     return None
 
 
-def _tags(header: str) -> list[str]:
-    return [t.strip() for t in header.split(",") if t.strip()]
+def _quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == '"' and text[-1] == '"' and '"' not in text[1:-1]
+
+
+def check_tags(name: str, header: str | None) -> None:
+    """BadRequestError unless an If-Match / If-None-Match value is a list of entity tags."""
+    if header is None:
+        return
+    tags = tag_list(header)
+    if not tags:
+        raise BadRequestError(f"{name} is empty: give entity tags or *")
+    for tag in tags:
+        parse_tag(tag)
 
 
 def holds(info: PathInfo, tag: int | str) -> bool:
@@ -85,10 +107,12 @@ async def write_condition(if_match: str | None, if_none_match: str | None, stat:
     the headers need narrowing. A condition that cannot hold whatever the path
     holds raises PreconditionFailedError at once.
     """
+    check_tags("If-Match", if_match)
+    check_tags("If-None-Match", if_none_match)
     match: int | str | None = None
     none_match = False
     if if_match is not None:
-        tags = [parse_tag(t) for t in _tags(if_match)]
+        tags = [parse_tag(t) for t in tag_list(if_match)]
         wanted = [t for t in tags if t is not None]
         if not wanted:
             raise PreconditionFailedError("If-Match names no entity tag that can match")
@@ -103,13 +127,13 @@ async def write_condition(if_match: str | None, if_none_match: str | None, stat:
                 raise PreconditionFailedError("If-Match does not match the current content")
             match = held[0]
     if if_none_match is not None:
-        tags_text = _tags(if_none_match)
+        tags_text = tag_list(if_none_match)
         if "*" in tags_text:
             none_match = True
         elif tags_text:
+            tags = [parse_tag(t[2:] if t.startswith("W/") else t) for t in tags_text]
             info = await stat()
             if info is not None:
-                tags = [parse_tag(t[2:] if t.startswith("W/") else t) for t in tags_text]
                 if any(t is not None and holds(info, t) for t in tags):
                     raise PreconditionFailedError("If-None-Match matches the current content")
                 if match is None:
@@ -167,6 +191,7 @@ def revision_header(info: PathInfo) -> dict[str, str]:
 
 __all__ = [
     "Condition",
+    "check_tags",
     "content_type",
     "guess_type",
     "holds",

@@ -55,6 +55,10 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "pattern": "^[0-9]+$"},
     },
     "Content-Length": {"schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "Last-Modified": {
+        "description": "When the path last changed (an HTTP-date, whole seconds)",
+        "schema": {"type": "string"},
+    },
     "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
     "Content-Range": {
         "description": "`bytes a-b/size` (206) or `bytes */size` (416)",

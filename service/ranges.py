@@ -1,12 +1,15 @@
-"""Single byte ranges and entity-tag conditions (RFC 9110, the subset we serve).
+"""Single byte ranges, entity-tag and date conditions (RFC 9110, the subset we serve).
 
 Only one range per request is served: `bytes=a-b`, `bytes=a-`, `bytes=-n`.
 A multi-range or malformed Range header is ignored (the full content is sent),
-as RFC 9110 allows; a well-formed but unsatisfiable one gives 416.
+as RFC 9110 allows; a well-formed but unsatisfiable one gives 416. A date
+condition that is not an HTTP-date is ignored, as §13.1.3 and §13.1.4 say.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import re
 
 _RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
@@ -51,12 +54,48 @@ def _number(digits: str) -> int | None:
     return _HUGE if len(digits) > 24 else int(digits)
 
 
+def http_date(seconds: int) -> str:
+    """An IMF-fixdate (`Mon, 30 Nov 2026 16:24:36 GMT`) of a POSIX time."""
+    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return email.utils.format_datetime(when, usegmt=True)
+
+
+def parse_http_date(value: str | None) -> int | None:
+    """The POSIX time of an HTTP-date, or None when absent or not a date."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
 def etag_for(hex_digest: str) -> str:
     return f'"blake3:{hex_digest}"'
 
 
-def _tags(header: str) -> list[str]:
-    return [t.strip() for t in header.split(",") if t.strip()]
+def tag_list(header: str) -> list[str]:
+    """The elements of an If-Match / If-None-Match list; a quoted tag may hold commas."""
+    out: list[str] = []
+    i, n = 0, len(header)
+    while i < n:
+        while i < n and header[i] in " \t,":
+            i += 1
+        if i >= n:
+            break
+        opening = i + 2 if header.startswith('W/"', i) else i if header[i] == '"' else -1
+        closing = header.find('"', opening + 1) if opening >= 0 else -1
+        if closing >= 0:
+            end = closing + 1
+        else:
+            comma = header.find(",", i)
+            end = n if comma < 0 else comma
+        out.append(header[i:end].strip())
+        i = end
+    return out
 
 
 def _opaque(tag: str) -> str:
@@ -67,7 +106,7 @@ def none_match(header: str | None, etag: str | None) -> bool:
     """True when If-None-Match matches (weak comparison): GET -> 304, PUT -> 412."""
     if header is None:
         return False
-    tags = _tags(header)
+    tags = tag_list(header)
     if "*" in tags:
         return etag is not None
     return etag is not None and any(_opaque(t) == etag for t in tags)
@@ -77,7 +116,7 @@ def match_fails(header: str | None, etag: str | None) -> bool:
     """True when an If-Match precondition fails (strong comparison)."""
     if header is None:
         return False
-    tags = _tags(header)
+    tags = tag_list(header)
     if "*" in tags:
         return etag is None
     return etag is None or etag not in tags

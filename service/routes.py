@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from swagger_ui_bundle import swagger_ui_path
 
+from catalog.clock import aware
 from catalog.errors import (
     HashMismatchError,
     LengthMismatchError,
@@ -33,6 +34,7 @@ from catalog.names import check_path, parse_hash
 from service.body import HOP_BYTES, OUT_HOP_BYTES, declared_length, iter_content
 from service.conditions import (
     Condition,
+    check_tags,
     content_type,
     holds,
     parse_tag,
@@ -43,9 +45,12 @@ from service.errors import RangeNotSatisfiableError, with_headers
 from service.ranges import (
     Unsatisfiable,
     etag_for,
+    http_date,
     if_range_holds,
     none_match,
+    parse_http_date,
     parse_range,
+    tag_list,
 )
 from service.routes_blob import BLOB_ROUTES
 from service.routes_remote import LIST_QUERY, REMOTE_ROUTES, ListPageOut
@@ -56,9 +61,11 @@ from service.routing import Answer, Ctx, Endpoint
 from service.schemas import (
     DOCS_ASSETS,
     IF_MATCH,
+    IF_MODIFIED_SINCE,
     IF_NONE_MATCH_READ,
     IF_NONE_MATCH_WRITE,
     IF_RANGE,
+    IF_UNMODIFIED_SINCE,
     RANGE,
     X_CONTENT_HASH,
     AnswerBody,
@@ -244,15 +251,26 @@ def _selection(request: Request, info: PathInfo) -> tuple[int, int, int, dict[st
     If-Range falls back to 200.
     """
     etag, size = etag_for(info.hash), info.length
-    headers = {"etag": etag, "accept-ranges": "bytes"}
+    modified = int(aware(info.updated_at).timestamp())  # HTTP dates have whole seconds
+    headers = {"etag": etag, "accept-ranges": "bytes", "last-modified": http_date(modified)}
     conditions = request.headers
-    if_match = conditions.get("if-match")
+    if_match, if_none_match = conditions.get("if-match"), conditions.get("if-none-match")
+    check_tags("If-Match", if_match)
+    check_tags("If-None-Match", if_none_match)
     if if_match is not None and not any(
-        tag is not None and holds(info, tag) for tag in map(parse_tag, if_match.split(","))
+        tag is not None and holds(info, tag) for tag in map(parse_tag, tag_list(if_match))
     ):
         raise PreconditionFailedError("If-Match does not match the current content")
-    if none_match(conditions.get("if-none-match"), etag):
+    if if_match is None:  # RFC 9110 §13.2.2: the date only when there is no If-Match
+        since = parse_http_date(conditions.get("if-unmodified-since"))
+        if since is not None and modified > since:
+            raise PreconditionFailedError("the content was modified since If-Unmodified-Since")
+    if none_match(if_none_match, etag):
         return 304, 0, 0, headers
+    if if_none_match is None:
+        since = parse_http_date(conditions.get("if-modified-since"))
+        if since is not None and modified <= since:
+            return 304, 0, 0, headers
     start, count, status = 0, size, 200
     range_header = conditions.get("range")
     if range_header is not None and if_range_holds(conditions.get("if-range"), etag):
@@ -326,7 +344,9 @@ DOCS_HTML = _docs_page()
 
 # -- the table ---------------------------------------------------------------------------------
 _OBJECT = "/v1/environments/{env}/resources/{path}"
-_READ_HEADERS = (RANGE, IF_RANGE, IF_MATCH, IF_NONE_MATCH_READ)
+_READ_HEADERS = (
+    RANGE, IF_RANGE, IF_MATCH, IF_NONE_MATCH_READ, IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE
+)  # fmt: skip
 
 ROUTES: tuple[Endpoint[Any], ...] = (
     Endpoint(
@@ -399,17 +419,29 @@ ROUTES: tuple[Endpoint[Any], ...] = (
                 200,
                 "The content, as the media type stored with it (else application/octet-stream)",
                 media=("*/*",),
-                headers=("ETag", "X-Revision", "Content-Length", "Accept-Ranges"),
+                headers=("ETag", "X-Revision", "Content-Length", "Last-Modified", "Accept-Ranges"),
             ),
             Answer(
                 206,
                 "One byte range of the content",
                 media=("*/*",),
-                headers=("ETag", "X-Revision", "Content-Length", "Content-Range", "Accept-Ranges"),
+                headers=(
+                    "ETag",
+                    "X-Revision",
+                    "Content-Length",
+                    "Last-Modified",
+                    "Content-Range",
+                    "Accept-Ranges",
+                ),
             ),
-            Answer(304, "If-None-Match matched the current ETag", headers=("ETag", "X-Revision")),
+            Answer(
+                304,
+                "If-None-Match matched the current ETag (or it did not change since "
+                "If-Modified-Since)",
+                headers=("ETag", "X-Revision", "Last-Modified"),
+            ),
         ),
-        errors=("not_found", "precondition_failed", "range_not_satisfiable"),
+        errors=("bad_request", "not_found", "precondition_failed", "range_not_satisfiable"),
         headers=_READ_HEADERS,
     ),
     Endpoint(
@@ -448,7 +480,7 @@ ROUTES: tuple[Endpoint[Any], ...] = (
         "Remove a path (its content goes with its last reference)",
         (Answer(204, "Removed"),),
         description="`If-Match` (ETag or revision) is checked atomically with the delete.",
-        errors=("not_found", "precondition_failed"),
+        errors=("bad_request", "not_found", "precondition_failed"),
         headers=(IF_MATCH, IF_NONE_MATCH_WRITE),
     ),
     Endpoint(

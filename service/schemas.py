@@ -180,17 +180,39 @@ IF_RANGE = Param(
     "Serve the Range only if this is still the ETag (else the whole content).",
     {"type": "string"},
 )
+_TAG = r'(?:(?:W/)?"[^"]*"|[0-9]{1,19}|blake3:[0-9a-fA-F]{64})'
+# RFC 9110 §8.8.3 (quoted, maybe weak), or a bare revision or blake3:<hex>; malformed: 400.
+TAG_LIST_SCHEMA = {
+    "type": "string",
+    "pattern": rf"^\s*(?:\*|{_TAG}(?:\s*,\s*{_TAG})*)\s*$",
+}
 IF_MATCH = Param(
     "If-Match",
     "header",
     'Only if the current ETag (`"blake3:<hex>"`) or revision (`"<n>"`, as in X-Revision) '
     "is one of these, or `*` for any (412 otherwise).",
-    {"type": "string"},
+    TAG_LIST_SCHEMA,
+    error="bad_request",
 )
 IF_NONE_MATCH_READ = Param(
     "If-None-Match",
     "header",
     "304 Not Modified when the current ETag is one of these (or `*`).",
+    TAG_LIST_SCHEMA,
+    error="bad_request",
+)
+IF_MODIFIED_SINCE = Param(
+    "If-Modified-Since",
+    "header",
+    "An HTTP-date: 304 Not Modified unless the path changed after it (not looked at "
+    "with If-None-Match; a value that is not a date is ignored).",
+    {"type": "string"},
+)
+IF_UNMODIFIED_SINCE = Param(
+    "If-Unmodified-Since",
+    "header",
+    "An HTTP-date: 412 if the path changed after it (not looked at with If-Match; a value "
+    "that is not a date is ignored).",
     {"type": "string"},
 )
 IF_NONE_MATCH_WRITE = Param(
@@ -198,7 +220,8 @@ IF_NONE_MATCH_WRITE = Param(
     "header",
     "`*`: only if the path does not exist and its first upload is not in progress; ETags: "
     "only if none is current (412 otherwise).",
-    {"type": "string"},
+    TAG_LIST_SCHEMA,
+    error="bad_request",
 )
 
 

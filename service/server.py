@@ -52,6 +52,21 @@ TOO_MANY = (
 )
 
 
+BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"content-type: application/json\r\n"
+    b"x-rescat-error: bad_request\r\n"
+    b"connection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+
+
+def _bad_request_response(message: str) -> bytes:
+    """What the HTTP parser's refusals answer: the contract's JSON error, not plain text."""
+    body = json.dumps({"error": {"code": "bad_request", "message": message}}).encode()
+    return BAD_REQUEST % (len(body), body)
+
+
 def _too_many_response(limit: int) -> bytes:
     body = json.dumps(
         {
@@ -181,6 +196,18 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 return
             super().data_received(data)
             self._check_headers_done()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the parser refused (framing, a malformed header, a huge line).
+
+            If the app already answered it (it was handed the request before its
+            body failed to parse), the connection just closes.
+            """
+            cycle = self.cycle
+            if cycle is None or not cycle.response_started or cycle.response_complete:
+                detail = "the request is not valid HTTP/1.1 (its framing, a header or its length)"
+                self.transport.write(_bad_request_response(f"{msg.rstrip('.')}: {detail}"))
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             """The request's headers are complete: what comes later is no header of it.

@@ -628,3 +628,49 @@ def test_proof_budget_answers_429_with_retry_after(http: httpx.Client) -> None:
     r = http.post("/v1/environments/thief/put-requests", json=body)
     assert r.status_code == 429 and error_code(r) == "too_many_requests"
     assert int(r.headers["retry-after"]) > 0
+
+
+def test_malformed_entity_tags_are_400(http: httpx.Client, managed: ManagedStorage) -> None:
+    """RFC 9110 §8.8.3: an entity tag is quoted; a typo must not become a condition
+    that never matches (an unconditional write) or always fails."""
+    assert put(http, "e", "t", b"v").status_code == 201
+    for method, header in [
+        ("PUT", "If-None-Match"),
+        ("PUT", "If-Match"),
+        ("GET", "If-None-Match"),
+        ("GET", "If-Match"),
+        ("DELETE", "If-Match"),
+    ]:
+        for value in ("garbage", "W/garbage", '"a', 'x"y"'):
+            r = http.request(method, url("e", "t"), content=b"w", headers={header: value})
+            assert r.status_code == 400 and error_code(r) == "bad_request", (method, header, value)
+    reader, _ = managed.get_for_environment("e", "t")
+    with reader:
+        assert reader.read() == b"v"  # nothing was written or deleted
+    # well-formed tags that name nothing are fine: they just do not match
+    assert put(http, "e", "t", b"w", **{"If-None-Match": '"other"'}).status_code == 201
+    assert http.get(url("e", "t"), headers={"If-None-Match": 'W/"other"'}).status_code == 200
+
+
+def test_last_modified_and_date_conditions(http: httpx.Client) -> None:
+    assert put(http, "e", "d", b"dated").status_code == 201
+    r = http.get(url("e", "d"))
+    stamp = r.headers["last-modified"]
+    assert stamp.endswith(" GMT")
+    when = datetime.datetime.strptime(stamp, "%a, %d %b %Y %H:%M:%S GMT")
+    later = (when + datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    earlier = (when - datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert http.get(url("e", "d"), headers={"If-Modified-Since": stamp}).status_code == 304
+    assert http.head(url("e", "d"), headers={"If-Modified-Since": later}).status_code == 304
+    assert http.get(url("e", "d"), headers={"If-Modified-Since": earlier}).content == b"dated"
+    assert http.get(url("e", "d"), headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    # If-None-Match wins over If-Modified-Since (§13.2.2)
+    r = http.get(url("e", "d"), headers={"If-Modified-Since": later, "If-None-Match": '"x"'})
+    assert r.status_code == 200
+    r = http.get(url("e", "d"), headers={"If-Unmodified-Since": earlier, "Range": "bytes=0-1"})
+    assert r.status_code == 412
+    r = http.get(url("e", "d"), headers={"If-Unmodified-Since": stamp, "Range": "bytes=0-1"})
+    assert r.status_code == 206 and r.content == b"da"
+    etag = r.headers["etag"]
+    r = http.get(url("e", "d"), headers={"If-Unmodified-Since": earlier, "If-Match": etag})
+    assert r.status_code == 200  # If-Match decides; the date is not looked at

@@ -343,3 +343,21 @@ def test_trailer_fields_are_not_request_headers(server: Server, managed: Managed
         reader, _ = managed.get_for_environment("env", f"t{n}")
         with contextlib.closing(reader):
             assert reader.read() == b"abc"
+
+
+def test_requests_the_parser_refuses_answer_json(server: Server) -> None:
+    port = server.port
+    for head in (
+        b"PUT /v1/environments/e/resources/p HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"PUT /v1/environments/e/resources/p HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status, _, rest = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 400"), answer[:200]
+        body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "bad_request"
