@@ -121,6 +121,9 @@ async def get_resource(ctx: Ctx[None]) -> Response:
             return Response(status_code=304, headers=headers)
         # Set as a header, not media_type: Starlette would add a charset to text/* types.
         headers["content-type"] = info.content_type or OCTETS
+        # Stored content is whatever a token holder sent: a browser must not sniff it
+        # into something else (text/plain into HTML, say), also behind a signed URL.
+        headers["x-content-type-options"] = "nosniff"
         if ctx.method == "HEAD" or count == 0:
             reader.close()
             return Response(status_code=status, headers=headers)

@@ -172,6 +172,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             "etag": etag_for(info.hash),
             "content-length": str(info.length),
             "content-type": info.content_type or "application/octet-stream",
+            "x-content-type-options": "nosniff",  # see get_resource
             **revision_header(info),
         }
         if ctx.method == "HEAD" or info.length == 0:

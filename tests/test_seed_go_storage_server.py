@@ -46,6 +46,7 @@ def test_simple_1(store: str, mongo_uri: str, database: str) -> None:
         assert c.put(f"{store}/foo", content=b"22222222222222222", headers=FORM).status_code == 200
         got = c.get(f"{store}/foo")
         assert (got.status_code, got.content) == (200, b"22222222222222222")
+        assert got.headers["x-content-type-options"] == "nosniff"
         assert c.delete(f"{store}/foo").status_code == 204
         # Not in the script, but what its steps imply.
         assert c.get(f"{store}/foo").status_code == 404

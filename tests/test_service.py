@@ -655,6 +655,7 @@ def test_malformed_entity_tags_are_400(http: httpx.Client, managed: ManagedStora
 def test_last_modified_and_date_conditions(http: httpx.Client) -> None:
     assert put(http, "e", "d", b"dated").status_code == 201
     r = http.get(url("e", "d"))
+    assert r.headers["x-content-type-options"] == "nosniff"
     stamp = r.headers["last-modified"]
     assert stamp.endswith(" GMT")
     when = datetime.datetime.strptime(stamp, "%a, %d %b %Y %H:%M:%S GMT")

@@ -126,6 +126,7 @@ def test_content_type_stored_or_guessed(url: str) -> None:
         }
         for name, media in expected.items():
             assert c.get(f"{V1}/{name}").headers["content-type"] == media, name
+            assert c.get(f"{V1}/{name}").headers["x-content-type-options"] == "nosniff"
             assert c.head(f"{V1}/{name}").headers["content-type"] == media, name
         # A replace stores the new bytes' type (none given: no longer text/markdown).
         c.put(f"{V1}/notes", content=b"n2")
