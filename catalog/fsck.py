@@ -5,16 +5,21 @@ only formats it. Unreferenced bytes younger than the grace period and entries
 under a live upload lease are in flight, not problems, and whatever looks
 wrong is read again (in one snapshot where it matters) before it is reported,
 so fsck can run while uploads and gc do.
+
+A document it cannot read (a field missing or of the wrong type) is a problem
+of its own (`malformed_entry`, `malformed_path`), never a crash.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import blake3
+from bson import ObjectId
 from pymongo.client_session import ClientSession
 
 from catalog.clock import utcnow
@@ -54,13 +59,29 @@ class Problem:
     hash: str | None = None
     file_id: str | None = None
     bytes: int | None = None
+    # malformed_*: where the document is and which of its fields are missing or wrong
+    collection: str | None = None
+    document_id: str | None = None
+    fields: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "subject": self.subject, "detail": self.detail}
-        for key in ("env", "path", "resource_id", "hash", "file_id", "bytes"):
+        for key in (
+            "env",
+            "path",
+            "resource_id",
+            "hash",
+            "file_id",
+            "bytes",
+            "collection",
+            "document_id",
+        ):
             value = getattr(self, key)
             if value is not None:
                 data[key] = value
+        if self.fields:
+            data["field"] = self.fields[0]
+            data["fields"] = list(self.fields)
         return data
 
     def __str__(self) -> str:
@@ -81,6 +102,8 @@ PROBLEM_KINDS = (
     "corrupt_content",  # the stored bytes do not hash to the resource's hash
     "orphan_file",  # a stored file no catalog entry points at
     "orphan_chunks",  # chunks without a files document
+    "malformed_entry",  # a catalog entry with a field missing or of the wrong type
+    "malformed_path",  # a path document with a field missing or of the wrong type
 )
 
 
@@ -172,6 +195,11 @@ def fsck(
             for doc in batch:
                 n_resources += 1
                 scan.update(1)
+                if entry_defects(doc):
+                    malformed = _malformed_entry(managed, doc)
+                    if malformed is not None:
+                        problems.append(malformed)
+                    continue
                 found, flying, verified = _check_entry(
                     managed, store, doc, counts.get(doc["_id"], 0), verify_content, verify_bar
                 )
@@ -187,14 +215,24 @@ def fsck(
     scan = bar_for(managed.paths.estimated_document_count(), "check paths", "paths")
     try:
         for batch in batches(managed.paths.find({}), BATCH):
-            rids = list({doc["resource_id"] for doc in batch})
+            good = []
+            for doc in batch:
+                if not path_defects(doc):
+                    good.append(doc)
+                    continue
+                n_paths += 1
+                scan.update(1)
+                malformed = _malformed_path(managed, doc)
+                if malformed is not None:
+                    problems.append(malformed)
+            rids = list({doc["resource_id"] for doc in good})
             known = {
                 d["_id"]: d
                 for d in entries.find(
                     {"_id": {"$in": rids}}, {"state": 1, "hash": 1, "length": 1, "path": 1}
                 )
             }
-            for doc in batch:
+            for doc in good:
                 n_paths += 1
                 scan.update(1)
                 problem = _check_path(doc, known.get(doc["resource_id"]))
@@ -210,7 +248,7 @@ def fsck(
     scan = bar_for(n_files, "check files", "files")
     try:
         for info in unreferenced_files(managed, store, scan):
-            if info.upload_date > cutoff or live_pending(managed, info.blake3):
+            if info.upload_date > cutoff or _live_pending(managed, info.blake3):
                 in_flight += 1
                 continue
             if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
@@ -394,6 +432,8 @@ def _check_path(doc: dict[str, Any], entry: dict[str, Any] | None) -> Problem | 
 
     if entry is None:
         return problem("dangling_path", f"its resource {rid} (blake3:{doc['hash']}) does not exist")
+    if entry_defects(entry):
+        return None  # reported as malformed_entry
     if entry.get("state", READY) != READY:
         return problem("path_to_pending", f"its resource {rid} is {entry.get('state')}")
     if entry["hash"] != doc["hash"] or int(entry["length"]) != int(doc["length"]):
@@ -432,6 +472,8 @@ def _snapshot_refcount(managed: ManagedStorage, oid: Any) -> tuple[int, int] | N
         if doc is None:
             return None
         n = managed.paths.count_documents({"resource_id": oid}, session=session)
+        if entry_defects(doc):
+            return None  # reported as malformed_entry
         refcount = int(doc.get("refcount", 0))
         res = to_resource(doc)
         if res.pending or (n < refcount and not res.lease_expired()):
@@ -449,3 +491,152 @@ def _entry_still(managed: ManagedStorage, doc: dict[str, Any]) -> bool:
         )
         is not None
     )
+
+
+# -- malformed documents ---------------------------------------------------------------
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_DIGEST = "a BLAKE3 digest (64 lowercase hex digits)"
+_COUNT = "a non-negative integer"
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _is_count(value: Any) -> bool:
+    return _is_integer(value) and value >= 0
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
+
+
+def _is_history(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(h, dict) and "state" in h and isinstance(h.get("at"), datetime.datetime)
+        for h in value
+    )
+
+
+def _is(kind: type | tuple[type, ...]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kind)
+
+
+# (field, required, None allowed, check, what it should be)
+_Field = tuple[str, bool, bool, Callable[[Any], bool], str]
+_ENTRY_FIELDS: tuple[_Field, ...] = (
+    ("hash", True, False, _is_digest, _DIGEST),
+    ("length", True, False, _is_count, _COUNT),
+    ("refcount", False, False, _is_integer, "an integer"),
+    ("path", False, False, _is(str), "a string"),
+    ("state", False, False, _is(str), "a string"),
+    ("created_at", False, True, _is(datetime.datetime), "a date"),
+    ("updated_at", False, True, _is(datetime.datetime), "a date"),
+    ("lease_until", False, True, _is(datetime.datetime), "a date"),
+    ("history", False, False, _is_history, "a list of {state, at: date} documents"),
+    ("data", False, True, _is(bytes), "binary data"),
+)
+_PATH_FIELDS: tuple[_Field, ...] = (
+    ("env", True, False, _is(str), "a string"),
+    ("path", True, False, _is(str), "a string"),
+    # a string id points at no entry: a dangling path (gc repoints it by hash), not malformed
+    ("resource_id", True, False, _is((ObjectId, str)), "an ObjectId"),
+    ("hash", True, False, _is_digest, _DIGEST),
+    ("length", True, False, _is_count, _COUNT),
+)
+
+
+def _shorten(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _defects(doc: dict[str, Any], spec: tuple[_Field, ...]) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for name, required, nullable, check, expected in spec:
+        if name not in doc:
+            if required:
+                found.append((name, f"field {name!r} is missing"))
+            continue
+        value = doc[name]
+        if value is None:
+            if not nullable:
+                found.append((name, f"field {name!r} is null, expected {expected}"))
+            continue
+        if not check(value):
+            kind = type(value).__name__
+            found.append((name, f"field {name!r} is {kind} {_shorten(value)}, expected {expected}"))
+    return found
+
+
+def entry_defects(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, what is wrong) for each field of a catalog entry fsck cannot use."""
+    found = _defects(doc, _ENTRY_FIELDS)
+    if not found:
+        try:
+            to_resource(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pragma: no cover
+            found.append(("?", f"cannot be read: {type(exc).__name__}: {exc}"))
+    return found
+
+
+def path_defects(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, what is wrong) for each field of a path document fsck cannot use."""
+    return _defects(doc, _PATH_FIELDS)
+
+
+def _malformed(
+    kind: str, collection: str, doc: dict[str, Any], defects: list[tuple[str, str]], **extra: Any
+) -> Problem:
+    return Problem(
+        kind,
+        f"{collection} document {doc['_id']}",
+        "; ".join(what for _, what in defects),
+        collection=collection,
+        document_id=str(doc["_id"]),
+        fields=tuple(name for name, _ in defects),
+        **extra,
+    )
+
+
+def _malformed_entry(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | None:
+    """The entry re-read: still malformed? Then a problem."""
+    entries = managed.catalog.collection
+    now = entries.find_one({"_id": doc["_id"]})
+    defects = entry_defects(now) if now is not None else []
+    if now is None or not defects:
+        return None  # removed or rewritten meanwhile
+    digest = now.get("hash")
+    return _malformed(
+        "malformed_entry",
+        entries.name,
+        now,
+        defects,
+        resource_id=str(now["_id"]),
+        hash=digest if isinstance(digest, str) else None,
+    )
+
+
+def _malformed_path(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | None:
+    now = managed.paths.find_one({"_id": doc["_id"]}, {"events": 0})
+    defects = path_defects(now) if now is not None else []
+    if now is None or not defects:
+        return None  # removed or rewritten meanwhile
+    bad = {name for name, _ in defects}
+    extra: dict[str, Any] = {}
+    for key in ("env", "path", "hash"):
+        if key not in bad and key in now:
+            extra[key] = now[key]
+    if "resource_id" not in bad:
+        extra["resource_id"] = str(now["resource_id"])
+    return _malformed("malformed_path", managed.paths.name, now, defects, **extra)
+
+
+def _live_pending(managed: ManagedStorage, digest: str | None) -> bool:
+    """live_pending, where a malformed entry (reported on its own) is no live upload."""
+    try:
+        return live_pending(managed, digest)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
