@@ -7,11 +7,13 @@ wrong is read again (in one snapshot where it matters) before it is reported,
 so fsck can run while uploads and gc do.
 
 A document it cannot read (a field missing or of the wrong type) is a problem
-of its own (`malformed_entry`, `malformed_path`), never a crash.
+of its own (`malformed_entry`, `malformed_path`), never a crash; and every
+problem about lost content names the paths that point at that content.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from collections.abc import Callable
@@ -43,6 +45,8 @@ from catalog.scan import (
 from catalog.sessions import live_session_file_ids
 
 DEFAULT_FSCK_GRACE = 60.0
+# A lost-content problem lists at most this many of the paths using the content.
+PATHS_SHOWN = 100
 
 
 # -- fsck -----------------------------------------------------------------------
@@ -63,6 +67,10 @@ class Problem:
     collection: str | None = None
     document_id: str | None = None
     fields: tuple[str, ...] = ()
+    # lost content (and malformed entries): the (env, path)s pointing at it, the
+    # first PATHS_SHOWN in order, and how many more there are; None: not applicable
+    paths: tuple[tuple[str, str], ...] | None = None
+    more_paths: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "subject": self.subject, "detail": self.detail}
@@ -82,10 +90,29 @@ class Problem:
         if self.fields:
             data["field"] = self.fields[0]
             data["fields"] = list(self.fields)
+        if self.paths is not None:
+            data["paths"] = [{"env": env, "path": path} for env, path in self.paths]
+            data["more_paths"] = self.more_paths
         return data
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.subject}: {self.detail}"
+        text = f"{self.kind}: {self.subject}: {self.detail}"
+        if self.paths is None:
+            return text
+        total = len(self.paths) + self.more_paths
+        if not total:
+            return f"{text}; used by no path"
+        shown = ", ".join(_show_path(env, path) for env, path in self.paths)
+        more = f", and {self.more_paths} more" if self.more_paths else ""
+        return f"{text}; used by {total} path{'s' if total != 1 else ''}: {shown}{more}"
+
+
+def _show_path(env: str, path: str) -> str:
+    """`env:path`, quoted when it would not read as one item of a comma-separated list."""
+    text = f"{env}:{path}"
+    if ", " in text or text != text.strip() or text[:1] in "'\"":
+        return repr(text)
+    return text
 
 
 PROBLEM_KINDS = (
@@ -104,6 +131,19 @@ PROBLEM_KINDS = (
     "orphan_chunks",  # chunks without a files document
     "malformed_entry",  # a catalog entry with a field missing or of the wrong type
     "malformed_path",  # a path document with a field missing or of the wrong type
+)
+
+# Problems meaning the content's bytes are lost or damaged: they list the paths using it.
+LOST_CONTENT = frozenset(
+    {
+        "missing_file",
+        "length_mismatch",
+        "hash_mismatch",
+        "missing_chunk",
+        "bad_chunk",
+        "corrupt_content",
+        "malformed_entry",
+    }
 )
 
 
@@ -203,7 +243,7 @@ def fsck(
                 found, flying, verified = _check_entry(
                     managed, store, doc, counts.get(doc["_id"], 0), verify_content, verify_bar
                 )
-                problems.extend(found)
+                problems.extend(_with_paths(managed, doc["_id"], found))
                 in_flight += flying
                 bytes_verified += verified
     finally:
@@ -433,7 +473,7 @@ def _check_path(doc: dict[str, Any], entry: dict[str, Any] | None) -> Problem | 
     if entry is None:
         return problem("dangling_path", f"its resource {rid} (blake3:{doc['hash']}) does not exist")
     if entry_defects(entry):
-        return None  # reported as malformed_entry
+        return None  # reported as malformed_entry, with this path
     if entry.get("state", READY) != READY:
         return problem("path_to_pending", f"its resource {rid} is {entry.get('state')}")
     if entry["hash"] != doc["hash"] or int(entry["length"]) != int(doc["length"]):
@@ -493,7 +533,7 @@ def _entry_still(managed: ManagedStorage, doc: dict[str, Any]) -> bool:
     )
 
 
-# -- malformed documents ---------------------------------------------------------------
+# -- malformed documents and the paths of lost content ---------------------------------
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _DIGEST = "a BLAKE3 digest (64 lowercase hex digits)"
 _COUNT = "a non-negative integer"
@@ -602,14 +642,14 @@ def _malformed(
 
 
 def _malformed_entry(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | None:
-    """The entry re-read: still malformed? Then a problem."""
+    """The entry re-read: still malformed? Then a problem listing the paths using it."""
     entries = managed.catalog.collection
     now = entries.find_one({"_id": doc["_id"]})
     defects = entry_defects(now) if now is not None else []
     if now is None or not defects:
         return None  # removed or rewritten meanwhile
     digest = now.get("hash")
-    return _malformed(
+    problem = _malformed(
         "malformed_entry",
         entries.name,
         now,
@@ -617,6 +657,7 @@ def _malformed_entry(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | 
         resource_id=str(now["_id"]),
         hash=digest if isinstance(digest, str) else None,
     )
+    return _with_paths(managed, now["_id"], [problem])[0]
 
 
 def _malformed_path(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | None:
@@ -632,6 +673,31 @@ def _malformed_path(managed: ManagedStorage, doc: dict[str, Any]) -> Problem | N
     if "resource_id" not in bad:
         extra["resource_id"] = str(now["resource_id"])
     return _malformed("malformed_path", managed.paths.name, now, defects, **extra)
+
+
+def paths_using(managed: ManagedStorage, oid: Any) -> tuple[tuple[tuple[str, str], ...], int]:
+    """The first PATHS_SHOWN (env, path)s pointing at entry `oid`, sorted, and how many more."""
+    cursor = (
+        managed.paths.find({"resource_id": oid}, {"env": 1, "path": 1})
+        .sort([("env", 1), ("path", 1)])
+        .limit(PATHS_SHOWN)
+    )
+    shown = tuple((str(d.get("env")), str(d.get("path"))) for d in cursor)
+    more = 0
+    if len(shown) == PATHS_SHOWN:
+        more = max(managed.paths.count_documents({"resource_id": oid}) - PATHS_SHOWN, 0)
+    return shown, more
+
+
+def _with_paths(managed: ManagedStorage, oid: Any, found: list[Problem]) -> list[Problem]:
+    """Lost-content problems of entry `oid`, with the paths that lose their content."""
+    if not any(p.kind in LOST_CONTENT for p in found):
+        return found
+    shown, more = paths_using(managed, oid)
+    return [
+        dataclasses.replace(p, paths=shown, more_paths=more) if p.kind in LOST_CONTENT else p
+        for p in found
+    ]
 
 
 def _live_pending(managed: ManagedStorage, digest: str | None) -> bool:
