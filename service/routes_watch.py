@@ -30,13 +30,14 @@ import contextlib
 import json
 import math
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from catalog.errors import BadRequestError
+from catalog.errors import BadRequestError, ForbiddenError, UnauthorizedError
 from catalog.names import check_path, check_prefix
 from catalog.pathevents import PathEvents
 from service.routing import Answer, Ctx, Endpoint, Param, query_params
@@ -45,6 +46,7 @@ from service.schemas import PATH_SCHEMA, PREFIX_SCHEMA
 __all__ = ["WATCH_ROUTES", "end_watches", "open_watches"]
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle stream
+RECHECK = 1.0  # seconds a stream's token is trusted before it is looked up again
 BUFFER = 64  # events between the change-stream loop and the response
 MAX_TIMEOUT = 86400.0
 
@@ -83,8 +85,16 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: PathEvents, *, timeout: float | None, max_events: int | None
+        self,
+        events: PathEvents,
+        *,
+        timeout: float | None,
+        max_events: int | None,
+        authorized: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
+        """authorized: raises UnauthorizedError once the request's token is revoked; asked
+        again before an event or keep-alive goes out more than RECHECK seconds after the
+        last time, so a revoked token's stream ends (with an `error` event) within that."""
         super().__init__(
             status_code=200,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -95,6 +105,8 @@ class EventStream(Response):
         self.events = events
         self.timeout = timeout
         self.max_events = max_events
+        self.authorized = authorized
+        self._checked = anyio.current_time() if authorized is not None else 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handoff = _Handoff(asyncio.get_running_loop())
@@ -121,6 +133,8 @@ class EventStream(Response):
                     try:
                         group.start_soon(_until_disconnect, receive, group.cancel_scope)
                         group.start_soon(_heartbeat, handoff)
+                        if self.authorized is not None:
+                            group.start_soon(self._token_watch, send, group.cancel_scope)
                         with anyio.move_on_after(
                             math.inf if self.timeout is None else self.timeout
                         ):
@@ -145,6 +159,8 @@ class EventStream(Response):
             item = await handoff.get()
             if item is _END:
                 return
+            if not await self._still_authorized(send):
+                return
             if item is _IDLE:
                 await send(_body(b": keep-alive\n\n"))
                 continue
@@ -153,6 +169,27 @@ class EventStream(Response):
             await send(_body(frame(item)))
             handoff.sent_at = anyio.current_time()
             sent += 1
+
+    async def _token_watch(self, send: Send, scope: anyio.CancelScope) -> None:
+        """An idle stream's token is looked up every RECHECK seconds too."""
+        while True:
+            await anyio.sleep(RECHECK)
+            if not await self._still_authorized(send):
+                scope.cancel()
+                return
+
+    async def _still_authorized(self, send: Send) -> bool:
+        if self.authorized is None or anyio.current_time() - self._checked < RECHECK:
+            return True
+        try:
+            await self.authorized()
+        except (UnauthorizedError, ForbiddenError) as exc:
+            error = {"error": {"code": exc.code, "message": str(exc)}}
+            data = json.dumps(error, separators=(",", ":"))
+            await send(_body(f"event: error\ndata: {data}\n\n".encode()))
+            return False
+        self._checked = anyio.current_time()
+        return True
 
 
 class _Handoff:
@@ -291,7 +328,9 @@ async def watch(ctx: Ctx[None]) -> Response:
     if ctx.method == "HEAD":
         events.close()
         return Response(status_code=200, media_type=EventStream.media_type)
-    return EventStream(events, timeout=timeout, max_events=max_events)
+    app, request = ctx.app, ctx.request
+    authorized = (lambda: app._authenticate(request)) if app.auth else None
+    return EventStream(events, timeout=timeout, max_events=max_events, authorized=authorized)
 
 
 KEY = Param(

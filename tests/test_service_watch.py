@@ -478,3 +478,24 @@ def test_client_watch_resume_keeps_a_change_that_committed_after_a_newer_revisio
         watcher.join(10)
     assert got.empty()  # r/b came once, r/start never
     client.close()
+
+
+def test_a_revoked_token_s_watch_ends(managed: ManagedStorage) -> None:
+    """Revocation takes effect at once (contract): an open stream too, within RECHECK."""
+    secret, info = TokenStore(managed.db).create(env=ENV)
+    with (
+        ServerThread(create_app(managed, auth=True)) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as http,
+    ):
+        http.headers["authorization"] = f"Bearer {secret}"
+        lines = open_stream(http, f"/v1/environments/{ENV}/watch", prefix="v/")
+        before = put(managed, "v/before", b"1")
+        assert next(lines) == f"id: {before}"
+        TokenStore(managed.db).revoke(info.id)
+        assert http.get(f"/v1/environments/{ENV}/resources/v/before").status_code == 401
+        time.sleep(routes_watch.RECHECK + 0.5)
+        put(managed, "v/after", b"secret")
+        rest = list(lines)  # the stream ends
+        text = "\n".join(rest)
+        assert "v/after" not in text
+        assert "event: error" in text and '"code":"unauthorized"' in text
