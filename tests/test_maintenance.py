@@ -467,3 +467,177 @@ def test_in_memory_store() -> None:
     assert (result.orphan_files, result.bytes) == (1, 10)
     assert fsck(managed, grace=0).kinds() == {"missing_chunk"}
     assert stats(managed).paths == 2
+
+
+# -- gc never deletes bytes that could repair an entry ---------------------------------------
+def test_orphan_chunks_are_kept_while_an_entry_has_lost_its_file(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """A files document deleted by hand: its chunks, old and unnamed, are the entry's bytes."""
+    data = os.urandom(2 * MiB + 7)
+    digest = put(managed, "e", "a", data)
+    put(managed, "e", "small", b"small")
+    expire_lease(db, digest)
+    storage_path = entry_doc(db, digest)["path"]
+    files, chunks = db["resources.files"], db["resources.chunks"]
+    file_doc = files.find_one({"filename": storage_path})
+    assert file_doc is not None
+    # The files document is gone, and the chunks look like an upload that died long ago.
+    files.delete_one({"_id": file_doc["_id"]})
+    old_id = oid_at(utcnow() - PAST)
+    for chunk in list(chunks.find({"files_id": file_doc["_id"]})):
+        chunks.delete_one({"_id": chunk["_id"]})
+        chunks.insert_one({**chunk, "_id": oid_at(utcnow() - PAST), "files_id": old_id})
+    n_chunks = chunks.count_documents({"files_id": old_id})
+    assert n_chunks == 3
+    assert fsck(managed, grace=60).kinds() == {"missing_file", "orphan_chunks"}
+
+    before = snapshot(db)
+    dry = gc(managed, grace=60, dry_run=True)
+    assert (dry.orphan_chunks, dry.bytes) == (0, 0)
+    assert (dry.kept_chunks, dry.missing_files) == (n_chunks, 1)
+    assert snapshot(db) == before
+
+    result = gc(managed, grace=60)
+    assert (result.orphan_chunks, result.bytes) == (0, 0)
+    assert chunks.count_documents({"files_id": old_id}) == n_chunks
+    assert (result.kept_chunk_files, result.kept_chunks, result.missing_files) == (1, 3, 1)
+    assert any(
+        a.startswith("kept 3 orphan chunks: entries have missing files; run fsck")
+        for a in result.actions
+    ), result.actions
+    assert result.to_dict()["kept_chunks"] == 3
+    assert chunks.count_documents({"files_id": old_id}) == n_chunks
+
+    # They were exactly its bytes: a files document for them brings the content back.
+    files.insert_one({**file_doc, "_id": old_id})
+    assert read(managed, "e", "a") == data
+    assert fsck(managed, grace=0, verify_content=True).clean
+
+    # Once no entry misses its file, unnamed chunks are reclaimed again.
+    stray = oid_at(utcnow() - PAST)
+    chunks.insert_one({"_id": oid_at(utcnow() - PAST), "files_id": stray, "n": 0, "data": b"s"})
+    result = gc(managed, grace=60)
+    assert (result.orphan_chunks, result.kept_chunks) == (1, 0)
+    assert chunks.count_documents({"files_id": stray}) == 0
+
+
+def test_nameless_file_with_an_entrys_hash_is_given_back(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """A files document whose filename was unset holds a ready entry's bytes: repair, not delete."""
+    data = os.urandom(MiB + 11)
+    digest = put(managed, "e", "a", data)
+    put(managed, "e", "b", data)
+    storage_path = entry_doc(db, digest)["path"]
+    files = db["resources.files"]
+    files.update_one({"filename": storage_path}, {"$unset": {"filename": 1}})
+    age_files(db)
+    assert fsck(managed, grace=0).kinds() == {"missing_file", "orphan_file"}
+    with pytest.raises(NotFoundError):
+        read(managed, "e", "a")
+
+    before = snapshot(db)
+    dry = gc(managed, grace=0, dry_run=True)
+    assert (dry.orphan_files, dry.bytes) == (0, 0)
+    assert dry.repaired_files == 1
+    assert snapshot(db) == before
+
+    result = gc(managed, grace=0)
+    assert (result.orphan_files, result.bytes) == (0, 0)
+    assert files.count_documents({"metadata.blake3": digest}) == 1
+    assert result.repaired_files == 1
+    assert result.changed
+    assert files.count_documents({"filename": storage_path}) == 1
+    assert read(managed, "e", "a") == data and read(managed, "e", "b") == data
+    assert entry_doc(db, digest)["history"][-1]["state"] == "file repaired"
+    assert fsck(managed, grace=0, verify_content=True).clean
+
+    # A second copy of content an entry holds is kept too (it could repair it later).
+    gridfs_storage.put("copy", io.BytesIO(data), -1)
+    # A nameless file whose length does not check out is kept, never made the entry's file.
+    files.update_one({"filename": "copy"}, {"$set": {"length": len(data) - 1}})
+    age_files(db)
+    result = gc(managed, grace=0)
+    assert (result.orphan_files, result.repaired_files, result.kept_files) == (0, 0, 1)
+    assert gridfs_storage.exists("copy")
+    assert read(managed, "e", "a") == data
+
+
+# -- gc on malformed path documents ----------------------------------------------------------
+def test_path_without_resource_id_is_skipped_not_acted_upon(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    data = os.urandom(MiB + 5)
+    digest = put(managed, "e", "a", data)
+    put(managed, "e", "fine", b"fine")
+    db.paths.update_one({"env": "e", "path": "a"}, {"$unset": {"resource_id": 1}})
+    expire_lease(db, digest)
+
+    dry = gc(managed, grace=0, dry_run=True)
+    assert dry.malformed_paths == 1 and dry.entries == 0
+    result = gc(managed, grace=0)  # KeyError 'resource_id' before
+    assert result.malformed_paths == 1
+    assert (result.entries, result.bytes, result.refcounts_fixed) == (0, 0, 0)
+    assert any("malformed path document" in a and "'a'" in a for a in result.actions)
+    # The only path's entry was not recounted to zero and deleted with its bytes.
+    assert entry_doc(db, digest)["refcount"] == 1
+    assert db["resources.files"].count_documents({"filename": entry_doc(db, digest)["path"]}) == 1
+
+    # Neither a resource id nor a hash: nothing unreferenced can be proven so; all is kept.
+    db.paths.update_one({"env": "e", "path": "a"}, {"$unset": {"hash": 1}})
+    gridfs_storage.put("stray", io.BytesIO(b"x" * 70000), -1)
+    age_files(db)
+    result = gc(managed, grace=0)
+    assert result.malformed_paths == 1
+    assert (result.orphan_files, result.kept_files, result.bytes) == (0, 1, 0)
+    assert gridfs_storage.exists("stray")
+    assert read(managed, "e", "fine") == b"fine"
+
+
+# -- the dry run predicts the real run ---------------------------------------------------------
+def age_history(db: Database[Any], days: float) -> None:
+    aged = utcnow() - datetime.timedelta(days=days)
+    for name in ("paths", "path_history"):
+        db[name].update_many({"events": {"$ne": []}}, {"$set": {"events.$[].at": aged}})
+
+
+def test_dry_run_counts_sessions_keys_and_history(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    import time
+
+    from catalog.driver import StorageDriver
+    from catalog.kv import KVStore
+
+    session_data = os.urandom(2 * MiB + 3)
+    writer = StorageDriver(managed, "e").writer("/layer/data")
+    writer.write(session_data)
+    writer.close()  # uncommitted, untouched from now on
+    managed.put_for_environment("e", "old", io.BytesIO(b"1"))
+    managed.put_for_environment("e", "old", io.BytesIO(b"2"))
+    managed.remove_for_environment("e", "old")  # create, replace, delete: 3 items
+    age_history(db, 40)
+    kv = KVStore(managed, "e")
+    kv.put("short", b"lived" * 20000, ttl=0.5)
+    kv.close()
+    time.sleep(0.8)
+
+    before = snapshot(db)
+    dry = gc(managed, grace=0, session_max_age=0, dry_run=True)
+    assert snapshot(db) == before
+    assert (dry.expired_keys, dry.sessions_reclaimed) == (1, 1)
+    assert dry.session_bytes == len(session_data)
+    assert dry.history_trimmed == 3  # items, not documents
+    assert dry.bytes == len(session_data)
+
+    result = gc(managed, grace=0, session_max_age=0)
+    for name in ("expired_keys", "sessions_reclaimed", "session_bytes", "history_trimmed"):
+        assert getattr(result, name) == getattr(dry, name), name
+    assert result.bytes == len(session_data)
+    actions = "\n".join(result.actions)
+    assert "expired TTL keys: 1" in actions
+    assert f"idle writer sessions: 1, {len(session_data)} bytes" in actions
+    assert "history items older than 30 days: 3" in actions
+    assert db["resources.chunks"].count_documents({}) == 0
+    assert managed.history_for_environment("e", "old") == []
