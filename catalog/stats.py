@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from catalog.clock import utcnow
 from catalog.managed import ManagedStorage
 from catalog.resources import READY
 from catalog.scan import aggregate, maybe_store
@@ -104,9 +105,15 @@ def _ratio(logical: int, physical: int) -> float | None:
     return round(logical / physical, 4) if physical else None
 
 
+def _live() -> dict[str, Any]:
+    """Paths every read sees: not a TTL key past its expiry (gc has not reclaimed it yet)."""
+    return {"$match": {"expires_at": {"$not": {"$lte": utcnow()}}}}
+
+
 def environments(managed: ManagedStorage) -> list[EnvSummary]:
-    """Every environment that has paths, sorted, with its path count and bytes."""
+    """Every environment that has live paths, sorted, with its path count and bytes."""
     pipeline: list[dict[str, Any]] = [
+        _live(),
         {"$group": {"_id": "$env", "paths": {"$sum": 1}, "bytes": {"$sum": "$length"}}},
         {"$sort": {"_id": 1}},
     ]
@@ -149,6 +156,7 @@ def stats(managed: ManagedStorage, *, by_env: bool = False) -> Stats:
     per_env: tuple[EnvStats, ...] | None = None
     if by_env:
         pipeline: list[dict[str, Any]] = [
+            _live(),
             {
                 "$group": {
                     "_id": {"env": "$env", "rid": "$resource_id"},

@@ -641,3 +641,23 @@ def test_dry_run_counts_sessions_keys_and_history(
     assert "history items older than 30 days: 3" in actions
     assert db["resources.chunks"].count_documents({}) == 0
     assert managed.history_for_environment("e", "old") == []
+
+
+def test_stats_leave_out_expired_ttl_keys(managed: ManagedStorage, db: Database[Any]) -> None:
+    import time
+
+    from catalog.kv import KVStore
+
+    put(managed, "e", "kept", b"kept")
+    kv = KVStore(managed, "e")
+    kv.put("short", b"lived" * 20000, ttl=0.5)
+    kv.put("other", b"x", ttl=0.5)
+    kv.close()
+    time.sleep(0.8)
+    assert db.paths.count_documents({}) == 3  # expired, not yet reclaimed
+    s = stats(managed, by_env=True)
+    assert (s.paths, s.environments, s.logical_bytes) == (1, 1, 4)
+    assert s.by_env is not None and [(e.env, e.paths, e.logical_bytes) for e in s.by_env] == [
+        ("e", 1, 4)
+    ]
+    assert [e.to_dict() for e in environments(managed)] == [{"env": "e", "paths": 1, "bytes": 4}]
