@@ -260,9 +260,8 @@ def token_create(ctx: Context, env: str | None, admin: bool, description: str) -
         check_env(env)
     secret, info = _store(ctx).create(env=env, admin=admin, description=description)
     click.echo(secret)
-    click.echo(
-        f"rescat: created token {info.id} ({info.scope} {info.env or ''})".rstrip(), err=True
-    )
+    scope = f"{info.scope} {info.env}" if info.env else info.scope
+    click.echo(f"rescat: created token {info.id} ({scope})", err=True)
 
 
 @token.command("list")

@@ -343,3 +343,15 @@ def test_gc_output_counts_keys_sessions_and_history(
     assert "history items trimmed: 2" in lines
     assert lines[-1] == summary, done.stdout
     assert db.paths.count_documents({}) == 0 and db.upload_sessions.count_documents({}) == 0
+
+
+def test_token_create_admin_has_no_trailing_space(
+    clean_env: dict[str, str], mongo_uri: str, db: Database[Any]
+) -> None:
+    base = ["--mongo-uri", mongo_uri, "--database", db.name, "token", "create"]
+    admin = run(clean_env, *base, "--admin")
+    assert admin.returncode == 0, admin.stderr
+    assert admin.stderr.startswith("rescat: created token ")
+    assert admin.stderr.endswith(" (admin)\n"), admin.stderr
+    scoped = run(clean_env, *base, "--env", "team-a")
+    assert scoped.stderr.endswith(" (env team-a)\n"), scoped.stderr
