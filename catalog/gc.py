@@ -624,9 +624,9 @@ def _gc_orphan_files(
         if entries.find_one({"path": info.path}, {"_id": 1}) is not None:
             continue  # referenced since the scan
         owner = entries.find_one({"hash": info.blake3}, {"data": 0}) if info.blake3 else None
-        if owner is not None:
+        if owner is not None and not _spare_copy(store, owner):
             # The bytes of a catalog entry under a name no entry uses (a damaged files
-            # document): never deleted; given back to the entry if it lost its own file.
+            # document): kept; given back to the entry if it lost its own file.
             _adopt(managed, store, info, owner, report)
             continue
         if managed.read_leases.live(info.path):
@@ -640,6 +640,15 @@ def _gc_orphan_files(
             f"orphan file {info.file_id} {info.path!r}: {info.length} bytes "
             f"from {iso(info.upload_date)}"
         )
+
+
+def _spare_copy(store: StoreView, owner: dict[str, Any]) -> bool:
+    """True when the entry is ready and its own stored file is there: an orphan with its
+    hash is a spare copy (a crashed duplicate upload, say), reclaimed like any orphan."""
+    path = owner.get("path")
+    if owner.get("state", READY) != READY or not isinstance(path, str):
+        return False
+    return path not in ("", INLINE) and store.stat(path) is not None
 
 
 def _adopt(

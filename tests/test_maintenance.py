@@ -553,15 +553,25 @@ def test_nameless_file_with_an_entrys_hash_is_given_back(
     assert entry_doc(db, digest)["history"][-1]["state"] == "file repaired"
     assert fsck(managed, grace=0, verify_content=True).clean
 
-    # A second copy of content an entry holds is kept too (it could repair it later).
+    # A spare copy of content whose entry has its own file (a crashed duplicate upload)
+    # is reclaimed like any orphan: keeping it would leak it forever.
     gridfs_storage.put("copy", io.BytesIO(data), -1)
-    # A nameless file whose length does not check out is kept, never made the entry's file.
+    age_files(db)
+    result = gc(managed, grace=0)
+    assert (result.orphan_files, result.repaired_files, result.kept_files) == (1, 0, 0)
+    assert not gridfs_storage.exists("copy")
+    assert read(managed, "e", "a") == data
+
+    # While the entry has lost its file, a copy is kept: one that does not check out
+    # (here: its length) is never made the entry's file, but it is not deleted either.
+    gridfs_storage.put("copy", io.BytesIO(data), -1)
     files.update_one({"filename": "copy"}, {"$set": {"length": len(data) - 1}})
+    files.update_one({"filename": storage_path}, {"$set": {"filename": "gone"}})
+    files.delete_one({"filename": "gone"})
     age_files(db)
     result = gc(managed, grace=0)
     assert (result.orphan_files, result.repaired_files, result.kept_files) == (0, 0, 1)
     assert gridfs_storage.exists("copy")
-    assert read(managed, "e", "a") == data
 
 
 # -- gc on malformed path documents ----------------------------------------------------------
