@@ -59,11 +59,19 @@ def choose_ranges(length: int) -> list[tuple[int, int]]:
 
     Sorted so that both sides read the content front to back; the checksum
     is over the ranges in this order.
+
+    Content under WHOLE_BELOW is asked for whole, but never as one range: the
+    BLAKE3 of the whole content in order is its hash, which the claimant sent
+    (a client knowing only the hash would pass). Two ranges that overlap at a
+    random place, [0, k) and [j, length) with j < k, cover every byte and
+    repeat some, so their checksum takes all the bytes.
     """
     if length <= 0:
         return []
     if length < WHOLE_BELOW:
-        return [(0, length)]
+        k = secrets.randbelow(length) + 1  # 1..length
+        j = secrets.randbelow(k)  # 0..k-1: the ranges overlap by k - j >= 1 bytes
+        return [(0, k), (j, length - j)]
     span = length - RANGE_SIZE + 1
     return sorted((secrets.randbelow(span), RANGE_SIZE) for _ in range(PROOF_RANGES))
 

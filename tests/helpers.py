@@ -78,3 +78,14 @@ def change_streams(client: MongoClient[Any], database: str) -> int:
         ):
             count += 1
     return count
+
+
+def flip_chunk_bit(db: Any, storage_path: str, n: int, byte: int) -> None:
+    """Damage stored bytes in place: one bit of chunk n of the GridFS file `storage_path`."""
+    file_doc = db["resources.files"].find_one({"filename": storage_path})
+    assert file_doc is not None
+    chunk = db["resources.chunks"].find_one({"files_id": file_doc["_id"], "n": n})
+    assert chunk is not None
+    flipped = bytearray(chunk["data"])
+    flipped[byte] ^= 0x01
+    db["resources.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(flipped)}})

@@ -20,7 +20,7 @@ from catalog import (
     new_put_response,
 )
 from catalog.errors import BadRequestError, InvalidPathError
-from catalog.proof import PROOF_RANGES, RANGE_SIZE, WHOLE_BELOW, choose_ranges
+from catalog.proof import PROOF_RANGES, RANGE_SIZE, WHOLE_BELOW, choose_ranges, ranges_checksum
 from storage import GridFSStorage
 from tests.helpers import b3, rand
 
@@ -48,8 +48,31 @@ def test_ranges_are_many_sorted_and_inside() -> None:
             for start, size in ranges:
                 assert size == RANGE_SIZE and start >= 0 and start + size <= length
     assert choose_ranges(0) == []
-    assert choose_ranges(1000) == [(0, 1000)]
-    assert choose_ranges(WHOLE_BELOW - 1) == [(0, WHOLE_BELOW - 1)]
+    for length in (1, 2, 1000, WHOLE_BELOW - 1):
+        for _ in range(20):
+            (a, k), (j, rest) = choose_ranges(length)
+            assert a == 0 and 0 <= j < k <= length and j + rest == length  # every byte
+            assert k + rest > length  # some twice: never the content in order
+
+
+def test_a_small_content_s_hash_is_no_proof(managed: ManagedStorage) -> None:
+    """The answer for content asked for whole must not be its hash, which the claimant
+    already knows (a token for another environment could take any small file it can
+    name by hash: ETags, listings and published checksums give hashes away)."""
+    secret = b"API_KEY=" + rand(4000)
+    managed.put_for_environment("alice", "secrets.env", io.BytesIO(secret))
+    for _ in range(5):
+        req = managed.put_for_environment_request("mallory", "loot", b3(secret))
+        with pytest.raises(ResponseMismatchError):
+            managed.proof_of_access_response(new_put_response(req.request_id, b3(secret)))
+    with pytest.raises(NotFoundError):
+        managed.get_for_environment("mallory", "loot")
+    req = managed.put_for_environment_request("bob", "copy", b3(secret))
+    answer = ranges_checksum(io.BytesIO(secret), req.ranges)  # bob holds the bytes
+    managed.proof_of_access_response(new_put_response(req.request_id, answer))
+    reader, _ = managed.get_for_environment("bob", "copy")
+    with reader:
+        assert reader.read() == secret
 
 
 def test_ranges_are_unpredictable() -> None:
@@ -98,7 +121,7 @@ def test_request_for_abandoned_upload_is_not_found(db: Database[Any]) -> None:
         ms.put_for_environment_request("env", "p", b3(data))
     # and the next uploader proceeds
     ms.put_for_environment("env", "p", io.BytesIO(data))
-    assert ms.put_for_environment_request("env", "q", b3(data)).ranges == [(0, 1000)]
+    assert len(ms.put_for_environment_request("env", "q", b3(data)).ranges) == 2
 
 
 def test_wrong_checksum_creates_nothing_and_consumes(

@@ -21,6 +21,7 @@ from catalog import ManagedStorage
 from catalog.clock import utcnow
 from catalog.fsck import PATHS_SHOWN, Problem, fsck
 from cli.app import cli as rescat
+from tests.helpers import flip_chunk_bit
 
 KiB = 1024
 BIG = 300 * KiB  # above the inline limit: bytes in GridFS
@@ -220,13 +221,7 @@ def test_missing_file_names_its_paths(managed: ManagedStorage, db: Database[Any]
 
 def test_corrupt_content_names_its_paths(managed: ManagedStorage, db: Database[Any]) -> None:
     digest = three_paths(managed, os.urandom(BIG))
-    file_doc = db["resources.files"].find_one({"filename": entry(db, digest)["path"]})
-    assert file_doc is not None
-    chunk = db["resources.chunks"].find_one({"files_id": file_doc["_id"], "n": 0})
-    assert chunk is not None
-    flipped = bytearray(chunk["data"])
-    flipped[5] ^= 1
-    db["resources.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(flipped)}})
+    flip_chunk_bit(db, entry(db, digest)["path"], 0, 5)
 
     (problem,) = fsck(managed, grace=0, verify_content=True).problems
     assert problem.kind == "corrupt_content" and problem.paths == PATHS

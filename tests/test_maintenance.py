@@ -18,6 +18,7 @@ from catalog.fsck import fsck
 from catalog.gc import gc
 from catalog.stats import environments, stats
 from storage import GridFSStorage
+from tests.helpers import flip_chunk_bit
 
 MiB = 1024 * 1024
 PAST = datetime.timedelta(hours=2)
@@ -135,13 +136,7 @@ def test_flipped_byte_needs_verify_content(managed: ManagedStorage, db: Database
     data = os.urandom(2 * MiB + 100)
     digest = put(managed, "e", "f", data)
     put(managed, "e", "g", b"other content")
-    file_doc = db["resources.files"].find_one({"filename": entry_doc(db, digest)["path"]})
-    assert file_doc is not None
-    chunk = db["resources.chunks"].find_one({"files_id": file_doc["_id"], "n": 1})
-    assert chunk is not None
-    flipped = bytearray(chunk["data"])
-    flipped[1234] ^= 0x01
-    db["resources.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(flipped)}})
+    flip_chunk_bit(db, entry_doc(db, digest)["path"], 1, 1234)
 
     assert fsck(managed, grace=0).clean  # sizes and counts are all right
     report = fsck(managed, grace=0, verify_content=True)
