@@ -488,7 +488,8 @@ def test_a_revoked_token_s_watch_ends(managed: ManagedStorage) -> None:
         httpx.Client(base_url=srv.url, timeout=30) as http,
     ):
         http.headers["authorization"] = f"Bearer {secret}"
-        lines = open_stream(http, f"/v1/environments/{ENV}/watch", prefix="v/")
+        # timeout: a stream that is never cut ends anyway, and the test fails, not hangs
+        lines = open_stream(http, f"/v1/environments/{ENV}/watch", prefix="v/", timeout="10")
         before = put(managed, "v/before", b"1")
         assert next(lines) == f"id: {before}"
         TokenStore(managed.db).revoke(info.id)
