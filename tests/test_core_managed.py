@@ -14,6 +14,7 @@ from catalog import (
     ManagedStorage,
     NotFoundError,
 )
+from catalog.proof import ranges_checksum
 from catalog.resources import INLINE
 from storage import GridFSStorage
 from tests.helpers import BrokenReader, OneWayReader, b3, rand
@@ -284,10 +285,7 @@ def test_environment_view(managed: ManagedStorage) -> None:
     assert env.get("x/y")[0].read() == b"hello"
     assert env.stat("x/y").hash == res.hash
     req = env.request_put("copy", res.hash)
-    import blake3
-
-    checksum = blake3.blake3(b"hello").hexdigest()
-    env.prove(req, checksum)
+    env.prove(req, ranges_checksum(io.BytesIO(b"hello"), req.ranges))
     assert env.list() == ["copy", "x/y"]
     env.move("copy", "moved")
     env.remove("x/y")
