@@ -117,6 +117,7 @@ class BodyReader:
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
+        self._gone: ClientGone | None = None  # raised once what arrived before it is read
         self.count = 0  # bytes received from the client so far
         self.delivered = 0  # bytes handed to the core so far
 
@@ -164,10 +165,17 @@ class BodyReader:
                 parts.append(part)
         if size == 0:
             return b""
-        if self._buffered < size and not self._eof:
+        if self._buffered < size and not self._eof and self._gone is None:
             target = min(max(size, FILL_BYTES), MAX_HOP_BYTES)
-            # From any worker thread (anyio's or a plain executor's) to the loop.
-            asyncio.run_coroutine_threadsafe(self.refill(target), self._loop).result()
+            try:
+                # From any worker thread (anyio's or a plain executor's) to the loop.
+                asyncio.run_coroutine_threadsafe(self.refill(target), self._loop).result()
+            except ClientGone as gone:
+                # What arrived before the client went is handed on first (a resumable
+                # append keeps it); the next read raises. Never b"": that is the end.
+                self._gone = gone
+        if self._gone is not None and not self._buffered:
+            raise self._gone
         return self._take(size)
 
     def end(self) -> None:
