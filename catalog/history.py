@@ -207,17 +207,31 @@ def items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ordered.append(uploads.pop(0))
         ordered.append(op)
     ordered.extend(uploads)
+    now = utcnow()
     return [
         {
             "at": rfc3339(e["at"]),
             "event": str(e.get("event", "")),
-            "state": str(e.get("state", "ok")),
+            "state": _state(e, now),
             "hash": str(e.get("hash") or ""),
             "length": int(e.get("length") or 0),
             "revision": int(e.get("revision") or 0),
         }
         for e in ordered
     ]
+
+
+def _state(event: dict[str, Any], now: datetime.datetime) -> str:
+    """An upload still `pending` whose lease ran out is shown `failed`.
+
+    Its uploader died (nobody renews the lease, nobody marks it failed); gc
+    rewrites it `failed` later, but readers must not see it running until then.
+    """
+    state = str(event.get("state", "ok"))
+    until = event.get("lease_until")
+    if state == "pending" and until is not None and aware(until) <= now:
+        return "failed"
+    return state
 
 
 def rfc3339(at: datetime.datetime) -> str:
