@@ -611,7 +611,12 @@ class RangeWatch(_Watch):
 
     def _reread(self) -> None:
         pairs, docs = self._store._range(self.prefix)
+        # Expired keys not yet reclaimed are followed too: a put over one (a new
+        # lock holder after a dead one) updates that document, it inserts none.
+        store = self._store
+        expired = {"env": store.env_uuid, "expires_at": {"$lte": utcnow()}, **_under(self.prefix)}
         self._ids = {d["_id"] for d in docs}
+        self._ids.update(d["_id"] for d in store.managed.paths.find(expired, {"_id": 1}))
         if self._changes is not None:
             self._changes.focus(sorted(self._ids) if len(self._ids) <= _FOCUS_MAX else None)
         expiries = [aware(d["expires_at"]) for d in docs if d.get("expires_at") is not None]

@@ -1,0 +1,75 @@
+"""Review of the KV face: defects found using it as libkv's users would.
+
+Each test reproduces one defect on a real mongod (threads, subprocesses and
+SIGKILL where the defect is about them).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from catalog import ManagedStorage
+from catalog.kv import KVPair, KVStore
+
+ENV = "kvreview"
+
+
+@pytest.fixture
+def kv(managed: ManagedStorage) -> Iterator[KVStore]:
+    store = KVStore(managed, ENV)
+    yield store
+    store.close()
+
+
+def pump(iterator: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
+    def run() -> None:
+        for item in iterator:
+            into.put(item)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _gone(kv: KVStore, key: str) -> None:
+    """Wait until a TTL key whose owner stopped renewing has expired (bounded)."""
+    for _ in range(200):
+        if not kv.exists(key):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{key} never expired")
+
+
+# -- watch_range and keys written over an expired TTL key ---------------------------------------
+def test_watch_range_sees_a_key_rewritten_over_an_expired_ttl_key(
+    kv: KVStore, managed: ManagedStorage
+) -> None:
+    """An expired (not yet reclaimed) key rewritten under the prefix is a change of the range.
+
+    Its document still exists, so the rewrite is an update of a document the
+    watch did not list: the watch dropped it and never showed the new key (a
+    new lock holder after the old one died, say).
+    """
+    owner = KVStore(managed, ENV)
+    owner.put("dir/a", b"old", ttl=0.5)
+    owner.close()  # stops renewing: the key expires, its document stays until gc
+    _gone(kv, "dir/a")
+    events: queue.Queue[list[KVPair]] = queue.Queue()
+    stop = threading.Event()
+    pump(kv.watch_range("dir", stop=stop), events)
+    try:
+        assert events.get(timeout=10) == []
+        pair = kv.put("dir/a", b"new")
+        assert events.get(timeout=10) == [pair]
+        lock = kv.lock("dir/leader", b"me", ttl=5)
+        assert lock.acquire(timeout=5)
+        assert [p.key for p in events.get(timeout=10)] == ["dir/a", "dir/leader"]
+        lock.release()
+    finally:
+        stop.set()
