@@ -4,12 +4,14 @@
 seed's routes (`/store/{location}`) over one environment, mounted by
 `rescat serve --compat-store ENV`: create (201; 409 if it exists), replace
 (200; 404 if absent), read (200/404) and delete (204/404), each one atomic
-step of the core (a create is `If-None-Match: *`, a replace `If-Match: *`),
-with the same bearer token as /v1 (a token for another environment is 403).
+step of the core (a create is `If-None-Match: *`, a replace `If-Match: *`, or
+the client's own If-Match / If-None-Match: 412 when they fail), with the same
+bearer token as /v1 (a token for another environment is 403).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import WithJsonSchema
@@ -27,7 +29,14 @@ from catalog.errors import (
 from catalog.managed import WriteOptions
 from catalog.names import MAX_PATH_BYTES, check_path
 from service.body import OUT_HOP_BYTES, iter_content
-from service.conditions import content_type, revision_header
+from service.conditions import (
+    Condition,
+    Stat,
+    content_type,
+    revision_header,
+    stat_or_none,
+    write_condition,
+)
 from service.ranges import etag_for
 from service.routing import Answer, Ctx, Endpoint, Param, path_param
 from service.schemas import _SEG_ANY, _SEG_ASCII, decode_lenient
@@ -137,7 +146,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         from service.body import declared_length
         from service.routes import store_body
 
-        name = await authorize(ctx)
+        name = ctx.params["location"]  # authorized by the caller
         length = declared_length(ctx.request.headers)
         app = ctx.app
         if app.max_size is not None and length > app.max_size:
@@ -151,17 +160,53 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         return await store_body(ctx, env, name, length, None, typed)
 
     async def store_create(ctx: Ctx[None]) -> Response:
+        await authorize(ctx)
         try:
             info = await write(ctx, WriteOptions(if_none_match=True))
         except PreconditionFailedError:
             raise AlreadyExistsError(f"{ctx.params['location']!r} exists") from None
         return Response(status_code=201, headers=_written(info))
 
-    async def store_replace(ctx: Ctx[None]) -> Response:
+    async def condition(ctx: Ctx[Any]) -> Condition | None:
+        """The client's own If-Match / If-None-Match (None: it sent neither).
+
+        /store hands out ETags and revisions: a replace or delete conditioned on
+        one must not go through once the blob changed (a lost update). An absent
+        blob stays 404, as without a condition (RFC 9110 §13.2.1).
+        """
+        headers = ctx.request.headers
+        if headers.get("if-match") is None and headers.get("if-none-match") is None:
+            return None
         name = ctx.params["location"]
         try:
-            info = await write(ctx, WriteOptions(if_match="*"))
+            found = await write_condition(
+                headers.get("if-match"), headers.get("if-none-match"), stat(ctx, name)
+            )
         except PreconditionFailedError:
+            await _exists(ctx, name)
+            raise
+        if found.if_none_match:  # the blob must be absent, and then there is nothing to change
+            await _exists(ctx, name)
+            raise PreconditionFailedError(f"{name!r} exists")
+        return found
+
+    def stat(ctx: Ctx[Any], name: str) -> Stat:
+        return stat_or_none(lambda: ctx.app.sync(ctx.app.managed.stat_for_environment, env, name))
+
+    async def _exists(ctx: Ctx[Any], name: str) -> None:
+        if await stat(ctx, name)() is None:
+            raise NotFoundError(f"no such blob {name!r}", path=name)
+
+    async def store_replace(ctx: Ctx[None]) -> Response:
+        name = await authorize(ctx)
+        given = await condition(ctx)
+        if_match = given.if_match if given is not None else None
+        try:
+            info = await write(ctx, WriteOptions(if_match="*" if if_match is None else if_match))
+        except PreconditionFailedError:
+            if given is not None:
+                await _exists(ctx, name)  # absent: 404; present: its tag did not match
+                raise
             raise NotFoundError(f"no such blob {name!r}", path=name) from None
         return Response(status_code=200, headers=_written(info))
 
@@ -187,7 +232,15 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
 
     async def store_delete(ctx: Ctx[None]) -> Response:
         name = await authorize(ctx)
-        await ctx.app.sync(ctx.app.managed.delete_path, env, name)
+        given = await condition(ctx)
+        if_match = given.if_match if given else None
+        try:
+            await ctx.app.sync(
+                functools.partial(ctx.app.managed.delete_path, env, name, if_match=if_match)
+            )
+        except PreconditionFailedError:
+            await _exists(ctx, name)
+            raise
         return Response(status_code=204)
 
     template = "/store/{location}"
@@ -211,7 +264,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             store_replace,
             f"Replace a blob in environment {env} (the seed's API)",
             (Answer(200, "Replaced", headers=("ETag", "X-Revision")),),
-            errors=("not_found", *write_errors),
+            errors=("not_found", "precondition_failed", *write_errors),
             raw_body=body,
             tag="compat store",
         ),
@@ -237,7 +290,7 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             store_delete,
             f"Delete a blob of environment {env} (the seed's API)",
             (Answer(204, "Deleted"),),
-            errors=("forbidden", "not_found"),
+            errors=("forbidden", "not_found", "precondition_failed", "bad_request"),
             tag="compat store",
         ),
     )

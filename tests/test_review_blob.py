@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -108,3 +109,54 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@pytest.fixture
+def store(mongo_uri: str, database: str) -> Iterator[str]:
+    with server_process(mongo_uri, database, "--no-auth", "--compat-store", "seed") as url:
+        yield url + "/store"
+
+
+STALE = f'"blake3:{"0" * 64}"'
+
+
+def test_store_writes_honour_the_clients_if_match(store: str) -> None:
+    """/store hands out ETags; a replace or delete conditioned on one must not go through
+    when the blob changed since (it did: the condition was dropped, a lost update)."""
+    with httpx.Client() as c:
+        first = c.post(f"{store}/k", content=b"v1")
+        assert first.status_code == 201
+        etag = first.headers["etag"]
+        stale_put = c.put(f"{store}/k", content=b"lost", headers={"If-Match": STALE})
+        assert stale_put.status_code == 412
+        assert stale_put.json()["error"]["code"] == "precondition_failed"
+        assert c.delete(f"{store}/k", headers={"If-Match": STALE}).status_code == 412
+        assert c.put(f"{store}/k", content=b"x", headers={"If-None-Match": "*"}).status_code == 412
+        assert c.get(f"{store}/k").content == b"v1"
+        replaced = c.put(f"{store}/k", content=b"v2", headers={"If-Match": etag})
+        assert replaced.status_code == 200
+        # The old ETag is stale now; the revision the replace answered with is current.
+        assert c.put(f"{store}/k", content=b"lost", headers={"If-Match": etag}).status_code == 412
+        rev = {"If-Match": f'"{replaced.headers["x-revision"]}"'}
+        assert c.delete(f"{store}/k", headers=rev).status_code == 204
+        # Absent: 404 as without a condition (RFC 9110 §13.2.1).
+        assert c.put(f"{store}/k", content=b"x", headers={"If-Match": etag}).status_code == 404
+        assert c.delete(f"{store}/k", headers={"If-Match": etag}).status_code == 404
+        assert c.get(f"{store}/k").status_code == 404
+
+
+def test_store_conditional_replaces_race_one_wins(store: str) -> None:
+    with httpx.Client() as c:
+        etag = c.post(f"{store}/r", content=b"v0").headers["etag"]
+    barrier = threading.Barrier(4)
+
+    def put(i: int) -> int:
+        with httpx.Client(timeout=60) as c:
+            barrier.wait()
+            body = f"writer {i}".encode()
+            return c.put(f"{store}/r", content=body, headers={"If-Match": etag}).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(put, range(4)))
+    assert sorted(statuses) == [200, 412, 412, 412], statuses
+    assert httpx.get(f"{store}/r").content == f"writer {statuses.index(200)}".encode()
