@@ -18,9 +18,12 @@ Documents (one MongoDB transaction per MetaStore transaction):
   pairs because containerd's label keys hold dots, which MongoDB field names
   do not take well. ``children`` counts the snapshots whose parent this is.
 * ``snapshot_ids``: ``{_id: ns, seq}``, the last id handed out. It is bumped
-  inside the transaction, so an id is never seen twice once its transaction
-  has committed, also after the snapshot is removed; an id handed out in a
-  transaction that rolls back may come back (as in containerd's bolt store).
+  outside the transaction, with w="majority": bumped inside, it would be a
+  document every creating transaction writes, so two transactions creating
+  unrelated snapshots would always conflict (containerd's bolt store makes
+  them wait for each other instead; neither fails). An id is therefore never
+  handed out twice, also after a remove or a rollback; ids of rolled-back
+  transactions are skipped.
 
 Write skew: ``remove(parent)`` reads ``children == 0`` and deletes the parent;
 ``create_active(child, parent)`` reads the parent and increments its
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -109,7 +112,9 @@ class MetaStore:
         db = managed.db
         self._client = db.client
         self._snapshots: Collection[dict[str, Any]] = db["snapshots"]
-        self._ids: Collection[dict[str, Any]] = db["snapshot_ids"]
+        self._ids: Collection[dict[str, Any]] = db["snapshot_ids"].with_options(
+            write_concern=WriteConcern("majority")
+        )
         # Indexes and the counter exist before any transaction: creating either
         # inside one would conflict between two first transactions.
         self._snapshots.create_index(
@@ -295,7 +300,7 @@ class Transaction:
             if key in found:
                 raise AlreadyExistsError(f"snapshot {key!r} already exists")
             # Checked: from here on only writes.
-            new_id = self._next_id(session)
+            new_id = self._next_id()
             chain = [pdoc["id"], *pdoc["chain"]] if pdoc is not None else []
             now = utcnow()
             doc = {
@@ -457,13 +462,17 @@ class Transaction:
     def _committed_parent(self, session: ClientSession, parent: str) -> dict[str, Any]:
         return _committed_parent(self._find(session, parent), parent)
 
-    def _next_id(self, session: ClientSession) -> int:
+    def _next_id(self) -> int:
+        """A fresh id, taken outside the transaction (see the module doc on ``snapshot_ids``).
+
+        Majority-acknowledged, so a failover cannot roll the counter back and
+        hand a committed snapshot's id out again.
+        """
         doc = self._ids.find_one_and_update(
             {"_id": self._ns},
             {"$inc": {"seq": 1}},
             upsert=True,
             return_document=ReturnDocument.AFTER,
-            session=session,
         )
         if doc is None:  # pragma: no cover - an upsert always returns the document
             raise AssertionError("the id counter vanished")
