@@ -408,7 +408,8 @@ class Transaction:
         """Replace the labels (containerd's UpdateInfo).
 
         With fieldpaths, only those change: "labels" replaces them all,
-        "labels.<k>" sets k from `labels`, or drops it when `labels` has no k.
+        "labels.<k>" sets k from `labels`, or drops it when `labels` has no k
+        or maps it to "" (an empty value is no label, as in containerd).
         Snapshot GC keeps its references in labels, so this is how they move.
         """
         self._ready(write=True)
@@ -502,6 +503,11 @@ def _check_parent(parent: object) -> None:
 
 
 def _label_pairs(labels: Mapping[str, str] | None) -> list[dict[str, str]]:
+    """The labels to store; an empty value means "no such label", as in containerd.
+
+    containerd's clients remove a label by setting it to "" (its bolt store
+    never writes an empty value), and GC labels count by their mere presence.
+    """
     if labels is None:
         return []
     if not isinstance(labels, Mapping):
@@ -512,7 +518,8 @@ def _label_pairs(labels: Mapping[str, str] | None) -> list[dict[str, str]]:
             raise InvalidArgumentError(f"label {k!r}: keys are non-empty str, values str")
         if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
             raise InvalidArgumentError(f"label {k!r} is longer than {MAX_LABEL_BYTES} bytes")
-        pairs.append({"k": k, "v": v})
+        if v:
+            pairs.append({"k": k, "v": v})
     return pairs
 
 

@@ -51,3 +51,23 @@ def test_transactions_creating_unrelated_snapshots_both_commit(
         id_map = tx.id_map()
         assert [id_map[x.id] for x in (a, b, c, d)] == ["a", "b", "c", "d"]
         assert tx.get_active("d") == d
+
+
+def test_an_empty_label_value_unsets_the_label(ms: MetaStore) -> None:
+    """containerd never stores a label whose value is empty: setting one to "" removes it.
+
+    That is how its clients drop a label through UpdateInfo (e.g. a GC root or
+    reference, where the mere presence of the key counts); a stored "" kept it.
+    """
+    gc_root = "containerd.io/gc.root"
+    with ms.transaction(True) as tx:
+        tx.create_active("a", labels={gc_root: "", "keep": "1"})
+        assert tx.stat("a").labels == {"keep": "1"}
+        tx.update("a", {gc_root: "2024", "keep": "1"})
+        assert tx.update("a", {gc_root: ""}, ["labels." + gc_root]).labels == {"keep": "1"}
+        assert tx.stat("a").labels == {"keep": "1"}
+        assert tx.update("a", {"keep": "", "x": "y"}).labels == {"x": "y"}
+        assert tx.update("a", {"x": "", "z": "1"}, ["labels"]).labels == {"z": "1"}
+        tx.commit_active("a", "a-c", labels={gc_root: "", "z": "2"})
+    with ms.transaction(False) as tx:
+        assert tx.stat("a-c").labels == {"z": "2"}
