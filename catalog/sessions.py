@@ -69,6 +69,9 @@ COPY_BLOCK = 1024 * 1024
 # Chunk inserts in flight per writer while it hashes and cuts the next ones (the
 # server is the bottleneck: this keeps it busy without holding more in memory).
 IN_FLIGHT = 2
+# A writer trusts its claim for this share of the lease after the claim or renewal was
+# sent; past it, it renews (conditional on still owning the session) before writing a chunk.
+LEASE_TRUST = 0.75
 _POOL_LOCK = threading.Lock()
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -264,6 +267,7 @@ class SessionStore:
 
     def _claim(self, key: dict[str, Any]) -> SessionWriter | None:
         owner = secrets.token_hex(12)
+        sent = time.monotonic()
         now = utcnow()
         doc = self._fast.find_one_and_update(
             {
@@ -298,7 +302,7 @@ class SessionStore:
         except BaseException:
             self._release(str(doc["_id"]), owner)
             raise
-        return SessionWriter(self, doc, owner, tail, hasher)
+        return SessionWriter(self, doc, owner, tail, hasher, claimed_at=sent)
 
     def append(
         self, env_uuid: str, session_id: str, offset: int, reader: BinaryIO, length: int = -1
@@ -378,12 +382,14 @@ class SessionStore:
     def _lease_end(self, now: datetime.datetime) -> datetime.datetime:
         return now + datetime.timedelta(seconds=self.lease)
 
-    def _renew(self, session_id: str, owner: str) -> None:
+    def _renew(self, session_id: str, owner: str) -> bool:
+        """Extend the lease; False when `owner` no longer holds the session."""
         now = utcnow()
-        self._fast.update_one(
+        result = self._fast.update_one(
             {"_id": session_id, "owner": owner},
             {"$set": {"lease_until": self._lease_end(now), "updated_at": now}},
         )
+        return result.matched_count == 1
 
     def _release(self, session_id: str, owner: str) -> None:
         self.sessions.update_one(
@@ -401,6 +407,8 @@ class SessionWriter:
         owner: str,
         tail: bytes,
         hasher: Any,
+        *,
+        claimed_at: float,
     ) -> None:
         self._store = store
         self.session_id = str(doc["_id"])
@@ -419,7 +427,9 @@ class SessionWriter:
         self._hasher = hasher if hasher is not None or self._size else blake3.blake3()
         self._state = OPEN
         self._in_flight: deque[Future[None]] = deque()
-        self._heartbeat = Heartbeat(lambda: store._renew(self.session_id, owner), store.lease / 4)
+        self._trusted_until = claimed_at + store.lease * LEASE_TRUST
+        self._lost = False
+        self._heartbeat = Heartbeat(self._beat, store.lease / 4)
         self._heartbeat.__enter__()
 
     # -- the writer -------------------------------------------------------------
@@ -459,10 +469,39 @@ class SessionWriter:
         """Insert chunks on a worker thread; at most IN_FLIGHT inserts outstanding."""
         if len(self._in_flight) >= IN_FLIGHT:
             self._wait(self._in_flight.popleft())
-        write = self._store.storage.write_session_chunks
         self._in_flight.append(
-            _insert_pool().submit(write, self.file_id, first_n, chunks, replace_first=replace_first)
+            _insert_pool().submit(self._write_chunks, first_n, chunks, replace_first)
         )
+
+    def _write_chunks(self, first_n: int, chunks: list[bytes], replace_first: bool) -> None:
+        """Write chunks of the session file, only while this writer still holds the session.
+
+        A writer stalled past its lease (a stopped process, a paused VM) may have
+        been taken over, and the new writer may have rewritten or committed these
+        chunk positions: a write then would change bytes that are not this
+        writer's any more (a committed file's, read through every path to its hash).
+        """
+        self._fence()
+        self._store.storage.write_session_chunks(
+            self.file_id, first_n, chunks, replace_first=replace_first
+        )
+
+    def _beat(self) -> None:
+        sent = time.monotonic()
+        if self._store._renew(self.session_id, self._owner):
+            self._trusted_until = max(self._trusted_until, sent + self._store.lease * LEASE_TRUST)
+        else:
+            self._lost = True
+
+    def _fence(self) -> None:
+        """SessionLostError unless this writer's claim is known to hold (renewed if in doubt)."""
+        if not self._lost and time.monotonic() < self._trusted_until:
+            return
+        if not self._lost:
+            self._beat()  # late heartbeat, or back from a stall: ask the database
+            if not self._lost:
+                return
+        raise SessionLostError(f"upload session {self.session_id} was taken over or removed")
 
     def _wait(self, future: Future[None]) -> None:
         try:
@@ -547,10 +586,7 @@ class SessionWriter:
         store = self._store
         self._drain()
         if self._buf:
-            store.storage.write_session_chunks(
-                self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
-            )
-            self._tail_stored = True
+            self._write_tail()
         now = utcnow()
         claimed = store.sessions.find_one_and_update(
             {"_id": self.session_id, "owner": self._owner, "state": OPEN},
@@ -587,6 +623,15 @@ class SessionWriter:
         return info
 
     # -- internals --------------------------------------------------------------
+    def _write_tail(self) -> None:
+        """Store the partial chunk being filled (fenced like every chunk write)."""
+        try:
+            self._write_chunks(self._n, [bytes(self._buf)], self._tail_stored)
+        except SessionLostError:
+            self._end("lost")
+            raise
+        self._tail_stored = True
+
     def _check_open(self, what: str) -> None:
         if self._state != OPEN:
             raise BadRequestError(f"cannot {what} upload session {self.session_id}: {self._state}")
@@ -601,10 +646,7 @@ class SessionWriter:
         store = self._store
         self._drain()
         if self._buf:
-            store.storage.write_session_chunks(
-                self.file_id, self._n, [bytes(self._buf)], replace_first=self._tail_stored
-            )
-            self._tail_stored = True
+            self._write_tail()
         ckpt = secrets.token_hex(8)
         now = utcnow()
         update: dict[str, Any] = {"size": self._size, "ckpt": ckpt, "updated_at": now}

@@ -1,0 +1,95 @@
+"""Review of the registry driver face: writer sessions across processes and signed URLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from pymongo.database import Database
+
+from catalog import ManagedStorage, UploadPendingError
+from catalog.driver import StorageDriver
+from storage import GridFSStorage
+
+MiB = 1024 * 1024
+NAME = "regdrv"
+
+
+@pytest.fixture
+def short_lease(db: Database[Any]) -> ManagedStorage:
+    return ManagedStorage(db, GridFSStorage(db), lease=1.0)
+
+
+# -- a writer that lost its session must not touch the bytes of the one that took it --------
+STALE_WRITER = r"""
+import sys
+from pymongo import MongoClient
+from catalog import ManagedStorage
+from catalog.driver import StorageDriver
+from storage import GridFSStorage
+uri, name, path = sys.argv[1:4]
+db = MongoClient(uri, tz_aware=True)[name]
+d = StorageDriver(ManagedStorage(db, GridFSStorage(db), lease=1.0), "reg")
+w = d.writer(path)
+w.write(b"\x01" * (1048576 + 17))
+w.close()
+w = d.writer(path, append=True)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    w.write(b"\x03" * (2 * 1048576))
+    w.close()
+    print("kept", flush=True)
+except Exception as exc:
+    print("refused", type(exc).__name__, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_writer_cannot_overwrite_the_content_of_the_writer_that_took_over(
+    short_lease: ManagedStorage, mongo_uri: str, db: Database[Any]
+) -> None:
+    """A writer stalled past its lease (SIGSTOP, a paused VM) wakes up mid-write.
+
+    Another process took the session over and committed it meanwhile; the
+    stalled writer's next chunk write must fail, not overwrite a chunk of
+    the committed file (which every path deduplicated to that hash reads).
+    """
+    driver = StorageDriver(short_lease, "reg", name=NAME)
+    child = subprocess.Popen(
+        [sys.executable, "-c", STALE_WRITER, mongo_uri, db.name, "/layer"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                writer = driver.writer("/layer", append=True)
+                break
+            except UploadPendingError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert writer.size() == MiB + 17
+        writer.write(b"\x02" * (2 * MiB))
+        writer.commit()
+        expected = b"\x01" * (MiB + 17) + b"\x02" * (2 * MiB)
+        assert driver.get_content("/layer") == expected
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    out, err = child.communicate("go\n", timeout=120)
+    assert child.returncode == 0, err
+    assert out.split()[0] == "refused", out
+    assert driver.get_content("/layer") == expected
+    chunks = db["resources.chunks"].find({}, {"n": 1, "data": 1}, sort=[("n", 1)])
+    assert b"".join(bytes(c["data"]) for c in chunks) == expected
