@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import datetime
 import enum
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -415,7 +415,12 @@ class Transaction:
         self._ready(write=True)
         _check_key(key, "key")
         new_labels = dict(_labels_dict(_label_pairs(labels)))
-        paths = [fieldpaths] if isinstance(fieldpaths, str) else list(fieldpaths)
+        if isinstance(fieldpaths, str):
+            paths = [fieldpaths]
+        elif isinstance(fieldpaths, Iterable):
+            paths = list(fieldpaths)
+        else:  # None is refused, not read as "all": that would replace every label
+            raise InvalidArgumentError(f"fieldpaths is a list of str, not {fieldpaths!r}")
         for path in paths:
             if path != "labels" and not (isinstance(path, str) and path.startswith("labels.")):
                 raise InvalidArgumentError(f"cannot update {path!r} of snapshot {key!r}")
@@ -492,14 +497,27 @@ def _not_found(key: str, what: str = "") -> NotFoundError:
     return NotFoundError(f"{what}snapshot {key!r} does not exist", path=key)
 
 
+def _utf8_len(text: str, what: str) -> int:
+    """Its UTF-8 length; text with no UTF-8 form (lone surrogates) is bad input.
+
+    The BSON encoder would otherwise raise UnicodeEncodeError mid-call.
+    """
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"{what} {text!r} is not valid UTF-8 text") from None
+
+
 def _check_key(key: object, what: str) -> None:
     if not isinstance(key, str) or not key:
         raise InvalidArgumentError(f"a snapshot {what} is a non-empty string, not {key!r}")
+    _utf8_len(key, f"snapshot {what}")
 
 
 def _check_parent(parent: object) -> None:
     if not isinstance(parent, str):
         raise InvalidArgumentError(f"a parent is a string ('' for none), not {parent!r}")
+    _utf8_len(parent, "parent")
 
 
 def _label_pairs(labels: Mapping[str, str] | None) -> list[dict[str, str]]:
@@ -512,11 +530,14 @@ def _label_pairs(labels: Mapping[str, str] | None) -> list[dict[str, str]]:
         return []
     if not isinstance(labels, Mapping):
         raise InvalidArgumentError("labels are a mapping of str to str")
-    pairs = []
-    for k, v in sorted(labels.items()):
+    items = list(labels.items())
+    # Types first: sorting keys of mixed types would raise TypeError.
+    for k, v in items:
         if not isinstance(k, str) or not isinstance(v, str) or not k:
             raise InvalidArgumentError(f"label {k!r}: keys are non-empty str, values str")
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+    pairs = []
+    for k, v in sorted(items):
+        if _utf8_len(k, "label") + _utf8_len(v, f"label {k!r} value") > MAX_LABEL_BYTES:
             raise InvalidArgumentError(f"label {k!r} is longer than {MAX_LABEL_BYTES} bytes")
         if v:
             pairs.append({"k": k, "v": v})

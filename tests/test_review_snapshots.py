@@ -11,6 +11,7 @@ import pytest
 from pymongo.database import Database
 
 from catalog import ManagedStorage
+from catalog.errors import InvalidArgumentError
 from catalog.snapshots import MetaStore
 
 
@@ -71,3 +72,46 @@ def test_an_empty_label_value_unsets_the_label(ms: MetaStore) -> None:
         tx.commit_active("a", "a-c", labels={gc_root: "", "z": "2"})
     with ms.transaction(False) as tx:
         assert tx.stat("a-c").labels == {"z": "2"}
+
+
+def test_bad_input_raises_invalid_argument_and_leaves_the_transaction_usable(
+    ms: MetaStore,
+) -> None:
+    """Keys and labels that are no UTF-8 text, or label keys that are not strings, are bad input.
+
+    They used to escape as UnicodeEncodeError (from the BSON encoder) or
+    TypeError (from sorting mixed keys), not the contract's InvalidArgumentError.
+    """
+    bad = "snap\udc80"  # a lone surrogate: no UTF-8 encoding exists
+    tx = ms.transaction_context(True)
+    try:
+        calls: list[Any] = [
+            lambda: tx.stat(bad),  # the first call of the transaction
+            lambda: tx.create_active(bad),
+            lambda: tx.create_active("ok", bad),
+            lambda: tx.get_active(bad),
+            lambda: tx.get_info(bad),
+            lambda: tx.remove(bad),
+            lambda: tx.commit_active(bad, "name"),
+            lambda: tx.commit_active("ok", bad),
+            lambda: tx.update(bad, {}),
+            lambda: tx.create_active("ok", labels={bad: "v"}),
+            lambda: tx.create_active("ok", labels={"k": bad}),
+            lambda: tx.create_active("ok", labels={1: "a", "b": "c"}),
+            lambda: tx.update("ok", {"k": "v"}, None),
+            lambda: tx.update("ok", {"k": "v"}, 5),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidArgumentError):
+                call()
+            assert tx.open
+        tx.create_active("ok", labels={"k": "v"})
+        tx.commit()
+    finally:
+        if tx.open:
+            tx.rollback()
+    with ms.transaction(False) as ro:
+        assert ro.stat("ok").labels == {"k": "v"}
+        seen: list[str] = []
+        ro.walk(lambda info: seen.append(info.name))
+        assert seen == ["ok"]
