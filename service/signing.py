@@ -5,7 +5,9 @@ path, `/v1/signed/environments/{env}/resources/{path}` (served without a token
 by service.routes_uploads), with two query parameters: `expires` (Unix seconds)
 and `signature`, the hex HMAC-SHA256 over the method, environment, path and
 expiry. `verify` recomputes it in constant time and raises ForbiddenError when
-the URL expired or any part of it was changed. GET and HEAD sign the same way (both only read).
+the URL expired or any part of it was changed. A GET URL also answers HEAD (HEAD
+shows less than GET); a HEAD URL answers only HEAD: it was given out to tell a
+file's size and ETag, not its content (as S3's presigned HEAD URLs).
 
 The secret: `RESCAT_SIGNING_SECRET` when set, else one kept in the database
 (`settings` collection), created on first use by an atomic upsert, so every
@@ -86,16 +88,19 @@ class URLSigner:
             expires = int(expires_text)
         except ValueError:
             raise ForbiddenError("the URL's signature is invalid") from None
-        expected = self._signature(method, env, path, expires)
-        if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+        verb = str(method).upper()
+        signed_for = (verb, "GET") if verb == "HEAD" else (verb,)
+        offered = given.encode("utf-8", "replace")
+        if not any(
+            hmac.compare_digest(self._signature(m, env, path, expires).encode(), offered)
+            for m in signed_for
+        ):
             raise ForbiddenError("the URL's signature is invalid")
         if expires <= time.time():
             raise ForbiddenError("the signed URL has expired")
 
     def _signature(self, method: str, env: str, path: str, expires: int) -> str:
         verb = str(method).upper()
-        if verb in READS:
-            verb = "GET"
         message = "\n".join([verb, env, path, str(expires)]).encode("utf-8", "surrogatepass")
         return hmac.new(self.__key, message, hashlib.sha256).hexdigest()
 
