@@ -15,7 +15,7 @@ import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import WithJsonSchema
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from typing_extensions import TypedDict
 
 from catalog import history
@@ -28,7 +28,6 @@ from catalog.errors import (
 )
 from catalog.managed import WriteOptions
 from catalog.names import MAX_PATH_BYTES, check_path
-from service.body import OUT_HOP_BYTES, iter_content
 from service.conditions import (
     Condition,
     Stat,
@@ -211,24 +210,11 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         return Response(status_code=200, headers=_written(info))
 
     async def store_get(ctx: Ctx[None]) -> Response:
+        """/v1's read of the blob: its ETag is honoured (If-None-Match 304, If-Match 412,
+        RFC 9110 §13.1), with Range and Last-Modified, HEAD as GET without the body."""
         name = await authorize(ctx)
-        reader, info = await ctx.app.sync(ctx.app.managed.open_path, env, name)
-        headers = {
-            "etag": etag_for(info.hash),
-            "content-length": str(info.length),
-            "content-type": info.content_type or "application/octet-stream",
-            "x-content-type-options": "nosniff",  # see get_resource
-            **revision_header(info),
-        }
-        if ctx.method == "HEAD" or info.length == 0:
-            reader.close()
-            return Response(status_code=200, headers=headers)
-        read_ahead = ctx.app.read_ahead if info.length > OUT_HOP_BYTES else None
-        return StreamingResponse(
-            iter_content(reader, 0, info.length, ctx.app.io_limiter, read_ahead),
-            status_code=200,
-            headers=headers,
-        )
+        ctx.params.update(env=env, path=name)
+        return await get_resource(ctx)
 
     async def store_delete(ctx: Ctx[None]) -> Response:
         name = await authorize(ctx)
@@ -243,6 +229,9 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             raise
         return Response(status_code=204)
 
+    from service.routes import ROUTES, get_resource
+
+    read = next(e for e in ROUTES if e.handler is get_resource)
     template = "/store/{location}"
     body = "The blob's bytes (streamed; `Content-Length` or chunked)."
     # forbidden: a token for another environment (the path names none, so it is declared here).
@@ -273,15 +262,9 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
             template,
             store_get,
             f"Read a blob of environment {env} (the seed's API)",
-            (
-                Answer(
-                    200,
-                    "The bytes",
-                    media=("*/*",),
-                    headers=("ETag", "X-Revision", "Content-Length"),
-                ),
-            ),
-            errors=("forbidden", "not_found"),
+            read.answers,  # /v1's read: conditions, Range, Last-Modified
+            errors=("forbidden", *read.errors),
+            headers=read.headers,
             tag="compat store",
         ),
         Endpoint(

@@ -160,3 +160,25 @@ def test_store_conditional_replaces_race_one_wins(store: str) -> None:
         statuses = list(pool.map(put, range(4)))
     assert sorted(statuses) == [200, 412, 412, 412], statuses
     assert httpx.get(f"{store}/r").content == f"writer {statuses.index(200)}".encode()
+
+
+def test_store_reads_honour_conditions_and_ranges(store: str) -> None:
+    """/store GET hands out an ETag: If-None-Match with it is 304 and a stale If-Match 412
+    (RFC 9110 §13.1: an origin server evaluates them); it answered 200 and the whole body."""
+    body = bytes(range(256)) * 4
+    with httpx.Client() as c:
+        etag = c.post(f"{store}/c", content=body).headers["etag"]
+        for method in ("GET", "HEAD"):
+            cached = c.request(method, f"{store}/c", headers={"If-None-Match": etag})
+            assert (cached.status_code, cached.content) == (304, b""), method
+            assert cached.headers["etag"] == etag
+            stale = c.request(method, f"{store}/c", headers={"If-Match": STALE})
+            assert stale.status_code == 412, method
+        part = c.get(f"{store}/c", headers={"Range": "bytes=10-19"})
+        assert (part.status_code, part.content) == (206, body[10:20])
+        assert part.headers["content-range"] == f"bytes 10-19/{len(body)}"
+        assert c.get(f"{store}/c", headers={"Range": "bytes=5000-"}).status_code == 416
+        whole, head = c.get(f"{store}/c"), c.head(f"{store}/c")
+        assert whole.content == body
+        for name in ("etag", "content-length", "content-type", "last-modified", "x-revision"):
+            assert whole.headers[name] == head.headers[name], name
