@@ -9,9 +9,8 @@ suite, `List("/")` must be empty after every test (the `driver` fixture checks).
 Sizes are the suite's short mode, or shrunk where that is still too large for a
 shared 2-core machine (each says so): TestWriteReadLargeStreams writes 64 MiB
 instead of 5 GiB, TestConcurrentFileStreams runs 8 streams of 2 MiB instead of 8
-of 8 MiB, TestStatCall sleeps 1.1 s instead of 10 + 5 s, and TestRedirectURL
-checks the signed URL itself (the service routes that serve signed URLs are
-wired separately), not an HTTP GET of it.
+of 8 MiB, and TestStatCall sleeps 1.1 s instead of 10 + 5 s. TestRedirectURL fetches the
+URLs from a real service, as the Go test does.
 """
 
 from __future__ import annotations
@@ -27,11 +26,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from catalog import InvalidOffsetError, InvalidPathError, ManagedStorage, NotFoundError
 from catalog.driver import FileInfo, FilledBuffer, SkipDir, StorageDriver
+from service.app import create_app
 from service.signing import URLSigner
+from tests.test_service_support import ServerThread
 
 NAME = "rescat-suite"
 _FILENAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -424,19 +426,31 @@ def test_delete(driver: StorageDriver) -> None:
         delete_path(driver, first_part(filename))
 
 
-def test_redirect_url(driver: StorageDriver, managed: ManagedStorage) -> None:
-    """TestRedirectURL: "" without a signer; with one, a signed URL that verifies."""
+def test_redirect_url(
+    driver: StorageDriver, managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TestRedirectURL: "" without a signer; with one, the URL is fetched as the suite does.
+
+    A GET of the GET URL returns the content; a HEAD of the HEAD URL is 200 with
+    Content-Length 32 (no Authorization header on either).
+    """
+    monkeypatch.delenv("RESCAT_SIGNING_SECRET", raising=False)
     filename = random_path(32)
+    contents = random_contents(32)
     try:
-        driver.put_content(filename, random_contents(32))
+        driver.put_content(filename, contents)
         assert driver.redirect_url("GET", filename) == ""
-        signer = URLSigner("http://catalog.test", "s3cret", ttl=60)
-        signed = StorageDriver(managed, "suite", name=NAME, redirect=signer)
-        for method in ("GET", "HEAD"):
-            url = signed.redirect_url(method, filename)
-            assert url.startswith("http://catalog.test/v1/signed/environments/suite/resources/")
-            query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
-            signer.verify(method, "suite", filename[1:], query)
+        with ServerThread(create_app(managed, auth=True)) as server, httpx.Client() as client:
+            signer = URLSigner.for_database(managed, server.url, ttl=60)
+            signed = StorageDriver(managed, "suite", name=NAME, redirect=signer)
+            url = signed.redirect_url("GET", filename)
+            assert url.startswith(server.url + "/v1/signed/environments/suite/resources/")
+            response = client.get(url)
+            assert response.status_code == 200
+            assert response.content == contents
+            response = client.head(signed.redirect_url("HEAD", filename))
+            assert response.status_code == 200
+            assert int(response.headers["content-length"]) == 32
     finally:
         delete_path(driver, first_part(filename))
 
