@@ -733,8 +733,20 @@ class Lock:
             self.session, self.fence = session, info.revision
             self.lost.clear()
         with store._mutex:
-            store._locks.add(self)
-        store._renewer.add(self.key, session, self.ttl, info.revision, on_lost=self._on_lost)
+            closed = store._closed
+            if not closed:
+                store._locks.add(self)
+        try:
+            if closed:
+                raise RuntimeError("renewer closed")
+            store._renewer.add(self.key, session, self.ttl, info.revision, on_lost=self._on_lost)
+        except RuntimeError:
+            # The store closed while this write took the lock: close() missed it
+            # (or released it already), and nothing would renew it. Give it back
+            # now rather than leave it held by nobody for its whole ttl.
+            self._abandon()
+            store._check_open()
+            raise
         return True
 
     def _wait(
@@ -749,8 +761,8 @@ class Lock:
         changes.focus([doc["_id"]])
         expires_at = doc.get("expires_at")
         while not _over(deadline, stop):
-            if _expired(expires_at) or changes.ended:
-                return
+            if _expired(expires_at) or changes.ended or self._store._closed:
+                return  # (closed: the next attempt raises, a waiter is not left hanging)
             event = changes.next()
             if event is None or (event.get("documentKey") or {}).get("_id") != doc["_id"]:
                 continue

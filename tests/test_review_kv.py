@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from catalog import ManagedStorage
+from catalog.errors import InvalidArgumentError
 from catalog.kv import KVPair, KVStore
 
 ENV = "kvreview"
@@ -73,3 +74,61 @@ def test_watch_range_sees_a_key_rewritten_over_an_expired_ttl_key(
         lock.release()
     finally:
         stop.set()
+
+
+# -- close() and locks being acquired ----------------------------------------------------------
+def test_close_ends_a_blocked_acquire(kv: KVStore, managed: ManagedStorage) -> None:
+    """A thread waiting for a held lock is let go when its store closes.
+
+    It waited on until the other holder let go (forever, for a lock held that
+    long), then failed anyway: a shutdown that closes the store hung on it.
+    """
+    holder = KVStore(managed, ENV)
+    assert holder.lock("busy", b"holder", ttl=30).acquire()
+    waiter = KVStore(managed, ENV)
+    outcome: queue.Queue[object] = queue.Queue()
+
+    def wait() -> None:
+        try:
+            outcome.put(waiter.lock("busy", b"waiter", ttl=30).acquire())
+        except Exception as exc:
+            outcome.put(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # not needed for the outcome: let it reach its wait
+        waiter.close()
+        result = outcome.get(timeout=15)
+        assert isinstance(result, InvalidArgumentError) and "closed" in str(result)
+        assert kv.get("busy").value == b"holder"  # the holder keeps it
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_lock_taken_while_its_store_closes_is_given_back(
+    kv: KVStore, managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() racing an acquisition: the lock is released, not left held by nobody.
+
+    The write that took it landed after close() had collected the store's
+    locks: acquire raised RuntimeError("renewer closed") and the key stayed
+    locked, renewed by nobody, for the lock's whole ttl.
+    """
+    closing = KVStore(managed, ENV)
+    put_path = managed.put_path
+
+    def put_then_close(*args: Any, **kwargs: Any) -> Any:
+        info = put_path(*args, **kwargs)
+        closing.close()  # another thread shutting the store down, just now
+        return info
+
+    monkeypatch.setattr(managed, "put_path", put_then_close)
+    lock = closing.lock("racy", b"x", ttl=60)
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        lock.acquire()
+    monkeypatch.undo()
+    assert lock.lost.is_set() and not lock.held
+    assert not kv.exists("racy")
+    assert kv.lock("racy").acquire(blocking=False)  # free at once, not after 60 s
