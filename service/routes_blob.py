@@ -32,6 +32,7 @@ from service.conditions import (
     Condition,
     Stat,
     content_type,
+    holds,
     revision_header,
     stat_or_none,
     write_condition,
@@ -158,8 +159,19 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         )
         return await store_body(ctx, env, name, length, None, typed)
 
+    def large(ctx: Ctx[Any]) -> bool:
+        """A body worth refusing before it is sent (curl waits for 100 Continue past 1 MiB)."""
+        from service.body import HOP_BYTES, declared_length
+
+        return not 0 <= declared_length(ctx.request.headers) <= HOP_BYTES
+
     async def store_create(ctx: Ctx[None]) -> Response:
-        await authorize(ctx)
+        name = await authorize(ctx)
+        if large(ctx):  # 409 now, not after the whole body (the write checks it again, atomically)
+            managed = ctx.app.managed
+            running = functools.partial(history.upload_in_progress, managed.history, env, name)
+            if await stat(ctx, name)() is not None or await ctx.app.sync(running):
+                raise AlreadyExistsError(f"{name!r} exists")
         try:
             info = await write(ctx, WriteOptions(if_none_match=True))
         except PreconditionFailedError:
@@ -200,6 +212,12 @@ def compat_store_routes(env: str) -> tuple[Endpoint[Any], ...]:
         name = await authorize(ctx)
         given = await condition(ctx)
         if_match = given.if_match if given is not None else None
+        if large(ctx):  # 404 / 412 now, not after the whole body (the write checks it again)
+            info = await stat(ctx, name)()
+            if info is None:
+                raise NotFoundError(f"no such blob {name!r}", path=name)
+            if if_match is not None and not holds(info, if_match):
+                raise PreconditionFailedError("If-Match does not match the current content")
         try:
             info = await write(ctx, WriteOptions(if_match="*" if if_match is None else if_match))
         except PreconditionFailedError:

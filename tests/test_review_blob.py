@@ -5,6 +5,7 @@ Each test runs a real `rescat serve` (or the app in a uvicorn thread) on a real 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -182,3 +183,34 @@ def test_store_reads_honour_conditions_and_ranges(store: str) -> None:
         assert whole.content == body
         for name in ("etag", "content-length", "content-type", "last-modified", "x-revision"):
             assert whole.headers[name] == head.headers[name], name
+
+
+def _first_answer(url: str, head: str) -> bytes:
+    """The status line the server sends to a request whose body waits for 100 Continue."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(60)  # a guard against a hang only: the answer comes at once either way
+        s.sendall(head.encode() + b"Expect: 100-continue\r\nContent-Length: 1000000000\r\n\r\n")
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_store_refuses_a_large_body_before_it_is_sent(store: str) -> None:
+    """curl sends Expect: 100-continue for bodies over 1 MiB: a create of an existing blob,
+    or a replace of an absent one, must be refused before the client sends 1 GB (the
+    service answered 100 Continue and took the whole body to answer 409 / 404)."""
+    with httpx.Client() as c:
+        etag = c.post(f"{store}/there", content=b"v").headers["etag"]
+    base = "/" + store.split("//", 1)[1].split("/", 1)[1]
+
+    def ask(method: str, name: str, extra: str = "") -> bytes:
+        return _first_answer(store, f"{method} {base}/{name} HTTP/1.1\r\nHost: x\r\n{extra}")
+
+    assert ask("POST", "there") == b"HTTP/1.1 409 Conflict"
+    assert ask("PUT", "absent") == b"HTTP/1.1 404 Not Found"
+    assert ask("PUT", "absent", f"If-Match: {etag}\r\n") == b"HTTP/1.1 404 Not Found"
+    assert ask("PUT", "there", f"If-Match: {STALE}\r\n") == b"HTTP/1.1 412 Precondition Failed"
+    # What may go through is still taken: 100 Continue, then the body.
+    assert ask("PUT", "there", f"If-Match: {etag}\r\n") == b"HTTP/1.1 100 Continue"
+    assert ask("POST", "new") == b"HTTP/1.1 100 Continue"
+    assert httpx.get(f"{store}/there").content == b"v"
+    assert httpx.get(f"{store}/new").status_code == 404
