@@ -151,7 +151,7 @@ async def put_resource(ctx: Ctx[None]) -> Response:
     if app.max_size is not None and length > app.max_size:
         raise TooLargeError(f"the body has {length} bytes; the limit is {app.max_size}")
     condition = await _write_condition(ctx, env, path)
-    if condition.if_match is not None and not 0 <= length <= HOP_BYTES:
+    if condition.any and not 0 <= length <= HOP_BYTES:
         await _fail_early(ctx, env, path, condition)  # before a large body is sent for nothing
     options = WriteOptions(
         if_match=condition.if_match,
@@ -308,8 +308,16 @@ async def _stat(ctx: Ctx[Any], env: str, path: str) -> PathInfo | None:
 
 
 async def _fail_early(ctx: Ctx[Any], env: str, path: str, condition: Condition) -> None:
-    """412 now when If-Match already fails (the write checks it again, atomically)."""
+    """412 now when the condition already fails (the write checks it again, atomically).
+
+    Before the body is read, so a client that waits for `100 Continue` (curl
+    does past 1 MiB) never sends a large body only to have it refused.
+    """
     info = await _stat(ctx, env, path)
+    if condition.if_none_match:
+        if info is not None:
+            raise PreconditionFailedError(f"{path!r} exists (If-None-Match: *)")
+        return
     if info is None or (condition.if_match is not None and not holds(info, condition.if_match)):
         raise PreconditionFailedError("If-Match does not match the current content")
 

@@ -214,3 +214,19 @@ def test_store_refuses_a_large_body_before_it_is_sent(store: str) -> None:
     assert ask("POST", "new") == b"HTTP/1.1 100 Continue"
     assert httpx.get(f"{store}/there").content == b"v"
     assert httpx.get(f"{store}/new").status_code == 404
+
+
+def test_v1_create_only_put_refuses_a_large_body_before_it_is_sent(store: str) -> None:
+    """`PUT /v1/...` with `If-None-Match: *` on an existing path answered 100 Continue and
+    read the body (the first 4 MiB at least) before its 412; like If-Match, it is refused
+    before the client sends anything, and a create of a new path still goes through."""
+    root = store.removesuffix("/store")
+    assert httpx.put(f"{root}/v1/environments/seed/resources/there", content=b"v").is_success
+
+    def ask(name: str) -> bytes:
+        head = f"PUT /v1/environments/seed/resources/{name} HTTP/1.1\r\nHost: x\r\n"
+        return _first_answer(root, head + "If-None-Match: *\r\n")
+
+    assert ask("there") == b"HTTP/1.1 412 Precondition Failed"
+    assert ask("new") == b"HTTP/1.1 100 Continue"
+    assert httpx.get(f"{root}/v1/environments/seed/resources/there").content == b"v"
