@@ -64,6 +64,8 @@ _CACHE_BYTES = 32 * 1024 * 1024
 _STORE_CACHE_BYTES = 8 * 1024 * 1024
 # A range watch over at most this many keys has the server filter their changes.
 _FOCUS_MAX = 1000
+# Keys delete_range removes in one transaction.
+_DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -349,14 +351,22 @@ class KVStore:
             ) from None
 
     def delete_range(self, prefix: str) -> None:
+        """Delete every key at or under prefix in one transaction (DeleteTree).
+
+        One step, as the seed's recursive delete: watchers and readers see the
+        whole tree or none of it, and a crash leaves no half-deleted tree.
+        Only a tree of more than _DELETE_BATCH keys goes in several steps (a
+        transaction must stay well within MongoDB's size and time limits).
+        """
         p = clean_prefix(prefix)
-        query = {"env": self.env_uuid, **_under(p)}
-        for doc in list(self.managed.paths.find(query, {"path": 1})):
-            try:
-                self.managed.delete_path(self.env_uuid, doc["path"])
-            except NotFoundError:
-                continue  # deleted meanwhile, or an expired TTL key (gc reclaims it)
-            self._renewer.remove(doc["path"], self.owner)
+        query = {"env": self.env_uuid, **_live(), **_under(p)}
+        paths = [d["path"] for d in self.managed.paths.find(query, {"path": 1}, sort=[("path", 1)])]
+        for start in range(0, len(paths), _DELETE_BATCH):
+            # Keys deleted meanwhile (or expired: gc reclaims those) are skipped.
+            for path in self.managed.delete_paths(
+                self.env_uuid, paths[start : start + _DELETE_BATCH]
+            ):
+                self._renewer.remove(path, self.owner)
 
     # -- watches -----------------------------------------------------------------------
     def watch(self, key: str, *, stop: threading.Event | None = None) -> Iterator[KVPair | None]:

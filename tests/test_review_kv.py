@@ -132,3 +132,28 @@ def test_lock_taken_while_its_store_closes_is_given_back(
     assert lock.lost.is_set() and not lock.held
     assert not kv.exists("racy")
     assert kv.lock("racy").acquire(blocking=False)  # free at once, not after 60 s
+
+
+# -- delete_range is one step ------------------------------------------------------------------
+def test_delete_range_is_one_step_for_watchers(kv: KVStore) -> None:
+    """DeleteTree removes the tree at once: a watcher never sees half of it.
+
+    Each key went in a transaction of its own, so watch_range (and any reader,
+    or a crash) saw the tree partly deleted.
+    """
+    keys = [f"tree/k{i:02d}" for i in range(40)]
+    for key in keys:
+        kv.put(key, key.encode())
+    kv.put("treetop", b"outside")
+    events: queue.Queue[list[KVPair]] = queue.Queue()
+    stop = threading.Event()
+    pump(kv.watch_range("tree", stop=stop), events)
+    try:
+        assert [p.key for p in events.get(timeout=10)] == keys
+        kv.delete_range("tree")
+        assert events.get(timeout=10) == []  # no list in between
+        assert kv.get("treetop").value == b"outside"
+        kv.put("tree/after", b"1")
+        assert [p.key for p in events.get(timeout=10)] == ["tree/after"]
+    finally:
+        stop.set()
