@@ -77,6 +77,27 @@ def start_upload(
     return op
 
 
+def failed_upload(history: Collection[Any], env_uuid: str, path: str) -> None:
+    """Record an upload that failed before it wrote a pending item (a small one)."""
+    history.with_options(write_concern=WriteConcern(w=1)).update_one(
+        {"env": env_uuid, "path": path},
+        {
+            "$push": {
+                "events": {
+                    "op": ObjectId(),
+                    "at": utcnow(),
+                    "event": "upload",
+                    "state": "failed",
+                    "hash": "",
+                    "length": 0,
+                    "revision": 0,
+                }
+            }
+        },
+        upsert=True,
+    )
+
+
 def renew_upload(
     history: Collection[Any], env_uuid: str, path: str, op: ObjectId, lease: float
 ) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import heapq
 import hmac
 import io
 import itertools
@@ -30,7 +31,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
@@ -272,11 +273,9 @@ class ManagedStorage:
         live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
         if live is not None:
             events.extend(live.get("events") or [])
-        events = _once(events)  # a spill cut short leaves some in both documents
-        events.sort(key=lambda e: (int(e.get("revision", 0)), aware(e["at"])))
         for event in events:
             event["at"] = aware(event["at"])
-        return events
+        return _in_order(_once(events))  # a spill cut short leaves some in both documents
 
     # -- writes ---------------------------------------------------------------
     def put_for_environment(
@@ -526,15 +525,17 @@ class ManagedStorage:
         length = max(length, -1)
         expected = parse_hash(check_hash) if check_hash else None
         if 0 <= length <= self.inline_max:
-            data = read_exact(reader, length)
-            if len(data) != length:
-                raise LengthMismatchError(f"expected {length} bytes, the input has {len(data)}")
-            return self._put_small(env_uuid, path, data, expected, options)
+            with self._failure_recorded(env_uuid, path, options):
+                data = read_exact(reader, length)
+                if len(data) != length:
+                    raise LengthMismatchError(f"expected {length} bytes, the input has {len(data)}")
+                return self._put_small(env_uuid, path, data, expected, options)
         if length < 0:
             start = reader.tell() if is_seekable(reader) else None
-            head = read_exact(reader, self.inline_max + 1)
-            if len(head) <= self.inline_max:
-                return self._put_small(env_uuid, path, head, expected, options)
+            with self._failure_recorded(env_uuid, path, options):
+                head = read_exact(reader, self.inline_max + 1)
+                if len(head) <= self.inline_max:
+                    return self._put_small(env_uuid, path, head, expected, options)
             if start is not None:
                 reader.seek(start)
             else:
@@ -575,6 +576,25 @@ class ManagedStorage:
         if op is not None:
             history.finish_upload(self.history, env_uuid, path, op, ok=True)
         return result
+
+    @contextlib.contextmanager
+    def _failure_recorded(self, env_uuid: str, path: str, options: WriteOptions) -> Iterator[None]:
+        """A small put that fails shows as a failed `upload` in the path's history.
+
+        As a streamed one does (its `pending` item turns `failed`); a small put
+        writes no pending item, so the failed one is written only on failure.
+        A refused condition is not a failed upload: nothing was stored, and a
+        compare-and-swap loop under contention would fill the history with them.
+        """
+        try:
+            yield
+        except PreconditionFailedError:
+            raise
+        except BaseException:
+            if options.link:
+                with contextlib.suppress(Exception):
+                    history.failed_upload(self.history, env_uuid, path)
+            raise
 
     def _check_creatable(self, env_uuid: str, path: str) -> None:
         """Create-only fails early if the path exists or its first upload is running."""
@@ -1292,6 +1312,15 @@ def _once(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(key)
             out.append(e)
     return out
+
+
+def _in_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Oldest first: changes by revision, and uploads that made none (failed,
+    pending: revision 0) among them by time, not all before the first change."""
+    changes = [e for e in events if e.get("revision")]
+    changes.sort(key=lambda e: (e["revision"], e["at"]))
+    uploads = sorted((e for e in events if not e.get("revision")), key=lambda e: e["at"])
+    return list(heapq.merge(changes, uploads, key=lambda e: e["at"]))
 
 
 def _revision(doc: dict[str, Any]) -> int:

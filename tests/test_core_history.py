@@ -11,7 +11,7 @@ import bson
 import pytest
 from pymongo.database import Database
 
-from catalog import ManagedStorage, NotFoundError, PreconditionFailedError
+from catalog import HashMismatchError, ManagedStorage, NotFoundError, PreconditionFailedError
 from catalog import history as hist
 from catalog.managed import WriteOptions
 from storage import GridFSStorage
@@ -89,6 +89,32 @@ def test_failed_upload_is_recorded(managed: ManagedStorage) -> None:
     assert events(managed, "p") == [("upload", "failed")]
     with pytest.raises(NotFoundError):
         managed.stat_for_environment("e", "p")
+
+
+def test_a_failed_small_upload_is_recorded_in_its_place(managed: ManagedStorage) -> None:
+    """Small puts (content kept in the catalog entry) left no item when they failed,
+    and failed uploads of any size were listed before every change, not where they ran."""
+    managed.put_for_environment("e", "p", io.BytesIO(b"v1"))
+    with pytest.raises(HashMismatchError):
+        managed.put_for_environment_and_check_hash("e", "p", io.BytesIO(b"v2"), 2, "0" * 64)
+    with pytest.raises(OSError):
+        managed.put_for_environment("e", "p", BrokenReader(rand(2_000), 1_000))
+    managed.put_for_environment("e", "p", io.BytesIO(b"v3"))
+    with pytest.raises(HashMismatchError):
+        big = rand(200_000)
+        managed.put_for_environment_and_check_hash("e", "p", io.BytesIO(big), len(big), "0" * 64)
+    assert events(managed, "p") == [
+        ("create", "ok"),
+        ("upload", "failed"),
+        ("upload", "failed"),
+        ("replace", "ok"),
+        ("upload", "failed"),
+    ]
+    # A refused condition stored nothing and is not an upload that failed.
+    with pytest.raises(PreconditionFailedError):
+        managed.put_path("e", "p", io.BytesIO(b"v4"), 2, options=WriteOptions(if_match=1))
+    assert len(events(managed, "p")) == 5
+    assert managed.get_for_environment("e", "p")[0].read() == b"v3"
 
 
 def test_abandoned_upload_becomes_failed_when_its_lease_runs_out(managed: ManagedStorage) -> None:
