@@ -532,11 +532,16 @@ class KeyWatch(_Watch):
             if self._stopped():
                 raise StopIteration
             event = self._next_event()
-            if event is None:  # caught up: expiry is decided now, not on replayed renewals
-                if self._doc is not None and _expired(self._doc.get("expires_at")):
-                    self._show(None)
+            if event is not None:
+                self._apply(event)
+            if self._shown is None or self._doc is None:
                 continue
-            self._apply(event)
+            if not _expired(self._doc.get("expires_at")):
+                continue
+            # Caught up, the copy is current; while events flow (a busy database
+            # need never go quiet) it may lag a renewal, so the database decides.
+            if event is None or self._lapsed():
+                self._show(None)
 
     def _apply(self, event: dict[str, Any]) -> None:
         op = event.get("operationType")
@@ -578,6 +583,25 @@ class KeyWatch(_Watch):
             self._doc = self._doc_id = None
             self._focus()
             self._show(None)
+
+    def _lapsed(self) -> bool:
+        """Whether the key, at the revision shown, has expired in the database now.
+
+        Otherwise the copy's expiry is brought up to the database's (a renewal
+        the stream has not delivered yet); a newer revision or a deletion
+        comes as its own event.
+        """
+        assert self._doc is not None
+        doc = self._store.managed.paths.find_one({"_id": self._doc_id}, {"rev": 1, "expires_at": 1})
+        if doc is None or int(doc["rev"]) != int(self._doc["rev"]):
+            return False
+        if _expired(doc.get("expires_at")):
+            return True
+        if doc.get("expires_at") is None:
+            self._doc.pop("expires_at", None)
+        else:
+            self._doc["expires_at"] = doc["expires_at"]
+        return False
 
     def _show_doc(self) -> None:
         doc = self._doc
@@ -647,11 +671,11 @@ class RangeWatch(_Watch):
             if self._stopped():
                 raise StopIteration
             event = self._next_event()
-            if event is None:
-                if self._next_expiry is not None and self._next_expiry <= utcnow():
-                    self._reread()
-                continue
-            if self._relevant(event):
+            if event is not None and self._relevant(event):
+                self._reread()
+            elif self._next_expiry is not None and self._next_expiry <= utcnow():
+                # Not only once the stream is quiet: a busy database need never be.
+                # The reread is the database's answer, so a lagging stream is harmless.
                 self._reread()
 
     def _relevant(self, event: dict[str, Any]) -> bool:

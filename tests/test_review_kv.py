@@ -157,3 +157,47 @@ def test_delete_range_is_one_step_for_watchers(kv: KVStore) -> None:
         assert [p.key for p in events.get(timeout=10)] == ["tree/after"]
     finally:
         stop.set()
+
+
+# -- TTL expiry seen by watches while the environment is busy ----------------------------------
+def test_watches_see_a_ttl_key_expire_while_other_keys_change(
+    kv: KVStore, managed: ManagedStorage
+) -> None:
+    """Expiry reaches watchers even when the stream never goes quiet.
+
+    Watches decided expiry only when their stream had been idle for a moment:
+    other keys being created (or any new small content in the database) more
+    often than that kept an expired key shown forever.
+    """
+    owner = KVStore(managed, ENV)
+    owner.put("lease/x", b"alive", ttl=1)
+    key_events: queue.Queue[KVPair | None] = queue.Queue()
+    range_events: queue.Queue[list[KVPair]] = queue.Queue()
+    stop = threading.Event()
+    busy = threading.Event()
+    pump(kv.watch("lease/x", stop=stop), key_events)
+    pump(kv.watch_range("lease", stop=stop), range_events)
+
+    def noise() -> None:
+        with KVStore(managed, ENV) as other:
+            i = 0
+            while not stop.is_set():
+                other.put(f"noise/{i}", f"value {i}".encode())  # a new key, new content
+                i += 1
+                busy.set()
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=noise, daemon=True)
+    try:
+        assert key_events.get(timeout=10) is not None
+        assert [p.key for p in range_events.get(timeout=10)] == ["lease/x"]
+        writer.start()
+        busy.wait(10)
+        owner._renewer.pause()  # the owner stalls: the key expires within 1 s
+        assert key_events.get(timeout=15) is None
+        assert range_events.get(timeout=15) == []
+        assert not kv.exists("lease/x")
+    finally:
+        stop.set()
+        owner.close()
+        writer.join(10)
