@@ -55,6 +55,7 @@ from catalog.errors import (
 )
 from catalog.names import check_env, check_path, parse_hash
 from catalog.streams import Heartbeat
+from storage.errors import StaleWriteError
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage, PathInfo
@@ -423,7 +424,8 @@ class SessionWriter:
         self._verified = self._size  # confirmed durable by the last checkpoint
         self._n = self._size // self._chunk_size  # index of the chunk being filled
         self._buf = bytearray(tail)
-        self._tail_stored = bool(tail)  # chunk _n exists (a partial tail) and is replaced
+        # Chunk _n as stored (a partial tail), which the next write of it replaces.
+        self._stored_tail: bytes | None = bytes(tail) if tail else None
         self._hasher = hasher if hasher is not None or self._size else blake3.blake3()
         self._state = OPEN
         self._in_flight: deque[Future[None]] = deque()
@@ -444,47 +446,56 @@ class SessionWriter:
         cs = self._chunk_size
         chunks: list[bytes] = []
         first_n = self._n
-        replace_first = False
+        stored: bytes | None = None
         if self._buf:
             take = min(cs - len(self._buf), len(view))
             self._buf += view[:take]
             view = view[take:]
             if len(self._buf) == cs:
                 chunks.append(bytes(self._buf))
-                replace_first = self._tail_stored
+                stored, self._stored_tail = self._stored_tail, None
                 self._buf = bytearray()
-                self._tail_stored = False
         while len(view) >= cs:
             chunks.append(bytes(view[:cs]))
             view = view[cs:]
         if len(view):
             self._buf += view
         if chunks:
-            self._submit(first_n, chunks, replace_first)
+            self._submit(first_n, chunks, stored)
             self._n += len(chunks)
         self._size += count
         return count
 
-    def _submit(self, first_n: int, chunks: list[bytes], replace_first: bool) -> None:
+    def _submit(self, first_n: int, chunks: list[bytes], stored: bytes | None) -> None:
         """Insert chunks on a worker thread; at most IN_FLIGHT inserts outstanding."""
         if len(self._in_flight) >= IN_FLIGHT:
             self._wait(self._in_flight.popleft())
-        self._in_flight.append(
-            _insert_pool().submit(self._write_chunks, first_n, chunks, replace_first)
-        )
+        self._in_flight.append(_insert_pool().submit(self._write_chunks, first_n, chunks, stored))
 
-    def _write_chunks(self, first_n: int, chunks: list[bytes], replace_first: bool) -> None:
+    def _write_chunks(self, first_n: int, chunks: list[bytes], stored: bytes | None) -> None:
         """Write chunks of the session file, only while this writer still holds the session.
 
         A writer stalled past its lease (a stopped process, a paused VM) may have
         been taken over, and the new writer may have rewritten or committed these
         chunk positions: a write then would change bytes that are not this
         writer's any more (a committed file's, read through every path to its hash).
+        `stored`: what chunk `first_n` holds now, if it exists; it is replaced only
+        if it still does, which also covers a stall between the fence and the write.
         """
         self._fence()
-        self._store.storage.write_session_chunks(
-            self.file_id, first_n, chunks, replace_first=replace_first
-        )
+        try:
+            self._store.storage.write_session_chunks(
+                self.file_id,
+                first_n,
+                chunks,
+                replace_first=stored is not None,
+                expect_first=stored,
+            )
+        except StaleWriteError:
+            self._lost = True
+            raise SessionLostError(
+                f"upload session {self.session_id} was taken over (its chunks changed)"
+            ) from None
 
     def _beat(self) -> None:
         sent = time.monotonic()
@@ -626,11 +637,11 @@ class SessionWriter:
     def _write_tail(self) -> None:
         """Store the partial chunk being filled (fenced like every chunk write)."""
         try:
-            self._write_chunks(self._n, [bytes(self._buf)], self._tail_stored)
+            self._write_chunks(self._n, [bytes(self._buf)], self._stored_tail)
         except SessionLostError:
             self._end("lost")
             raise
-        self._tail_stored = True
+        self._stored_tail = bytes(self._buf)
 
     def _check_open(self, what: str) -> None:
         if self._state != OPEN:

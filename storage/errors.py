@@ -34,4 +34,14 @@ class LengthMismatchError(CatalogError):
     code = "length_mismatch"
 
 
-__all__ = ["CatalogError", "LengthMismatchError", "NotFoundError"]
+class StaleWriteError(CatalogError):
+    """A chunk to replace no longer holds what its writer last stored there.
+
+    Another writer has rewritten (or deleted) it since: the write is refused
+    rather than change bytes that are no longer the writer's.
+    """
+
+    code = "stale_write"
+
+
+__all__ = ["CatalogError", "LengthMismatchError", "NotFoundError", "StaleWriteError"]

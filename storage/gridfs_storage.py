@@ -28,7 +28,7 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
-from storage.errors import LengthMismatchError, NotFoundError
+from storage.errors import LengthMismatchError, NotFoundError, StaleWriteError
 from storage.reader import CorruptFileError, GridFSReader
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
@@ -304,12 +304,21 @@ class GridFSStorage:
     # written as its bytes arrive, possibly by several processes one after the
     # other, and gets its files document only at commit: no second copy.
     def write_session_chunks(
-        self, file_id: Any, first_n: int, chunks: list[bytes], *, replace_first: bool = False
+        self,
+        file_id: Any,
+        first_n: int,
+        chunks: list[bytes],
+        *,
+        replace_first: bool = False,
+        expect_first: bytes | None = None,
     ) -> None:
         """Store chunks `first_n`, `first_n + 1`, ... of a session file (w=1).
 
         replace_first: chunk `first_n` exists already (a partial tail written at an
-        earlier checkpoint) and is overwritten.
+        earlier checkpoint) and is overwritten. expect_first: what that chunk must
+        still hold to be overwritten (StaleWriteError otherwise), so that a writer
+        another one has taken over cannot change bytes it no longer owns, even
+        when it stalls between checking its claim and writing.
         """
         if not chunks:
             return
@@ -318,7 +327,15 @@ class GridFSStorage:
         ]
         if replace_first:
             first = docs.pop(0)
-            self._fast_chunks.replace_one({"files_id": file_id, "n": first_n}, first, upsert=True)
+            where: dict[str, Any] = {"files_id": file_id, "n": first_n}
+            if expect_first is None:
+                self._fast_chunks.replace_one(where, first, upsert=True)
+            else:
+                stored = {**where, "data": expect_first}
+                if not self._fast_chunks.replace_one(stored, first).matched_count:
+                    raise StaleWriteError(
+                        f"session file {file_id}: chunk {first_n} changed since it was stored"
+                    )
         if docs:
             self._fast_chunks.insert_many(docs, ordered=True)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pymongo.database import Database
 
-from catalog import ManagedStorage, UploadPendingError
+from catalog import CatalogError, ManagedStorage, UploadPendingError
 from catalog.driver import StorageDriver
 from storage import GridFSStorage
 
@@ -90,6 +90,42 @@ def test_a_stopped_writer_cannot_overwrite_the_content_of_the_writer_that_took_o
     out, err = child.communicate("go\n", timeout=120)
     assert child.returncode == 0, err
     assert out.split()[0] == "refused", out
+    assert driver.get_content("/layer") == expected
+    chunks = db["resources.chunks"].find({}, {"n": 1, "data": 1}, sort=[("n", 1)])
+    assert b"".join(bytes(c["data"]) for c in chunks) == expected
+
+
+def test_a_writer_stalled_between_its_claim_check_and_its_write_changes_nothing(
+    short_lease: ManagedStorage, db: Database[Any]
+) -> None:
+    """The claim check before each chunk write leaves a window: a writer that stalls
+    after it (and before the database applies the write) still overwrote the tail chunk
+    of the file its successor committed. The chunk is now replaced only if it still holds
+    what this writer stored there, so the stale write is refused by the database itself."""
+    driver = StorageDriver(short_lease, "reg", name=NAME)
+    first = driver.writer("/layer")
+    first.write(b"\x01" * (MiB + 17))
+    first.close()  # a partial tail of 17 bytes is stored as chunk 1
+    stale = driver.writer("/layer", append=True)
+    session = stale._writer
+    session._heartbeat.__exit__(None, None, None)  # it stalls: no more renewals...
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            successor = driver.writer("/layer", append=True)
+            break
+        except UploadPendingError:  # ...until its lease runs out and another writer takes over
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    successor.write(b"\x02" * (2 * MiB))
+    successor.commit()
+    expected = b"\x01" * (MiB + 17) + b"\x02" * (2 * MiB)
+    assert driver.get_content("/layer") == expected
+    # It wakes up past its claim check (the stall came just after it) and writes.
+    session._fence = lambda: None  # type: ignore[method-assign]
+    with pytest.raises(CatalogError):
+        stale.write(b"\x03" * (2 * MiB))
+        stale.close()
     assert driver.get_content("/layer") == expected
     chunks = db["resources.chunks"].find({}, {"n": 1, "data": 1}, sort=[("n", 1)])
     assert b"".join(bytes(c["data"]) for c in chunks) == expected
