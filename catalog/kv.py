@@ -57,6 +57,7 @@ log = logging.getLogger("rescat.kv")
 
 MAX_VALUE = 1024 * 1024
 DEFAULT_LOCK_TTL = 15.0
+MAX_TTL = 1e9  # seconds (~31 years), as etcd's longest lease
 _FIELDS = {"path": 1, "rev": 1, "hash": 1, "resource_id": 1, "length": 1, "expires_at": 1}
 # Bytes of new inline content a watcher keeps, to hand out values overwritten since.
 _CACHE_BYTES = 32 * 1024 * 1024
@@ -104,13 +105,20 @@ def _value(value: object) -> bytes:
 
 
 def check_ttl(ttl: object) -> float | None:
-    """None, or positive finite seconds; InvalidArgumentError otherwise."""
+    """None, or positive seconds up to MAX_TTL; InvalidArgumentError otherwise.
+
+    Bounded because an expiry is a datetime (year 9999 at most) and the renewal
+    thread waits ttl/3 (threading.TIMEOUT_MAX at most): past either, a put
+    raised OverflowError, or killed the store's renewals of every key and lock.
+    """
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise InvalidArgumentError(f"ttl must be a number of seconds, not {ttl!r}")
     if not math.isfinite(ttl) or ttl <= 0:
         raise InvalidArgumentError(f"ttl must be positive seconds, not {ttl!r}")
+    if ttl > MAX_TTL:
+        raise InvalidArgumentError(f"ttl must be at most {MAX_TTL:.0f} seconds, not {ttl!r}")
     return float(ttl)
 
 
@@ -900,6 +908,7 @@ def reclaim_expired(managed: ManagedStorage) -> int:
 
 __all__ = [
     "DEFAULT_LOCK_TTL",
+    "MAX_TTL",
     "MAX_VALUE",
     "KVPair",
     "KVStore",

@@ -26,6 +26,8 @@ from catalog.clock import utcnow
 
 log = logging.getLogger("rescat.leases")
 
+_LONGEST_WAIT = 3600.0  # seconds the thread sleeps at most before looking again
+
 
 @dataclass
 class Lease:
@@ -113,7 +115,10 @@ class Renewer:
                     times = [x.deadline for x in self._leases.values()]
                     if not self._paused:
                         times += [x.due for x in self._leases.values()]
-                    self._cond.wait(timeout=max(min(times, default=now + 1.0) - now, 0.005))
+                    wake = min(times, default=now + 1.0) - now
+                    # Capped: a wait past threading.TIMEOUT_MAX raises and would end
+                    # this thread, and with it the renewal of every lease it holds.
+                    self._cond.wait(timeout=min(max(wake, 0.005), _LONGEST_WAIT))
                     continue
             for lease in lost:
                 log.info("lease on %s/%s ran out before renewal", self._env, lease.path)

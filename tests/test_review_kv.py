@@ -16,7 +16,7 @@ import pytest
 
 from catalog import ManagedStorage
 from catalog.errors import InvalidArgumentError
-from catalog.kv import KVPair, KVStore
+from catalog.kv import MAX_TTL, KVPair, KVStore
 
 ENV = "kvreview"
 
@@ -201,3 +201,25 @@ def test_watches_see_a_ttl_key_expire_while_other_keys_change(
         stop.set()
         owner.close()
         writer.join(10)
+
+
+# -- a very long ttl ---------------------------------------------------------------------------
+def test_a_huge_ttl_is_refused_and_renewals_go_on(kv: KVStore, managed: ManagedStorage) -> None:
+    """A ttl too long to represent is a clear error; the longest allowed breaks nothing.
+
+    ttl=1e12 raised OverflowError (a datetime past year 9999); ttl=1e11 was
+    written, and its renewal wait (past threading.TIMEOUT_MAX) killed the
+    store's renewal thread: every other TTL key and lock of the open store
+    then expired.
+    """
+    for ttl in (1e11, 1e12, 1e300):
+        with pytest.raises(InvalidArgumentError, match="ttl"):
+            kv.put("far", b"x", ttl=ttl)
+        with pytest.raises(InvalidArgumentError, match="ttl"):
+            kv.lock("far", ttl=ttl)
+    assert not kv.exists("far")
+    kv.put("far", b"x", ttl=MAX_TTL)  # the longest allowed
+    kv.put("short", b"y", ttl=0.6)
+    time.sleep(1.5)  # past its ttl: the store, open, renews it
+    assert kv.get("short").value == b"y"
+    assert kv.get("far").value == b"x"
