@@ -25,7 +25,6 @@ import datetime
 import heapq
 import hmac
 import io
-import itertools
 import logging
 import re
 import secrets
@@ -762,10 +761,16 @@ class ManagedStorage:
     ) -> dict[str, Any]:
         """Point a path at a resource we hold a reference to; the path document after.
 
-        One upsert is the commit point, with the write's condition in its query;
-        its pipeline keeps the resource the path held before in `prev_rid`, whose
-        reference is dropped after it. A crash between the two leaves a count one
-        too high, never too low (gc recounts it), so no transaction is needed.
+        One update of the path document is the commit point, with the write's
+        condition in its query; its pipeline keeps the resource the path held
+        before in `prev_rid`, whose reference is dropped after it. A crash
+        between the two leaves a count one too high, never too low (gc recounts
+        it), so no transaction is needed. But from the commit to the drop that
+        reference is held by no path, and gc recounts an entry whose lease has
+        run out: it would count the drop away first, and the drop would then
+        take a reference another path holds (deleting its content). So a link
+        that replaces other content first renews that content's lease, as an
+        uploader's in-flight reference is renewed.
         Without pipelines (mongomock) the classic update runs through transact.
         """
         if not options.link:
@@ -773,36 +778,11 @@ class ManagedStorage:
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
         if not self._updates.pipelines:
             return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
-        query: dict[str, Any] = {"env": env_uuid, "path": path}
-        if options.if_match is not None:
-            query.update(_match_query(options.if_match))
-            query["expires_at"] = {"$not": {"$lte": utcnow()}}
-        elif options.if_none_match:
-            query["$or"] = [{"resource_id": {"$exists": False}}, {"expires_at": {"$lte": utcnow()}}]
         update = self._link_update(target, options)
-        for attempt in itertools.count():
-            try:
-                doc = self.paths.find_one_and_update(
-                    query,
-                    update,
-                    upsert=options.if_match is None,
-                    projection=NO_EVENTS,
-                    return_document=ReturnDocument.AFTER,
-                )
+        while True:
+            doc = self._link_once(env_uuid, path, target, options, update)
+            if doc is not None:
                 break
-            except DuplicateKeyError:
-                if options.if_none_match:
-                    raise PreconditionFailedError(f"{env_uuid}: {path!r} exists") from None
-                if attempt >= 5:
-                    raise
-                # two first writers of one path: the loser retries as an update
-        if doc is None:  # only a conditional update matches nothing
-            current = self.paths.find_one(self._live_query(env_uuid, path), {"rev": 1})
-            if current is None:
-                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
-            raise PreconditionFailedError(
-                f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
-            )
         old = doc.get("prev_rid")
         if old is not None:
             try:
@@ -814,6 +794,62 @@ class ManagedStorage:
                 log.warning("releasing %s after a link failed", old, exc_info=True)
         self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
+
+    def _link_once(
+        self,
+        env_uuid: str,
+        path: str,
+        target: dict[str, Any],
+        options: WriteOptions,
+        update: Any,
+    ) -> dict[str, Any] | None:
+        """One try of _link's update; None when the path changed under it (try again).
+
+        A path that does not exist, or holds our resource already (whose lease
+        is ours), is written without reading it first.
+        """
+        own = {"resource_id": target["resource_id"]}
+        if options.if_match is None:
+            query: dict[str, Any] = {"env": env_uuid, "path": path}
+            if options.if_none_match:
+                expired = {**own, "expires_at": {"$lte": utcnow()}}
+                query["$or"] = [{"resource_id": {"$exists": False}}, expired]
+            else:
+                query["$or"] = [{"resource_id": {"$exists": False}}, own]
+            try:
+                return self._update_path(query, update, upsert=True)
+            except DuplicateKeyError:
+                pass  # the path holds other content (or another first writer won)
+        current = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
+        if current is None:
+            if options.if_match is not None:
+                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
+            return None  # deleted meanwhile: create it
+        live = not _expired(current)
+        if options.if_none_match and live:
+            raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
+        if options.if_match is not None:
+            if not live:
+                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
+            if not _matches(current, options.if_match):
+                raise PreconditionFailedError(
+                    f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+                )
+        held = current.get("resource_id")
+        if held is not None and held != target["resource_id"]:
+            self._catalog.hold(held)  # before the commit point: see _link
+        query = {"_id": current["_id"], "resource_id": held, "rev": current.get("rev")}
+        if options.if_match is not None:
+            query["expires_at"] = {"$not": {"$lte": utcnow()}}
+        return self._update_path(query, update, upsert=False)
+
+    def _update_path(
+        self, query: dict[str, Any], update: Any, *, upsert: bool
+    ) -> dict[str, Any] | None:
+        doc = self.paths.find_one_and_update(
+            query, update, upsert=upsert, projection=NO_EVENTS, return_document=ReturnDocument.AFTER
+        )
+        return dict(doc) if doc is not None else None
 
     def _spill_if_full(self, env_uuid: str, path: str, doc: dict[str, Any]) -> None:
         """Past SPILL_AT events, move the older ones to the path's history document.
