@@ -8,6 +8,12 @@ remove and move in the order called; if it fails, or the block raised, the
 puts' references are released again, so their bytes go (at once when nobody
 else holds them, or by gc after its grace if this process dies first).
 
+While the block runs, those references are held by no path: as an uploader's
+in-flight reference is, they are kept by a lease this process renews until the
+block ends (gc recounts an entry only once its lease has run out, however long
+the block takes). Should one be lost all the same (this process stalled past
+the lease), the commit fails rather than link a path to content that is gone.
+
 A `remove` or `move` checks its path at the call against what the paths will be
 by then: as committed, changed by this transaction's earlier calls (a path it
 put or moved in exists, one it removed or moved away does not). A call that
@@ -17,16 +23,19 @@ nothing takes effect, and its end raises that error again.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pymongo.client_session import ClientSession
 
-from catalog.errors import NotFoundError, NoTransactionError
+from catalog.errors import NotFoundError, NoTransactionError, ResourceDeletedError
 from catalog.managed import PLAIN, WriteOptions
 from catalog.names import check_env, check_path
-from catalog.resources import Resource, object_id
+from catalog.resources import READY, Resource, object_id
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage
@@ -44,6 +53,7 @@ class ContentTransaction:
         self._open = True
         self._paths: dict[tuple[str, str], bool] = {}  # what earlier calls made exist or not
         self._failed: NotFoundError | None = None
+        self._beat: tuple[threading.Event, threading.Thread] | None = None
 
     def put(
         self,
@@ -60,9 +70,17 @@ class ContentTransaction:
         staged = WriteOptions(link=False)
         res, _ = self._managed._put(env_uuid, path, reader, length, check_hash or None, staged)
         self._held.append(res)
+        self._hold()
         self._paths[(env_uuid, path)] = True
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
-        self._steps.append(lambda s, d: self._managed._link_in(env_uuid, path, target, PLAIN, s, d))
+
+        def link(session: ClientSession | None, doomed: list[str]) -> Any:
+            held = {"_id": target["resource_id"], "state": READY}
+            if self._managed.catalog.collection.find_one(held, {"_id": 1}, session=session) is None:
+                raise ResourceDeletedError(f"the content put at {env_uuid}: {path!r} was lost")
+            return self._managed._link_in(env_uuid, path, target, PLAIN, session, doomed)
+
+        self._steps.append(link)
         return res
 
     def remove(self, env_uuid: str, path: str) -> None:
@@ -95,11 +113,14 @@ class ContentTransaction:
         except BaseException:
             self._release_held()
             raise
+        finally:
+            self._unhold()
         self._held.clear()  # each reference now belongs to the path it was linked to
 
     def rollback(self) -> None:
         self._check_open()
         self._open = False
+        self._unhold()
         self._release_held()
 
     def __enter__(self) -> ContentTransaction:
@@ -118,6 +139,44 @@ class ContentTransaction:
             self.commit()
         else:
             self.rollback()
+
+    def _hold(self) -> None:
+        """Renew the leases of the held references until the block ends (see the module doc).
+
+        The renewing thread holds this transaction weakly: one never ended stops
+        renewing once it is dropped.
+        """
+        if self._beat is not None:
+            return
+        me = weakref.ref(self)
+        stop = threading.Event()
+        every = max(self._managed.catalog.lease / 4, 0.01)
+
+        def run() -> None:
+            while not stop.wait(every):
+                tx = me()
+                if tx is None:
+                    return
+                catalog, ids = tx._managed.catalog, [res.id for res in tx._held]
+                del tx
+                for rid in ids:
+                    with contextlib.suppress(Exception):  # a missed beat is retried
+                        catalog.renew_lease(rid)
+
+        thread = threading.Thread(target=run, name="rescat-tx-lease", daemon=True)
+        self._beat = (stop, thread)
+        thread.start()
+
+    def _unhold(self) -> None:
+        beat, self._beat = self._beat, None
+        if beat is not None:
+            beat[0].set()
+            beat[1].join()
+
+    def __del__(self) -> None:
+        beat = getattr(self, "_beat", None)
+        if beat is not None:
+            beat[0].set()  # never joined here: this may run on that very thread
 
     def _apply(self, session: ClientSession | None, doomed: list[str]) -> None:
         for step in self._steps:

@@ -11,8 +11,10 @@ import datetime
 import io
 import os
 import threading
+import time
 from typing import Any
 
+import blake3
 from pymongo.database import Database
 
 from catalog import ManagedStorage
@@ -97,3 +99,51 @@ def test_gc_between_a_replace_and_its_release(
             catalog.remove = original  # type: ignore[method-assign]
         assert hit
         check_all(managed, env, {"a": new, "b": old})
+
+
+def test_gc_while_a_content_transaction_holds_its_puts(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """A content transaction's puts hold references no path backs until the block ends.
+
+    gc, looping with grace 0 while the block outlives the lease, must neither
+    delete that content nor count its references away (here one content is new,
+    one shared with a path that exists): the paths committed at the end must read
+    their bytes, and the counts must match the paths.
+    """
+    lease = 2.0
+    managed = ManagedStorage(db, gridfs_storage, lease=lease)
+    shared, small, large = os.urandom(3000), os.urandom(4000), os.urandom(300_000)
+    managed.put_for_environment("e", "kept", io.BytesIO(shared))
+    with managed.transaction() as tx:
+        tx.put("e", "small", io.BytesIO(small))
+        tx.put("e", "large", io.BytesIO(large))
+        tx.put("e", "shared", io.BytesIO(shared))
+        deadline = time.monotonic() + 3 * lease  # the leases taken by the puts have run out
+        while time.monotonic() < deadline:
+            gc_on_thread(managed)
+            time.sleep(0.2)
+    check_all(managed, "e", {"kept": shared, "small": small, "large": large, "shared": shared})
+
+
+def test_a_content_transaction_whose_put_was_reclaimed_commits_nothing(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """Should a held reference be taken all the same (the process stalled past its
+    lease and gc recounted the entry away), the commit fails: no acknowledged path
+    may point at content that is gone."""
+    from catalog.errors import ResourceDeletedError
+
+    managed = ManagedStorage(db, gridfs_storage)
+    data = os.urandom(5000)
+    try:
+        with managed.transaction() as tx:
+            tx.put("e", "p", io.BytesIO(data))
+            tx.put("e", "q", io.BytesIO(os.urandom(100)))
+            db.catalog.delete_one({"hash": blake3.blake3(data).hexdigest()})  # as gc's recount
+    except ResourceDeletedError:
+        pass
+    else:
+        raise AssertionError("the commit linked a path to content that is gone")
+    assert managed.list_for_environment("e") == []
+    check_all(managed, "e", {})
