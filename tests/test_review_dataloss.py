@@ -147,3 +147,137 @@ def test_a_content_transaction_whose_put_was_reclaimed_commits_nothing(
         raise AssertionError("the commit linked a path to content that is gone")
     assert managed.list_for_environment("e") == []
     check_all(managed, "e", {})
+
+
+_CHILD = r"""
+import io, json, os, random, sys
+import blake3
+from catalog import connect
+from catalog.errors import CatalogError
+from catalog.proof import ranges_checksum
+
+ms = connect(sys.argv[1], sys.argv[2], lease=60.0)
+env = sys.argv[4]
+rng = random.Random(int(sys.argv[3]))
+contents = [rng.randbytes(n) for n in (10, 3000, 70_000, 200_000, 3000 + 1)]
+hashes = [blake3.blake3(c).hexdigest() for c in contents]
+paths = [f"p{i}" for i in range(8)]
+state = {}
+
+def announce(after):
+    print(json.dumps({"before": state, "after": after}), flush=True)
+
+while True:
+    op = rng.randrange(7)
+    p, q = rng.choice(paths), rng.choice(paths)
+    k = rng.randrange(len(contents))
+    after = dict(state)
+    try:
+        if op <= 1:
+            after[p] = hashes[k]
+            announce(after)
+            ms.put_for_environment(env, p, io.BytesIO(contents[k]))
+        elif op == 2 and p in state:
+            del after[p]
+            announce(after)
+            ms.delete_path(env, p)
+        elif op == 3 and p in state and p != q:
+            after[q] = after.pop(p)
+            announce(after)
+            ms.move_path(env, p, env, q)
+        elif op == 4 and p in state and p != q:
+            after[q] = after[p]
+            announce(after)
+            ms.copy_path(env, p, env, q)
+        elif op == 5 and hashes[k] in state.values():
+            after[p] = hashes[k]
+            announce(after)
+            req = ms.put_for_environment_request(env, p, hashes[k])
+            ms.prove_for_environment(
+                env, req.request_id, ranges_checksum(io.BytesIO(contents[k]), req.ranges)
+            )
+        elif op == 6:
+            k2 = rng.randrange(len(contents))
+            after[p], after[q] = hashes[k], hashes[k2]
+            if q in state and q != p:
+                after.pop(q)
+            announce(after)
+            with ms.transaction() as tx:
+                tx.put(env, p, io.BytesIO(contents[k]))
+                tx.put(env, q, io.BytesIO(contents[k2]))
+                if q != p and q in state:
+                    tx.remove(env, q)
+        else:
+            continue
+    except CatalogError as exc:
+        raise SystemExit(f"refused: {exc!r}")
+    state = after
+    print(json.dumps({"done": True}), flush=True)
+"""
+
+
+def test_kill_9_amid_path_changes_while_gc_runs(
+    mongo_uri: str, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """Processes changing paths (puts of shared content, replaces, deletes, moves,
+    copies, proofs, content transactions) are killed -9 at many points while gc
+    (grace 0) loops; afterwards every path holds what its last acknowledged change
+    (or the change cut short, whole) left, reads exactly those bytes, and every
+    count equals its paths."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    managed = ManagedStorage(db, gridfs_storage)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def gc_loop() -> None:
+        while not stop.is_set():
+            try:
+                gc(managed, grace=0)
+            except BaseException as exc:  # pragma: no cover - reported below
+                failed.append(exc)
+                return
+
+    looper = threading.Thread(target=gc_loop)
+    looper.start()
+    candidates: dict[str, list[dict[str, str]]] = {}
+    try:
+        for run in range(6):
+            env = f"e{run}"
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, mongo_uri, db.name, str(run), env],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            done, last = 0, None
+            while done < 10 + 5 * run:
+                line = proc.stdout.readline()
+                assert line, proc.communicate()[1]
+                msg = json.loads(line)
+                if "done" in msg:
+                    done += 1
+                else:
+                    last = msg
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            assert last is not None
+            candidates[env] = [last["before"], last["after"]]
+    finally:
+        stop.set()
+        looper.join()
+    assert not failed, failed
+    age_leases(db)  # the killed processes renew nothing
+    gc(managed, grace=0)
+    fresh = ManagedStorage(db, gridfs_storage)  # no inline bytes cached in this process
+    expected: dict[tuple[str, str], str] = {}
+    for env, states in candidates.items():
+        now = {doc["path"]: doc["hash"] for doc in db.paths.find({"env": env})}
+        assert now in states, (env, now, states)
+        expected.update({(env, path): digest for path, digest in now.items()})
+    for (env, path), digest in expected.items():
+        assert blake3.blake3(read_all(fresh, env, path)).hexdigest() == digest, (env, path)
+    check_all(fresh, "e0", {})
