@@ -703,7 +703,41 @@ class ManagedStorage:
         expected: str | None,
         options: WriteOptions,
     ) -> tuple[Resource, dict[str, Any]]:
+        """Store the bytes first (their hash is known only then), then take the entry.
+
+        From the stored file's commit point until an entry records it, no entry
+        points at the file and no pending entry's lease covers its hash: to gc it
+        is an orphan, kept only by the grace period. So the file is held by a
+        read lease (renewed while it uploads, as a reader's is), which gc honours
+        whatever the grace; it is dropped once an entry records the file or we
+        discarded it.
+        """
         tmp = new_storage_path()
+        lease = self.read_leases.take(tmp) if self._leased else None
+        try:
+            with self._read_held(lease):
+                return self._put_unknown_held(
+                    env_uuid, path, reader, tmp, length, expected, options
+                )
+        finally:
+            if lease is not None:
+                self._reader_closed(lease)  # deletes tmp if we discarded it meanwhile
+
+    def _read_held(self, lease: Any) -> contextlib.AbstractContextManager[Any]:
+        if lease is None:
+            return contextlib.nullcontext()
+        return Heartbeat(lambda: self.read_leases.renew(lease), self.read_leases.ttl / 4)
+
+    def _put_unknown_held(
+        self,
+        env_uuid: str,
+        path: str,
+        reader: BinaryIO,
+        tmp: str,
+        length: int,
+        expected: str | None,
+        options: WriteOptions,
+    ) -> tuple[Resource, dict[str, Any]]:
         counted = WatchedReader(reader)
         digest = self.resource_storage.put(tmp, counted, length)
         try:

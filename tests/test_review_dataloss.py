@@ -281,3 +281,34 @@ def test_kill_9_amid_path_changes_while_gc_runs(
     for (env, path), digest in expected.items():
         assert blake3.blake3(read_all(fresh, env, path)).hexdigest() == digest, (env, path)
     check_all(fresh, "e0", {})
+
+
+def test_gc_between_a_streamed_upload_and_its_catalog_entry(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """A streamed upload of unknown hash stores its file first and learns the hash
+    from it; only then does a catalog entry point at the file. gc finding the file
+    then (no entry, its upload date past the grace) must leave it: the put that
+    follows is acknowledged and must read its bytes."""
+    from tests.helpers import OneWayReader
+
+    managed = ManagedStorage(db, gridfs_storage)
+    original = gridfs_storage.put
+    old = utcnow() - datetime.timedelta(hours=2)
+
+    def put_then_gc(path: str, reader: Any, length: int = -1) -> str:
+        digest = original(path, reader, length)
+        # as if the file had been written long ago, or gc ran with grace 0
+        db["resources.files"].update_one({"filename": path}, {"$set": {"uploadDate": old}})
+        gc_on_thread(managed)
+        return digest
+
+    gridfs_storage.put = put_then_gc  # type: ignore[method-assign]
+    data, shared = os.urandom(200_000), os.urandom(150_000)
+    managed.put_for_environment("e", "kept", io.BytesIO(shared))
+    try:
+        managed.put_for_environment("e", "new", OneWayReader(data), -1)  # new content
+        managed.put_for_environment("e", "dup", OneWayReader(shared), -1)  # a spare copy
+    finally:
+        gridfs_storage.put = original  # type: ignore[method-assign]
+    check_all(managed, "e", {"new": data, "dup": shared, "kept": shared})
