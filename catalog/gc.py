@@ -632,6 +632,9 @@ def _gc_orphan_files(
         if managed.read_leases.live(info.path):
             report.in_flight += 1  # its last reference went while someone reads it
             continue
+        if not report.dry_run and not _hide_unread(managed, info.path):
+            report.in_flight += 1  # a reader opened it as we looked: it deletes them
+            continue
         if not report.dry_run:
             store.remove_file(info.file_id)
         report.orphan_files += 1
@@ -640,6 +643,23 @@ def _gc_orphan_files(
             f"orphan file {info.file_id} {info.path!r}: {info.length} bytes "
             f"from {iso(info.upload_date)}"
         )
+
+
+def _hide_unread(managed: ManagedStorage, storage_path: str) -> bool:
+    """Hide an orphan file from new readers, then look for readers; True if none.
+
+    In the order ManagedStorage._discard deletes bytes (see catalog.readleases):
+    a reader takes its lease and then opens, so one that opened the file just
+    after gc first looked is found now, and one after this finds it hidden. A
+    file with a reader stays hidden, and its last reader deletes it. Only after
+    that first look: a put holds a lease on its file before the file exists,
+    and a hidden file must never become an entry's.
+    """
+    mark = getattr(managed.resource_storage, "mark_doomed", None)
+    if mark is None:
+        return True  # a store without leases: nothing to hide from
+    mark(storage_path)
+    return not managed.read_leases.live(storage_path)
 
 
 def _spare_copy(store: StoreView, owner: dict[str, Any]) -> bool:

@@ -312,3 +312,42 @@ def test_gc_between_a_streamed_upload_and_its_catalog_entry(
     finally:
         gridfs_storage.put = original  # type: ignore[method-assign]
     check_all(managed, "e", {"new": data, "dup": shared, "kept": shared})
+
+
+def test_gc_never_deletes_an_orphan_file_under_a_reader_that_opened_it(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """A reader that resolved a path before its entry went (here the process that
+    deleted the entry died before deleting the bytes) streams the bytes to the end,
+    even when it opens them just as gc, finding them unreferenced, checks for readers."""
+    managed = ManagedStorage(db, gridfs_storage)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    managed.put_for_environment("e", "p", io.BytesIO(data))
+    res = managed._resolve("e", "p")
+    # delete_path's transaction, and a crash before the bytes were deleted
+    db.paths.delete_one({"env": "e", "path": "p"})
+    db.catalog.delete_one({"hash": res.hash})
+    db["resources.files"].update_many({}, {"$set": {"uploadDate": utcnow()}})
+    leases = managed.read_leases
+    original = leases.live
+    opened: list[Any] = []
+
+    def live_then_open(storage_path: str) -> bool:
+        answer = original(storage_path)
+        if not opened:
+            opened.append(managed._open_content(res))  # the reader gets in just now
+        return answer
+
+    leases.live = live_then_open  # type: ignore[method-assign]
+    try:
+        gc_on_thread(managed)
+    finally:
+        leases.live = original  # type: ignore[method-assign]
+    assert opened
+    reader = opened[0]
+    try:
+        assert reader.read() == data
+    finally:
+        reader.close()
+    check_all(managed, "e", {})
+    assert db["resources.files"].count_documents({}) == 0
