@@ -803,8 +803,9 @@ class ManagedStorage:
         reference is held by no path, and gc recounts an entry whose lease has
         run out: it would count the drop away first, and the drop would then
         take a reference another path holds (deleting its content). So a link
-        that replaces other content first renews that content's lease, as an
-        uploader's in-flight reference is renewed.
+        that replaces other content first reads the path and renews that
+        content's lease (as an uploader's in-flight reference is renewed) unless
+        it has long to run, then updates the path only as it was read.
         Without pipelines (mongomock) the classic update runs through transact.
         """
         if not options.link:
@@ -837,28 +838,17 @@ class ManagedStorage:
         options: WriteOptions,
         update: Any,
     ) -> dict[str, Any] | None:
-        """One try of _link's update; None when the path changed under it (try again).
-
-        A path that does not exist, or holds our resource already (whose lease
-        is ours), is written without reading it first.
-        """
-        own = {"resource_id": target["resource_id"]}
-        if options.if_match is None:
-            query: dict[str, Any] = {"env": env_uuid, "path": path}
-            if options.if_none_match:
-                expired = {**own, "expires_at": {"$lte": utcnow()}}
-                query["$or"] = [{"resource_id": {"$exists": False}}, expired]
-            else:
-                query["$or"] = [{"resource_id": {"$exists": False}}, own]
-            try:
-                return self._update_path(query, update, upsert=True)
-            except DuplicateKeyError:
-                pass  # the path holds other content (or another first writer won)
-        current = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
+        """One try of _link's update; None when the path changed under it (try again)."""
+        current = self._path_and_lease(env_uuid, path, target["resource_id"])
         if current is None:
             if options.if_match is not None:
                 raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
-            return None  # deleted meanwhile: create it
+            query: dict[str, Any] = {"env": env_uuid, "path": path}
+            query["resource_id"] = {"$exists": False}
+            try:
+                return self._update_path(query, update, upsert=True)
+            except DuplicateKeyError:
+                return None  # another first writer won: replace theirs
         live = not _expired(current)
         if options.if_none_match and live:
             raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
@@ -870,12 +860,29 @@ class ManagedStorage:
                     f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
                 )
         held = current.get("resource_id")
-        if held is not None and held != target["resource_id"]:
-            self._catalog.hold(held)  # before the commit point: see _link
+        lease_until = current.pop("held_until", None)
+        # Before the commit point (see _link); unless the entry's lease, as read, outlasts
+        # the drop by far (content a put took lately: the usual overwrite of a hot key).
+        margin = datetime.timedelta(seconds=self._catalog.lease / 2)
+        fresh = lease_until is not None and aware(lease_until) > utcnow() + margin
+        if held is not None and held != target["resource_id"] and not fresh:
+            self._catalog.hold(held)
         query = {"_id": current["_id"], "resource_id": held, "rev": current.get("rev")}
         if options.if_match is not None:
             query["expires_at"] = {"$not": {"$lte": utcnow()}}
         return self._update_path(query, update, upsert=False)
+
+    def _path_and_lease(self, env_uuid: str, path: str, own: Any) -> dict[str, Any] | None:
+        """The path document, with `held_until`: the lease of the entry it holds (unless
+        that is `own`, the entry we hold a reference to)."""
+        doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
+        if doc is None:
+            return None
+        held, entry = doc.get("resource_id"), None
+        if held is not None and held != own:
+            entry = self._catalog.collection.find_one({"_id": held}, {"_id": 0, "lease_until": 1})
+        doc["held_until"] = entry.get("lease_until") if entry is not None else None
+        return dict(doc)
 
     def _update_path(
         self, query: dict[str, Any], update: Any, *, upsert: bool
