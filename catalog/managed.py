@@ -713,7 +713,7 @@ class ManagedStorage:
         discarded it.
         """
         tmp = new_storage_path()
-        lease = self.read_leases.take(tmp) if self._leased else None
+        lease = self.read_leases.take(tmp, durable=False) if self._leased else None
         try:
             with self._read_held(lease):
                 return self._put_unknown_held(
@@ -721,7 +721,10 @@ class ManagedStorage:
                 )
         finally:
             if lease is not None:
-                self._reader_closed(lease)  # deletes tmp if we discarded it meanwhile
+                # Deletes tmp if we discarded it meanwhile; if this fails, the lease runs
+                # out and gc takes what is left.
+                with contextlib.suppress(Exception):
+                    self._reader_closed(lease)
 
     def _read_held(self, lease: Any) -> contextlib.AbstractContextManager[Any]:
         if lease is None:

@@ -29,14 +29,18 @@ class ReadLeases:
     def __init__(self, db: Database[Any], ttl: float = DEFAULT_READ_LEASE) -> None:
         self.ttl = ttl
         self.collection = db["read_leases"].with_options(write_concern=WriteConcern("majority"))
+        self._fast = self.collection.with_options(write_concern=WriteConcern(w=1))
         self.collection.create_index([("storage_path", ASCENDING)])
         self.collection.create_index([("until", ASCENDING)], expireAfterSeconds=3600)
 
-    def take(self, storage_path: str) -> ObjectId:
+    def take(self, storage_path: str, *, durable: bool = True) -> ObjectId:
+        """durable=False: acknowledged by the primary alone, for bytes not yet written
+        (a lease an upload takes on its own file, which must not wait for a majority
+        before its first chunk: a failover that loses the lease loses those chunks too)."""
         lease_id = ObjectId()
-        self.collection.insert_one(
-            {"_id": lease_id, "storage_path": storage_path, "until": self._until()}
-        )
+        collection = self.collection if durable else self._fast
+        doc = {"_id": lease_id, "storage_path": storage_path, "until": self._until()}
+        collection.insert_one(doc)
         return lease_id
 
     def renew(self, lease_id: ObjectId) -> None:
