@@ -38,7 +38,7 @@ import blake3
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from catalog import history
 from catalog.clock import aware, utcnow
@@ -654,8 +654,8 @@ class ManagedStorage:
         res = self._catalog.acquire_inline(digest, data)
         try:
             doc = self._link(env_uuid, path, res, options)
-        except BaseException:
-            self._release(res.id)
+        except BaseException as exc:
+            self._release_failed(res.id, exc)
             raise
         self._keep_inline(res)
         return res, doc
@@ -690,8 +690,8 @@ class ManagedStorage:
                         self._catalog.renew_lease(rid, state="uploading")
                     res = self._upload(res, reader, length, digest)
                 return res, self._link(env_uuid, path, res, options)
-        except BaseException:
-            self._release(rid)
+        except BaseException as exc:
+            self._release_failed(rid, exc)
             raise
 
     def _put_unknown(
@@ -758,8 +758,8 @@ class ManagedStorage:
                 else:
                     res = self._complete(res, tmp)
                 return res, self._link(env_uuid, path, res, options)
-        except BaseException:
-            self._release(rid)
+        except BaseException as exc:
+            self._release_failed(rid, exc)
             raise
 
     def _upload(self, res: Resource, reader: BinaryIO, length: int, digest: str) -> Resource:
@@ -787,8 +787,9 @@ class ManagedStorage:
         except AlreadyExistsError:
             self._discard(storage_path)  # another uploader completed first: use theirs
             return self._catalog.entry(res.id)
-        except BaseException:
-            self._discard(storage_path)
+        except BaseException as exc:
+            if not outcome_unknown(exc):  # else the entry may record them: gc decides
+                self._discard(storage_path)
             raise
         return dataclasses.replace(res, path=storage_path, state=READY)
 
@@ -1041,6 +1042,17 @@ class ManagedStorage:
         if deleted and storage_path and storage_path != INLINE:
             doomed.append(storage_path)  # inline bytes went with their entry
 
+    def _release_failed(self, rid: str, exc: BaseException) -> None:
+        """Drop the reference of a put that failed, unless its link may have committed.
+
+        After a database error that may hide an applied write (the answer to the
+        link was lost), the path may hold this reference now: dropping it could
+        delete the bytes under it. Kept, the count is at worst one too high, which
+        gc recounts once the lease has run out.
+        """
+        if not outcome_unknown(exc):
+            self._release(rid)
+
     def _release(self, rid: str) -> None:
         """Drop a reference no path holds: after a link's commit point, or when a put failed.
 
@@ -1231,8 +1243,8 @@ class ManagedStorage:
                     store(storage_path)  # cleans up after itself if it fails
                     res = self._complete(res, storage_path)  # drops ours if another won
                 doc = self._link(env_uuid, path, res, options)
-        except BaseException:
-            self._release(rid)
+        except BaseException as exc:
+            self._release_failed(rid, exc)
             raise
         if known:
             drop()
@@ -1352,10 +1364,17 @@ class ManagedStorage:
                     return self._link_in(env_uuid, path, target, options, session, doomed)
 
                 doc = self.transact(link)
-        except BaseException:
-            self._release(rid)
+        except BaseException as exc:
+            self._release_failed(rid, exc)
             raise
         return _path_info(doc, res.state, res.history)
+
+
+def outcome_unknown(exc: BaseException) -> bool:
+    """Is `exc` a database error after which a write may or may not have been applied?"""
+    if isinstance(exc, ConnectionFailure):
+        return True
+    return isinstance(exc, PyMongoError) and exc.has_error_label("UnknownTransactionCommitResult")
 
 
 def _check(digest: str, length: int, seen_hash: str, seen: int) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from pymongo.client_session import ClientSession
 
 from catalog.errors import NotFoundError, NoTransactionError, ResourceDeletedError
-from catalog.managed import PLAIN, WriteOptions
+from catalog.managed import PLAIN, WriteOptions, outcome_unknown
 from catalog.names import check_env, check_path
 from catalog.resources import READY, Resource, object_id
 
@@ -110,8 +110,9 @@ class ContentTransaction:
             raise self._failed
         try:
             self._managed.transact(self._apply)
-        except BaseException:
-            self._release_held()
+        except BaseException as exc:
+            if not outcome_unknown(exc):  # else the paths may hold them now: gc recounts
+                self._release_held()
             raise
         finally:
             self._unhold()

@@ -351,3 +351,60 @@ def test_gc_never_deletes_an_orphan_file_under_a_reader_that_opened_it(
         reader.close()
     check_all(managed, "e", {})
     assert db["resources.files"].count_documents({}) == 0
+
+
+def _lost_answer(managed: ManagedStorage, method: str) -> Any:
+    """Make `managed.<method>` apply its write, then lose the answer (as a connection
+    dropped after the server applied it, and the driver's one retry failed too)."""
+    from pymongo.errors import AutoReconnect
+
+    original = getattr(managed, method)
+
+    def applied_then_lost(*args: Any, **kw: Any) -> Any:
+        original(*args, **kw)
+        raise AutoReconnect("connection closed after the write was sent")
+
+    setattr(managed, method, applied_then_lost)
+    return original
+
+
+def test_a_put_whose_link_answer_was_lost_keeps_the_reference_its_path_may_hold(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """A put that fails after its link may have committed must not drop its reference:
+    the path may hold it now (here it does), and the drop would delete its bytes."""
+    from pymongo.errors import AutoReconnect
+
+    managed = ManagedStorage(db, gridfs_storage)
+    old, small, large = os.urandom(100), os.urandom(2000), os.urandom(200_000)
+    managed.put_for_environment("e", "p", io.BytesIO(old))
+    for path, data in (("p", small), ("q", large)):
+        original = _lost_answer(managed, "_update_path")
+        try:
+            managed.put_for_environment("e", path, io.BytesIO(data))
+        except AutoReconnect:
+            pass
+        finally:
+            managed._update_path = original  # type: ignore[method-assign]
+    age_leases(db)
+    check_all(managed, "e", {"p": small, "q": large})
+
+
+def test_a_content_transaction_whose_commit_answer_was_lost_keeps_its_references(
+    db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """The same for a content transaction whose commit may have committed."""
+    from pymongo.errors import AutoReconnect
+
+    managed = ManagedStorage(db, gridfs_storage)
+    data = os.urandom(3000)
+    original = _lost_answer(managed, "transact")
+    try:
+        with managed.transaction() as tx:
+            tx.put("e", "p", io.BytesIO(data))
+    except AutoReconnect:
+        pass
+    finally:
+        managed.transact = original  # type: ignore[method-assign]
+    age_leases(db)
+    check_all(managed, "e", {"p": data})
