@@ -518,6 +518,8 @@ def _snapshot_refcount(managed: ManagedStorage, oid: Any) -> tuple[int, int] | N
         res = to_resource(doc)
         if res.pending or (n < refcount and not res.lease_expired()):
             return None
+        if n < refcount and managed.letting_go(oid, session=session):
+            return None  # a put that replaced it is about to drop its reference
         return refcount, n
 
     return managed.transact(read)

@@ -582,6 +582,8 @@ def _recount(managed: ManagedStorage, oid: Any, dry_run: bool) -> tuple[int, int
         n = managed.paths.count_documents({"resource_id": oid}, session=session)
         if n == res.refcount:
             return None
+        if n < res.refcount and managed.letting_go(oid, session=session):
+            return None  # a put that replaced it is about to drop its reference
         if not dry_run:
             if n == 0:
                 entries.delete_one({"_id": oid}, session=session)

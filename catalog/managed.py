@@ -25,6 +25,7 @@ import datetime
 import heapq
 import hmac
 import io
+import itertools
 import logging
 import re
 import secrets
@@ -178,6 +179,11 @@ class ManagedStorage:
         self.paths.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.paths.create_index([("resource_id", ASCENDING)])
         self.paths.create_index([("env", ASCENDING), ("hash", ASCENDING)])
+        # The resource a put's link let go and drops after it (gc's question: is that drop
+        # still in flight?); only paths a put replaced are in it.
+        self.paths.create_index(
+            [("dropping", ASCENDING)], partialFilterExpression={"dropping": {"$type": "objectId"}}
+        )
         self.history = db["path_history"].with_options(write_concern=majority)
         self.history.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
@@ -799,17 +805,13 @@ class ManagedStorage:
     ) -> dict[str, Any]:
         """Point a path at a resource we hold a reference to; the path document after.
 
-        One update of the path document is the commit point, with the write's
-        condition in its query; its pipeline keeps the resource the path held
-        before in `prev_rid`, whose reference is dropped after it. A crash
-        between the two leaves a count one too high, never too low (gc recounts
-        it), so no transaction is needed. But from the commit to the drop that
-        reference is held by no path, and gc recounts an entry whose lease has
-        run out: it would count the drop away first, and the drop would then
-        take a reference another path holds (deleting its content). So a link
-        that replaces other content first reads the path and renews that
-        content's lease (as an uploader's in-flight reference is renewed) unless
-        it has long to run, then updates the path only as it was read.
+        One upsert is the commit point, with the write's condition in its query;
+        its pipeline keeps the resource the path held before in `prev_rid`, whose
+        reference is dropped after it. A crash between the two leaves a count one
+        too high, never too low (gc recounts it), so no transaction is needed.
+        From the commit to the drop that reference is held by no path: gc does
+        not recount an entry a path has just let go (`dropping`, recently), or
+        the drop would then take a reference another path holds.
         Without pipelines (mongomock) the classic update runs through transact.
         """
         if not options.link:
@@ -817,11 +819,36 @@ class ManagedStorage:
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
         if not self._updates.pipelines:
             return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
-        update = self._link_update(target, options)
-        while True:
-            doc = self._link_once(env_uuid, path, target, options, update)
-            if doc is not None:
+        query: dict[str, Any] = {"env": env_uuid, "path": path}
+        if options.if_match is not None:
+            query.update(_match_query(options.if_match))
+            query["expires_at"] = {"$not": {"$lte": utcnow()}}
+        elif options.if_none_match:
+            query["$or"] = [{"resource_id": {"$exists": False}}, {"expires_at": {"$lte": utcnow()}}]
+        update = self._link_update(target, options, dropping=self._catalog.lease)
+        for attempt in itertools.count():
+            try:
+                doc = self.paths.find_one_and_update(
+                    query,
+                    update,
+                    upsert=options.if_match is None,
+                    projection=NO_EVENTS,
+                    return_document=ReturnDocument.AFTER,
+                )
                 break
+            except DuplicateKeyError:
+                if options.if_none_match:
+                    raise PreconditionFailedError(f"{env_uuid}: {path!r} exists") from None
+                if attempt >= 5:
+                    raise
+                # two first writers of one path: the loser retries as an update
+        if doc is None:  # only a conditional update matches nothing
+            current = self.paths.find_one(self._live_query(env_uuid, path), {"rev": 1})
+            if current is None:
+                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
+            raise PreconditionFailedError(
+                f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+            )
         old = doc.get("prev_rid")
         if old is not None:
             try:
@@ -834,67 +861,21 @@ class ManagedStorage:
         self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
 
-    def _link_once(
-        self,
-        env_uuid: str,
-        path: str,
-        target: dict[str, Any],
-        options: WriteOptions,
-        update: Any,
-    ) -> dict[str, Any] | None:
-        """One try of _link's update; None when the path changed under it (try again)."""
-        current = self._path_and_lease(env_uuid, path, target["resource_id"])
-        if current is None:
-            if options.if_match is not None:
-                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
-            query: dict[str, Any] = {"env": env_uuid, "path": path}
-            query["resource_id"] = {"$exists": False}
-            try:
-                return self._update_path(query, update, upsert=True)
-            except DuplicateKeyError:
-                return None  # another first writer won: replace theirs
-        live = not _expired(current)
-        if options.if_none_match and live:
-            raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
-        if options.if_match is not None:
-            if not live:
-                raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
-            if not _matches(current, options.if_match):
-                raise PreconditionFailedError(
-                    f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
-                )
-        held = current.get("resource_id")
-        lease_until = current.pop("held_until", None)
-        # Before the commit point (see _link); unless the entry's lease, as read, outlasts
-        # the drop by far (content a put took lately: the usual overwrite of a hot key).
-        margin = datetime.timedelta(seconds=self._catalog.lease / 2)
-        fresh = lease_until is not None and aware(lease_until) > utcnow() + margin
-        if held is not None and held != target["resource_id"] and not fresh:
-            self._catalog.hold(held)
-        query = {"_id": current["_id"], "resource_id": held, "rev": current.get("rev")}
-        if options.if_match is not None:
-            query["expires_at"] = {"$not": {"$lte": utcnow()}}
-        return self._update_path(query, update, upsert=False)
+    def letting_go(self, rid: Any, *, session: ClientSession | None = None) -> bool:
+        """Has a put let this entry go and may not have dropped its reference yet?
 
-    def _path_and_lease(self, env_uuid: str, path: str, own: Any) -> dict[str, Any] | None:
-        """The path document, with `held_until`: the lease of the entry it holds (unless
-        that is `own`, the entry we hold a reference to)."""
-        doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
-        if doc is None:
-            return None
-        held, entry = doc.get("resource_id"), None
-        if held is not None and held != own:
-            entry = self._catalog.collection.find_one({"_id": held}, {"_id": 0, "lease_until": 1})
-        doc["held_until"] = entry.get("lease_until") if entry is not None else None
-        return dict(doc)
-
-    def _update_path(
-        self, query: dict[str, Any], update: Any, *, upsert: bool
-    ) -> dict[str, Any] | None:
-        doc = self.paths.find_one_and_update(
-            query, update, upsert=upsert, projection=NO_EVENTS, return_document=ReturnDocument.AFTER
-        )
-        return dict(doc) if doc is not None else None
+        A put's link commits first and drops the old reference after (_link),
+        within its lease (`dropping_until`). gc recounting in between, then the
+        drop, would take one reference too many and delete content other paths
+        hold; so gc and fsck leave such an entry's count alone until then. A put
+        that died between the two leaves a count one too high, recounted once
+        that lease has passed.
+        """
+        query = {
+            "$and": [{"dropping": rid}, {"dropping": {"$type": "objectId"}}],  # partial index
+            "dropping_until": {"$gt": utcnow()},
+        }
+        return self.paths.find_one(query, {"_id": 1}, session=session) is not None
 
     def _spill_if_full(self, env_uuid: str, path: str, doc: dict[str, Any]) -> None:
         """Past SPILL_AT events, move the older ones to the path's history document.
@@ -936,7 +917,9 @@ class ManagedStorage:
         upto = max(int(e.get("revision") or 0) for e in moved)
         self.paths.update_one({"_id": doc["_id"]}, self._updates.trim(upto))
 
-    def _link_update(self, target: dict[str, Any], options: WriteOptions) -> Any:
+    def _link_update(
+        self, target: dict[str, Any], options: WriteOptions, *, dropping: float | None = None
+    ) -> Any:
         extra: dict[str, Any] = {}
         unset: tuple[str, ...] = ()
         if options.expires_at is not None:
@@ -946,7 +929,7 @@ class ManagedStorage:
             unset = ("expires_at", "owner")
         if options.content_type:
             extra["content_type"] = options.content_type
-        return self._updates.link(target, extra=extra, unset=unset)
+        return self._updates.link(target, extra=extra, unset=unset, dropping=dropping)
 
     def _link_in(
         self,

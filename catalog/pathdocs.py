@@ -100,12 +100,16 @@ class PathUpdates:
         extra: dict[str, Any] | None = None,
         unset: tuple[str, ...] = (),
         detail: dict[str, Any] | None = None,
+        dropping: float | None = None,
     ) -> Any:
         """Point a path at `target` (resource_id, hash, length), with a new revision.
 
         event: the history event; by default `create` for a new (or expired) path
         and `replace` otherwise. `prev_rid` keeps the resource the path held
         before, so a caller asking for the document after the update learns both.
+        dropping: the caller drops that resource's reference after this update,
+        not in the same transaction, within this lease (seconds); `dropping` and
+        `dropping_until` tell gc so (gc._let_go_lately).
         """
         fields = {k: target[k] for k in ("resource_id", "hash", "length")}
         fields.update(extra or {})
@@ -139,6 +143,11 @@ class PathUpdates:
             {"$set": {"events": _cut(EVENTS_KEPT, EVENTS_CAP)}},
             {"$set": {"n_events": {"$size": "$events"}}},  # past SPILL_AT: the writer spills
         ]
+        if dropping is not None:
+            until = {"$add": ["$$NOW", int(dropping * 1000)]}
+            stages.append({"$set": {"dropping": "$prev_rid", "dropping_until": until}})
+        else:
+            unset = (*unset, "dropping", "dropping_until")
         if unset:
             stages.append({"$unset": list(unset)})
         return stages

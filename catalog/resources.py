@@ -438,14 +438,6 @@ class ResourceCatalog:
         )
         return to_resource(doc) if doc is not None else None
 
-    def hold(self, oid: ObjectId) -> None:
-        """Renew the lease of an entry whose reference is about to be dropped after a link.
-
-        Majority-acknowledged: gc must see it before it sees the link, on any primary.
-        """
-        until = utcnow() + datetime.timedelta(seconds=self.lease)
-        self.collection.update_one({"_id": oid}, {"$set": {"lease_until": until}})
-
     def renew_lease(self, id: str, *, state: str | None = None) -> None:
         """Extend the lease of an uploader (or an in-flight reference); note `state` if given."""
         now = utcnow()

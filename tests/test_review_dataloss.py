@@ -33,9 +33,11 @@ def read_all(managed: ManagedStorage, env: str, path: str) -> bytes:
 
 
 def age_leases(db: Database[Any]) -> None:
-    """As if the content had been written an hour ago: no uploader holds it."""
+    """As if the content and paths had been written an hour ago: no uploader holds it,
+    and no put that changed a path is still dropping the reference it replaced."""
     past = utcnow() - datetime.timedelta(hours=1)
     db.catalog.update_many({}, {"$set": {"lease_until": past}})
+    db.paths.update_many({"dropping_until": {"$gt": past}}, {"$set": {"dropping_until": past}})
 
 
 def gc_on_thread(managed: ManagedStorage) -> None:
@@ -378,14 +380,30 @@ def test_a_put_whose_link_answer_was_lost_keeps_the_reference_its_path_may_hold(
     managed = ManagedStorage(db, gridfs_storage)
     old, small, large = os.urandom(100), os.urandom(2000), os.urandom(200_000)
     managed.put_for_environment("e", "p", io.BytesIO(old))
+
+    class LinkAnswerLost:
+        """The paths collection, whose find-and-modify (the link) applies, then loses its
+        answer."""
+
+        def __init__(self, collection: Any) -> None:
+            self._collection = collection
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._collection, name)
+
+        def find_one_and_update(self, *args: Any, **kw: Any) -> Any:
+            self._collection.find_one_and_update(*args, **kw)
+            raise AutoReconnect("connection closed after the write was sent")
+
+    paths = managed.paths
     for path, data in (("p", small), ("q", large)):
-        original = _lost_answer(managed, "_update_path")
+        managed.paths = LinkAnswerLost(paths)  # type: ignore[assignment]
         try:
             managed.put_for_environment("e", path, io.BytesIO(data))
         except AutoReconnect:
             pass
         finally:
-            managed._update_path = original  # type: ignore[method-assign]
+            managed.paths = paths
     age_leases(db)
     check_all(managed, "e", {"p": small, "q": large})
 
