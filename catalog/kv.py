@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import io
 import logging
@@ -55,6 +56,10 @@ from catalog.names import check_env, check_path
 
 log = logging.getLogger("rescat.kv")
 
+# A value is at most MAX_VALUE bytes, and each is kept inside its catalog entry
+# (WriteOptions.inline_max), not only small ones: a watcher reads the bytes of a
+# change from the change itself, and content kept in GridFS is deleted as soon
+# as a later put replaces it, before a slow watcher has read it.
 MAX_VALUE = 1024 * 1024
 DEFAULT_LOCK_TTL = 15.0
 MAX_TTL = 1e9  # seconds (~31 years), as etcd's longest lease
@@ -312,15 +317,12 @@ class KVStore:
         return int(doc["rev"]) if doc is not None else None
 
     def _put(self, key: str, value: bytes, ttl: float | None, options: WriteOptions) -> KVPair:
+        # Every value inside its catalog entry, so that its change carries it (MAX_VALUE).
+        options = dataclasses.replace(options, inline_max=MAX_VALUE)
         if ttl is not None:
             self._check_open()
             expires_at = utcnow() + datetime.timedelta(seconds=ttl)
-            options = WriteOptions(
-                if_match=options.if_match,
-                if_none_match=options.if_none_match,
-                expires_at=expires_at,
-                owner=self.owner,
-            )
+            options = dataclasses.replace(options, expires_at=expires_at, owner=self.owner)
         info = self.managed.put_path(
             self.env_uuid, key, io.BytesIO(value), len(value), options=options
         )
@@ -762,6 +764,7 @@ class Lock:
             if_none_match=True,
             expires_at=utcnow() + datetime.timedelta(seconds=self.ttl),
             owner=session,
+            inline_max=MAX_VALUE,
         )
         try:
             info = store.managed.put_path(
@@ -857,7 +860,9 @@ class Lock:
                 raise CannotLockError(f"lock {self.key!r} was lost (fence {fence})")
 
         try:
-            info = store.managed.put_guarded(store.env_uuid, k, v, guard)
+            info = store.managed.put_guarded(
+                store.env_uuid, k, v, guard, WriteOptions(inline_max=MAX_VALUE)
+            )
         except CannotLockError:
             self._on_lost()
             raise

@@ -140,6 +140,10 @@ class WriteOptions:
     # False: store the bytes and keep the reference, but link no path (a content
     # transaction links its puts together when its block ends).
     link: bool = True
+    # Content up to this size is kept inside its catalog entry even above the
+    # store's inline_max: the KV store's values (at most 1 MiB), so that each
+    # change carries its bytes to watchers even once a later one replaced it.
+    inline_max: int = 0
 
 
 PLAIN = WriteOptions()
@@ -529,7 +533,8 @@ class ManagedStorage:
             raise BadRequestError(f"invalid length: {length!r}")
         length = max(length, -1)
         expected = parse_hash(check_hash) if check_hash else None
-        if 0 <= length <= self.inline_max:
+        limit = max(self.inline_max, options.inline_max)
+        if 0 <= length <= limit:
             with self._failure_recorded(env_uuid, path, options):
                 data = read_exact(reader, length)
                 if len(data) != length:
@@ -538,8 +543,8 @@ class ManagedStorage:
         if length < 0:
             start = reader.tell() if is_seekable(reader) else None
             with self._failure_recorded(env_uuid, path, options):
-                head = read_exact(reader, self.inline_max + 1)
-                if len(head) <= self.inline_max:
+                head = read_exact(reader, limit + 1)
+                if len(head) <= limit:
                     return self._put_small(env_uuid, path, head, expected, options)
             if start is not None:
                 reader.seek(start)
@@ -1331,7 +1336,7 @@ class ManagedStorage:
         check_env(env_uuid)
         check_path(path)
         digest = blake3.blake3(data).hexdigest()
-        if len(data) <= self.inline_max:
+        if len(data) <= max(self.inline_max, options.inline_max):
             res = self._catalog.acquire_inline(digest, data)
         else:
             res, _ = self._catalog.acquire(digest, len(data), uploading=True)

@@ -223,3 +223,33 @@ def test_a_huge_ttl_is_refused_and_renewals_go_on(kv: KVStore, managed: ManagedS
     time.sleep(1.5)  # past its ttl: the store, open, renews it
     assert kv.get("short").value == b"y"
     assert kv.get("far").value == b"x"
+
+
+def test_a_slow_key_watcher_gets_every_large_value_as_written(kv: KVStore) -> None:
+    """Values over the small-content size (64 KiB) were stored in GridFS and deleted by the
+    next overwrite, so a key watch that read them after that skipped the change (3 of 20
+    rapid 100 KiB overwrites reached a watcher reading every 0.2 s). Every KV value (at
+    most 1 MiB) now travels inside its change, like small content."""
+    stop = threading.Event()
+    watch = kv.watch("big", stop=stop)
+    assert next(watch) is None
+    values = [bytes([i]) * (100 * 1024 + i) for i in range(1, 21)]
+    for value in values:
+        kv.put("big", value)
+    seen: list[bytes] = []
+
+    def read_slowly() -> None:
+        for item in watch:
+            assert item is not None
+            seen.append(item.value)
+            time.sleep(0.2)  # a slow reader: the values it has not read are overwritten
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(seen) < len(values) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    reader.join(10)
+    assert [v[:1] for v in seen] == [v[:1] for v in values]
+    assert seen == values
