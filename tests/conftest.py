@@ -42,6 +42,14 @@ def db(mongo_client: MongoClient[Any]) -> Iterator[Database[Any]]:
 
 
 @pytest.fixture
+def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
+    """The name of a database of its own, for a `rescat` process started by the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    mongo_client.drop_database(name)
+
+
+@pytest.fixture
 def gridfs_storage(db: Database[Any]) -> GridFSStorage:
     return GridFSStorage(db)
 

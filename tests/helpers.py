@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import blake3
@@ -89,3 +92,15 @@ def flip_chunk_bit(db: Any, storage_path: str, n: int, byte: int) -> None:
     flipped = bytearray(chunk["data"])
     flipped[byte] ^= 0x01
     db["resources.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(flipped)}})
+
+
+def pump(iterator: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
+    """Feed what `iterator` yields (a watch) into `into`, on a daemon thread."""
+
+    def run() -> None:
+        for item in iterator:
+            into.put(item)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

@@ -12,13 +12,10 @@ import os
 import signal
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
-from pymongo import MongoClient
 
 from catalog import connect
 from catalog.fsck import fsck
@@ -31,13 +28,6 @@ LEASE = 2.0
 V1 = "/v1/environments/e"
 DB = ("--mongo-uri",)
 SERVE = ("serve", "--no-auth", "--port")
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 def start_server(mongo_uri: str, database: str, *extra: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -14,30 +14,22 @@ from __future__ import annotations
 import queue
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
 import httpx
 import pytest
-from pymongo import MongoClient
 
 from catalog import ManagedStorage, connect
 from catalog.driver import StorageDriver
 from catalog.kv import KVStore
 from service.client import CatalogClient
+from tests.helpers import pump
 from tests.test_service_support import REPO, cli_env, rescat_command, server_process
 
 ENV = "shared"
 KEY = "greeting"
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 @pytest.fixture
@@ -59,16 +51,6 @@ def _cli(mongo_uri: str, database: str, *args: str, stdin: bytes = b"") -> bytes
     return done.stdout
 
 
-def _collect(items: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
-    def run() -> None:
-        for item in items:
-            into.put(item)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_value_written_through_any_face_reads_the_same_through_all(
     url: str, mongo_uri: str, database: str
 ) -> None:
@@ -86,8 +68,8 @@ def test_a_value_written_through_any_face_reads_the_same_through_all(
     # taken now makes it replay whatever it would otherwise have missed.
     start = kv.put("before", b"").last_index
     watchers = [
-        _collect(kv_watch, kv_seen),
-        _collect(client.watch(ENV, key=KEY, since=start, stop=stop), sse_seen),
+        pump(kv_watch, kv_seen),
+        pump(client.watch(ENV, key=KEY, since=start, stop=stop), sse_seen),
     ]
 
     def http_put(data: bytes) -> None:

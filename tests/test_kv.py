@@ -33,6 +33,7 @@ from catalog.errors import (
     NotFoundError,
 )
 from catalog.kv import MAX_VALUE, KeyWatch, KVPair, KVStore, reclaim_expired
+from tests.helpers import pump
 
 ENV = "kvtest"
 
@@ -42,16 +43,6 @@ def kv(managed: ManagedStorage) -> Iterator[KVStore]:
     store = KVStore(managed, ENV)
     yield store
     store.close()
-
-
-def pump(iterator: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
-    def run() -> None:
-        for item in iterator:
-            into.put(item)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 # -- the value is a path -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from catalog import ManagedStorage
 from catalog.errors import AlreadyExistsError, KeyModifiedError, NotFoundError
 from catalog.kv import KVPair, KVStore
 from storage import GridFSStorage
+from tests.helpers import pump
 
 ENV = "libkv"
 
@@ -45,18 +46,6 @@ def other(mongo_uri: str, db: Database[Any]) -> Iterator[KVStore]:
     yield store
     store.close()
     client.close()
-
-
-def pump(iterator: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
-    """Feed a watch's items into a queue from a thread (the Go suite's channel)."""
-
-    def run() -> None:
-        for item in iterator:
-            into.put(item)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 # -- Common ----------------------------------------------------------------------------

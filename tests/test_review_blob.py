@@ -9,7 +9,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,13 +21,6 @@ from catalog.mongod import free_port
 from tests.test_service_support import REPO, cli_env, rescat_command, server_process, wait_until
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 def _serve(mongo_uri: str, database: str, port: int, **env: str) -> subprocess.Popen[bytes]:

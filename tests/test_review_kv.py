@@ -17,6 +17,7 @@ import pytest
 from catalog import ManagedStorage
 from catalog.errors import InvalidArgumentError
 from catalog.kv import MAX_TTL, KVPair, KVStore
+from tests.helpers import pump
 
 ENV = "kvreview"
 
@@ -26,16 +27,6 @@ def kv(managed: ManagedStorage) -> Iterator[KVStore]:
     store = KVStore(managed, ENV)
     yield store
     store.close()
-
-
-def pump(iterator: Iterator[Any], into: queue.Queue[Any]) -> threading.Thread:
-    def run() -> None:
-        for item in iterator:
-            into.put(item)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def _gone(kv: KVStore, key: str) -> None:

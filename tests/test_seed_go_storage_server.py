@@ -9,14 +9,12 @@ server answers, by the contract: create 201 (409 if it exists), replace 200
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-from pymongo import MongoClient
 
 from catalog import connect
 from catalog.tokens import TokenStore
@@ -25,13 +23,6 @@ from tests.test_service_support import server_process
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}  # what curl --data sends
 # A file of the size of the seed's test/data.txt (126 bytes), sent as --data-binary does.
 DATA_TXT = b"".join(f"line {i:02d} of the seed's data file\n".encode() for i in range(4))[:126]
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 @pytest.fixture

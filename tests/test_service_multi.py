@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +22,6 @@ from tests.test_service_support import REPO, cli_env, rescat_command, server_pro
 
 def h(data: bytes) -> str:
     return str(blake3.blake3(data).hexdigest())
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 def rescat(

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,6 @@ from service.routes import ROUTES
 from tests.test_service_support import ServerThread, server_process
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
 
 
 def test_schemathesis_finds_nothing(

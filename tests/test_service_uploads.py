@@ -463,13 +463,6 @@ def test_signed_urls(managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch) -
 
 
 # -- real `rescat serve` processes ------------------------------------------------------------
-@pytest.fixture
-def database(mongo_client: MongoClient[Any]) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    mongo_client.drop_database(name)
-
-
 @contextmanager
 def serve_logged(mongo_uri: str, database: str, log: Path, **env: str) -> Iterator[str]:
     """`rescat serve --no-auth` with its stderr (the request log) in `log`."""
