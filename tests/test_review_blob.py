@@ -18,29 +18,20 @@ import pytest
 from pymongo import MongoClient
 
 from catalog.mongod import free_port
-from tests.test_service_support import REPO, cli_env, rescat_command, server_process, wait_until
+from tests.test_service_support import (
+    REPO,
+    cli_env,
+    rescat_command,
+    serve_popen,
+    server_process,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 
 
 def _serve(mongo_uri: str, database: str, port: int, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        rescat_command(
-            "--mongo-uri",
-            mongo_uri,
-            "--database",
-            database,
-            "serve",
-            "--port",
-            str(port),
-            "--no-auth",
-        ),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=cli_env(**env),
-        cwd=REPO,
-    )
+    return serve_popen(mongo_uri, database, port, "--no-auth", **env)
 
 
 def test_upload_whose_server_died_is_failed_once_its_lease_ran_out(

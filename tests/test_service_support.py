@@ -71,20 +71,28 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def server_process(mongo_uri: str, database: str, *extra: str) -> Iterator[str]:
-    """`rescat serve` as a subprocess; yields its URL once /healthz answers."""
-    port = free_port()
-    proc = subprocess.Popen(
+def serve_popen(
+    mongo_uri: str, database: str, port: int, *extra: str, stderr: Any = None, **env: str
+) -> subprocess.Popen[bytes]:
+    """`rescat serve --port PORT EXTRA...` started (not waited for); stderr discarded
+    unless given."""
+    return subprocess.Popen(
         rescat_command(
             "--mongo-uri", mongo_uri, "--database", database, "serve", "--port", str(port), *extra
         ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
+        stderr=subprocess.DEVNULL if stderr is None else stderr,
+        env=cli_env(**env),
         cwd=REPO,
     )
+
+
+@contextmanager
+def server_process(mongo_uri: str, database: str, *extra: str) -> Iterator[str]:
+    """`rescat serve` as a subprocess; yields its URL once /healthz answers."""
+    port = free_port()
+    proc = serve_popen(mongo_uri, database, port, *extra, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

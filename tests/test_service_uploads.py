@@ -35,6 +35,7 @@ from tests.test_service_support import (
     ServerThread,
     cli_env,
     rescat_command,
+    serve_popen,
     server_process,
     wait_until,
 )
@@ -468,23 +469,7 @@ def serve_logged(mongo_uri: str, database: str, log: Path, **env: str) -> Iterat
     """`rescat serve --no-auth` with its stderr (the request log) in `log`."""
     port = free_port()
     with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            rescat_command(
-                "--mongo-uri",
-                mongo_uri,
-                "--database",
-                database,
-                "serve",
-                "--port",
-                str(port),
-                "--no-auth",
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=cli_env(**env),
-            cwd=REPO,
-        )
+        proc = serve_popen(mongo_uri, database, port, "--no-auth", stderr=err, **env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

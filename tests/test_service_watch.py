@@ -41,6 +41,7 @@ from tests.test_service_support import (
     ServerThread,
     cli_env,
     rescat_command,
+    serve_popen,
     server_process,
     wait_until,
 )
@@ -313,24 +314,7 @@ def test_a_client_disconnect_frees_the_server_side(
 
 @contextmanager
 def serve_on(port: int, mongo_uri: str, database: str) -> Iterator[str]:
-    proc = subprocess.Popen(
-        rescat_command(
-            "--mongo-uri",
-            mongo_uri,
-            "--database",
-            database,
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=cli_env(),
-        cwd=REPO,
-    )
+    proc = serve_popen(mongo_uri, database, port, "--log-level", "warning")
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), 30)
