@@ -53,6 +53,7 @@ from catalog.leases import Renewer
 from catalog.lru import SizedLRU
 from catalog.managed import ManagedStorage, WriteOptions
 from catalog.names import check_env, check_path
+from catalog.pathdocs import revision
 
 log = logging.getLogger("rescat.kv")
 
@@ -231,7 +232,7 @@ class KVStore:
                 raise NotFoundError(f"{self.env_uuid}: no such key {k!r}", path=k)
             data = self._contents.get(doc["hash"])
             if data is not None:
-                return KVPair(k, data, int(doc["rev"]))
+                return KVPair(k, data, revision(doc["rev"]))
             # repointed and its old content deleted between the two reads: read again
         raise NotFoundError(f"{self.env_uuid}: key {k!r} keeps changing", path=k)
 
@@ -258,7 +259,7 @@ class KVStore:
             docs = list(self.managed.paths.find(query, _FIELDS, sort=[("path", 1)]))
             data = self._contents.get_many({d["hash"] for d in docs})
             if all(d["hash"] in data for d in docs):
-                pairs = [KVPair(d["path"], data[d["hash"]], int(d["rev"])) for d in docs]
+                pairs = [KVPair(d["path"], data[d["hash"]], revision(d["rev"])) for d in docs]
                 return pairs, docs
         raise CatalogError(f"{self.env_uuid}: keys under {prefix!r} keep changing")
 
@@ -314,7 +315,7 @@ class KVStore:
         """
         query = {"env": self.env_uuid, "path": key, **_live()}
         doc = self.managed.paths.find_one(query, {"rev": 1})
-        return int(doc["rev"]) if doc is not None else None
+        return revision(doc["rev"]) if doc is not None else None
 
     def _put(self, key: str, value: bytes, ttl: float | None, options: WriteOptions) -> KVPair:
         # Every value inside its catalog entry, so that its change carries it (MAX_VALUE).
@@ -328,7 +329,10 @@ class KVStore:
         )
         self._contents.add(info.hash, value)
         if ttl is not None:
-            self._renewer.add(key, self.owner, ttl, info.revision)
+            # RuntimeError: the store closed during the write, which stands; the key
+            # lives out its first lease, as every TTL key of a closed store does.
+            with contextlib.suppress(RuntimeError):
+                self._renewer.add(key, self.owner, ttl, info.revision)
         else:
             self._renewer.remove(key, self.owner)
         return KVPair(key, value, info.revision)
@@ -515,7 +519,9 @@ class KeyWatch(_Watch):
         for _ in range(5):
             doc = managed.paths.find_one(query, _FIELDS)
             gone = managed.history.find_one(query, {"last_rev": 1})
-            self._rev = max(int(doc["rev"]) if doc else 0, int((gone or {}).get("last_rev", 0)))
+            self._rev = max(
+                revision(doc["rev"]) if doc else 0, int((gone or {}).get("last_rev", 0))
+            )
             self._doc: dict[str, Any] | None = dict(doc) if doc is not None else None
             self._doc_id = doc["_id"] if doc is not None else None
             if doc is None or _expired(doc.get("expires_at")):
@@ -524,7 +530,7 @@ class KeyWatch(_Watch):
                 return
             value = self._content(doc["hash"])
             if value is not None:
-                self._shown = KVPair(self.key, value, int(doc["rev"]))
+                self._shown = KVPair(self.key, value, revision(doc["rev"]))
                 self._queue.append(self._shown)
                 return
         raise CatalogError(f"{store.env_uuid}: key {self.key!r} keeps changing")
@@ -568,7 +574,7 @@ class KeyWatch(_Watch):
         if op in ("insert", "replace"):
             if full.get("path") != self.key or full.get("env") != self._store.env_uuid:
                 return
-            rev = int(full["rev"])
+            rev = revision(full["rev"])
             if rev <= self._rev:
                 return  # the first read reflects it already
             self._rev, self._doc_id, self._doc = rev, doc_id, dict(full)
@@ -579,13 +585,13 @@ class KeyWatch(_Watch):
                 return
             desc = event.get("updateDescription") or {}
             updated = desc.get("updatedFields") or {}
-            if "rev" in updated and int(updated["rev"]) <= self._rev:
+            if "rev" in updated and revision(updated["rev"]) <= self._rev:
                 return
             for name in desc.get("removedFields") or []:
                 self._doc.pop(name, None)
             self._doc.update(updated)
             if "rev" in updated:
-                self._rev = int(updated["rev"])
+                self._rev = revision(updated["rev"])
                 self._show_doc()
         elif op == "delete":
             if doc_id is None or doc_id != self._doc_id:
@@ -603,7 +609,7 @@ class KeyWatch(_Watch):
         """
         assert self._doc is not None
         doc = self._store.managed.paths.find_one({"_id": self._doc_id}, {"rev": 1, "expires_at": 1})
-        if doc is None or int(doc["rev"]) != int(self._doc["rev"]):
+        if doc is None or revision(doc["rev"]) != revision(self._doc["rev"]):
             return False
         if _expired(doc.get("expires_at")):
             return True
@@ -628,7 +634,7 @@ class KeyWatch(_Watch):
                 doc["rev"],
             )
             return
-        self._show(KVPair(self.key, value, int(doc["rev"])))
+        self._show(KVPair(self.key, value, revision(doc["rev"])))
 
     def _show(self, pair: KVPair | None) -> None:
         if pair is None and self._shown is None:
@@ -906,7 +912,7 @@ def reclaim_expired(managed: ManagedStorage) -> int:
     count = 0
     query = {"expires_at": {"$lte": utcnow()}}
     for doc in list(managed.paths.find(query, {"env": 1, "path": 1, "rev": 1})):
-        if managed.delete_expired(doc["env"], doc["path"], int(doc["rev"])):
+        if managed.delete_expired(doc["env"], doc["path"], revision(doc["rev"])):
             count += 1
     return count
 

@@ -31,15 +31,22 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 import blake3
+from bson import Timestamp
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from catalog import history
 from catalog.clock import aware, utcnow
@@ -55,9 +62,20 @@ from catalog.errors import (
     ResponseMismatchError,
     UploadPendingError,
 )
+from catalog.groupcommit import GroupCommit
 from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
-from catalog.pathdocs import EVENTS_SHOWN, HISTORY_SHOWN, LIVE_EVENTS, SPILL_AT, PathUpdates
+from catalog.pathdocs import (
+    EVENTS_SHOWN,
+    HISTORY_SHOWN,
+    LIVE_EVENTS,
+    SPILL_AT,
+    PathUpdates,
+    fresh,
+    path_events,
+    revision,
+    revision_query,
+)
 from catalog.proof import (
     DAILY_BUDGET,
     ProofBudget,
@@ -144,9 +162,13 @@ class WriteOptions:
     # store's inline_max: the KV store's values (at most 1 MiB), so that each
     # change carries its bytes to watchers even once a later one replaced it.
     inline_max: int = 0
+    # False: the caller wants no path document back, so a new path may be
+    # inserted rather than upserted (pathdocs.fresh): half the database's work.
+    answer: bool = True
 
 
 PLAIN = WriteOptions()
+BLIND = WriteOptions(answer=False)
 
 
 def new_storage_path() -> str:
@@ -193,6 +215,13 @@ class ManagedStorage:
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
         self._transactions = _supports_transactions(db)
         self._updates = PathUpdates(_clock_mode(db, self._transactions))
+        # New paths whose writer wants no document back, many threads' in one insert.
+        self._fresh_paths: GroupCommit[_Fresh, int | None] | None = None
+        if self._updates.mode == "cluster":
+            self._fresh_paths = GroupCommit(self._insert_fresh)
+        # Paths this process saw exist lately: their next put updates at once
+        # rather than first trying (and failing) to insert (a KV key's overwrites).
+        self._existing: SizedLRU[tuple[str, str], bool] = SizedLRU(4096, lambda _: 1)
         # Read leases need a store that can hide a file before deleting it (GridFS).
         self._leased = hasattr(resource_storage, "mark_doomed")
         self.read_leases = ReadLeases(db)
@@ -281,7 +310,7 @@ class ManagedStorage:
             events.extend(gone.get("events") or [])
         live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
         if live is not None:
-            events.extend(live.get("events") or [])
+            events.extend(path_events(live))
         for event in events:
             event["at"] = aware(event["at"])
         return _in_order(_once(events))  # a spill cut short leaves some in both documents
@@ -290,12 +319,12 @@ class ManagedStorage:
     def put_for_environment(
         self, env_uuid: str, path: str, reader: BinaryIO, length: int = -1
     ) -> Resource:
-        return self._put(env_uuid, path, reader, length, None, PLAIN)[0]
+        return self._put(env_uuid, path, reader, length, None, BLIND)[0]
 
     def put_for_environment_and_check_hash(
         self, env_uuid: str, path: str, reader: BinaryIO, length: int, check_hash: str | None
     ) -> Resource:
-        return self._put(env_uuid, path, reader, length, check_hash or None, PLAIN)[0]
+        return self._put(env_uuid, path, reader, length, check_hash or None, BLIND)[0]
 
     def put_path(
         self,
@@ -824,6 +853,17 @@ class ManagedStorage:
         target = {"resource_id": object_id(res.id), "hash": res.hash, "length": res.length}
         if not self._updates.pipelines:
             return self.transact(lambda s, d: self._link_in(env_uuid, path, target, options, s, d))
+        if (
+            self._fresh_paths is not None
+            and _insertable(options)
+            and self._existing.get((env_uuid, path)) is None
+        ):
+            extra = {"content_type": options.content_type} if options.content_type else {}
+            new = fresh(env_uuid, path, target, extra)
+            rev = self._fresh_paths.submit(_Fresh(new, options.answer))
+            if rev is not None:  # a new path: nothing held before, nothing to release
+                return {**new, "rev": rev} if options.answer else {}
+            self._existing.add((env_uuid, path), True)
         query: dict[str, Any] = {"env": env_uuid, "path": path}
         if options.if_match is not None:
             query.update(_match_query(options.if_match))
@@ -856,6 +896,7 @@ class ManagedStorage:
             )
         old = doc.get("prev_rid")
         if old is not None:
+            self._existing.add((env_uuid, path), True)
             try:
                 self._release(str(old))
             except Exception:
@@ -865,6 +906,38 @@ class ManagedStorage:
                 log.warning("releasing %s after a link failed", old, exc_info=True)
         self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
+
+    def _insert_fresh(self, asks: Sequence[_Fresh]) -> list[int | None]:
+        """Insert new paths' documents in one command; each one's revision (0: not
+        asked for), or None for each path that exists already.
+
+        The revisions asked for are read back in one query. Any other error is
+        every caller's, as if each had written alone (a network error leaves
+        each insert's outcome unknown: see outcome_unknown).
+        """
+        taken: set[int] = set()
+        try:
+            self.paths.insert_many([a.doc for a in asks], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            taken = {e["index"] for e in errors if e.get("code") == 11000}
+            if exc.details.get("writeConcernErrors") or len(taken) != len(errors):
+                raise
+        out: list[int | None] = [None if i in taken else 0 for i in range(len(asks))]
+        wanted = {a.doc["_id"]: i for i, a in enumerate(asks) if a.answer and i not in taken}
+        if wanted:
+            shown = {"rev": 1, "events": {"$slice": 1}}
+            for doc in self.paths.find({"_id": {"$in": list(wanted)}}, shown):
+                out[wanted.pop(doc["_id"])] = _created_revision(doc)
+            # The rest went again (deleted) before this read: their revision is no
+            # longer to be had cheaply, and none is older than the deletion's.
+            for i in wanted.values():
+                out[i] = self._closed_revision(asks[i].doc)
+        return out
+
+    def _closed_revision(self, doc: dict[str, Any]) -> int:
+        gone = self.history.find_one({"env": doc["env"], "path": doc["path"]}, {"last_rev": 1})
+        return int((gone or {}).get("last_rev") or 0)
 
     def letting_go(self, rid: Any, *, session: ClientSession | None = None) -> bool:
         """Has a put let this entry go and may not have dropped its reference yet?
@@ -1381,12 +1454,43 @@ def _match_query(if_match: int | str) -> dict[str, Any]:
     if if_match == "*":  # any current content: the path must exist
         return {}
     if isinstance(if_match, int) and not isinstance(if_match, bool):
-        return {"rev": if_match}
+        return {"rev": revision_query(if_match)}
     return {"hash": parse_hash(str(if_match))}
 
 
 def _matches(doc: dict[str, Any], if_match: int | str) -> bool:
-    return all(doc.get(k) == v for k, v in _match_query(if_match).items())
+    if if_match == "*":
+        return True
+    if isinstance(if_match, int) and not isinstance(if_match, bool):
+        return revision(doc.get("rev")) == if_match
+    return bool(doc.get("hash") == parse_hash(str(if_match)))
+
+
+@dataclass
+class _Fresh:
+    """A new path's document to insert, and whether its writer wants its revision."""
+
+    doc: dict[str, Any]
+    answer: bool
+
+
+def _created_revision(doc: dict[str, Any]) -> int:
+    """The revision a path document read back got at its insert (pathdocs.fresh)."""
+    if isinstance(doc.get("rev"), Timestamp):  # unchanged since
+        return revision(doc["rev"])
+    events = doc.get("events") or []  # changed since: its create event kept that revision
+    if events and events[0].get("event") == "create":
+        return int(events[0]["revision"])
+    return revision(doc.get("rev"))
+
+
+def _insertable(options: WriteOptions) -> bool:
+    """A put that may make its path by insert (pathdocs.fresh), if the path is new.
+
+    If-None-Match is an insert's own condition: a path that exists refuses it,
+    and the upsert that follows decides (an expired TTL path may be replaced).
+    """
+    return options.if_match is None and options.expires_at is None
 
 
 def _once(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1412,7 +1516,7 @@ def _in_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _revision(doc: dict[str, Any]) -> int:
     if "rev" in doc:
-        return int(doc["rev"])
+        return revision(doc["rev"])
     return int(doc.get("rev_base", 0)) + int(doc.get("revision", 0))  # written before revs
 
 

@@ -17,9 +17,12 @@ process-local clock in microseconds takes its place.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from typing import Any
+
+from bson import Int64, Timestamp
 
 # A path's events live in its own document while they are few: a put of new
 # content costs no extra write for its history. Every change rewrites that
@@ -73,6 +76,94 @@ def literal(value: Any) -> dict[str, Any]:
     return {"$literal": value}
 
 
+def revision(value: Any) -> int:
+    """A stored revision as an int: a path made by `fresh` holds the server's Timestamp."""
+    if isinstance(value, Timestamp):
+        return (value.time << 32) | value.inc
+    return int(value or 0)
+
+
+def revision_query(rev: int) -> dict[str, Any]:
+    """A query on `rev` for revision `rev`, in either of the forms it is stored in."""
+    return {"$in": [Int64(rev), Timestamp(rev >> 32, rev & 0xFFFFFFFF)]}
+
+
+def path_events(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """A path document's events; one made by `fresh` and unchanged since holds none yet."""
+    if "events" in doc or not isinstance(doc.get("rev"), Timestamp):
+        return list(doc.get("events") or [])
+    return [
+        {
+            "at": doc["created_at"],
+            "event": "create",
+            "state": "ok",
+            "hash": doc["hash"],
+            "length": int(doc["length"]),
+            "revision": revision(doc["rev"]),
+        }
+    ]
+
+
+def fresh(
+    env_uuid: str, path: str, target: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A new path's whole document, to insert (cluster mode only).
+
+    An insert costs mongod half what the upsert pipeline of `PathUpdates.link`
+    does (measured, 16 threads: 0.40 against 0.76 ms of mongod CPU per write),
+    but an insert cannot evaluate `$$CLUSTER_TIME`. Its revision comes from the
+    server all the same: a top-level `Timestamp(0, 0)` is replaced at the insert
+    with a fresh tick of the cluster clock, the clock `$$CLUSTER_TIME` reads, so
+    it is larger than every revision written before and smaller than every one
+    written after. It is stored as that Timestamp (`revision` reads it) and its
+    create event is implied (`path_events`) until the first change of the path,
+    whose pipeline turns both into the usual form.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "env": env_uuid,
+        "path": path,
+        "rev": Timestamp(0, 0),
+        **{k: target[k] for k in ("resource_id", "hash", "length")},
+        **extra,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+_FRESH = {"$eq": [{"$type": "$rev"}, "timestamp"]}
+_FRESH_REV = {
+    "$add": [
+        {"$multiply": [{"$toLong": {"$tsSecond": "$rev"}}, 4294967296]},
+        {"$toLong": {"$tsIncrement": "$rev"}},
+    ]
+}
+# The stored revision as a long, whichever form it has (see `fresh`).
+_REV_AS_LONG: dict[str, Any] = {"$cond": [_FRESH, _FRESH_REV, {"$ifNull": ["$rev", 0]}]}
+# The events of a document as `path_events` reads them.
+_EVENTS_SO_FAR: dict[str, Any] = {
+    "$ifNull": [
+        "$events",
+        {
+            "$cond": [
+                _FRESH,
+                [
+                    {
+                        "at": "$created_at",
+                        "event": "create",
+                        "state": "ok",
+                        "hash": "$hash",
+                        "length": "$length",
+                        "revision": _FRESH_REV,
+                    }
+                ],
+                [],
+            ]
+        },
+    ]
+}
+
+
 class PathUpdates:
     """Builders for the updates that change a path document.
 
@@ -90,7 +181,7 @@ class PathUpdates:
 
     def _rev_expr(self) -> dict[str, Any]:
         clock = _CLUSTER_CLOCK if self.mode == "cluster" else _SERVER_MS_CLOCK
-        return {"$max": [{"$add": [{"$ifNull": ["$rev", 0]}, 1]}, clock]}
+        return {"$max": [{"$add": [_REV_AS_LONG, 1]}, clock]}
 
     def link(
         self,
@@ -134,6 +225,7 @@ class PathUpdates:
                 "$set": {
                     "prev_rid": {"$ifNull": ["$resource_id", None]},
                     "rev": self._rev_expr(),
+                    "events": _EVENTS_SO_FAR,
                     "created_at": {"$ifNull": ["$created_at", "$$NOW"]},
                     "updated_at": "$$NOW",
                     **{k: literal(v) for k, v in fields.items()},
@@ -200,7 +292,7 @@ class PathUpdates:
 
     def closing(self, doc: dict[str, Any], event: str, detail: dict[str, Any] | None = None) -> Any:
         """The update of `path_history` when `doc`'s path goes: its events plus the last."""
-        kept = list(doc.get("events") or [])[-EVENTS_CAP:]
+        kept = path_events(doc)[-EVENTS_CAP:]
         entry: dict[str, Any] = {
             "event": event,
             "state": "ok",
@@ -208,7 +300,7 @@ class PathUpdates:
             "length": int(doc.get("length", 0)),
             **(detail or {}),
         }
-        floor = int(doc.get("rev", 0)) + 1
+        floor = revision(doc.get("rev")) + 1
         if not self.pipelines:
             import datetime
 

@@ -43,7 +43,14 @@ from typing import Any
 from catalog import history
 from catalog.changes import PathChanges
 from catalog.errors import RequestExpiredError
-from catalog.pathdocs import EVENTS_CAP, EVENTS_SHOWN, HISTORY_CAP, HISTORY_SHOWN
+from catalog.pathdocs import (
+    EVENTS_CAP,
+    EVENTS_SHOWN,
+    HISTORY_CAP,
+    HISTORY_SHOWN,
+    path_events,
+    revision,
+)
 
 # A watch following at most this many path documents has the server filter their changes.
 FOCUS_MAX = 1000
@@ -137,10 +144,10 @@ class PathEvents:
         query = {"env": self._env, **self._match()}
         fields: dict[str, Any] = {"path": 1, "hash": 1, "length": 1, "rev": 1}
         if since is not None:
-            fields["events"] = EVENTS_SHOWN
+            fields.update(events=EVENTS_SHOWN, created_at=1)  # created_at: see path_events
         replay: list[dict[str, Any]] = []
         for doc in managed.paths.find(query, fields):
-            rev = int(doc.get("rev", 0))
+            rev = revision(doc.get("rev"))
             self._docs[doc["_id"]] = {
                 "path": doc["path"],
                 "hash": doc.get("hash", ""),
@@ -166,8 +173,9 @@ class PathEvents:
 
     def _replayed(self, doc: dict[str, Any], since: int, cap: int) -> list[dict[str, Any]]:
         """The events of one path or history document above `since`; 410 if some were cut."""
-        events = [e for e in doc.get("events") or [] if int(e.get("revision") or 0) > 0]
-        if len(doc.get("events") or []) >= cap and events:
+        kept = path_events(doc)
+        events = [e for e in kept if int(e.get("revision") or 0) > 0]
+        if len(kept) >= cap and events:
             oldest = min(int(e["revision"]) for e in events)
             if oldest > since:
                 raise RequestExpiredError(
@@ -231,7 +239,7 @@ class PathEvents:
                 "path": path,
                 "hash": str(full.get("hash", "")),
                 "length": int(full.get("length", 0)),
-                "rev": int(full.get("rev", 0)),
+                "rev": revision(full.get("rev")),
             }
             known = doc_id in self._docs
             self._docs[doc_id] = doc

@@ -133,8 +133,11 @@ class ResourceCatalog:
         # References to small content taken by many threads at once go in one
         # command (not in mongomock, whose bulk writes lag pymongo's).
         self.ref_batches: GroupCommit[_RefAsk, dict[str, Any] | None] | None = None
+        # New small content, many threads' entries in one insert (see acquire_inline).
+        self.new_batches: GroupCommit[dict[str, Any], bool] | None = None
         if not type(db.client).__module__.startswith("mongomock"):
             self.ref_batches = GroupCommit(self.take_refs)
+            self.new_batches = GroupCommit(self._insert_new)
 
     # -- the contract ---------------------------------------------------------
     def put(
@@ -235,7 +238,9 @@ class ResourceCatalog:
                 "history": [{"state": "created", "at": now}],
             }
             doc: dict[str, Any] | None = None
-            if session is None and self.ref_batches is not None:
+            if session is None and self.new_batches is not None:
+                doc = self._insert_inline(digest, data, now, on_insert)
+            if doc is None and session is None and self.ref_batches is not None:
                 doc = self.ref_batches.submit(_RefAsk(digest, length, now, on_insert))
             if doc is None:
                 doc = self._take_ref(digest, length, now, on_insert, session)
@@ -257,6 +262,43 @@ class ResourceCatalog:
             if res.inline:
                 res = dataclasses.replace(res, data=data)
             return res
+
+    def _insert_inline(
+        self, digest: str, data: bytes, now: datetime.datetime, on_insert: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The entry of new small content, inserted whole; None if its hash is known.
+
+        Content new to the catalog is the common case of a small put (each
+        change of a KV value, a registry link), and an insert costs mongod less
+        than the upsert that takes a reference (measured, 16 threads: a put at
+        0.55-0.59x raw inserts against 0.44x). Known content pays a refused insert
+        before its upsert; the refusal is an index probe, no write.
+        """
+        assert self.new_batches is not None
+        doc = {
+            "hash": digest,
+            "length": len(data),
+            "refcount": 1,
+            "updated_at": now,
+            "lease_until": now + datetime.timedelta(seconds=self.lease),
+            **on_insert,
+        }
+        if not self.new_batches.submit(doc):
+            return None
+        doc.pop("data")
+        return doc
+
+    def _insert_new(self, docs: Sequence[dict[str, Any]]) -> list[bool]:
+        """Insert entries in one command; False for each whose hash is already there."""
+        try:
+            self.collection.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            known = {e["index"] for e in errors if e.get("code") == 11000}
+            if exc.details.get("writeConcernErrors") or len(known) != len(errors):
+                raise
+            return [i not in known for i in range(len(docs))]
+        return [True] * len(docs)
 
     def take_refs(self, asks: Sequence[_RefAsk]) -> list[dict[str, Any] | None]:
         """_take_ref for many asks in one bulk write; each one's entry after, or None.

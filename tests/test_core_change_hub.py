@@ -27,6 +27,7 @@ from catalog import ManagedStorage, changehub
 from catalog.changes import PathChanges, operation_time
 from catalog.errors import CatalogError
 from catalog.kv import KVStore
+from catalog.pathdocs import revision
 from storage import GridFSStorage
 from tests.helpers import b3, change_streams
 
@@ -71,7 +72,7 @@ class Follower:
         self.tokens: list[str] = []
         for doc in managed.paths.find({"env": env}, {"path": 1, "rev": 1, "hash": 1}):
             self.paths[doc["_id"]] = doc["path"]
-            self.revs[doc["path"]] = [int(doc["rev"])]
+            self.revs[doc["path"]] = [revision(doc["rev"])]
             self.hashes[doc["path"]] = doc["hash"]
         self.changes.focus(None)
 
@@ -87,12 +88,12 @@ class Follower:
         if event["operationType"] in ("insert", "replace"):
             full = event["fullDocument"]
             self.paths[doc_id] = full["path"]
-            self._learn(full["path"], int(full["rev"]), full["hash"])
+            self._learn(full["path"], revision(full["rev"]), full["hash"])
         elif event["operationType"] == "update" and doc_id in self.paths:
             updated = event["updateDescription"]["updatedFields"]
             if "rev" in updated:
                 path = self.paths[doc_id]
-                self._learn(path, int(updated["rev"]), updated.get("hash", self.hashes[path]))
+                self._learn(path, revision(updated["rev"]), updated.get("hash", self.hashes[path]))
 
     def _learn(self, path: str, rev: int, digest: str) -> None:
         seen = self.revs.setdefault(path, [])
@@ -174,7 +175,7 @@ def test_many_watchers_share_one_server_side_stream(
         pair = kv.put("one", b"for all")
         for w in watchers:  # the new content comes with the change that links it
             event = w.next() or w.next()
-            assert event is not None and event["fullDocument"]["rev"] == pair.last_index
+            assert event is not None and revision(event["fullDocument"]["rev"]) == pair.last_index
             assert event[changehub.CONTENT] == b"for all"
         time.sleep(0.5)  # still one: none opened a stream of its own meanwhile
         assert change_streams(mongo_client, db.name) == before + 1
@@ -229,8 +230,8 @@ def test_a_start_before_the_hub_opened_falls_back_to_an_own_stream(
                 continue
             tokens.append(event["_id"]["_data"])
             doc = event.get("fullDocument") or event["updateDescription"]["updatedFields"]
-            if int(doc["rev"]) > created:  # the start may include the creating put
-                revs.append(int(doc["rev"]))
+            if revision(doc["rev"]) > created:  # the start may include the creating put
+                revs.append(revision(doc["rev"]))
         assert revs == missed + later and len(set(tokens)) == len(tokens)
     finally:
         late.close()
@@ -369,7 +370,7 @@ def test_dropping_the_database_ends_every_subscriber(
         while (event := fresh.next()) is not None:
             if event["ns"]["coll"] == managed.paths.name:
                 doc = event.get("fullDocument") or event["updateDescription"]["updatedFields"]
-                revs.append(int(doc["rev"]))
+                revs.append(revision(doc["rev"]))
         assert revs[-1] == pair.last_index and not fresh.ended
     finally:
         fresh.close()
@@ -436,7 +437,7 @@ def test_filters_environments_and_focus(managed: ManagedStorage, kv: KVStore) ->
                 if e["ns"]["coll"] != managed.paths.name:
                     continue
                 doc = e.get("fullDocument") or e["updateDescription"]["updatedFields"]
-                if int(doc["rev"]) > floor:
+                if revision(doc["rev"]) > floor:
                     out.append((e["operationType"], e["documentKey"]["_id"], doc.get("env", ENV)))
             return out
 
@@ -495,7 +496,7 @@ def _events_until(changes: PathChanges, rev: int, seconds: float = 20) -> list[d
         doc = event.get("fullDocument") or (event.get("updateDescription") or {}).get(
             "updatedFields", {}
         )
-        if event["ns"]["coll"] == paths and doc.get("rev") == rev:
+        if event["ns"]["coll"] == paths and revision(doc.get("rev")) == rev:
             return got
     raise AssertionError(f"revision {rev} did not come")
 

@@ -125,6 +125,36 @@ def test_lock_taken_while_its_store_closes_is_given_back(
     assert kv.lock("racy").acquire(blocking=False)  # free at once, not after 60 s
 
 
+def test_a_ttl_put_whose_store_closes_during_the_write_succeeds(
+    kv: KVStore, managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() landing while put(ttl=...) writes: the write stands and the put returns it.
+
+    The put raised RuntimeError("renewer closed") although its value was
+    written: a caller would retry or report a failure for a write that landed.
+    Now it returns the pair, and the key lives out its first lease, as every
+    TTL key of a closed store does.
+    """
+    closing = KVStore(managed, ENV)
+    put_path = managed.put_path
+
+    def put_then_close(*args: Any, **kwargs: Any) -> Any:
+        info = put_path(*args, **kwargs)
+        closing.close()  # another thread shutting the store down, just now
+        return info
+
+    monkeypatch.setattr(managed, "put_path", put_then_close)
+    pair = closing.put("lease/racy", b"v", ttl=1)
+    monkeypatch.undo()
+    assert kv.get("lease/racy") == pair
+    deadline = time.monotonic() + 10
+    while kv.exists("lease/racy") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not kv.exists("lease/racy"), "nobody renews it: gone after its ttl"
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        closing.put("lease/after", b"v", ttl=1)
+
+
 # -- delete_range is one step ------------------------------------------------------------------
 def test_delete_range_is_one_step_for_watchers(kv: KVStore) -> None:
     """DeleteTree removes the tree at once: a watcher never sees half of it.
