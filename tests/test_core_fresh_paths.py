@@ -187,23 +187,25 @@ def test_sixteen_threads_put_new_and_the_same_paths(
     assert report.clean, report
 
 
-def test_a_put_that_answers_inserts_a_new_path_and_reads_its_revision_back(
+def test_a_put_that_answers_beside_inserted_paths(
     managed: ManagedStorage, db: Database[Any]
 ) -> None:
+    """put_path wants its revision back: it upserts, and orders with inserted paths."""
     from catalog.managed import WriteOptions
 
+    _put(managed, "before", b"b")
     info = managed.put_path("e", "n", io.BytesIO(b"new"), 3)
     doc = db["paths"].find_one({"env": "e", "path": "n"})
-    assert doc is not None and isinstance(doc["rev"], Timestamp)
-    assert info.revision == revision(doc["rev"]) == managed.stat_for_environment("e", "n").revision
-    assert (info.hash, info.length) == (doc["hash"], 3)
+    assert doc is not None and not isinstance(doc["rev"], Timestamp)
+    assert info.revision == managed.stat_for_environment("e", "n").revision
+    assert info.revision > managed.stat_for_environment("e", "before").revision
+    _put(managed, "after", b"a")
+    assert managed.stat_for_environment("e", "after").revision > info.revision
     with pytest.raises(PreconditionFailedError):
-        managed.put_path("e", "n", io.BytesIO(b"x"), 1, options=WriteOptions(if_none_match=True))
-    created = managed.put_path(
-        "e", "m", io.BytesIO(b"m"), 1, options=WriteOptions(if_none_match=True)
-    )
-    assert created.revision == managed.stat_for_environment("e", "m").revision > info.revision
-    assert managed.get_for_environment("e", "n")[0].read() == b"new"
+        managed.put_path(
+            "e", "after", io.BytesIO(b"x"), 1, options=WriteOptions(if_none_match=True)
+        )
+    assert managed.get_for_environment("e", "after")[0].read() == b"a"
 
 
 def test_create_only_replaces_an_expired_ttl_path(managed: ManagedStorage) -> None:
