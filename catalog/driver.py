@@ -126,7 +126,9 @@ class StorageDriver:
         data = bytes(content or b"")
         with self._errors(path):
             self._check_file_place(rel, path)
-            self.managed.put_path(self.env_uuid, rel, io.BytesIO(data), len(data))
+            # It answers nothing: a new path may then be inserted (pathdocs.fresh),
+            # half the database's work of the upsert that returns a revision.
+            self.managed.put_for_environment(self.env_uuid, rel, io.BytesIO(data), len(data))
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO:
         """A seekable stream of the content from `offset` (at or past the end: b"")."""
