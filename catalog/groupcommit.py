@@ -17,7 +17,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from pymongo.errors import BulkWriteError
 
 I = TypeVar("I")  # noqa: E741 - an item, as in the typing docs' Generic examples
 R = TypeVar("R")
@@ -117,3 +119,20 @@ class GroupCommit(Generic[I, R]):
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]  # R may itself admit None
+
+
+def insert_new(collection: Any, docs: Sequence[dict[str, Any]]) -> list[bool]:
+    """A `run_batch` of inserts: all in one command; False for each refused as a duplicate.
+
+    Any other error is every caller's, as if each had written alone (a network
+    error leaves each insert's outcome unknown).
+    """
+    try:
+        collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors") or []
+        taken = {e["index"] for e in errors if e.get("code") == 11000}
+        if exc.details.get("writeConcernErrors") or len(taken) != len(errors):
+            raise
+        return [i not in taken for i in range(len(docs))]
+    return [True] * len(docs)

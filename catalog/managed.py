@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import heapq
 import hmac
 import io
@@ -31,7 +32,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
@@ -40,7 +41,6 @@ from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import (
-    BulkWriteError,
     ConnectionFailure,
     DuplicateKeyError,
     OperationFailure,
@@ -61,7 +61,7 @@ from catalog.errors import (
     ResponseMismatchError,
     UploadPendingError,
 )
-from catalog.groupcommit import GroupCommit
+from catalog.groupcommit import GroupCommit, insert_new
 from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
 from catalog.pathdocs import (
@@ -217,7 +217,8 @@ class ManagedStorage:
         # New paths whose writer wants no document back, many threads' in one insert.
         self._fresh_paths: GroupCommit[dict[str, Any], bool] | None = None
         if self._updates.mode == "cluster":
-            self._fresh_paths = GroupCommit(self._insert_fresh)
+            # A duplicate key: the path exists (see outcome_unknown for other errors).
+            self._fresh_paths = GroupCommit(functools.partial(insert_new, self.paths))
         # Paths this process saw exist lately: their next put updates at once
         # rather than first trying (and failing) to insert (a KV key's overwrites).
         self._existing: SizedLRU[tuple[str, str], bool] = SizedLRU(4096, lambda _: 1)
@@ -903,22 +904,6 @@ class ManagedStorage:
                 log.warning("releasing %s after a link failed", old, exc_info=True)
         self._spill_if_full(env_uuid, path, doc)
         return dict(doc)
-
-    def _insert_fresh(self, docs: Sequence[dict[str, Any]]) -> list[bool]:
-        """Insert new paths' documents in one command; False for each path that exists.
-
-        Any other error is every caller's, as if each had written alone (a
-        network error leaves each insert's outcome unknown: see outcome_unknown).
-        """
-        try:
-            self.paths.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors") or []
-            taken = {e["index"] for e in errors if e.get("code") == 11000}
-            if exc.details.get("writeConcernErrors") or len(taken) != len(errors):
-                raise
-            return [i not in taken for i in range(len(docs))]
-        return [True] * len(docs)
 
     def letting_go(self, rid: Any, *, session: ClientSession | None = None) -> bool:
         """Has a put let this entry go and may not have dropped its reference yet?

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from catalog.errors import (
     NotFoundError,
     UploadPendingError,
 )
-from catalog.groupcommit import GroupCommit
+from catalog.groupcommit import GroupCommit, insert_new
 from catalog.lru import SizedLRU
 from catalog.names import parse_hash
 
@@ -141,7 +142,7 @@ class ResourceCatalog:
         self._known: SizedLRU[str, bool] = SizedLRU(16384, lambda _: 1)
         if not type(db.client).__module__.startswith("mongomock"):
             self.ref_batches = GroupCommit(self.take_refs)
-            self.new_batches = GroupCommit(self._insert_new)
+            self.new_batches = GroupCommit(functools.partial(insert_new, self.collection))
 
     # -- the contract ---------------------------------------------------------
     def put(
@@ -293,18 +294,6 @@ class ResourceCatalog:
             return None
         doc.pop("data")
         return doc
-
-    def _insert_new(self, docs: Sequence[dict[str, Any]]) -> list[bool]:
-        """Insert entries in one command; False for each whose hash is already there."""
-        try:
-            self.collection.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors") or []
-            known = {e["index"] for e in errors if e.get("code") == 11000}
-            if exc.details.get("writeConcernErrors") or len(known) != len(errors):
-                raise
-            return [i not in known for i in range(len(docs))]
-        return [True] * len(docs)
 
     def take_refs(self, asks: Sequence[_RefAsk]) -> list[dict[str, Any] | None]:
         """_take_ref for many asks in one bulk write; each one's entry after, or None.

@@ -98,15 +98,10 @@ def test_close_ends_a_blocked_acquire(kv: KVStore, managed: ManagedStorage) -> N
         waiter.close()
 
 
-def test_lock_taken_while_its_store_closes_is_given_back(
-    kv: KVStore, managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """close() racing an acquisition: the lock is released, not left held by nobody.
-
-    The write that took it landed after close() had collected the store's
-    locks: acquire raised RuntimeError("renewer closed") and the key stayed
-    locked, renewed by nobody, for the lock's whole ttl.
-    """
+def _closing_after_its_next_write(
+    managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> KVStore:
+    """A store whose close() lands just after its next write, before the call returns."""
     closing = KVStore(managed, ENV)
     put_path = managed.put_path
 
@@ -116,6 +111,19 @@ def test_lock_taken_while_its_store_closes_is_given_back(
         return info
 
     monkeypatch.setattr(managed, "put_path", put_then_close)
+    return closing
+
+
+def test_lock_taken_while_its_store_closes_is_given_back(
+    kv: KVStore, managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() racing an acquisition: the lock is released, not left held by nobody.
+
+    The write that took it landed after close() had collected the store's
+    locks: acquire raised RuntimeError("renewer closed") and the key stayed
+    locked, renewed by nobody, for the lock's whole ttl.
+    """
+    closing = _closing_after_its_next_write(managed, monkeypatch)
     lock = closing.lock("racy", b"x", ttl=60)
     with pytest.raises(InvalidArgumentError, match="closed"):
         lock.acquire()
@@ -135,15 +143,7 @@ def test_a_ttl_put_whose_store_closes_during_the_write_succeeds(
     Now it returns the pair, and the key lives out its first lease, as every
     TTL key of a closed store does.
     """
-    closing = KVStore(managed, ENV)
-    put_path = managed.put_path
-
-    def put_then_close(*args: Any, **kwargs: Any) -> Any:
-        info = put_path(*args, **kwargs)
-        closing.close()  # another thread shutting the store down, just now
-        return info
-
-    monkeypatch.setattr(managed, "put_path", put_then_close)
+    closing = _closing_after_its_next_write(managed, monkeypatch)
     pair = closing.put("lease/racy", b"v", ttl=1)
     monkeypatch.undo()
     assert kv.get("lease/racy") == pair
