@@ -242,6 +242,8 @@ class StorageDriver:
                 if not batch:
                     break
                 removed += len(self.managed.delete_paths(self.env_uuid, batch))
+            if removed:  # what was being written there goes with it
+                self.sessions.discard_under(self.env_uuid, rel)
         if not removed:
             raise NotFoundError(f"{self._name}: no such file or directory {path}", path=path)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import re
 import secrets
 import threading
 import time
@@ -357,6 +358,31 @@ class SessionStore:
             self._doc(env_uuid, session_id)
             raise UploadPendingError(f"upload session {session_id} is held by another writer")
         self.storage.discard_session_chunks(doc["file_id"])
+
+    def discard_under(self, env_uuid: str, path: str) -> int:
+        """Discard the driver sessions of `path` and of the paths under it; how many.
+
+        For a delete of a directory: its unfinished writes must not come back
+        through a later writer(append=True). A session a live writer holds is
+        left to that writer (as `cancel` leaves it); its bytes only appear if
+        it commits, after the delete, as a new file would.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        under = {"$regex": "^" + re.escape(path + "/")}
+        unheld = {"$or": [{"owner": None}, {"lease_until": {"$lte": utcnow()}}]}
+        query = {
+            "env": env_uuid,
+            "kind": DRIVER,
+            "$and": [{"$or": [{"path": path}, {"path": under}]}, unheld],
+        }
+        discarded = 0
+        for doc in list(self.sessions.find(query, {"_id": 1})):
+            gone = self.sessions.find_one_and_delete({"_id": doc["_id"], **unheld})
+            if gone is not None:
+                self.storage.discard_session_chunks(gone["file_id"])
+                discarded += 1
+        return discarded
 
     # -- internals --------------------------------------------------------------
     def _after_dead_commit(self, doc: dict[str, Any]) -> None:

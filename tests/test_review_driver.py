@@ -129,3 +129,35 @@ def test_a_writer_stalled_between_its_claim_check_and_its_write_changes_nothing(
     assert driver.get_content("/layer") == expected
     chunks = db["resources.chunks"].find({}, {"n": 1, "data": 1}, sort=[("n", 1)])
     assert b"".join(bytes(c["data"]) for c in chunks) == expected
+
+
+def test_delete_of_a_directory_discards_the_writes_unfinished_under_it(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """A deleted directory's unfinished writer sessions must not come back.
+
+    They stayed until gc's --session-max-age (7 days): writer(append=True)
+    after the delete resumed the old bytes, where a file system (the registry's
+    reference driver) has no file there any more. A session a live writer
+    holds is that writer's.
+    """
+    driver = StorageDriver(managed, "reg", name="rescat")
+    stale = driver.writer("/dir/stale")
+    stale.write(b"written before the delete")
+    stale.close()
+    keep = driver.writer("/dirx/other")  # beside the directory, not under it
+    keep.write(b"kept")
+    keep.close()
+    live = driver.writer("/dir/live")
+    live.write(b"still writing")
+    driver.put_content("/dir/file", b"x")
+    driver.delete("/dir")
+    assert db["upload_sessions"].count_documents({"path": "dir/stale"}) == 0
+    with pytest.raises(CatalogError):  # nothing to append to: no file, no session
+        driver.writer("/dir/stale", append=True)
+    resumed = driver.writer("/dirx/other", append=True)
+    assert resumed.size() == 4
+    resumed.close()
+    live.write(b", and done")
+    live.commit()
+    assert driver.get_content("/dir/live") == b"still writing, and done"
