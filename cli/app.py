@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,9 +130,34 @@ def _default_env(ctx: click.Context) -> str | None:
 
 
 class Group(click.Group):
-    """Subcommands default to EnvCommand."""
+    """Subcommands default to EnvCommand; a reader that went away ends the command quietly.
+
+    `rescat kv watch ENV | head -1`, `rescat ls ENV | head`: once the reader
+    of stdout is gone there is nobody to tell, so the command stops with the
+    status a command killed by SIGPIPE has (141, what `set -o pipefail` sees
+    of `yes | head -1`) and says nothing. SIGPIPE itself stays ignored: the
+    service and the database driver write to sockets, where a closed peer is
+    an error to handle, not a reason to die.
+    """
 
     command_class = EnvCommand
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_stdout()
+            raise click.exceptions.Exit(128 + signal.SIGPIPE) from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush must not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing will flush to a pipe
+        pass
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

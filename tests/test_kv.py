@@ -581,3 +581,33 @@ def test_cli_ttl_and_watch(mongo_uri: str, db: Database[Any], kv: KVStore) -> No
         _kill(watcher)
     time.sleep(1.1)
     assert not kv.exists("short")
+
+
+def test_cli_watch_whose_reader_goes_away_ends_as_sigpipe(
+    mongo_uri: str, db: Database[Any], kv: KVStore
+) -> None:
+    """`rescat kv watch ... | head -1`: status 141 (as if killed by SIGPIPE), nothing on stderr."""
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reader, writer = os.pipe()
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *base, "kv", "watch", ENV, "gone"],
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        cwd=root,
+    )
+    os.close(writer)
+    try:
+        with os.fdopen(reader, "rb") as out:
+            assert json.loads(out.readline()) == {"type": "delete", "key": "gone"}
+        # The reader is gone (as `head -1` exits): the next event cannot be written.
+        deadline = time.monotonic() + 30
+        n = 0
+        while watcher.poll() is None and time.monotonic() < deadline:
+            kv.put("gone", str(n).encode())
+            n += 1
+            time.sleep(0.2)
+        assert watcher.wait(timeout=10) == 128 + signal.SIGPIPE
+        assert watcher.stderr is not None and watcher.stderr.read() == b""
+    finally:
+        _kill(watcher)
