@@ -274,7 +274,7 @@ def _gc_expired_keys(managed: ManagedStorage, report: GcReport) -> None:
 
 def _gc_history(managed: ManagedStorage, days: float, report: GcReport) -> None:
     """Abandoned uploads become `failed`; items older than `days` go (retention by age)."""
-    collections = [managed.paths, managed.history]
+    collections = [managed.paths, managed.history, managed.archive]
     if report.dry_run:
         report.failed_uploads = history.count_abandoned(managed.history)
         report.history_trimmed = history.count_trimmable(collections, days)

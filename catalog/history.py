@@ -193,9 +193,12 @@ def count_trimmable(collections: list[Collection[Any]], days: float) -> int:
 def trim(collections: list[Collection[Any]], days: float) -> int:
     """Drop events older than `days` (retention by age); documents left empty go too.
 
+    collections: the live paths' first, then those that hold only history
+    (`path_history`, `path_archive`), in the order events move between them.
+
     Returns how many items were dropped: those older than the cutoff before each
     collection's update less those still there after it (none, unless a path was
-    deleted meanwhile and its events moved between the two collections).
+    deleted or archived meanwhile and its events moved between the collections).
     """
     cutoff = utcnow() - datetime.timedelta(days=days)
     removed = 0
@@ -209,7 +212,8 @@ def trim(collections: list[Collection[Any]], days: float) -> int:
             {"$pull": {"events": {"at": {"$lt": cutoff}, "state": {"$ne": "pending"}}}},
         )
         removed += before - _count_items(collection, cutoff)
-    collections[-1].delete_many({"events": {"$size": 0}})
+    for collection in collections[1:]:  # path documents stay, however few their events
+        collection.delete_many({"events": {"$size": 0}})
     return removed
 
 

@@ -48,6 +48,7 @@ from pymongo.errors import (
 )
 
 from catalog import history
+from catalog.archive import archive_collection, archive_old, archived_events
 from catalog.clock import aware, utcnow
 from catalog.errors import (
     AlreadyExistsError,
@@ -66,6 +67,7 @@ from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
 from catalog.pathdocs import (
     EVENTS_SHOWN,
+    HISTORY_KEPT,
     HISTORY_SHOWN,
     LIVE_EVENTS,
     SPILL_AT,
@@ -211,6 +213,7 @@ class ManagedStorage:
         )
         self.history = db["path_history"].with_options(write_concern=majority)
         self.history.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
+        self.archive = archive_collection(db)
         self.requests.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
         self._transactions = _supports_transactions(db)
         self._updates = PathUpdates(_clock_mode(db, self._transactions))
@@ -230,6 +233,9 @@ class ManagedStorage:
             INLINE_CACHE_BYTES, lambda res: len(res.data or b"") + 256
         )
         self._spilling: set[tuple[str, str]] = set()
+        self._archiving: set[tuple[str, str]] = set()
+        # History documents a closing left past HISTORY_KEPT: archived after its commit.
+        self._archive_due: set[tuple[str, str]] = set()
         self._spill_lock = threading.Lock()
 
     @property
@@ -304,7 +310,7 @@ class ManagedStorage:
         """Every recorded event of a path, oldest first, also after it was deleted."""
         check_env(env_uuid)
         check_path(path)
-        events: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = list(archived_events(self.archive, env_uuid, path))
         gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": HISTORY_SHOWN})
         if gone is not None:
             events.extend(gone.get("events") or [])
@@ -410,14 +416,7 @@ class ManagedStorage:
         doc = self.paths.find_one_and_delete(query, session=session)
         if doc is None:
             self._raise_missing_or_mismatch(env_uuid, path, if_match, session)
-        closed = self.history.find_one_and_update(
-            {"env": env_uuid, "path": path},
-            self._updates.closing(doc, "delete"),
-            upsert=True,
-            projection={"last_rev": 1},
-            return_document=ReturnDocument.AFTER,
-            session=session,
-        )
+        closed = self._close_history(env_uuid, path, doc, "delete", None, session)
         self._release_in(str(doc["resource_id"]), session, doomed)
         return int(closed["last_rev"]) if closed else 0
 
@@ -437,12 +436,8 @@ class ManagedStorage:
         doc = self.paths.find_one_and_delete(self._live_query(env_uuid, src), session=session)
         if doc is None:
             raise NotFoundError(f"{env_uuid}: no such path {src!r}", path=src)
-        self.history.update_one(
-            {"env": env_uuid, "path": src},
-            self._updates.closing(doc, "move", {"to": f"{dst_env}:{dst}" if across else dst}),
-            upsert=True,
-            session=session,
-        )
+        detail = {"to": f"{dst_env}:{dst}" if across else dst}
+        self._close_history(env_uuid, src, doc, "move", detail, session)
         extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
         came = f"{env_uuid}:{src}" if across else src
         update = self._updates.link(
@@ -955,11 +950,71 @@ class ManagedStorage:
         if doc is None or len(events) <= SPILL_AT:
             return
         moved = events[: len(events) - LIVE_EVENTS]
-        self.history.update_one(
-            {"env": env_uuid, "path": path}, self._updates.spilled(moved), upsert=True
+        held = self.history.find_one_and_update(
+            {"env": env_uuid, "path": path},
+            self._updates.spilled(moved),
+            upsert=True,
+            projection={"n_events": 1},
+            return_document=ReturnDocument.AFTER,
         )
         upto = max(int(e.get("revision") or 0) for e in moved)
         self.paths.update_one({"_id": doc["_id"]}, self._updates.trim(upto))
+        if held is not None and int(held.get("n_events") or 0) > HISTORY_KEPT:
+            self._archive_old(env_uuid, path)
+
+    def _close_history(
+        self,
+        env_uuid: str,
+        path: str,
+        doc: dict[str, Any],
+        event: str,
+        detail: dict[str, Any] | None,
+        session: ClientSession | None,
+    ) -> dict[str, Any] | None:
+        """Record that `doc`'s path went (its events and the last) in its history document.
+
+        A document this leaves past HISTORY_KEPT events is archived once the
+        transaction has committed (`transact`).
+        """
+        closed: dict[str, Any] | None = self.history.find_one_and_update(
+            {"env": env_uuid, "path": path},
+            self._updates.closing(doc, event, detail),
+            upsert=True,
+            projection={"last_rev": 1, "n_events": 1},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if closed is not None and int(closed.get("n_events") or 0) > HISTORY_KEPT:
+            with self._spill_lock:
+                self._archive_due.add((env_uuid, path))
+        return closed
+
+    def _archive_due_now(self) -> None:
+        if not self._archive_due:
+            return
+        with self._spill_lock:
+            due, self._archive_due = self._archive_due, set()
+        for env_uuid, path in due:
+            self._archive_old(env_uuid, path)
+
+    def _archive_old(self, env_uuid: str, path: str) -> None:
+        """Move a full history document's oldest events to `path_archive` (catalog.archive).
+
+        Past the commit point, as spills: a failure is logged, not raised (the
+        next writer that finds the document full tries again).
+        """
+        key = (env_uuid, path)
+        with self._spill_lock:
+            if key in self._archiving:
+                return
+            self._archiving.add(key)
+        try:
+            archive_old(self.history, self.archive, env_uuid, path)
+        except Exception:
+            log.warning("archiving the history of %s:%s failed", *key, exc_info=True)
+        finally:
+            with self._spill_lock:
+                self._archiving.discard(key)
 
     def _link_update(
         self, target: dict[str, Any], options: WriteOptions, *, dropping: float | None = None
@@ -1116,6 +1171,7 @@ class ManagedStorage:
                 continue  # two first writers of one path: the loser retries as an update
             for storage_path in doomed:
                 self._discard(storage_path)
+            self._archive_due_now()
             return result
 
     def _run_once(self, fn: Callable[[ClientSession | None, list[str]], T], doomed: list[str]) -> T:
@@ -1294,12 +1350,7 @@ class ManagedStorage:
                 doc = self.paths.find_one_and_delete(query, session=session)
                 if doc is None:
                     continue
-                self.history.update_one(
-                    {"env": env_uuid, "path": path},
-                    self._updates.closing(doc, "delete"),
-                    upsert=True,
-                    session=session,
-                )
+                self._close_history(env_uuid, path, doc, "delete", None, session)
                 self._release_in(str(doc["resource_id"]), session, doomed)
                 removed.append(path)
             return removed
@@ -1346,12 +1397,7 @@ class ManagedStorage:
             doc = self.paths.find_one_and_delete(query, session=session)
             if doc is None:
                 return False
-            self.history.update_one(
-                {"env": env_uuid, "path": path},
-                self._updates.closing(doc, "delete", {"expired": True}),
-                upsert=True,
-                session=session,
-            )
+            self._close_history(env_uuid, path, doc, "delete", {"expired": True}, session)
             self._release_in(str(doc["resource_id"]), session, doomed)
             return True
 

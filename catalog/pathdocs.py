@@ -30,7 +30,7 @@ from bson import Int64, Timestamp
 # threads: a link on a path holding 256 events cost 2.2x one on a fresh path).
 # So a writer that leaves more than SPILL_AT events moves all but the newest
 # LIVE_EVENTS to the path's `path_history` document (ManagedStorage._spill),
-# where up to HISTORY_CAP are kept, as for a deleted path.
+# where a deleted path's events go too (and the oldest on to `path_archive`).
 LIVE_EVENTS = 32
 SPILL_AT = 2 * LIVE_EVENTS
 # Events of a path replayed from its document; should spills fail, its document
@@ -40,13 +40,21 @@ SPILL_AT = 2 * LIVE_EVENTS
 EVENTS_CAP = 256
 EVENTS_KEPT = 2 * EVENTS_CAP
 EVENTS_SHOWN: dict[str, Any] = {"$slice": -EVENTS_CAP}
-# The newest HISTORY_CAP events of a history document are shown; it grows to
-# HISTORY_KEPT before it is cut back, for the same reason: cut back on every
-# move, a hot key's moves logged its whole history (6.8 KiB of oplog per put,
-# against 2.0 KiB for a key with a short past).
+# A history document keeps a path's recent past: past HISTORY_KEPT events, the
+# writer that notices moves all but the newest HISTORY_CAP to a bucket document
+# of `path_archive` (catalog.archive), so history is kept by age alone
+# (`--history-days`), however many changes a path has had, while the document
+# every closing and spill rewrites stays small: rewritten whole on every move,
+# a hot key's moves logged its whole history (6.8 KiB of oplog per put, against
+# 2.0 KiB for a key with a short past).
 HISTORY_CAP = EVENTS_CAP * 4
 HISTORY_KEPT = 2 * HISTORY_CAP
-HISTORY_SHOWN: dict[str, Any] = {"$slice": -HISTORY_CAP}
+# Only should archiving keep failing is a history document cut back (to
+# HISTORY_CUT_TO, at HISTORY_CUT_AT, ~6 MiB of events: below MongoDB's 16 MiB
+# document limit); a replay that needs what a cut took answers 410.
+HISTORY_CUT_AT = 16 * HISTORY_CAP
+HISTORY_CUT_TO = 12 * HISTORY_CAP
+HISTORY_SHOWN: dict[str, Any] = {"$slice": -HISTORY_CUT_AT}
 
 _CLUSTER_CLOCK: dict[str, Any] = {
     "$add": [
@@ -276,9 +284,9 @@ class PathUpdates:
     def spilled(self, moved: list[dict[str, Any]]) -> Any:
         """The update of `path_history` that appends events moved from the path document."""
         if not self.pipelines:
-            return {"$push": {"events": {"$each": moved, "$slice": -HISTORY_CAP}}}
+            return {"$push": {"events": {"$each": moved, "$slice": -HISTORY_CUT_TO}}}
         events = {"$concatArrays": [{"$ifNull": ["$events", []]}, literal(moved)]}
-        return [{"$set": {"events": events}}, {"$set": {"events": _cut(HISTORY_KEPT, HISTORY_CAP)}}]
+        return [{"$set": {"events": events}}, *_history_cut()]
 
     def trim(self, upto: int) -> list[dict[str, Any]]:
         """Drop a path's events up to revision `upto` (moved to its history document)."""
@@ -308,7 +316,7 @@ class PathUpdates:
             entry["revision"] = max(self.clock(), floor)
             return {
                 "$set": {"last_rev": entry["revision"]},
-                "$push": {"events": {"$each": [*kept, entry], "$slice": -HISTORY_CAP}},
+                "$push": {"events": {"$each": [*kept, entry], "$slice": -HISTORY_CUT_TO}},
             }
         clock = _CLUSTER_CLOCK if self.mode == "cluster" else _SERVER_MS_CLOCK
         new_entry: dict[str, Any] = {k: literal(v) for k, v in entry.items()}
@@ -322,8 +330,19 @@ class PathUpdates:
                     }
                 }
             },
-            {"$set": {"events": _cut(HISTORY_KEPT, HISTORY_CAP)}},
+            *_history_cut(),
         ]
+
+
+def _history_cut() -> list[dict[str, Any]]:
+    """A history document's last stages: the last-resort cut, and its size for the writer.
+
+    Past HISTORY_KEPT (`n_events`) the writer archives (catalog.archive).
+    """
+    return [
+        {"$set": {"events": _cut(HISTORY_CUT_AT, HISTORY_CUT_TO)}},
+        {"$set": {"n_events": {"$size": "$events"}}},
+    ]
 
 
 def _cut(over: int, to: int) -> dict[str, Any]:

@@ -13,12 +13,13 @@ read for that path (dedupe by path and revision).
 
 * `since=None`: only changes after the read.
 * `since=R`: first the changes with a revision above R, from the history
-  (the path documents' `events` and `path_history`, which outlive the oplog),
+  (the path documents' `events`, `path_history` and `path_archive`, which
+  outlive the oplog),
   in revision order; then live. 410 `request_expired` (RequestExpiredError)
   when events above R may have been trimmed: R is below the environment's
   history floor (the largest revision that retention by age has removed,
-  recorded by `catalog.history.trim`), or a path whose kept events are at the
-  per-document cap starts above R.
+  recorded by `catalog.history.trim`), or (should archiving have failed for
+  long) a path whose history document was cut starts above R.
 
 A deletion's revision is the `path_history` entry that closed the path: the
 first closing entry (`delete`, or `move` away) above the deleted document's
@@ -41,12 +42,13 @@ import re
 from typing import Any
 
 from catalog import history
+from catalog.archive import buckets_since
 from catalog.changes import PathChanges
 from catalog.errors import RequestExpiredError
 from catalog.pathdocs import (
     EVENTS_CAP,
     EVENTS_SHOWN,
-    HISTORY_CAP,
+    HISTORY_CUT_TO,
     HISTORY_SHOWN,
     path_events,
     revision,
@@ -160,7 +162,9 @@ class PathEvents:
         if since is not None:
             gone = {**query, "events.revision": {"$gt": since}}
             for doc in managed.history.find(gone, {"path": 1, "events": HISTORY_SHOWN}):
-                replay.extend(self._replayed(doc, since, HISTORY_CAP))
+                replay.extend(self._replayed(doc, since, HISTORY_CUT_TO))
+            for doc in buckets_since(managed.archive, query, since):
+                replay.extend(self._replayed(doc, since, None))
             replay.sort(key=lambda e: e["revision"])
             sent: set[tuple[str, int]] = set()
             for event in replay:
@@ -171,11 +175,15 @@ class PathEvents:
                     self._saw(event["path"], event["revision"])
         self._focus()
 
-    def _replayed(self, doc: dict[str, Any], since: int, cap: int) -> list[dict[str, Any]]:
-        """The events of one path or history document above `since`; 410 if some were cut."""
+    def _replayed(self, doc: dict[str, Any], since: int, cap: int | None) -> list[dict[str, Any]]:
+        """The events of one path, history or archive document above `since`.
+
+        410 if the document holds `cap` events or more, so that a cut may have
+        taken some above `since` (an archive bucket, cap None, is never cut).
+        """
         kept = path_events(doc)
         events = [e for e in kept if int(e.get("revision") or 0) > 0]
-        if len(kept) >= cap and events:
+        if cap is not None and len(kept) >= cap and events:
             oldest = min(int(e["revision"]) for e in events)
             if oldest > since:
                 raise RequestExpiredError(

@@ -138,20 +138,14 @@ def test_a_hot_path_keeps_its_history_beside_a_small_document(
     managed: ManagedStorage, db: Database[Any]
 ) -> None:
     """Older events move to the history document; the path's own stays small; none repeat."""
-    from catalog.pathdocs import EVENTS_CAP, SPILL_AT
+    from catalog.pathdocs import HISTORY_CAP, SPILL_AT
 
-    kept = EVENTS_CAP * 4  # what a history document holds
-    n = kept + 100
+    n = HISTORY_CAP + 100
     for i in range(n):
         managed.put_for_environment("e", "hot", io.BytesIO(f"v{i}".encode()))
         if i in (SPILL_AT - 1, SPILL_AT + 1, 600, n - 1):
             events = managed.history_for_environment("e", "hot")
-            assert len(events) == (i + 1 if i < kept else len(events))
-            assert len(events) >= min(i + 1, kept)
-            first = i + 1 - len(events)  # the oldest shown: a contiguous run up to the last
-            assert [e["hash"] for e in events] == [
-                b3(f"v{j}".encode()) for j in range(first, i + 1)
-            ]
+            assert [e["hash"] for e in events] == [b3(f"v{j}".encode()) for j in range(i + 1)]
             revisions = [e["revision"] for e in events]
             assert revisions == sorted(set(revisions))
             doc = db["paths"].find_one({"env": "e", "path": "hot"})
@@ -258,16 +252,19 @@ def test_a_move_to_a_long_history_is_logged_as_the_events_moved(
     # ~400 bytes an event moved; the whole history would be ~2,000 events (300+ KB)
     assert last_move() < 600 * moved, last_move()
     shown = managed.history_for_environment("e", "hot")
-    assert len(shown) == HISTORY_CAP + LIVE_EVENTS  # the newest of the history, then the path's
+    assert len(shown) == len(past) + put  # all of it: the history's, then the path's
     assert [e["hash"] for e in shown[-put:]] == [b3(f"v{j}".encode()) for j in range(put)]
-    while stored() <= HISTORY_KEPT - moved:  # on until a move passes HISTORY_KEPT: cut back
+    while stored() <= HISTORY_KEPT - moved:  # on until a move passes HISTORY_KEPT: archived
         managed.put_for_environment("e", "hot", io.BytesIO(f"v{put}".encode()))
         put += 1
     for _ in range(SPILL_AT):
         managed.put_for_environment("e", "hot", io.BytesIO(f"v{put}".encode()))
         put += 1
     assert stored() <= HISTORY_CAP + SPILL_AT
+    assert db["path_archive"].count_documents({"env": "e", "path": "hot"}) == 1
     shown = managed.history_for_environment("e", "hot")
-    assert [e["hash"] for e in shown[-put:]] == [b3(f"v{j}".encode()) for j in range(put)]
+    assert [e["hash"] for e in shown] == [e["hash"] for e in past] + [
+        b3(f"v{j}".encode()) for j in range(put)
+    ]
     revisions = [e["revision"] for e in shown]
     assert revisions == sorted(set(revisions))
