@@ -926,18 +926,23 @@ class ManagedStorage:
         """
         if int(doc.get("n_events") or 0) <= SPILL_AT:
             return
-        key = (env_uuid, path)
+        self._history_work(self._spilling, "moving the events of", self._spill, env_uuid, path)
+
+    def _history_work(
+        self, running: set[tuple[str, str]], what: str, fn: Callable[[str, str], Any], *key: str
+    ) -> None:
+        """fn(env, path) past the commit point: once at a time per path here, failures logged."""
         with self._spill_lock:
-            if key in self._spilling:
+            if key in running:
                 return
-            self._spilling.add(key)
+            running.add((key[0], key[1]))
         try:
-            self._spill(env_uuid, path)
+            fn(*key)
         except Exception:
-            log.warning("moving the events of %s:%s to its history failed", *key, exc_info=True)
+            log.warning("%s %s:%s failed", what, *key, exc_info=True)
         finally:
             with self._spill_lock:
-                self._spilling.discard(key)
+                running.discard((key[0], key[1]))
 
     def _spill(self, env_uuid: str, path: str) -> None:
         """Copy all but the newest LIVE_EVENTS to the history document, then drop them here.
@@ -1003,18 +1008,8 @@ class ManagedStorage:
         Past the commit point, as spills: a failure is logged, not raised (the
         next writer that finds the document full tries again).
         """
-        key = (env_uuid, path)
-        with self._spill_lock:
-            if key in self._archiving:
-                return
-            self._archiving.add(key)
-        try:
-            archive_old(self.history, self.archive, env_uuid, path)
-        except Exception:
-            log.warning("archiving the history of %s:%s failed", *key, exc_info=True)
-        finally:
-            with self._spill_lock:
-                self._archiving.discard(key)
+        archive = functools.partial(archive_old, self.history, self.archive)
+        self._history_work(self._archiving, "archiving the history of", archive, env_uuid, path)
 
     def _link_update(
         self, target: dict[str, Any], options: WriteOptions, *, dropping: float | None = None
