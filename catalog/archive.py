@@ -67,11 +67,22 @@ def archive_old(
     return len(moved)
 
 
-def archived_events(archive: Collection[Any], env_uuid: str, path: str) -> Iterator[dict[str, Any]]:
-    """Every archived event of one path, oldest bucket first."""
+def bucket_events(
+    archive: Collection[Any], env_uuid: str, path: str
+) -> Iterator[list[dict[str, Any]]]:
+    """The events of one path's buckets, a bucket at a time, oldest bucket first."""
     query = {"env": env_uuid, "path": path}
     for doc in archive.find(query, {"events": 1}, sort=[("last_rev", ASCENDING)]):
-        yield from doc.get("events") or []
+        yield list(doc.get("events") or [])
+
+
+def archived_uploads(archive: Collection[Any], env_uuid: str, path: str) -> list[dict[str, Any]]:
+    """The uploads among one path's archived events (failed ones: few), without the rest."""
+    only = {"$filter": {"input": "$events", "cond": {"$eq": ["$$this.event", "upload"]}}}
+    found = archive.aggregate(
+        [{"$match": {"env": env_uuid, "path": path}}, {"$project": {"_id": 0, "events": only}}]
+    )
+    return [e for doc in found for e in doc.get("events") or []]
 
 
 def buckets_since(

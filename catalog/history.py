@@ -12,6 +12,8 @@ gc turns those whose uploader died (lease run out) `failed` too.
 from __future__ import annotations
 
 import datetime
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from bson import ObjectId
@@ -233,17 +235,39 @@ def items(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ordered.append(op)
     ordered.extend(uploads)
     now = utcnow()
-    return [
-        {
-            "at": rfc3339(e["at"]),
-            "event": str(e.get("event", "")),
-            "state": _state(e, now),
-            "hash": str(e.get("hash") or ""),
-            "length": int(e.get("length") or 0),
-            "revision": int(e.get("revision") or 0),
-        }
-        for e in ordered
-    ]
+    return [item(e, now) for e in ordered]
+
+
+def item(event: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
+    """One event as the contract shows it (`now`: for uploads whose lease ran out)."""
+    return {
+        "at": rfc3339(event["at"]),
+        "event": str(event.get("event", "")),
+        "state": _state(event, now),
+        "hash": str(event.get("hash") or ""),
+        "length": int(event.get("length") or 0),
+        "revision": int(event.get("revision") or 0),
+    }
+
+
+def json_items(ordered: Iterator[dict[str, Any]], *, per_piece: int = 512) -> Iterator[bytes]:
+    """`{"items": [...]}` of events already in order, in pieces of `per_piece` items.
+
+    The HTTP history answer: a hot key's history may be long, and is sent as
+    it is read, never held whole.
+    """
+    now = utcnow()
+    yield b'{"items":['
+    first = True
+    batch: list[str] = []
+    for event in ordered:
+        batch.append(json.dumps(item(event, now), separators=(",", ":")))
+        if len(batch) >= per_piece:
+            yield (b"" if first else b",") + ",".join(batch).encode()
+            first, batch = False, []
+    if batch:
+        yield (b"" if first else b",") + ",".join(batch).encode()
+    yield b"]}"
 
 
 def _state(event: dict[str, Any], now: datetime.datetime) -> str:

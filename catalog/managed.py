@@ -19,11 +19,11 @@ Design, after juju/blobstore's managedStorage, with what it lacked:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
 import functools
-import heapq
 import hmac
 import io
 import itertools
@@ -48,7 +48,7 @@ from pymongo.errors import (
 )
 
 from catalog import history
-from catalog.archive import archive_collection, archive_old, archived_events
+from catalog.archive import archive_collection, archive_old, archived_uploads, bucket_events
 from catalog.clock import aware, utcnow
 from catalog.errors import (
     AlreadyExistsError,
@@ -308,18 +308,35 @@ class ManagedStorage:
 
     def history_for_environment(self, env_uuid: str, path: str) -> list[dict[str, Any]]:
         """Every recorded event of a path, oldest first, also after it was deleted."""
+        return list(self.iter_history(env_uuid, path))
+
+    def iter_history(self, env_uuid: str, path: str) -> Iterator[dict[str, Any]]:
+        """`history_for_environment` as it is read: one archive bucket at a time.
+
+        A hot key's past may be long (history is kept by age), so it is never
+        held whole. Events move from the path document to its history document
+        to the archive; they are read in that order (the recent documents when
+        the first event is asked for), so an event moving meanwhile is read in
+        its old place or its new one, never in neither, and shown once.
+        """
         check_env(env_uuid)
         check_path(path)
-        events: list[dict[str, Any]] = list(archived_events(self.archive, env_uuid, path))
+        recent: list[dict[str, Any]] = []
+        live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
         gone = self.history.find_one({"env": env_uuid, "path": path}, {"events": HISTORY_SHOWN})
         if gone is not None:
-            events.extend(gone.get("events") or [])
-        live = self.paths.find_one({"env": env_uuid, "path": path}, {"events": EVENTS_SHOWN})
+            recent.extend(gone.get("events") or [])
         if live is not None:
-            events.extend(path_events(live))
-        for event in events:
-            event["at"] = aware(event["at"])
-        return _in_order(_once(events))  # a spill cut short leaves some in both documents
+            recent.extend(path_events(live))
+        uploads = [e for e in recent if not e.get("revision")]
+        uploads.extend(archived_uploads(self.archive, env_uuid, path))
+
+        def changes() -> Iterator[dict[str, Any]]:
+            for events in bucket_events(self.archive, env_uuid, path):
+                yield from _by_revision(events)
+            yield from _by_revision(recent)
+
+        yield from _in_order(changes(), uploads)
 
     # -- writes ---------------------------------------------------------------
     def put_for_environment(
@@ -1485,25 +1502,46 @@ def _insertable(options: WriteOptions) -> bool:
     return not options.answer and options.if_match is None and options.expires_at is None
 
 
-def _once(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Events without repeats (the same event in a path's document and its history's)."""
+def _by_revision(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The changes among `events` (uploads that made none have revision 0), by revision."""
+    changes = [e for e in events if e.get("revision")]
+    for e in changes:
+        e["at"] = aware(e["at"])
+    changes.sort(key=lambda e: (e["revision"], e["at"]))
+    return changes
+
+
+def _in_order(
+    changes: Iterator[dict[str, Any]], uploads: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Oldest first, each once: changes by revision, and the uploads that made none
+    (failed, pending) among them by time, not all before the first change.
+
+    `changes` come in revision order; a copy (the same event in two places, left
+    by a spill or an archive cut short) comes right after the event itself.
+    """
     seen: set[tuple[Any, ...]] = set()
-    out = []
-    for e in events:
-        key = (e.get("revision"), e.get("event"), e.get("op"), e.get("at"), e.get("state"))
+    once: list[dict[str, Any]] = []
+    for e in uploads:
+        key = (e.get("op"), e.get("at"), e.get("state"))
         if key not in seen:
             seen.add(key)
-            out.append(e)
-    return out
-
-
-def _in_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Oldest first: changes by revision, and uploads that made none (failed,
-    pending: revision 0) among them by time, not all before the first change."""
-    changes = [e for e in events if e.get("revision")]
-    changes.sort(key=lambda e: (e["revision"], e["at"]))
-    uploads = sorted((e for e in events if not e.get("revision")), key=lambda e: e["at"])
-    return list(heapq.merge(changes, uploads, key=lambda e: e["at"]))
+            e["at"] = aware(e["at"])
+            once.append(e)
+    once.sort(key=lambda e: e["at"])
+    waiting = collections.deque(once)
+    last: tuple[int, set[str]] = (0, set())
+    for e in changes:
+        rev, kind = int(e["revision"]), str(e.get("event", ""))
+        if rev < last[0] or (rev == last[0] and kind in last[1]):
+            continue  # a copy
+        if rev > last[0]:
+            last = (rev, set())
+        last[1].add(kind)
+        while waiting and waiting[0]["at"] < e["at"]:
+            yield waiting.popleft()
+        yield e
+    yield from waiting
 
 
 def _revision(doc: dict[str, Any]) -> int:

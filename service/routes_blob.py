@@ -12,10 +12,12 @@ bearer token as /v1 (a token for another environment is 403).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import WithJsonSchema
-from starlette.responses import JSONResponse, Response
+from starlette.concurrency import iterate_in_threadpool
+from starlette.responses import Response, StreamingResponse
 from typing_extensions import TypedDict
 
 from catalog import history
@@ -82,10 +84,13 @@ class HistoryOut(TypedDict):
 async def path_history(ctx: Ctx[None]) -> Response:
     env, path = ctx.params["env"], ctx.params["path"]
     managed = ctx.app.managed
-    events = await ctx.app.sync(managed.history_for_environment, env, path)
-    if not events:
+    events = managed.iter_history(env, path)
+    first = await ctx.app.sync(next, events, None)
+    if first is None:
         raise NotFoundError(f"{env}: no history for {path!r}", path=path)
-    return JSONResponse({"items": history.items(events)})
+    # Sent as read (a bucket of the archive at a time): a hot key's past may be long.
+    pieces = history.json_items(itertools.chain((first,), events))
+    return StreamingResponse(iterate_in_threadpool(pieces), media_type="application/json")
 
 
 BLOB_ROUTES: tuple[Endpoint[Any], ...] = (

@@ -185,3 +185,36 @@ def test_retention_by_age_trims_the_archive_and_raises_the_floor(
     with pytest.raises(RequestExpiredError):
         _replay(managed, archived - 1, key="aged")
     assert len(_replay(managed, archived, key="aged")) == HISTORY_CAP
+
+
+def test_history_is_read_a_bucket_at_a_time(managed: ManagedStorage, db: Database[Any]) -> None:
+    """iter_history reads the archive lazily; failed uploads there keep their place by time."""
+    if not managed._updates.pipelines:
+        pytest.skip("the in-memory store never archives")
+    t0 = hist.utcnow() - datetime.timedelta(hours=1)
+    past = _past(HISTORY_KEPT * 2, "long")
+    for j, e in enumerate(past):
+        e["at"] = t0 + datetime.timedelta(seconds=j)
+    failed = {
+        "op": "f1",
+        "at": t0 + datetime.timedelta(seconds=10.5),  # between the 11th and 12th change
+        "event": "upload",
+        "state": "failed",
+        "hash": "",
+        "length": 0,
+        "revision": 0,
+    }
+    db["path_history"].insert_one({"env": "e", "path": "long", "events": [failed, *past[:2100]]})
+    managed._archive_old("e", "long")
+    db["path_history"].update_one(
+        {"env": "e", "path": "long"}, {"$push": {"events": {"$each": past[2100:]}}}
+    )
+    managed._archive_old("e", "long")
+    assert db["path_archive"].count_documents({"env": "e", "path": "long"}) == 2
+    events = managed.iter_history("e", "long")
+    first = next(events)  # the recent documents and the uploads: no bucket read yet
+    assert first["revision"] == 1
+    shown = [first, *events]
+    assert [e["revision"] for e in shown] == [*range(1, 12), 0, *range(12, len(past) + 1)]
+    assert shown[11]["state"] == "failed"
+    assert managed.history_for_environment("e", "long") == shown

@@ -14,6 +14,7 @@ import pytest
 from pymongo.database import Database
 
 from catalog import ManagedStorage
+from catalog.clock import utcnow as hist_utcnow
 from catalog.history import items as history_items
 from catalog.online_gc import Lease, OnlineGc
 from service.app import create_app
@@ -170,6 +171,32 @@ def test_history_over_http_22_events(mongo_uri: str, db: Database[Any]) -> None:
     with server_process(mongo_uri, db.name, "--no-auth") as url:
         again = httpx.get(f"{url}/v1/environments/e/history/h").json()
     assert again == {"items": items}
+
+
+def test_a_long_history_over_http_is_sent_as_read(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """3,000 operations, most in archive buckets: all sent, in order, in pieces (chunked)."""
+    from catalog.pathdocs import HISTORY_KEPT
+
+    now = hist_utcnow()
+    past = [
+        {"at": now, "event": "replace", "state": "ok", "hash": "h", "length": 1, "revision": r}
+        for r in range(1, 3001)
+    ]
+    db["path_history"].insert_one({"env": "e", "path": "long", "events": past[: HISTORY_KEPT + 1]})
+    managed._archive_old("e", "long")
+    db["path_history"].update_one(
+        {"env": "e", "path": "long"}, {"$push": {"events": {"$each": past[HISTORY_KEPT + 1 :]}}}
+    )
+    assert db["path_archive"].count_documents({"path": "long"}) == 1
+    with server_process(mongo_uri, db.name, "--no-auth") as url, httpx.Client(base_url=url) as c:
+        got = c.get("/v1/environments/e/history/long")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/json"
+    assert "content-length" not in got.headers  # streamed
+    items = got.json()["items"]
+    assert [i["revision"] for i in items] == list(range(1, 3001))
+    assert set(items[0]) == {"at", "event", "state", "hash", "length", "revision"}
 
 
 def test_history_orders_failed_uploads_by_time() -> None:
