@@ -218,3 +218,40 @@ def test_history_is_read_a_bucket_at_a_time(managed: ManagedStorage, db: Databas
     assert [e["revision"] for e in shown] == [*range(1, 12), 0, *range(12, len(past) + 1)]
     assert shown[11]["state"] == "failed"
     assert managed.history_for_environment("e", "long") == shown
+
+
+class _ThenSpill:
+    """A collection whose first read (of either proxy sharing `state`) is followed by a spill."""
+
+    def __init__(self, collection: Any, state: dict[str, Any]) -> None:
+        self._collection = collection
+        self._state = state
+
+    def find_one(self, *args: Any, **kwargs: Any) -> Any:
+        doc = self._collection.find_one(*args, **kwargs)
+        if not self._state["done"]:
+            self._state["done"] = True
+            self._state["spill"]()
+        return doc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+
+def test_a_spill_between_the_reads_of_a_history_hides_nothing(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """Events move from the path document to its history document while it is listed."""
+    n = SPILL_AT + 1
+    managed._spill_if_full = lambda *args: None  # type: ignore[method-assign]
+    for i in range(n):
+        managed.put_for_environment("e", "p", io.BytesIO(f"v{i}".encode()))
+    assert len(db["paths"].find_one({"env": "e", "path": "p"})["events"]) == n
+    state: dict[str, Any] = {"done": False}
+    state["spill"] = lambda: ManagedStorage._spill(managed, "e", "p")
+    managed.paths = _ThenSpill(managed.paths, state)  # type: ignore[assignment]
+    managed.history = _ThenSpill(managed.history, state)  # type: ignore[assignment]
+    shown = managed.history_for_environment("e", "p")
+    assert state["done"]
+    assert len(db["path_history"].find_one({"env": "e", "path": "p"})["events"]) > 0  # it ran
+    assert [e["hash"] for e in shown] == [b3(f"v{i}".encode()) for i in range(n)]
