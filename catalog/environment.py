@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING, BinaryIO
 
 from catalog.names import check_env
@@ -21,8 +22,27 @@ class Environment:
         self.env_uuid = check_env(env_uuid)
 
     def put(
-        self, path: str, reader: BinaryIO, length: int = -1, check_hash: str | None = None
+        self,
+        path: str,
+        reader: BinaryIO | bytes | bytearray | memoryview,
+        length: int = -1,
+        check_hash: str | None = None,
     ) -> Resource:
+        """Store `reader`'s bytes at `path`: a binary reader, or the bytes themselves.
+
+        Bytes are taken as `CatalogClient.put` and httpx take them; a `str` is
+        refused (which encoding?), as is a file opened in text mode.
+        """
+        if isinstance(reader, (bytes, bytearray, memoryview)):
+            view = memoryview(reader)
+            if length not in (-1, view.nbytes):
+                raise ValueError(f"length {length} given for {view.nbytes} bytes")
+            reader, length = io.BytesIO(view), view.nbytes
+        elif isinstance(reader, (str, io.TextIOBase)):
+            raise TypeError(
+                f"put() needs bytes or a binary reader, not {type(reader).__name__}: "
+                "encode the text, or open the file in binary mode ('rb')"
+            )
         return self.managed.put_for_environment_and_check_hash(
             self.env_uuid, path, reader, length, check_hash
         )

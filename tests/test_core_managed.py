@@ -310,3 +310,21 @@ def test_known_content_with_hash_and_unknown_length(
         )
     assert managed.catalog.get(first.id).refcount == 2
     assert managed.list_for_environment("env") == ["one", "two"]
+
+
+def test_environment_put_takes_bytes_and_refuses_text(managed: ManagedStorage) -> None:
+    """`env.put(path, b"...")` as CatalogClient.put and httpx take bytes; text is refused."""
+    env = managed.environment("e")
+    big = rand(300 * 1024, seed=7)  # past the inline threshold: GridFS
+    for data in (b"small", bytearray(b"array"), memoryview(big), b""):
+        res = env.put("p", data)
+        assert (res.length, res.hash) == (len(data), b3(bytes(data)))
+        assert read(managed, "e", "p") == bytes(data)
+    assert env.put("q", b"abc", check_hash=b3(b"abc")).length == 3
+    with pytest.raises(ValueError, match="length 2 given for 3 bytes"):
+        env.put("r", b"abc", 2)
+    with pytest.raises(TypeError, match="not str"):
+        env.put("r", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="binary mode"):
+        env.put("r", io.StringIO("text"))  # type: ignore[arg-type]
+    assert managed.list_for_environment("e") == ["p", "q"]
