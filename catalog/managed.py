@@ -1531,6 +1531,7 @@ def _in_order(
     once.sort(key=lambda e: e["at"])
     waiting = collections.deque(once)
     last: tuple[int, set[str]] = (0, set())
+    exists = False
     for e in changes:
         rev, kind = int(e["revision"]), str(e.get("event", ""))
         if rev < last[0] or (rev == last[0] and kind in last[1]):
@@ -1538,6 +1539,9 @@ def _in_order(
         if rev > last[0]:
             last = (rev, set())
         last[1].add(kind)
+        if kind == "put":  # the in-memory store's updates cannot tell; the order can
+            e["event"] = "replace" if exists else "create"
+        exists = kind != "delete" and not (kind == "move" and "to" in e)
         while waiting and waiting[0]["at"] < e["at"]:
             yield waiting.popleft()
         yield e

