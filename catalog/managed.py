@@ -946,20 +946,26 @@ class ManagedStorage:
         self._history_work(self._spilling, "moving the events of", self._spill, env_uuid, path)
 
     def _history_work(
-        self, running: set[tuple[str, str]], what: str, fn: Callable[[str, str], Any], *key: str
+        self,
+        running: set[tuple[str, str]],
+        what: str,
+        fn: Callable[[str, str], Any],
+        env_uuid: str,
+        path: str,
     ) -> None:
         """fn(env, path) past the commit point: once at a time per path here, failures logged."""
+        key = (env_uuid, path)
         with self._spill_lock:
             if key in running:
                 return
-            running.add((key[0], key[1]))
+            running.add(key)
         try:
-            fn(*key)
+            fn(env_uuid, path)
         except Exception:
-            log.warning("%s %s:%s failed", what, *key, exc_info=True)
+            log.warning("%s %s:%s failed", what, env_uuid, path, exc_info=True)
         finally:
             with self._spill_lock:
-                running.discard((key[0], key[1]))
+                running.discard(key)
 
     def _spill(self, env_uuid: str, path: str) -> None:
         """Copy all but the newest LIVE_EVENTS to the history document, then drop them here.
