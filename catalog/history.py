@@ -250,18 +250,24 @@ def item(event: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
     }
 
 
+def shown(ordered: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Events already in order (`ManagedStorage.iter_history`) as the contract shows them."""
+    now = utcnow()
+    for event in ordered:
+        yield item(event, now)
+
+
 def json_items(ordered: Iterator[dict[str, Any]], *, per_piece: int = 512) -> Iterator[bytes]:
     """`{"items": [...]}` of events already in order, in pieces of `per_piece` items.
 
     The HTTP history answer: a hot key's history may be long, and is sent as
     it is read, never held whole.
     """
-    now = utcnow()
     yield b'{"items":['
     first = True
     batch: list[str] = []
-    for event in ordered:
-        batch.append(json.dumps(item(event, now), separators=(",", ":")))
+    for shown_item in shown(ordered):
+        batch.append(json.dumps(shown_item, separators=(",", ":")))
         if len(batch) >= per_piece:
             yield (b"" if first else b",") + ",".join(batch).encode()
             first, batch = False, []

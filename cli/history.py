@@ -10,7 +10,9 @@ routes and runs online gc while the server runs.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,20 +50,36 @@ def history(ctx: Context, env: str, path: str, as_json: bool) -> None:
       rescat history --server http://catalog:8470 team-a charms/app.tar
     """
     if ctx.http is not None:
-        items = ctx.http.history(env, path)
+        items = ctx.http.iter_history(env, path)
     else:
-        items = path_history.items(ctx.managed.history_for_environment(env, path))
-    if not items:
+        items = path_history.shown(ctx.managed.iter_history(env, path))
+    first = next(items, None)
+    if first is None:
         raise NotFoundError(f"{env}: no history for {path!r}", path=path)
+    # Printed as read: a hot key's history, kept by age, may hold millions of items.
     if as_json:
-        click.echo(json.dumps({"items": items}, indent=2))
+        for piece in _json_pieces(itertools.chain((first,), items)):
+            click.echo(piece)
         return
-    for item in items:
+    for item in itertools.chain((first,), items):
         digest = f"blake3:{item['hash']}" if item["hash"] else "-"
         click.echo(
             f"{item['at']}  {item['event']:<7}  {item['state']:<7}  "
             f"rev {item['revision']}  {digest}  {item['length']}"
         )
+
+
+def _json_pieces(items: Iterator[dict[str, Any]]) -> Iterator[str]:
+    """`json.dumps({"items": [...]}, indent=2)`, the same text, an item at a time."""
+    yield '{\n  "items": ['
+    previous: dict[str, Any] | None = None
+    for item in items:
+        if previous is not None:
+            yield textwrap.indent(json.dumps(previous, indent=2), "    ") + ","
+        previous = item
+    if previous is not None:
+        yield textwrap.indent(json.dumps(previous, indent=2), "    ")
+    yield "  ]\n}"
 
 
 @dataclass(frozen=True)

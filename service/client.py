@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -179,9 +180,24 @@ class CatalogClient:
 
     def history(self, env: str, path: str) -> History:
         """Every operation on a path, oldest first (NotFoundError if it never had one)."""
+        return list(self.iter_history(env, path))
+
+    def iter_history(self, env: str, path: str) -> Iterator[dict[str, Any]]:
+        """`history` one item at a time, parsed as the answer arrives.
+
+        A hot key's history is kept by age, not cut, so it may hold millions of
+        items; this never holds more than one piece of the answer and one item.
+        NotFoundError (before the first item) if the path never had one.
+        """
         url = _env_url(env, "history", _encoded(path))
-        items: History = self._json("GET", url)["items"]
-        return items
+        try:
+            with self._http.stream("GET", url) as response:
+                _raise_for(response)
+                yield from _listed_items(response.iter_text())
+        except httpx.TransportError as exc:
+            raise ServiceUnavailableError(
+                f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
+            ) from exc
 
     def request_put(self, env: str, path: str, hash: str) -> dict[str, Any]:
         """POST a put request: {"request_id", "ranges", "expires_at"} (NotFoundError if unknown)."""
@@ -973,6 +989,43 @@ def _closed_on(stop: threading.Event | None, response: httpx.Response) -> Iterat
         yield
     finally:
         done.set()
+
+
+_ITEMS_OPEN = re.compile(r'\s*\{\s*"items"\s*:\s*\[')
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
+def _listed_items(chunks: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The items of a `{"items": [...]}` answer, each as soon as it has arrived whole.
+
+    Layout-blind (the service may break lines anywhere or nowhere): after the
+    opening, each item is one JSON value, decoded once its text is complete; a
+    value cut by the end of a piece is decoded again with the next piece.
+    """
+    decoder = json.JSONDecoder()
+    text, at, opened = "", 0, False
+    for chunk in chunks:
+        text, at = text[at:] + chunk, 0
+        if not opened:
+            start = _ITEMS_OPEN.match(text)
+            if start is None:
+                if len(text) > 256:  # longer than any spacing of the opening
+                    raise ServiceError("the answer is not a list of items", status=200)
+                continue
+            at, opened = start.end(), True
+        while True:
+            gap = _BETWEEN_ITEMS.match(text, at)  # whitespace and the comma between items
+            at = gap.end() if gap else at
+            if text.startswith("]", at):
+                return
+            try:
+                item, at = decoder.raw_decode(text, at)
+            except json.JSONDecodeError:
+                break  # the rest of this item is in the next piece
+            yield item
+    if not opened:
+        raise ServiceError("the answer is not a list of items", status=200)
+    raise ServiceError("the answer ended before its list of items did", status=200)
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -3,22 +3,30 @@ history, readers during replaces, online gc's lease."""
 
 from __future__ import annotations
 
+import collections
+import json
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from pymongo.database import Database
 
-from catalog import ManagedStorage
+import cli.main  # noqa: F401  (registers every command)
+from catalog import ManagedStorage, NotFoundError
 from catalog.clock import utcnow as hist_utcnow
 from catalog.history import items as history_items
 from catalog.online_gc import Lease, OnlineGc
+from cli.app import cli as rescat
 from service.app import create_app
+from service.client import CatalogClient, _listed_items
 from service.conditions import content_type, parse_tag
+from service.errors import ServiceError
 from tests.helpers import b3, rand
 from tests.test_service_support import ServerThread, server_process
 
@@ -173,23 +181,28 @@ def test_history_over_http_22_events(mongo_uri: str, db: Database[Any]) -> None:
     assert again == {"items": items}
 
 
-def test_a_long_history_over_http_is_sent_as_read(
-    mongo_uri: str, db: Database[Any], managed: ManagedStorage
-) -> None:
-    """3,000 operations, most in archive buckets: all sent, in order, in pieces (chunked)."""
+def long_history(db: Database[Any], managed: ManagedStorage, path: str, n: int) -> None:
+    """`n` operations on `path` of environment e, all but the newest ~1,000 archived."""
     from catalog.pathdocs import HISTORY_KEPT
 
     now = hist_utcnow()
     past = [
-        {"at": now, "event": "replace", "state": "ok", "hash": "h", "length": 1, "revision": r}
-        for r in range(1, 3001)
+        {"at": now, "event": "replace", "state": "ok", "hash": "h" * 64, "length": 1, "revision": r}
+        for r in range(1, n + 1)
     ]
-    db["path_history"].insert_one({"env": "e", "path": "long", "events": past[: HISTORY_KEPT + 1]})
-    managed._archive_old("e", "long")
+    db["path_history"].insert_one({"env": "e", "path": path, "events": past[: HISTORY_KEPT + 1]})
+    managed._archive_old("e", path)
     db["path_history"].update_one(
-        {"env": "e", "path": "long"}, {"$push": {"events": {"$each": past[HISTORY_KEPT + 1 :]}}}
+        {"env": "e", "path": path}, {"$push": {"events": {"$each": past[HISTORY_KEPT + 1 :]}}}
     )
-    assert db["path_archive"].count_documents({"path": "long"}) == 1
+    assert db["path_archive"].count_documents({"path": path}) == 1
+
+
+def test_a_long_history_over_http_is_sent_as_read(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """3,000 operations, most in archive buckets: all sent, in order, in pieces (chunked)."""
+    long_history(db, managed, "long", 3000)
     with server_process(mongo_uri, db.name, "--no-auth") as url, httpx.Client(base_url=url) as c:
         got = c.get("/v1/environments/e/history/long")
     assert got.status_code == 200 and got.headers["content-type"] == "application/json"
@@ -197,6 +210,53 @@ def test_a_long_history_over_http_is_sent_as_read(
     items = got.json()["items"]
     assert [i["revision"] for i in items] == list(range(1, 3001))
     assert set(items[0]) == {"at", "event", "state", "hash", "length", "revision"}
+
+
+def test_the_client_and_the_cli_read_a_long_history_as_it_arrives(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """Neither holds the whole answer: the most either holds is a piece and an item."""
+    long_history(db, managed, "long", 6000)
+    with server_process(mongo_uri, db.name, "--no-auth") as url, CatalogClient(url) as client:
+        whole = httpx.get(f"{url}/v1/environments/e/history/long")
+        assert [i["revision"] for i in client.iter_history("e", "long")] == list(range(1, 6001))
+        assert client.history("e", "long") == whole.json()["items"]
+
+        def peak(read: Any) -> int:
+            tracemalloc.start()
+            try:
+                read()
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        streamed = peak(lambda: collections.deque(client.iter_history("e", "long"), maxlen=0))
+        held = peak(lambda: httpx.get(f"{url}/v1/environments/e/history/long").json())
+        assert streamed * 4 < held, (streamed, held)
+        with pytest.raises(NotFoundError):
+            next(client.iter_history("e", "never"))
+
+        local = ["--mongo-uri", mongo_uri, "--database", db.name, "history", "e", "long"]
+        for args in (local, ["history", "--server", url, "e", "long"]):
+            out = CliRunner().invoke(rescat, [*args, "--json"], catch_exceptions=False)
+            assert out.output == json.dumps(whole.json(), indent=2) + "\n"
+            text = CliRunner().invoke(rescat, args, catch_exceptions=False)
+            assert [line.split()[4] for line in text.output.splitlines()] == [
+                str(r) for r in range(1, 6001)
+            ]
+
+
+def test_a_history_answer_is_parsed_whatever_its_pieces() -> None:
+    items = [{"at": "t", "event": "create", "revision": r, "hash": "x,]}[{"} for r in range(40)]
+    body = json.dumps({"items": items}, indent=1)
+    for size in (1, 2, 3, 7, 64, len(body)):
+        pieces = iter([body[i : i + size] for i in range(0, len(body), size)])
+        assert list(_listed_items(pieces)) == items
+    assert list(_listed_items(iter(['{"items":[]}']))) == []
+    with pytest.raises(ServiceError, match="ended before"):
+        list(_listed_items(iter([body[: len(body) // 2]])))
+    with pytest.raises(ServiceError, match="not a list of items"):
+        list(_listed_items(iter(['{"error": {"code": "x", "message": "y"}}'])))
 
 
 def test_history_orders_failed_uploads_by_time() -> None:
