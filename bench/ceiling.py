@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 from pymongo import MongoClient
+from pymongo.collection import Collection
 
 from catalog.mongod import free_port, stop_process
 from service.server import Limits, run
@@ -44,7 +45,9 @@ BODY = os.urandom(4096)
 
 def make_app(mode: str, uri: str | None) -> Any:
     pool = ThreadPoolExecutor(64)
-    docs = MongoClient(uri)["bench_ceiling"]["docs"] if mode == "pymongo" else None
+    docs: Collection[Any] | None = (
+        MongoClient(uri)["bench_ceiling"]["docs"] if mode == "pymongo" else None
+    )
     answer = json.dumps({"path": "x", "hash": "0" * 64, "length": len(BODY)}).encode()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import gridfs
 from pymongo import MongoClient
@@ -33,7 +33,7 @@ from storage import GridFSStorage
 MIB = 1024 * 1024
 
 
-class Stream(io.RawIOBase):
+class _Stream(io.RawIOBase):
     """A non-seekable reader over bytes, as an HTTP body would be."""
 
     def __init__(self, data: bytes) -> None:
@@ -51,6 +51,11 @@ class Stream(io.RawIOBase):
         return out
 
 
+def stream(data: bytes) -> BinaryIO:
+    """A non-seekable binary reader over `data` (`_Stream`), typed as the core's readers are."""
+    return cast(BinaryIO, _Stream(data))
+
+
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -66,14 +71,14 @@ def one_round(
 ) -> None:
     size = len(data)
     record("pymongo_put", lambda: bucket.upload_from_stream("b", data))
-    record("put_stream", lambda: ms.put_for_environment("e", "s", Stream(other)))
+    record("put_stream", lambda: ms.put_for_environment("e", "s", stream(other)))
     ms.remove_for_environment("e", "s")
     record("put_seekable", lambda: ms.put_for_environment("e", "f", io.BytesIO(data)))
     record("second_put", lambda: ms.put_for_environment("e", "g", io.BytesIO(data)))
     digest = ms.stat_for_environment("e", "f").hash
     record(
         "second_put_hash",
-        lambda: ms.put_for_environment_and_check_hash("e", "h", Stream(data), size, digest),
+        lambda: ms.put_for_environment_and_check_hash("e", "h", stream(data), size, digest),
     )
 
     def our_read() -> None:

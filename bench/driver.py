@@ -28,7 +28,7 @@ from typing import Any
 
 from pymongo import MongoClient, monitoring
 
-from bench.core import Stream
+from bench.core import stream
 from bench.mongo import throwaway_mongod
 from catalog import ManagedStorage
 from catalog.driver import StorageDriver
@@ -108,7 +108,7 @@ def sessions(uri: str, mib: int, rounds: int) -> dict[str, float]:
 
         def one_round() -> None:
             a, b, c = (os.urandom(size) for _ in range(3))
-            record("put", lambda: ms.put_for_environment("bench", "put", Stream(a)))
+            record("put", lambda: ms.put_for_environment("bench", "put", stream(a)))
             record("writer", lambda: one_writer(b))
             record("resumed", lambda: resumed(c))
             for path in ("put", "w/one", "w/resumed"):

@@ -46,7 +46,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager, suppress  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, BinaryIO, cast  # noqa: E402
 
 import blake3  # noqa: E402
 import httpx  # noqa: E402
@@ -153,10 +153,44 @@ def serve(uri: str, database: str, *extra: str) -> Iterator[tuple[str, int]]:
         stop_process(proc, 20)
 
 
-def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], None]]) -> float:
+class CpuMeter:
+    """CPU milliseconds per operation of each process of a run: where a rate's time goes.
+
+    On a small machine the clients, the service and mongod share the cores, so
+    a rate over HTTP is bounded by the sum of the three; this says which part
+    is whose (`clients` is the benchmark's own process, whose threads are them).
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._procs = {who: psutil.Process(pid) for who, pid in pids.items()}
+        self._before: dict[str, float] = {}
+        self.per_op: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {who: sum(p.cpu_times()[:2]) for who, p in self._procs.items()}
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self, ops: int) -> None:
+        after = self._now()
+        self.per_op = {w: (after[w] - self._before[w]) * 1000 / max(ops, 1) for w in after}
+
+    def text(self) -> str:
+        parts = [f"{who} {ms:.2f}" for who, ms in self.per_op.items()]
+        return ", ".join(parts) + f" (sum {sum(self.per_op.values()):.2f}) ms"
+
+
+def rate(
+    workers: int,
+    seconds: float,
+    make: Callable[[int], Callable[[int], None]],
+    meter: CpuMeter | None = None,
+) -> float:
     """Operations per second of `workers` threads each calling its op in a loop.
 
-    `make(w)` (setup, e.g. preloading what a reader reads) runs before the clock starts.
+    `make(w)` (setup, e.g. preloading what a reader reads) runs before the clock
+    starts; `meter`, if given, measures the CPU spent while the clock runs.
     """
     counts = [0] * workers
     errors: list[BaseException] = []
@@ -188,12 +222,16 @@ def rate(workers: int, seconds: float, make: Callable[[int], Callable[[int], Non
         t.start()
     with suppress(threading.BrokenBarrierError):
         ready.wait()
+    if meter is not None:
+        meter.start()
     start = time.perf_counter()
     deadline[0] = start + seconds
     go.set()
     for t in threads:
         t.join()
     elapsed = max(time.perf_counter() - start, seconds)
+    if meter is not None:
+        meter.stop(sum(counts))
     if errors:
         raise errors[0]
     return sum(counts) / elapsed
@@ -294,10 +332,11 @@ def seed_workload(
 SMALL = 4096
 CLIENTS = 16
 KEPT = 64  # objects per client that the GET phases read in turn
+_METERED = ("raw insert_one", "HTTP PUT", "raw find_one", "HTTP GET")
 
 
 def small_objects(
-    url: str, uri: str, ms: Any, seconds: float, etcd_url: str | None
+    url: str, uri: str, ms: Any, seconds: float, etcd_url: str | None, pids: dict[str, int]
 ) -> list[tuple[str, float, str, bool]]:
     """4 KiB PUTs and GETs, 16 client threads: rescat over HTTP vs raw pymongo (and etcd).
 
@@ -351,11 +390,12 @@ def small_objects(
         payload = os.urandom(SMALL)
         return lambda i: (ms.put_for_environment("core", f"w{w}/{i}", io.BytesIO(payload)), None)[1]
 
-    put_raw = rate(CLIENTS, seconds, raw_put)
-    put_http = rate(CLIENTS, seconds, http_put)
+    meters = {what: CpuMeter({"clients": os.getpid(), **pids}) for what in _METERED}
+    put_raw = rate(CLIENTS, seconds, raw_put, meters["raw insert_one"])
+    put_http = rate(CLIENTS, seconds, http_put, meters["HTTP PUT"])
     put_core = rate(CLIENTS, seconds, core_put)
-    get_raw = rate(CLIENTS, seconds, raw_get)
-    get_http = rate(CLIENTS, seconds, http_get)
+    get_raw = rate(CLIENTS, seconds, raw_get, meters["raw find_one"])
+    get_http = rate(CLIENTS, seconds, http_get, meters["HTTP GET"])
     raw_client.close()
     ceilings: dict[str, tuple[float, float]] = {}
     for mode in ("null", "pymongo"):  # the same clients against bench.ceiling's servers
@@ -385,6 +425,9 @@ def small_objects(
             f"GET {get_http / get_c:.2f}x of it",
             flush=True,
         )
+    print(f"CPU per operation, {CLIENTS} clients (the cores all of them share: {os.cpu_count()}):")
+    for what, meter in meters.items():
+        print(f"  {what:15s} {meter.text()}", flush=True)
     results.append(("4 KiB PUT/s HTTP / raw inserts", put_ratio, ">= 0.3", put_ratio >= 0.3))
     results.append(("4 KiB GET/s HTTP / raw find_one", get_ratio, ">= 0.5", get_ratio >= 0.5))
     for mode in ("null", "pymongo"):
@@ -490,8 +533,9 @@ def main() -> None:
             summary(results)
             return
         if args.small_only:
-            with serve(uri, "bench") as (url, _):
-                results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url))
+            with serve(uri, "bench") as (url, server_pid):
+                pids = {"service": server_pid, "mongod": mongod.pid}
+                results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url, pids))
             return
         size = args.size_mib * MiB
         obj = tmp / "object.bin"
@@ -534,8 +578,9 @@ def main() -> None:
                     put_http.append(timed(lambda: client.put("b", "http", obj, hash=digest)))
                 peak_put = max(peak_put, peak[0])
                 settle()
+                sink = cast(BinaryIO, Sink())
                 with rss_peak(server_pid) as peak:
-                    get_http.append(timed(lambda: client.download("b", "http", Sink())))
+                    get_http.append(timed(functools.partial(client.download, "b", "http", sink)))
                 peak_get = max(peak_get, peak[0])
                 client.remove("b", "http")
             mbs = size / MiB
@@ -584,7 +629,8 @@ def main() -> None:
             client.remove("b", "dedup")
             big.unlink()
 
-            results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url))
+            pids = {"service": server_pid, "mongod": mongod.pid}
+            results.extend(small_objects(url, uri, ms, args.seconds, args.etcd_url, pids))
 
             # -- 4. the seed's workload ------------------------------------------------------
             seed_workload(url, args.seed_url, args.seconds, results)
