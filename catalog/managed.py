@@ -628,6 +628,18 @@ class ManagedStorage:
             history.finish_upload(self.history, env_uuid, path, op, ok=True)
         return result
 
+    def upload_abandoned(self, env_uuid: str, path: str) -> None:
+        """Show an upload whose bytes never reached a put as a failed one in the path's history.
+
+        A service receives the first block of a body before it calls put (a
+        slow client then holds no worker thread); a client that goes away or
+        stalls in that block never reaches `_failure_recorded`, and its upload
+        would leave no trace where the contract lists every abandoned one.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        history.failed_upload(self.history, env_uuid, path)
+
     @contextlib.contextmanager
     def _failure_recorded(self, env_uuid: str, path: str, options: WriteOptions) -> Iterator[None]:
         """A small put that fails shows as a failed `upload` in the path's history.

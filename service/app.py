@@ -282,7 +282,14 @@ class ServiceApp:
             min_rate=self.min_rate,
         )
 
-    async def upload(self, body: BodyReader, length: int, fn: Callable[..., T], *args: Any) -> T:
+    async def upload(
+        self,
+        body: BodyReader,
+        length: int,
+        fn: Callable[..., T],
+        *args: Any,
+        abandoned: Callable[[], object] | None = None,
+    ) -> T:
         """Run a core call that reads `body` on a worker thread, holding a slot only to work.
 
         The first block (the whole body when it is small) is received on the
@@ -290,12 +297,22 @@ class ServiceApp:
         its slot back whenever it waits for the client (`BodyReader.refill`). So
         clients that trickle their bodies hold parked threads, never the slots
         of uploads that have data, and the body deadlines drop them.
+        `abandoned` runs (on a worker thread) if that first block fails to
+        arrive: the core call, which records its own failures, never ran.
         """
         if length > MAX_BODY:
             raise TooLargeError(
                 f"the body has {length} bytes; no object can have more than {MAX_BODY}"
             )
-        await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
+        try:
+            await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
+        except Exception:
+            if abandoned is not None:
+                try:
+                    await self.sync(abandoned)
+                except Exception:  # the upload's own error is the one to answer with
+                    log.warning("recording an abandoned upload failed", exc_info=True)
+            raise
         if 0 <= length <= body.count:
             body.end()  # all declared bytes are here: the core will not wait for more
         if body.complete:  # the whole body is buffered: one plain hop, nothing to wait for

@@ -186,6 +186,7 @@ async def store_body(
             path,
             cast(BinaryIO, body),
             length,
+            abandoned=functools.partial(app.managed.upload_abandoned, env, path),
         )
     except LengthMismatchError as exc:
         if expected is not None:  # the declared hash is for content of another length

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import socket
 import threading
 import time
 import tracemalloc
@@ -244,6 +245,38 @@ def test_the_client_and_the_cli_read_a_long_history_as_it_arrives(
             assert [line.split()[4] for line in text.output.splitlines()] == [
                 str(r) for r in range(1, 6001)
             ]
+
+
+def test_an_upload_whose_client_goes_away_early_shows_as_failed(
+    mongo_uri: str, db: Database[Any]
+) -> None:
+    """Also when it breaks off in the first block, which the service receives before the put."""
+
+    def broken_off(url: str, path: str, declared: int, sent: int) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            head = f"PUT /v1/environments/e/resources/{path} HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(f"{head}Content-Length: {declared}\r\n\r\n".encode() + b"z" * sent)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(100)
+
+    with server_process(mongo_uri, db.name, "--no-auth") as url:
+        broken_off(url, "tiny", 100, 3)  # all of it in the first block
+        broken_off(url, "some", 10_000_000, 3_000_000)  # within the first 4 MiB
+        broken_off(url, "more", 20_000_000, 9_000_000)  # past it: the put was running
+        httpx.put(f"{url}/v1/environments/e/resources/some", content=b"then whole")
+
+        def shown(path: str) -> list[tuple[str, str]]:
+            got = httpx.get(f"{url}/v1/environments/e/history/{path}")
+            return [(i["event"], i["state"]) for i in got.json().get("items", [])]
+
+        deadline = time.monotonic() + 20
+        while shown("more") != [("upload", "failed")] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert shown("tiny") == [("upload", "failed")]
+        assert shown("some") == [("upload", "failed"), ("create", "ok")]
+        assert shown("more") == [("upload", "failed")]
+        assert httpx.get(f"{url}/v1/environments/e/resources/tiny").status_code == 404
 
 
 def test_a_history_answer_is_parsed_whatever_its_pieces() -> None:
