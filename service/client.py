@@ -146,7 +146,10 @@ class CatalogClient:
         `revision` (for `put(..., if_match=)`) is None from a service that sends
         no X-Revision.
         """
-        response = self._send("HEAD", _object_url(env, path))
+        try:
+            response = self._send("HEAD", _object_url(env, path))
+        except NotFoundError as exc:  # a HEAD answer has no body to say which
+            raise NotFoundError(f"{env}: no such path {path!r}", path=path) from exc
         etag = response.headers.get("etag", "")
         return {
             "path": path,
@@ -743,8 +746,30 @@ class CatalogClient:
             raise ServiceUnavailableError(
                 f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
             ) from exc
+        if method == "HEAD" and response.status_code in (401, 403):
+            response = self._explained(url, response, kwargs.get("headers"))
         _raise_for(response)
         return response
+
+    def _explained(
+        self, url: str, head: httpx.Response, headers: dict[str, str] | None
+    ) -> httpx.Response:
+        """The same refusal with its message: a HEAD answer has no body to carry one.
+
+        Asked of GET (one byte of it): "this token is not valid for environment
+        'x'" says more than "HTTP 403 forbidden". Only a GET refused the same
+        way is used; otherwise the HEAD answer stands.
+        """
+        try:
+            with self._http.stream(
+                "GET", url, headers={**(headers or {}), "range": "bytes=0-0"}
+            ) as got:
+                if got.status_code == head.status_code:
+                    got.read()
+                    return got
+        except httpx.TransportError:
+            pass
+        return head
 
     def _json(self, method: str, url: str, **kwargs: Any) -> Any:
         return _decoded(self._send(method, url, **kwargs))

@@ -284,6 +284,13 @@ def test_token_isolation(managed: ManagedStorage) -> None:
         assert [i["path"] for i in b.list("b")] == ["y"]
         with pytest.raises(UnauthorizedError):
             anonymous.list("a")
+        # A HEAD answer has no body; stat's refusals still say what was refused.
+        with pytest.raises(ForbiddenError, match="not valid for environment 'b'"):
+            a.stat("b", "y")
+        with pytest.raises(UnauthorizedError, match="bearer token is required"):
+            anonymous.stat("a", "x")
+        with pytest.raises(NotFoundError, match="a: no such path 'nothing'"):
+            a.stat("a", "nothing")
 
 
 def test_sixteen_concurrent_clients_exact_refcounts(
