@@ -126,7 +126,8 @@ class EventStream(Response):
             # A comment first: the client knows the watch is open (its read is done). The
             # id is where it starts: a reconnect before any event resumes from there.
             opened = self.events.opened_at
-            await send(_body(b": open\n" + (b"id: %d\n" % opened if opened else b"") + b"\n"))
+            start = b"" if opened is None else b"id: %d\n" % opened
+            await send(_body(b": open\n" + start + b"\n"))
             try:
                 async with anyio.create_task_group() as group:
                     _streams.add(group.cancel_scope)

@@ -265,6 +265,10 @@ def test_since_older_than_the_history_kept_is_410(
         assert f"id: {second}\nevent: put" in resumed.text
         assert resumed.text.count("event: ") == 2
         assert resumed.text.startswith(f": open\nid: {first}\n\n")  # where it starts
+        everything = {"prefix": "t/", "since": "0", "timeout": "1"}
+        from_start = httpx.get(url + path, params=everything, headers=headers)
+        assert from_start.text.startswith(": open\nid: 0\n\n")  # since 0 is a start too
+        assert from_start.text.count("event: ") == 3
         # Retention trims everything older than now: the floor is the last revision trimmed.
         hist.trim([managed.paths, managed.history], 0)
         floor = hist.floor(managed.db, ENV)
