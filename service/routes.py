@@ -256,6 +256,8 @@ def _selection(request: Request, info: PathInfo) -> tuple[int, int, int, dict[st
     """
     etag, size = etag_for(info.hash), info.length
     modified = int(aware(info.updated_at).timestamp())  # HTTP dates have whole seconds
+    # Never after the answer's Date (the database's clock may be ahead of this host's).
+    modified = min(modified, request.scope.get("rescat.date", modified))
     headers = {"etag": etag, "accept-ranges": "bytes", "last-modified": http_date(modified)}
     conditions = request.headers
     if_match, if_none_match = conditions.get("if-match"), conditions.get("if-none-match")

@@ -23,8 +23,11 @@ because only the app knows when it is waiting for body bytes.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import functools
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +154,11 @@ class _Coalescing:
 COALESCE_BYTES = 64 * 1024
 
 
+@functools.lru_cache(maxsize=4)
+def _date_header(second: int) -> tuple[bytes, bytes]:
+    return b"date", email.utils.formatdate(second, usegmt=True).encode()
+
+
 def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -> type[Any]:
     """A subclass of uvicorn's HTTP protocol that enforces `limits`."""
     parent: Any = base if base is not None else base_protocol()
@@ -217,7 +225,20 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
             too; a trailer parsed before the app reads its headers would act
             as a header (an `Authorization` or `X-Content-Hash` that no proxy
             in front saw). RFC 9110 §6.5.1: trailers are not merged in.
+
+            Its `Date` is taken now: uvicorn's own is renewed once a second by a
+            timer, so it lags by up to a second (more on a busy loop), and a
+            `Last-Modified` of a change just made came out later than the `Date`
+            of its answer (RFC 9110 §8.8.2.1: must not). The app reads the same
+            second as `scope["rescat.date"]` and keeps its dates at or below it.
             """
+            now = int(time.time())
+            state = self.server_state
+            dated = _date_header(now)
+            if not state.default_headers or state.default_headers[0] != dated:
+                kept = [h for h in state.default_headers if h[0] != b"date"]
+                state.default_headers = [dated, *kept]
+            self.scope["rescat.date"] = now
             super().on_headers_complete()
             self.headers: list[tuple[bytes, bytes]] = list(getattr(self, "headers", []))
 

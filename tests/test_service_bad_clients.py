@@ -7,6 +7,8 @@ with short deadlines so that each test ends in seconds.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import io
 import json
 import os
@@ -361,3 +363,29 @@ def test_requests_the_parser_refuses_answer_json(server: Server) -> None:
         assert status.startswith(b"HTTP/1.1 400"), answer[:200]
         body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
         assert body["error"]["code"] == "bad_request"
+
+
+def test_last_modified_is_never_later_than_the_date_of_its_answer(
+    server: Server, managed: ManagedStorage
+) -> None:
+    """uvicorn renews its Date once a second, so it lagged a change just made; and the
+    database's clock may run ahead of the service's (RFC 9110 §8.8.2.1: must not)."""
+
+    def dates(r: httpx.Response) -> tuple[float, float]:
+        sent = email.utils.parsedate_to_datetime(r.headers["date"]).timestamp()
+        return sent, email.utils.parsedate_to_datetime(r.headers["last-modified"]).timestamp()
+
+    with httpx.Client(base_url=f"{server.url}/v1/environments/env/resources") as client:
+        for i in range(30):
+            assert client.put(f"/d{i}", content=b"x").status_code == 201
+            sent, modified = dates(client.get(f"/d{i}"))
+            assert modified <= sent <= time.time()
+            assert sent > time.time() - 2  # the Date is now, not a while ago
+            time.sleep(0.05)
+        ahead = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        managed.paths.update_one({"env": "env", "path": "d0"}, {"$set": {"updated_at": ahead}})
+        r = client.get("/d0")
+        sent, modified = dates(r)
+        assert modified == sent
+        since = {"if-modified-since": r.headers["date"]}
+        assert client.get("/d0", headers=since).status_code == 304
