@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -71,17 +72,32 @@ class Entry:
     rel: str  # '/'-separated, relative to the folder
     size: int
     hash: str | None = None  # known for remote entries
+    link: bool = False  # a link to a directory inside a destination (never walked into)
 
 
-def local_entries(root: Path) -> dict[str, Entry]:
+# The client's resumable partial download of NAME (service.client.CatalogClient.download).
+_PART_RE = re.compile(r"\..*\.[0-9a-f]{64}\.rescat-part")
+
+
+def local_entries(root: Path, *, destination: bool = False) -> dict[str, Entry]:
     """Regular files under `root` (symlinks to files followed, like `cp -r -L`).
 
     Anything else (FIFOs, sockets, devices, broken links) is skipped with one
     line on stderr: reading a FIFO would hang, a device would never end.
+    A `destination` (what a download writes into, and --delete prunes) is
+    not followed out of through links to directories, as rsync does not:
+    such a link is an entry of its own (`--delete` unlinks the link, never
+    what it points to), and rescat's own partial downloads are not entries.
     """
     found: dict[str, Entry] = {}
     seen: set[tuple[int, int]] = set()  # directories by (device, inode): links can loop
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=not destination):
+        if destination:
+            for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                dirnames.remove(name)
+                rel = (Path(dirpath) / name).relative_to(root).as_posix()
+                found[rel] = Entry(rel, 0, link=True)
+            filenames = [f for f in filenames if not _PART_RE.fullmatch(f)]
         try:
             here = os.stat(dirpath)
         except OSError:
@@ -191,11 +207,25 @@ def plan_download(
         target = root / rel
         if target.is_dir() and not target.is_symlink():
             raise LocalFileError(f"{target}: is a directory, cannot be replaced by {env}:{rel}")
+    for folder_rel in sorted(dirs):  # where a folder's files go, only directories of the tree
+        here = root / folder_rel
+        if here.is_symlink():
+            raise LocalFileError(
+                f"{here}: is a symbolic link, where the source's folder {folder_rel}/ goes: "
+                "rescat never writes through a link inside the destination (remove the "
+                "link, or sync into where it points); nothing copied or deleted"
+            )
+        if here.exists() and not here.is_dir():
+            raise LocalFileError(
+                f"{here}: is a file, where the source's folder {folder_rel}/ goes; remove "
+                "or rename it, then run again; nothing copied or deleted"
+            )
     actions: list[Action] = []
     unchanged = 0
     for rel, entry in remote.items():
         mine = local.get(rel)
-        if mine is not None and mine.size == entry.size and local_hash(root / rel) == entry.hash:
+        same_size = mine is not None and not mine.link and mine.size == entry.size
+        if same_size and local_hash(root / rel) == entry.hash:
             unchanged += 1
             continue
         actions.append(Action("download", rel, entry.size, entry.hash))
@@ -369,7 +399,8 @@ def execute(
             if action.kind == "delete-remote":
                 _remove(ctx, env, query + action.rel)
             else:
-                (root / action.rel).unlink()
+                with suppress(FileNotFoundError):  # gone already: as good as deleted
+                    (root / action.rel).unlink()
         except (OSError, NotFoundError) as exc:
             outcome.failed.append((action, exc))
             continue
@@ -454,7 +485,7 @@ def get_tree(
     remote = remote_entries(ctx, env, prefix)
     if not remote:
         prefix, remote = _one_file(ctx, env, prefix, delete=delete)
-    local = local_entries(root) if root.is_dir() else {}
+    local = local_entries(root, destination=True) if root.is_dir() else {}
     plan = plan_download(remote, local, root, env, delete=delete)
     if not dry_run and plan.actions:
         try:

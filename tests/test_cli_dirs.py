@@ -308,3 +308,61 @@ def test_rm_and_get_of_a_folder_hint_at_r(
     assert "no such path 'nope'" in error(missing) and "folder" not in error(missing)
     neighbour = invoke(base, "get", "e", "di")  # di/ holds nothing: dir/ is not under it
     assert "folder" not in error(neighbour)
+
+
+def test_sync_delete_never_reaches_outside_the_destination_through_a_link(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    """A link to a directory in the destination is an entry (like rsync), not a way out."""
+    outside = tmp_path / "outside"
+    make_tree(outside, {"keep.txt": b"precious"})
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "shared").symlink_to(outside)
+    managed.put_for_environment("e", "site/index.html", io.BytesIO(b"hello"))
+
+    dry = invoke(base, "sync", "e:site/", str(mirror), "--delete", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "keep.txt" not in dry.output and f"delete: {mirror / 'shared'}" in dry.output
+    done = invoke(base, "sync", "e:site/", str(mirror), "--delete")
+    assert done.exit_code == 0, done.output
+    assert tree(outside) == {"keep.txt": b"precious"}  # the link went, not what it points to
+    assert not (mirror / "shared").exists() and tree(mirror) == {"index.html": b"hello"}
+
+    # Files due under a folder that is a link there: refused before anything is written.
+    (mirror / "docs").symlink_to(outside)
+    managed.put_for_environment("e", "site/docs/a.txt", io.BytesIO(b"a"))
+    managed.put_for_environment("e", "site/index.html", io.BytesIO(b"changed"))
+    refused = invoke(base, "sync", "e:site/", str(mirror), "--delete")
+    assert "is a symbolic link" in error(refused) and "nothing copied or deleted" in error(refused)
+    assert tree(outside) == {"keep.txt": b"precious"}
+    assert (mirror / "index.html").read_bytes() == b"hello"
+
+
+def test_a_file_where_a_folder_goes_stops_the_sync_before_anything_is_written(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    for rel, data in (("data/a.txt", b"a"), ("data/sub/b.txt", b"b")):
+        managed.put_for_environment("e", rel, io.BytesIO(data))
+    dst = tmp_path / "dst"
+    make_tree(dst, {"sub": b"in the way"})
+    for extra in ([], ["--delete"]):
+        result = invoke(base, "sync", "e:data/", str(dst), *extra)
+        assert "is a file, where the source's folder sub/ goes" in error(result)
+        assert tree(dst) == {"sub": b"in the way"}  # nothing written, nothing deleted
+    (dst / "sub").unlink()
+    assert invoke(base, "sync", "e:data/", str(dst), "--delete").exit_code == 0
+    assert tree(dst) == {"a.txt": b"a", "sub/b.txt": b"b"}
+
+
+def test_a_partial_download_left_behind_is_not_a_local_extra(
+    base: list[str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    managed.put_for_environment("e", "site/index.html", io.BytesIO(b"hello"))
+    mirror = tmp_path / "m"
+    part = f".index.html.{'8e' * 32}.rescat-part"
+    make_tree(mirror, {part: b"hel", "stale.txt": b"old"})
+    result = invoke(base, "sync", "e:site/", str(mirror), "--delete")
+    assert result.exit_code == 0, result.output
+    assert "rescat-part" not in result.output
+    assert tree(mirror) == {"index.html": b"hello", part: b"hel"}
