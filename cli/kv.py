@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
-from catalog.kv import KVPair, KVStore, check_ttl, clean_key, clean_prefix
+from catalog.kv import MAX_VALUE, KVPair, KVStore, check_ttl, clean_key, clean_prefix
 from catalog.names import check_env
 from cli.app import Context, cli, echo_json, pass_ctx
 
@@ -93,15 +94,18 @@ def kv_put(
     if create and if_revision is not None:
         raise click.UsageError("--create and --if-revision exclude each other")
     if value == "-":
-        data = sys.stdin.buffer.read()
+        data = _value_from(sys.stdin.buffer, "stdin")
     elif value.startswith("@"):
+        name = value[1:]
+        if not name:
+            raise click.UsageError("@FILE needs a file name (@- is not stdin: use -)")
         try:
-            with open(value[1:], "rb") as source:
-                data = source.read()
+            with open(name, "rb") as source:
+                data = _value_from(source, name)
         except OSError as exc:
-            raise click.ClickException(f"cannot read {value[1:]}: {exc.strerror}") from None
+            raise click.ClickException(f"cannot read {name}: {exc.strerror}") from None
     else:
-        data = value.encode("utf-8")
+        data = os.fsencode(value)  # the argument's bytes as given, UTF-8 or not
     store = KVStore(ctx.managed, env)
     try:
         if create:
@@ -113,6 +117,18 @@ def kv_put(
     finally:
         store.close()
     click.echo(pair.last_index)
+
+
+def _value_from(source: BinaryIO, name: str) -> bytes:
+    """At most one byte more than a value may hold: a wrong file or an endless pipe
+    (`yes | rescat kv put ...`) is refused after 1 MiB, not read into memory whole."""
+    data = source.read(MAX_VALUE + 1)
+    if len(data) > MAX_VALUE:
+        raise click.ClickException(
+            f"{name}: a value is at most {MAX_VALUE} bytes (1 MiB), and this one is longer; "
+            "store larger content with rescat put"
+        )
+    return data
 
 
 @kv.command("get")

@@ -532,6 +532,44 @@ def test_cli_put_get_ls_rm(mongo_uri: str, db: Database[Any], tmp_path: Any) -> 
         assert code != 0 and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_put_reads_no_more_than_a_value_and_keeps_argument_bytes(
+    mongo_uri: str, db: Database[Any], kv: KVStore
+) -> None:
+    """`yes | rescat kv put ... -` or `@/dev/zero` stop at 1 MiB (they filled the memory)."""
+    base = ["--mongo-uri", mongo_uri, "--database", db.name]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    endless = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *base, "kv", "put", ENV, "big", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=root,
+    )
+    assert endless.stdin is not None
+    stopped_reading = False
+    try:
+        for _ in range(4096):  # 256 MiB: it stops taking them after 1 MiB
+            endless.stdin.write(b"y\n" * 32768)
+        endless.stdin.close()
+    except BrokenPipeError:
+        stopped_reading = True
+    assert endless.wait(timeout=60) == 1
+    assert stopped_reading
+    assert endless.stderr is not None and b"at most 1048576 bytes" in endless.stderr.read()
+    code, _, err = _rescat(base, "kv", "put", ENV, "big", "@/dev/zero")
+    assert code == 1 and "at most 1048576 bytes" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _rescat(base, "kv", "put", ENV, "big", "@")
+    assert code == 2 and "needs a file name" in err
+    with pytest.raises(NotFoundError):
+        kv.get("big")
+    exact = b"x" * (1024 * 1024)
+    assert _rescat(base, "kv", "put", ENV, "big", "-", input=exact)[0] == 0
+    assert kv.get("big").value == exact
+    code, _, err = _rescat(base, "kv", "put", ENV, "raw", os.fsdecode(b"a\xffb"))
+    assert code == 0, err
+    assert kv.get("raw").value == b"a\xffb"  # the argument's bytes, as given
+
+
 def test_cli_compare_and_swap(mongo_uri: str, db: Database[Any], kv: KVStore) -> None:
     """kv put --create / --if-revision and kv rm --if-revision: the store's atomic calls."""
     base = ["--mongo-uri", mongo_uri, "--database", db.name]
