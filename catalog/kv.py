@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
+
 from catalog import changehub
 from catalog.changes import PathChanges
 from catalog.clock import aware, utcnow
@@ -197,7 +199,8 @@ class ContentCache:
         if missing:
             fetched = _contents(self._managed, missing)
             for digest, data in fetched.items():
-                self.add(digest, data)
+                if blake3.blake3(data).hexdigest() == digest:  # damaged bytes are not kept
+                    self.add(digest, data)
             found.update(fetched)
         return found
 

@@ -1299,11 +1299,19 @@ class ManagedStorage:
             res = self._catalog.entry(rid)
         except NotFoundError:
             return doc, None
-        self._keep_inline(res)
+        self._keep_inline(res, read=True)
         return doc, res
 
-    def _keep_inline(self, res: Resource) -> None:
+    def _keep_inline(self, res: Resource, *, read: bool = False) -> None:
+        """Keep small content by hash; bytes `read` from the database only if they hash to it.
+
+        Served from here until the process ends, damaged bytes would outlive
+        their repair in the database (gc or a restore); readers of them fail
+        their hash check, and the next read looks again.
+        """
         if res.inline and res.data is not None and not res.pending:
+            if read and blake3.blake3(res.data).hexdigest() != res.hash:
+                return
             self._inline.add(res.hash, res)
 
     def _resolve(self, env_uuid: str, path: str) -> Resource:

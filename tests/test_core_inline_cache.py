@@ -103,3 +103,26 @@ def test_large_content_is_read_through_its_entry_every_time(
         commands.seen.clear()
         assert read(managed, "big") == data
         assert ("find", "catalog") in commands.seen
+
+
+def test_damaged_bytes_read_from_the_database_are_not_kept(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """Kept, they outlived their repair until the process ended (every read failing)."""
+    from bson import Binary
+
+    from catalog.kv import KVStore
+
+    writer = ManagedStorage(db, GridFSStorage(db))
+    writer.put_path("e", "p", io.BytesIO(b"hello\n"), 6)
+    entries = db[managed.catalog.collection.name]
+    entries.update_one({"hash": b3(b"hello\n")}, {"$set": {"data": Binary(b"HELLO\n")}})
+    store = KVStore(managed, "e")
+    try:
+        assert read(managed, "p") == b"HELLO\n"  # as stored: fsck --verify-content finds it
+        assert store.get("p").value == b"HELLO\n"
+        entries.update_one({"hash": b3(b"hello\n")}, {"$set": {"data": Binary(b"hello\n")}})
+        assert read(managed, "p") == b"hello\n"  # repaired: read again, not from memory
+        assert store.get("p").value == b"hello\n"
+    finally:
+        store.close()
