@@ -257,7 +257,7 @@ def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except CatalogError as exc:
-            raise _with_hint(exc, obj.server or "") from None
+            raise with_hint(exc, obj.server or "") from None
 
     run = click.option(
         "--token",
@@ -275,7 +275,7 @@ def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _with_hint(exc: CatalogError, server: str) -> Exception:
+def with_hint(exc: CatalogError, server: str) -> Exception:
     """The service's refusal, with what to do about it (one line)."""
     text = " ".join(str(exc).split())
     hint = {

@@ -16,9 +16,10 @@ from typing import Any, BinaryIO
 
 import click
 
+from catalog.errors import CatalogError
 from catalog.kv import MAX_VALUE, KVPair, KVStore, check_ttl, clean_key, clean_prefix
 from catalog.names import check_env
-from cli.app import Context, cli, echo_json, pass_ctx
+from cli.app import Context, cli, echo_json, pass_ctx, with_hint
 
 
 def _pair_json(pair: KVPair) -> dict[str, Any]:
@@ -279,7 +280,10 @@ def kv_watch(
     if (key is None) == (prefix is None):
         raise click.UsageError("give either KEY or --prefix P")
     if server is not None:
-        _watch_http(server, token, env, key, prefix, since)
+        try:
+            _watch_http(server, token, env, key, prefix, since)
+        except CatalogError as exc:
+            raise with_hint(exc, server) from None
         return
     if since is not None:
         raise click.UsageError("--since needs --server")

@@ -7,6 +7,7 @@ never start the embedded mongod). `serve` and `token` work on the database.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import re
@@ -16,7 +17,8 @@ from typing import Any
 
 import click
 
-from cli.app import SOURCE, Context, cli, echo_json, pass_ctx
+from catalog.errors import CatalogError
+from cli.app import SOURCE, Context, cli, echo_json, pass_ctx, with_hint
 from cli.history import BlobServe, blob_serve_options
 from cli.progress import bar
 from service.localfiles import is_regular_source
@@ -300,12 +302,23 @@ def token_revoke(ctx: Context, token_id: str) -> None:
 
 # -- upload / download (HTTP only) ----------------------------------------------
 def _server_options(fn: Any) -> Any:
+    """--server and --token; the service's refusals said with what to do about them."""
+
+    command = fn
+
+    @functools.wraps(command)
+    def hinted(*args: Any, server: str, **kwargs: Any) -> Any:
+        try:
+            return command(*args, server=server, **kwargs)
+        except CatalogError as exc:
+            raise with_hint(exc, server) from None
+
     fn = click.option(
         "--token",
         envvar="RESCAT_TOKEN",
         default=None,
         help="Bearer token (env RESCAT_TOKEN).",
-    )(fn)
+    )(hinted)
     fn = click.option(
         "--server",
         envvar="RESCAT_SERVER",

@@ -797,7 +797,9 @@ class CatalogClient:
         (`catalog.pathevents.resume_since`); what it had already is dropped by
         (path, revision), so no event is yielded twice. Gives up with
         ServiceUnavailableError after `reconnect_for` seconds without a
-        connection. Ends when `stop` is set (promptly, even while waiting).
+        connection, and at once if the first connection fails (a wrong URL or
+        a service that is not running is said, not waited out in silence).
+        Ends when `stop` is set (promptly, even while waiting).
         """
         url = _env_url(env, "watch")
         if key is not None and prefix is not None:
@@ -813,6 +815,7 @@ class CatalogClient:
         seen: set[tuple[str, int]] = set()
         down_since: float | None = None
         delay = 0.1
+        connected = False
         # A heartbeat comes every 15 s: a silent connection past this is dead.
         timeout = httpx.Timeout(60.0, connect=10.0)
         while stop is None or not stop.is_set():
@@ -822,7 +825,7 @@ class CatalogClient:
             try:
                 with self._http.stream("GET", url, params=query, timeout=timeout) as response:
                     _raise_for(response)
-                    down_since, delay = None, 0.1
+                    down_since, delay, connected = None, 0.1, True
                     with _closed_on(stop, response):
                         for ident, event in _sse_messages(response.iter_lines()):
                             if event is None:  # the block that opens the stream: its start
@@ -848,6 +851,10 @@ class CatalogClient:
                     return
                 if isinstance(exc, ServiceError) and not _retryable(exc):
                     raise
+                if not connected and isinstance(exc, httpx.TransportError):
+                    raise ServiceUnavailableError(
+                        f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
+                    ) from exc
                 now = time.monotonic()
                 down_since = now if down_since is None else down_since
                 if now - down_since > reconnect_for:

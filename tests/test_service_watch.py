@@ -488,3 +488,29 @@ def test_a_revoked_token_s_watch_ends(managed: ManagedStorage) -> None:
         text = "\n".join(rest)
         assert "v/after" not in text
         assert "event: error" in text and '"code":"unauthorized"' in text
+
+
+def test_a_watch_of_a_service_that_is_not_there_says_so_at_once() -> None:
+    """It waited out its minute of reconnecting in silence (the CLI: nothing, for a minute)."""
+    from service.client import ServiceUnavailableError
+
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with CatalogClient(url) as client, pytest.raises(ServiceUnavailableError):
+        next(client.watch(ENV, key="k"))
+    assert time.monotonic() - started < 30  # not the 60 s of reconnecting
+    for command in (  # each says where to look, as every other --server command does
+        ("kv", "watch", "--server", url, ENV, "k"),
+        ("download", "--server", url, ENV, "k", "-o", "/dev/null"),
+        ("upload", "--server", url, ENV, "k", "/dev/null"),
+    ):
+        done = subprocess.run(
+            rescat_command(*command),
+            capture_output=True,
+            env=cli_env(),
+            cwd=REPO,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 1 and done.stdout == "", command
+        assert len(done.stderr.splitlines()) == 1 and "check --server" in done.stderr, done.stderr
