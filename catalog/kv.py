@@ -342,7 +342,10 @@ class KVStore:
 
     def delete(self, key: str) -> None:
         k = clean_key(key)
-        self.managed.delete_path(self.env_uuid, k)
+        try:
+            self.managed.delete_path(self.env_uuid, k)
+        except NotFoundError:  # said as the store's own reads say it
+            raise NotFoundError(f"{self.env_uuid}: no such key {k!r}", path=k) from None
         self._renewer.remove(k, self.owner)
 
     def atomic_delete(self, key: str, previous: KVPair) -> None:

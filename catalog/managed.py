@@ -914,7 +914,7 @@ class ManagedStorage:
             if current is None:
                 raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
             raise PreconditionFailedError(
-                f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+                f"{env_uuid}: {path!r} changed (revision {revision(current.get('rev'))})"
             )
         old = doc.get("prev_rid")
         if old is not None:
@@ -1088,7 +1088,7 @@ class ManagedStorage:
                     raise PreconditionFailedError(f"{env_uuid}: no such path {path!r}")
                 if not _matches(current, options.if_match):
                     raise PreconditionFailedError(
-                        f"{env_uuid}: {path!r} changed (revision {current.get('rev')})"
+                        f"{env_uuid}: {path!r} changed (revision {revision(current.get('rev'))})"
                     )
             if current is not None:
                 query["rev"] = current.get("rev")
@@ -1139,9 +1139,12 @@ class ManagedStorage:
         self, env_uuid: str, path: str, if_match: int | str | None, session: ClientSession | None
     ) -> NoReturn:
         if if_match is not None:
-            doc = self.paths.find_one(self._live_query(env_uuid, path), {"_id": 1}, session=session)
-            if doc is not None:
-                raise PreconditionFailedError(f"{env_uuid}: {path!r} does not match {if_match!r}")
+            doc = self.paths.find_one(self._live_query(env_uuid, path), {"rev": 1}, session=session)
+            if doc is not None:  # said as a put's refused condition says it
+                raise PreconditionFailedError(
+                    f"{env_uuid}: {path!r} changed (revision {revision(doc.get('rev'))}), "
+                    f"does not match {if_match!r}"
+                )
         raise NotFoundError(f"{env_uuid}: no such path {path!r}", path=path)
 
     def _release_in(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import click
+from pymongo.errors import InvalidName
 
 from catalog.errors import CatalogError
 from cli import admin, db, files, remote  # noqa: F401  (they register their commands)
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("rescat: interrupted", err=True)
         sys.exit(130)
+    except InvalidName as exc:  # --database (or RESCAT_DATABASE) that MongoDB refuses
+        if debug:
+            raise
+        click.echo(f"rescat: invalid database name: {_one_line(exc)}", err=True)
+        sys.exit(2)
     except Exception as exc:
         if debug:
             raise

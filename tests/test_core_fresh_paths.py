@@ -230,3 +230,27 @@ def test_an_inserted_path_moved_away_keeps_its_create_event(managed: ManagedStor
     assert left[-1]["event"] == "move" and left[-1]["revision"] > created
     assert [h["event"] for h in managed.history_for_environment("e", "mv/b")] == ["move"]
     assert managed.get_for_environment("e", "mv/b")[0].read() == b"moving"
+
+
+def test_a_refused_condition_names_the_current_revision_as_a_number(
+    managed: ManagedStorage,
+) -> None:
+    """A path made by insert keeps its revision as a Timestamp until its first change:
+    a refused put said `changed (revision Timestamp(1796..., 3))`, a refused delete not
+    which revision the path was at."""
+    from catalog.kv import KVStore
+    from catalog.managed import WriteOptions
+
+    managed.put_for_environment("e", "p", io.BytesIO(b"one"))
+    assert isinstance(managed.paths.find_one({"path": "p"})["rev"], Timestamp)
+    now = managed.stat_for_environment("e", "p").revision
+    with pytest.raises(PreconditionFailedError, match=rf"changed \(revision {now}\)$"):
+        managed.put_path("e", "p", io.BytesIO(b"two"), 3, options=WriteOptions(if_match=1))
+    with pytest.raises(PreconditionFailedError, match=rf"changed \(revision {now}\), does not"):
+        managed.delete_path("e", "p", if_match=1)
+    store = KVStore(managed, "e")
+    try:
+        with pytest.raises(Exception, match="no such key 'nope'"):
+            store.delete("nope")
+    finally:
+        store.close()
