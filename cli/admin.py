@@ -324,7 +324,9 @@ def rm(
 ) -> None:
     """Remove PATH from environment ENV (content nothing else uses is deleted).
 
-    With -r, PATH and every path under PATH/ go (never `PATHxyz`). With
+    With -r, PATH and every path under PATH/ go (never `PATHxyz`); with -r
+    and a trailing slash, `PATH/`, only the paths under it (as `aws s3 rm
+    --recursive`: a path named PATH stays). With
     --if-match, only if PATH is still at that revision or holds that content
     (checked with the delete; otherwise exit 1 and nothing changes).
 
@@ -374,10 +376,13 @@ def mv(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
     """
     src_env, src, dst_env, dst = _endpoints(ctx, first, second, third)
     client = ctx.http
-    if client is not None:
-        moved = client.move(src_env, src, dst, dst_env=dst_env)
-    else:
-        moved = _path_json(ctx.managed.move_path(src_env, src, dst_env, dst))
+    try:
+        if client is not None:
+            moved = client.move(src_env, src, dst, dst_env=dst_env)
+        else:
+            moved = _path_json(ctx.managed.move_path(src_env, src, dst_env, dst))
+    except NotFoundError as exc:
+        raise folder_hint(ctx, src_env, src, exc, advice=ONE_PATH) from None
     if as_json:
         echo_json(moved)
 
@@ -404,14 +409,18 @@ def cp(ctx: Context, first: str, second: str, third: str | None, as_json: bool) 
     """
     src_env, src, dst_env, dst = _endpoints(ctx, first, second, third)
     client = ctx.http
-    if client is not None:
-        copied = client.copy(src_env, src, dst_env, dst)
-    else:
-        copied = _path_json(ctx.managed.copy_path(src_env, src, dst_env, dst))
+    try:
+        if client is not None:
+            copied = client.copy(src_env, src, dst_env, dst)
+        else:
+            copied = _path_json(ctx.managed.copy_path(src_env, src, dst_env, dst))
+    except NotFoundError as exc:
+        raise folder_hint(ctx, src_env, src, exc, advice=ONE_PATH) from None
     if as_json:
         echo_json(copied)
 
 
+ONE_PATH = "cp and mv take one path at a time"
 _REMOTE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
 
 

@@ -498,8 +498,10 @@ def get_tree(
     report(outcome, plan, dry_run)
 
 
-def folder_hint(ctx: Context, env: str, path: str, exc: NotFoundError) -> NotFoundError:
-    """`rm ENV dir` or `get ENV dir` where dir is a folder: say so, and that -r takes it."""
+def folder_hint(
+    ctx: Context, env: str, path: str, exc: NotFoundError, *, advice: str = "use -r"
+) -> NotFoundError:
+    """`rm ENV dir` or `get ENV dir` where dir is a folder: say so, and what takes it."""
     try:
         query = folder(path)
         client = ctx.http
@@ -511,7 +513,7 @@ def folder_hint(ctx: Context, env: str, path: str, exc: NotFoundError) -> NotFou
         return exc
     if not under:
         return exc
-    return NotFoundError(f"{exc}; {path!r} is a folder: use -r", path=exc.path)
+    return NotFoundError(f"{exc}; {path!r} is a folder: {advice}", path=exc.path)
 
 
 def _one_file(ctx: Context, env: str, prefix: str, *, delete: bool) -> tuple[str, dict[str, Entry]]:
@@ -558,7 +560,11 @@ RM_BATCH = 1000
 
 
 def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
-    """Remove PREFIX and every path under it; how many went."""
+    """Remove PREFIX and every path under it; how many went.
+
+    `PREFIX/` (a trailing slash) is the folder alone: a path named PREFIX
+    stays, as `aws s3 rm --recursive s3://b/PREFIX/` keeps the key PREFIX.
+    """
     check_env(env)
     stripped = prefix.rstrip("/")
     if not stripped:
@@ -568,16 +574,21 @@ def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
     query = folder(stripped)
     paths = [str(doc["path"]) for doc in _iter_paths(ctx, env, query)]
     client = ctx.http
+    folder_only = prefix.endswith("/")
     try:
-        if client is not None:
+        if folder_only:
+            pass
+        elif client is not None:
             client.stat(env, stripped)
+            paths.insert(0, stripped)
         else:
             ctx.managed.stat_for_environment(env, stripped)
-        paths.insert(0, stripped)
+            paths.insert(0, stripped)
     except NotFoundError:
         pass
     if not paths:
-        raise NotFoundError(f"{env}: nothing at or under {stripped!r}")
+        where = f"under {query!r}" if folder_only else f"at or under {stripped!r}"
+        raise NotFoundError(f"{env}: nothing {where}")
     if dry_run:
         for path in paths:
             click.echo(f"(dry run) delete: {env}:{path}")

@@ -308,6 +308,27 @@ def test_rm_and_get_of_a_folder_hint_at_r(
     assert "no such path 'nope'" in error(missing) and "folder" not in error(missing)
     neighbour = invoke(base, "get", "e", "di")  # di/ holds nothing: dir/ is not under it
     assert "folder" not in error(neighbour)
+    for verb in ("cp", "mv"):
+        result = invoke(base, verb, "e", "dir", "other")
+        assert "'dir' is a folder: cp and mv take one path at a time" in error(result), verb
+    assert managed.list_for_environment("e") == ["dir/a.txt"]
+
+
+def test_rm_r_of_a_folder_with_its_slash_keeps_the_path_of_that_name(
+    base: list[str], managed: ManagedStorage
+) -> None:
+    """As `aws s3 rm --recursive s3://b/r/a/`: the key r/a is not under r/a/."""
+    for path in ("r/a", "r/a/x", "r/a/y/z", "r/ab"):
+        managed.put_for_environment("e", path, io.BytesIO(path.encode()))
+    dry = invoke(base, "rm", "-r", "e", "r/a/", "--dry-run")
+    assert dry.output.split() == [
+        w for p in ("r/a/x", "r/a/y/z") for w in ("(dry", "run)", "delete:", f"e:{p}")
+    ]
+    assert invoke(base, "rm", "-r", "e", "r/a/").exit_code == 0
+    assert managed.list_for_environment("e") == ["r/a", "r/ab"]
+    assert "nothing under 'r/a/'" in error(invoke(base, "rm", "-r", "e", "r/a/"))
+    assert invoke(base, "rm", "-r", "e", "r/a").exit_code == 0  # no slash: the path too
+    assert managed.list_for_environment("e") == ["r/ab"]
 
 
 def test_sync_delete_never_reaches_outside_the_destination_through_a_link(
