@@ -634,9 +634,16 @@ class CatalogClient:
                             received += len(chunk)
                             if progress is not None:
                                 progress("download", offset, total)
-                    except httpx.TransportError:
+                    except httpx.TransportError as exc:
                         if attempts > self.retries:
-                            raise
+                            # The service answered, then broke off: not an unreachable one.
+                            raise ServiceError(
+                                f"the service broke off {path} at byte {offset} of {total} "
+                                f"({attempts} tries; {type(exc).__name__}); run again to resume, "
+                                "and if it keeps breaking there, check its copy with rescat fsck",
+                                status=response.status_code,
+                                code="broken_off",
+                            ) from exc
                         continue  # resume from offset
                     finally:
                         writer.close()

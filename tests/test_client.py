@@ -29,6 +29,7 @@ from catalog.errors import (
 from catalog.tokens import TokenStore
 from service.app import create_app
 from service.client import CatalogClient, ServiceUnavailableError, UploadResult
+from service.errors import ServiceError
 from tests.test_core_catalog_races import race
 from tests.test_service_support import ServerThread
 
@@ -382,3 +383,18 @@ def test_conditional_put(client: CatalogClient, server: ServerThread) -> None:
     won = [o for o in outcomes if isinstance(o, UploadResult)]
     assert len(outcomes) == 8 and len(won) == 1
     assert h(client.read("env", "race")) == won[0].hash  # the winner's bytes, and only theirs
+
+
+def test_a_download_the_service_keeps_breaking_off_says_so(
+    client: CatalogClient, managed: ManagedStorage, tmp_path: Path
+) -> None:
+    """A stored chunk gone: the service answers 200 and stops at it, every time. That
+    is no unreachable service (what the error said, with a hint to check --server)."""
+    data = os.urandom(3 * 1024 * 1024)  # three 1 MiB chunks
+    client.put("e", "big", data)
+    (files,) = managed.db["resources.files"].find({"length": len(data)})
+    managed.db["resources.chunks"].delete_one({"files_id": files["_id"], "n": 1})
+    with pytest.raises(ServiceError, match=r"broke off big at byte \d+ of 3145728") as caught:
+        client.download("e", "big", tmp_path / "out")
+    assert caught.value.code == "broken_off"
+    assert not (tmp_path / "out").exists()
