@@ -125,7 +125,7 @@ class StorageDriver:
         rel = self._rel(path)
         data = bytes(content or b"")
         with self._errors(path):
-            self._check_file_place(rel, path)
+            self.check_file_place(path)
             # It answers nothing: a new path may then be inserted (pathdocs.fresh),
             # half the database's work of the upsert that returns a revision.
             self.managed.put_for_environment(self.env_uuid, rel, io.BytesIO(data), len(data))
@@ -148,7 +148,7 @@ class StorageDriver:
         env = self.env_uuid
         sessions = self.sessions
         with self._errors(path):
-            self._check_file_place(rel, path)
+            self.check_file_place(path)
             if not append:
                 session = sessions.create(env, rel, kind=DRIVER)
                 return FileWriter(self, path, sessions.open(env, session.id))
@@ -225,9 +225,15 @@ class StorageDriver:
         with self._errors(src):
             if rel_src != rel_dst:
                 if self.managed.paths.find_one(self._exact(rel_src), {"_id": 1}) is None:
+                    if self._range(rel_src + "/", limit=1).peek() is not None:
+                        raise NotFoundError(
+                            f"{self._name}: {src} is a directory; move takes a file", path=src
+                        )
                     raise NotFoundError(f"{self._name}: no such file {src}", path=src)
-                self._check_file_place(rel_dst, dst)
+                self.check_file_place(dst)
             self.managed.move_for_environment(self.env_uuid, rel_src, rel_dst)
+            if rel_src != rel_dst:  # what was being appended to src must not bring it back
+                self.sessions.discard_under(self.env_uuid, rel_src)
 
     def delete(self, path: str) -> None:
         """Remove the file, or everything under the directory (`/a/b` keeps `/a/bc`)."""
@@ -291,13 +297,14 @@ class StorageDriver:
         except InvalidPathError as exc:
             raise InvalidPathError(f"{self._name}: {exc}") from None
 
-    def _check_file_place(self, rel: str, path: str) -> None:
-        """InvalidPathError if a file at rel would be a directory too, or lie below a file.
+    def check_file_place(self, path: str) -> None:
+        """InvalidPathError if a file at `path` would be a directory too, or lie below a file.
 
         An environment can hold both `a` and `a/b` (written through other
         faces); a file system cannot, and distribution's drivers refuse to
         make one (put or move onto a directory, or below a file). One query.
         """
+        rel = self._rel(path)
         ancestors = [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
         below = {"path": {"$gte": rel + "/", "$lt": rel + "0"}}
         clash = self.managed.paths.find_one(
@@ -372,7 +379,7 @@ class FileWriter:
 
     def commit(self) -> PathInfo:
         with self._driver._errors(self.path):
-            self._driver._check_file_place(self._driver._rel(self.path), self.path)
+            self._driver.check_file_place(self.path)
             return self._writer.commit()
 
     def __enter__(self) -> FileWriter:

@@ -343,10 +343,13 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 self.client.move(env1, rel1, rel2, dst_env=env2)
             else:
                 self.client.copy(env1, rel1, env2, rel2)
-        elif move:
-            self.managed.move_path(env1, rel1, env2, rel2)
         else:
-            self.managed.copy_path(env1, rel1, env2, rel2)
+            # As the driver and every write here: no file onto a directory or below a file.
+            self._driver(env2).check_file_place("/" + rel2)
+            if move:
+                self.managed.move_path(env1, rel1, env2, rel2)
+            else:
+                self.managed.copy_path(env1, rel1, env2, rel2)
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
         """Delete files, globs and (recursive) directories: all or, if one is missing, none.
@@ -603,20 +606,46 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
         if self._writer is not None:
             if len(data):
                 self._writer.write(data)
-            if final:
-                self._writer.commit()
         else:
             self._spool.write(data)
-            if final:
-                env, rel = self.fs._split(self.path)
-                self._spool.seek(0)
-                assert self.fs.client is not None
-                try:
-                    self.fs.client.put(env, rel, self._spool)
-                finally:
-                    self._spool.close()
         del data
+        if final and self.autocommit:
+            self._publish()
         return True
+
+    def commit(self) -> None:
+        """Publish a file written with autocommit=False (fsspec's `transaction` does)."""
+        self._publish()
+        self.fs.invalidate_cache(self.path)
+        self.fs.invalidate_cache(self.fs._parent(self.path))
+
+    def _publish(self) -> None:
+        """The written bytes become the path's content; on failure, nothing is kept.
+
+        A writer session whose commit is refused (a file where a directory
+        is, say) is discarded: the file is closed by then, and its caller has
+        nothing left to cancel, while the session would hold the path's
+        uploads and its lease would be renewed as long as the process lives.
+        """
+        if getattr(self, "_published", False):
+            return
+        writer, spool = self._writer, self._spool
+        if writer is not None:
+            try:
+                writer.commit()
+            except BaseException:
+                with contextlib.suppress(CatalogError):
+                    writer.cancel()
+                raise
+        elif spool is not None:
+            env, rel = self.fs._split(self.path)
+            spool.seek(0)
+            assert self.fs.client is not None
+            try:
+                self.fs.client.put(env, rel, spool)
+            finally:
+                spool.close()
+        self._published = True
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         if self._reader is not None:
@@ -638,7 +667,7 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
                 reader.close()
 
     def discard(self) -> None:
-        """Throw the upload away: nothing becomes visible."""
+        """Throw the upload away: nothing becomes visible (an aborted transaction)."""
         writer = getattr(self, "_writer", None)
         if writer is not None:
             with contextlib.suppress(CatalogError):

@@ -240,6 +240,25 @@ def test_move_repoints_without_copying(driver: StorageDriver, db: Database[Any])
         driver.stat("/src")
 
 
+def test_a_move_leaves_no_unfinished_append_to_bring_the_old_path_back(
+    driver: StorageDriver,
+) -> None:
+    """As delete does: a session of the moved file, resumed later, recreated it."""
+    driver.put_content("/s", b"S")
+    w = driver.writer("/s", append=True)
+    w.write(b"more")
+    w.close()
+    driver.move("/s", "/t")
+    with pytest.raises(NotFoundError):
+        driver.writer("/s", append=True)
+    with pytest.raises(NotFoundError):
+        driver.stat("/s")
+    assert driver.get_content("/t") == b"S"
+    driver.put_content("/dir/x", b"x")
+    with pytest.raises(NotFoundError, match="/dir is a directory; move takes a file"):
+        driver.move("/dir", "/elsewhere")
+
+
 def through_the_catalog(managed: ManagedStorage, path: str, data: bytes) -> None:
     """Write as the CLI or HTTP do: they may make a name both a file and a directory."""
     managed.put_for_environment("reg", path[1:], io.BytesIO(data), len(data))

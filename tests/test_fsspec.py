@@ -393,3 +393,57 @@ def test_times_and_checksums(any_fs: RescatFileSystem) -> None:
     assert isinstance(fs.checksum("T/d"), int)  # a directory's is fsspec's own token
     with pytest.raises(IsADirectoryError):
         fs.modified("T/d")
+
+
+def test_transactions_and_autocommit_false_publish_only_on_commit(any_fs: RescatFileSystem) -> None:
+    """fsspec's contract for autocommit=False: the file lands on commit(), and discard()
+    throws it away. Files were published at close() whatever the caller asked."""
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), any_fs.transaction:
+        with any_fs.open("env/t/aborted", "wb") as f:
+            f.write(b"should not land")
+        assert not any_fs.exists("env/t/aborted")
+        raise Boom
+    assert not any_fs.exists("env/t/aborted")
+
+    with any_fs.transaction:
+        for name in ("a", "b"):
+            with any_fs.open(f"env/t/{name}", "wb") as f:
+                f.write(name.encode() * 5)
+        assert not any_fs.exists("env/t/a")
+    assert any_fs.cat_file("env/t/a") == b"aaaaa" and any_fs.cat_file("env/t/b") == b"bbbbb"
+
+    f = any_fs.open("env/t/later", "wb", autocommit=False)
+    f.write(b"x")
+    f.close()
+    assert not any_fs.exists("env/t/later")
+    f.discard()
+    assert not any_fs.exists("env/t/later")
+    f = any_fs.open("env/t/later", "wb", autocommit=False)
+    f.write(b"y")
+    f.close()
+    f.commit()
+    assert any_fs.cat_file("env/t/later") == b"y"
+
+
+def test_a_refused_commit_leaves_no_session_held(fs: RescatFileSystem, db: Database[Any]) -> None:
+    """The file is closed by then: a session left open was renewed for the process's life,
+    holding the path's uploads, and gc never reclaimed it."""
+    from catalog.errors import InvalidPathError
+
+    f = fs.open("env/n/o", "wb", block_size=MiB)
+    f.write(rand(5 * MiB))  # past the first block: the session holds chunks
+    fs.pipe_file("env/n", b"a file where the directory goes")
+    with pytest.raises(InvalidPathError, match="is a file"):
+        f.close()
+    assert db["upload_sessions"].count_documents({}) == 0
+    assert fs.cat_file("env/n") == b"a file where the directory goes"
+    # mv and cp_file refuse it as every other write here does (they made such trees)
+    fs.pipe_file("env/h", b"H")
+    for place in (fs.mv, fs.cp_file):
+        with pytest.raises(InvalidPathError, match="is a file"):
+            place("env/h", "env/n/y")
+    assert fs.cat_file("env/h") == b"H" and not fs.exists("env/n/y")
