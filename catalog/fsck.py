@@ -295,6 +295,9 @@ def fsck(
                 continue  # referenced meanwhile
             if not store.file_exists(info.file_id):
                 continue  # its entry's removal deleted it meanwhile
+            if managed.read_leases.live(info.path):
+                in_flight += 1  # still read: its last reader deletes it (as gc counts it)
+                continue
             problems.append(
                 Problem(
                     "orphan_file",

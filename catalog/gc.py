@@ -200,7 +200,7 @@ def gc(
         orphans = list(unreferenced_files(managed, store, scan))
     finally:
         scan.close()
-    guard = _gc_dangling(managed, orphans, cutoff, report, bar_for)
+    guard = _gc_dangling(managed, store, orphans, cutoff, report, bar_for)
     _gc_refcounts(managed, report, bar_for, guard)
     _gc_orphan_files(managed, store, orphans, cutoff, guard, report)
     _gc_orphan_chunks(managed, store, cutoff, live_session_file_ids(managed), guard, report)
@@ -323,6 +323,7 @@ def _gc_abandoned(managed: ManagedStorage, report: GcReport) -> None:
 
 def _gc_dangling(
     managed: ManagedStorage,
+    store: StoreView,
     orphans: list[FileInfo],
     cutoff: datetime.datetime,
     report: GcReport,
@@ -373,10 +374,15 @@ def _gc_dangling(
                 "run fsck"
             )
             continue
+        # Only a file whose chunks check out: a damaged one restored as the entry's
+        # would make an intact copy of the same hash a spare, and gc deletes spares.
         candidates = [
             f
             for f in by_hash.get(digest, [])
-            if f.length == length and f.upload_date <= cutoff and f.chunk_size > 0
+            if f.length == length
+            and f.upload_date <= cutoff
+            and f.chunk_size > 0
+            and not store.chunk_problems(f)
         ]
         outcome, n = _restore(managed, rid, digest, length, candidates, report.dry_run)
         if outcome == "restored":
@@ -665,12 +671,16 @@ def _hide_unread(managed: ManagedStorage, storage_path: str) -> bool:
 
 
 def _spare_copy(store: StoreView, owner: dict[str, Any]) -> bool:
-    """True when the entry is ready and its own stored file is there: an orphan with its
-    hash is a spare copy (a crashed duplicate upload, say), reclaimed like any orphan."""
+    """True when the entry is ready and its own stored file is there and whole: an orphan
+    with its hash is a spare copy (a crashed duplicate upload, say), reclaimed like any
+    orphan. While the entry's own file lacks chunks, the orphan may be its only bytes."""
     path = owner.get("path")
     if owner.get("state", READY) != READY or not isinstance(path, str):
         return False
-    return path not in ("", INLINE) and store.stat(path) is not None
+    if path in ("", INLINE):
+        return False
+    own = store.stat(path)
+    return own is not None and not store.chunk_problems(own)
 
 
 def _adopt(
@@ -688,12 +698,11 @@ def _adopt(
     """
     rid, path = owner["_id"], owner.get("path")
     subject = f"file {info.file_id} {info.path!r} (blake3:{info.blake3})"
-    own_file_missing = (
-        owner.get("state", READY) == READY
-        and isinstance(path, str)
-        and path not in ("", INLINE)
-        and store.stat(path) is None
-    )
+    stored = owner.get("state", READY) == READY and isinstance(path, str)
+    stored = stored and path not in ("", INLINE)
+    own = store.stat(str(path)) if stored else None
+    damaged = own is not None and bool(store.chunk_problems(own))
+    own_file_missing = stored and (own is None or damaged)
     files = getattr(store.storage, "files", None)
     sound = (
         info.length == _int(owner.get("length"))
@@ -710,6 +719,12 @@ def _adopt(
         )
         report.actions.append(f"kept {subject}: the hash of entry {rid}; {why}")
         return
+    aside = ""
+    if damaged and own is not None:  # set aside first: one file holds the entry's name
+        aside = f"{path}.damaged-{own.file_id}"
+        if not report.dry_run:
+            files.update_one({"_id": own.file_id}, {"$set": {"filename": aside}})
+        aside = f"; its damaged file {own.file_id} set aside as {aside!r} (a spare now)"
     if not report.dry_run:
         files.update_one({"_id": info.file_id}, {"$set": {"filename": path}})
         if store.stat(str(path)) is None:  # pragma: no cover - renamed or removed meanwhile
@@ -721,7 +736,9 @@ def _adopt(
             {"_id": rid}, {"$set": {"updated_at": now}, "$push": _history("file repaired", now)}
         )
     report.repaired_files += 1
-    report.actions.append(f"repaired entry {rid}: its stored file is {subject}, renamed {path!r}")
+    report.actions.append(
+        f"repaired entry {rid}: its stored file is {subject}, renamed {path!r}{aside}"
+    )
 
 
 def _ready_entries_missing_files(managed: ManagedStorage, store: StoreView) -> int:

@@ -569,6 +569,66 @@ def test_nameless_file_with_an_entrys_hash_is_given_back(
     assert gridfs_storage.exists("copy")
 
 
+def test_an_intact_copy_outlives_a_damaged_file_of_the_same_content(
+    managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
+) -> None:
+    """gc took a damaged file for the entry's (restoring a lost entry from it, or because
+    it exists), called the intact copy of the same hash a spare, and deleted the only good
+    bytes: a repairable path became lost content."""
+    data = os.urandom(3 * MiB - 5)  # three chunks
+    digest = put(managed, "e", "a", data)
+    storage_path = entry_doc(db, digest)["path"]
+    files, chunks = db["resources.files"], db["resources.chunks"]
+    own = files.find_one({"filename": storage_path})
+    chunks.delete_one({"files_id": own["_id"], "n": 1})
+    gridfs_storage.put("intact-copy", io.BytesIO(data), -1)
+    age_files(db)
+
+    # 1. The entry is there, its own file lacks a chunk: the copy becomes its file.
+    result = gc(managed, grace=0)
+    assert result.orphan_files == 0 and result.repaired_files == 1, result.actions
+    assert read(managed, "e", "a") == data
+    # The damaged one was set aside under another name: a spare now, reclaimed next time.
+    assert files.count_documents({"filename": storage_path}) == 1
+    result = gc(managed, grace=0)
+    assert result.orphan_files == 1 and files.count_documents({"_id": own["_id"]}) == 0
+    assert fsck(managed, grace=0, verify_content=True).clean
+
+    # 2. The entry is lost, and its file is damaged: the entry comes back on the copy.
+    own = files.find_one({"filename": storage_path})
+    chunks.delete_one({"files_id": own["_id"], "n": 2})
+    db.catalog.delete_one({"hash": digest})
+    gridfs_storage.put("intact-copy", io.BytesIO(data), -1)
+    age_files(db)
+    result = gc(managed, grace=0)
+    assert result.restored_entries == 1, result.actions
+    assert read(managed, "e", "a") == data
+    assert gridfs_storage.exists(entry_doc(db, digest)["path"])
+    gc(managed, grace=0)  # the damaged one: an orphan with the entry's hash, a spare
+    assert read(managed, "e", "a") == data
+    assert fsck(managed, grace=0, verify_content=True).clean
+
+
+def test_fsck_leaves_a_file_still_being_read_to_its_reader(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """Its path went while a download ran: the last reader deletes the bytes (as gc
+    counts them, in flight); fsck called them an orphan_file and exited 1."""
+    data = os.urandom(MiB + 3)
+    put(managed, "e", "f", data)
+    age_files(db)
+    reader, _ = managed.get_for_environment("e", "f")
+    try:
+        assert reader.read(1000) == data[:1000]
+        managed.remove_for_environment("e", "f")
+        report = fsck(managed, grace=0)
+        assert report.clean, report.problems
+    finally:
+        reader.close()
+    assert db["resources.files"].count_documents({}) == 0  # its last reader deleted them
+    assert fsck(managed, grace=0).clean
+
+
 # -- gc on malformed path documents ----------------------------------------------------------
 def test_path_without_resource_id_is_skipped_not_acted_upon(
     managed: ManagedStorage, db: Database[Any], gridfs_storage: GridFSStorage
