@@ -21,6 +21,7 @@ from pymongo import WriteConcern
 from pymongo.collection import Collection
 
 from catalog.clock import aware, utcnow
+from catalog.pathdocs import revision
 
 DEFAULT_HISTORY_DAYS = 30.0
 # Per environment, the largest revision that retention has removed (`{_id: env, rev}`):
@@ -186,10 +187,39 @@ def _count_items(collection: Collection[Any], cutoff: datetime.datetime) -> int:
     return sum(int(row["n"]) for row in collection.aggregate(_trimmable(cutoff)))
 
 
+def _implied_before(cutoff: datetime.datetime) -> dict[str, Any]:
+    """Path documents whose only event is implied and older than cutoff.
+
+    A path made by insert and never changed since stores no `events`: its
+    create is implied by `created_at` (`pathdocs.fresh`, `path_events`).
+    """
+    return {
+        "events": {"$exists": False},
+        "rev": {"$type": "timestamp"},
+        "created_at": {"$lt": cutoff},
+    }
+
+
+def _trim_implied(paths: Collection[Any], cutoff: datetime.datetime) -> int:
+    """Drop implied create events past the cutoff as stored ones are dropped.
+
+    The floor first (each environment's newest such revision), then an empty
+    `events`, which implies nothing: the path stays, its create goes.
+    """
+    query = _implied_before(cutoff)
+    floors = paths.database[FLOOR_COLLECTION]
+    for row in paths.aggregate(
+        [{"$match": query}, {"$group": {"_id": "$env", "rev": {"$max": "$rev"}}}]
+    ):
+        floors.update_one({"_id": row["_id"]}, {"$max": {"rev": revision(row["rev"])}}, upsert=True)
+    return int(paths.update_many(query, {"$set": {"events": []}}).modified_count)
+
+
 def count_trimmable(collections: list[Collection[Any]], days: float) -> int:
     """How many history items `trim(collections, days)` would drop now (gc's dry run)."""
     cutoff = utcnow() - datetime.timedelta(days=days)
-    return sum(_count_items(collection, cutoff) for collection in collections)
+    implied = collections[0].count_documents(_implied_before(cutoff)) if collections else 0
+    return implied + sum(_count_items(collection, cutoff) for collection in collections)
 
 
 def trim(collections: list[Collection[Any]], days: float) -> int:
@@ -203,7 +233,7 @@ def trim(collections: list[Collection[Any]], days: float) -> int:
     deleted or archived meanwhile and its events moved between the collections).
     """
     cutoff = utcnow() - datetime.timedelta(days=days)
-    removed = 0
+    removed = _trim_implied(collections[0], cutoff) if collections else 0
     for collection in collections:
         _raise_floors(collection, cutoff)
         before = _count_items(collection, cutoff)

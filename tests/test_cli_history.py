@@ -67,3 +67,33 @@ def test_gc_trims_history_by_age(
     assert report["history_trimmed"] >= 1 and report["history_days"] == 30
     assert managed.history_for_environment("e", "old") == []
     assert [e["event"] for e in managed.history_for_environment("e", "kept")] == ["create"]
+
+
+def test_retention_drops_the_create_of_a_path_never_changed(managed: ManagedStorage) -> None:
+    """A path made by insert keeps no events: its create is implied by created_at, and
+    retention, which pulls stored events, kept it forever."""
+    from bson import Timestamp
+
+    from catalog import history as hist
+    from catalog.errors import RequestExpiredError
+    from catalog.pathevents import PathEvents
+
+    managed.put_for_environment("e", "once", io.BytesIO(b"1"))
+    managed.put_for_environment("e", "young", io.BytesIO(b"2"))
+    assert isinstance(managed.paths.find_one({"path": "once"})["rev"], Timestamp)
+    rev = managed.stat_for_environment("e", "once").revision
+    aged = utcnow() - datetime.timedelta(days=40)
+    managed.paths.update_one({"path": "once"}, {"$set": {"created_at": aged}})
+
+    assert gc(managed, grace=0, dry_run=True).history_trimmed == 1
+    assert gc(managed, grace=0).history_trimmed == 1
+    assert managed.history_for_environment("e", "once") == []
+    assert [e["event"] for e in managed.history_for_environment("e", "young")] == ["create"]
+    assert hist.floor(managed.db, "e") == rev
+    with pytest.raises(RequestExpiredError):  # a replay from before it: 410, as for any trim
+        PathEvents(managed, "e", since=rev - 1)
+    reader, _ = managed.get_for_environment("e", "once")  # the path itself stays
+    with reader:
+        assert reader.read() == b"1"
+    managed.put_for_environment("e", "once", io.BytesIO(b"3"))  # and changes as any path
+    assert [e["event"] for e in managed.history_for_environment("e", "once")] == ["replace"]
