@@ -7,7 +7,10 @@ never start it.
 
 from __future__ import annotations
 
+import os
+
 import click
+from click.core import ParameterSource
 
 from cli.app import Context, cli, echo_json, pass_ctx
 
@@ -94,11 +97,13 @@ def db_stop() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_ctx
 def config_show(ctx: Context, as_json: bool) -> None:
-    """Show the config file's location and the settings of the profile in use.
+    """Show the config file's location and the settings in effect, each with its source.
 
     Profiles are tables of ~/.config/rescat/config.toml (RESCAT_CONFIG names
     another file) with the keys server, token, env, mongo_uri, database; pick
-    one with --profile NAME or RESCAT_PROFILE (default: [default]).
+    one with --profile NAME or RESCAT_PROFILE (default: [default]). The
+    command line beats the environment (RESCAT_MONGO_URI, RESCAT_DATABASE,
+    RESCAT_SERVER, RESCAT_TOKEN), which beats the profile.
 
     \b
     Example:
@@ -107,10 +112,45 @@ def config_show(ctx: Context, as_json: bool) -> None:
     """
     from cli.config import config_path
 
-    shown = {k: ("***" if k == "token" else v) for k, v in ctx.profile.items()}
+    settings, sources = _in_effect(ctx)
+    shown = {k: ("***" if k == "token" else v) for k, v in settings.items()}
     if as_json:
-        echo_json({"file": str(config_path()), "settings": shown})
+        echo_json({"file": str(config_path()), "settings": shown, "sources": sources})
         return
     click.echo(f"file: {config_path()}")
     for key, value in sorted(shown.items()):
-        click.echo(f"{key}: {value}")
+        click.echo(f"{key}: {value}  ({sources[key]})")
+
+
+def _in_effect(ctx: Context) -> tuple[dict[str, str], dict[str, str]]:
+    """What the data commands use: (settings, where each came from)."""
+    root = click.get_current_context().find_root()
+    names = {
+        ParameterSource.COMMANDLINE: "command line",
+        ParameterSource.ENVIRONMENT: "environment",
+    }
+    settings: dict[str, str] = {}
+    sources: dict[str, str] = {}
+
+    def put(key: str, value: str | None, source: str) -> None:
+        if value:
+            settings[key], sources[key] = value, source
+
+    profile = ctx.profile
+    for key in ("mongo_uri", "database"):
+        source = root.get_parameter_source(key)
+        if source in names:
+            put(key, str(root.params[key]), names[source])  # type: ignore[index]
+        elif key in profile:
+            put(key, profile[key], "profile")
+    if "database" not in settings:
+        put("database", ctx.database, "default")
+    if "mongo_uri" not in settings:
+        put("mongo_uri", "(rescat's own local mongod)", "default")
+    for key, variable in (("server", "RESCAT_SERVER"), ("token", "RESCAT_TOKEN")):
+        if os.environ.get(variable):
+            put(key, os.environ[variable], "environment")
+        else:
+            put(key, profile.get(key), "profile")
+    put("env", profile.get("env"), "profile")
+    return settings, sources

@@ -207,6 +207,17 @@ def test_profiles(
 
     shown = json.loads(run(clean_env, "--profile", "b", "config", "--json").stdout)
     assert shown["settings"]["token"] == "***" and shown["settings"]["env"] == "team-b"
+    assert shown["sources"]["database"] == "profile"
+    # What is in effect, not what the profile says: the environment and the command line win.
+    beaten = {**clean_env, "RESCAT_DATABASE": "other", "RESCAT_SERVER": "http://elsewhere:1"}
+    shown = json.loads(run(beaten, "--profile", "b", "config", "--json").stdout)
+    assert shown["settings"]["database"] == "other"
+    assert shown["sources"]["database"] == "environment"
+    assert shown["settings"]["server"] == "http://elsewhere:1"
+    shown = json.loads(run(beaten, "--profile", "b", "--database", "x3", "config", "--json").stdout)
+    assert shown["settings"]["database"] == "x3" and shown["sources"]["database"] == "command line"
+    text = run(clean_env, "--profile", "b", "config").stdout
+    assert f"database: {db.name}  (profile)" in text.splitlines()
     # server and token of the profile reach the HTTP commands.
     err = one_line(run(clean_env, "--profile", "b", "download", "y/two", timeout=90))
     assert "127.0.0.1:1" in err
