@@ -71,6 +71,16 @@ class Context:
         if self._managed is None:
             from catalog import connect
 
+            server = self.profile.get("server") or os.environ.get("RESCAT_SERVER")
+            if self.uses_embedded and server:
+                # An admin command (gc, fsck, stats...) works on a database, never through
+                # a service: say which, rather than quietly use the local one.
+                click.echo(
+                    "rescat: this command works on a database, not through --server; "
+                    "no MongoDB URI is set, so it uses rescat's own local mongod "
+                    "(set mongo_uri in the profile, or --mongo-uri)",
+                    err=True,
+                )
             self._managed = connect(self.mongo_uri, self.database)
         return self._managed
 
