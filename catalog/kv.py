@@ -133,8 +133,13 @@ def check_ttl(ttl: object) -> float | None:
 def _previous(key: str, previous: object) -> KVPair:
     if not isinstance(previous, KVPair):
         raise InvalidArgumentError(f"previous must be a KVPair, not {type(previous).__name__}")
-    if previous.key.strip("/") != key:
+    if not isinstance(previous.key, str) or previous.key.strip("/") != key:
         raise InvalidArgumentError(f"previous is a pair of {previous.key!r}, not of {key!r}")
+    index = previous.last_index
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise InvalidArgumentError(
+            f"previous.last_index must be a revision (an int >= 0), not {index!r}"
+        )
     return previous
 
 
@@ -402,7 +407,8 @@ class KVStore:
     # -- locks -------------------------------------------------------------------------
     def lock(self, key: str, value: bytes = b"", *, ttl: float = DEFAULT_LOCK_TTL) -> Lock:
         t = check_ttl(ttl)
-        assert t is not None
+        if t is None:  # a lock always expires: its holder may die
+            raise InvalidArgumentError("a lock needs a ttl (seconds > 0), not None")
         return Lock(self, clean_key(key), _value(value), t)
 
     def acquire(self, key: str, value: bytes = b"") -> str:
@@ -748,13 +754,15 @@ class Lock:
         timeout: float = -1,
         stop: threading.Event | None = None,
     ) -> bool:
-        """Take the lock; False when `timeout` passes or `stop` is set first."""
+        """Take the lock; False when `timeout` passes, `stop` is set or the store closes first."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
             raise InvalidArgumentError(f"timeout must be seconds, not {timeout!r}")
         deadline = None if timeout < 0 else time.monotonic() + timeout
         changes: PathChanges | None = None
         try:
             while True:
+                if changes is not None and self._store._closed:
+                    return False  # closed while waiting: the wait ends, as with stop
                 if self._try():
                     return True
                 if not blocking or _over(deadline, stop):

@@ -649,3 +649,18 @@ def test_cli_watch_whose_reader_goes_away_ends_as_sigpipe(
         assert watcher.stderr is not None and watcher.stderr.read() == b""
     finally:
         _kill(watcher)
+
+
+def test_malformed_arguments_are_invalid_argument_errors(kv: KVStore) -> None:
+    """They escaped as AssertionError, TypeError and AttributeError (or KeyModifiedError)."""
+    kv.put("x", b"1")
+    for bad in (
+        lambda: kv.lock("x", ttl=None),  # type: ignore[arg-type]
+        lambda: kv.atomic_put("x", b"2", KVPair("x", b"1", None)),  # type: ignore[arg-type]
+        lambda: kv.atomic_put("x", b"2", KVPair("x", b"1", "abc")),  # type: ignore[arg-type]
+        lambda: kv.atomic_put("x", b"2", KVPair(None, b"1", 1)),  # type: ignore[arg-type]
+        lambda: kv.atomic_delete("x", KVPair("x", b"1", -1)),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            bad()
+    assert kv.get("x").value == b"1"  # nothing changed

@@ -73,6 +73,8 @@ def test_close_ends_a_blocked_acquire(kv: KVStore, managed: ManagedStorage) -> N
 
     It waited on until the other holder let go (forever, for a lock held that
     long), then failed anyway: a shutdown that closes the store hung on it.
+    The wait ends as a stop ends it, with False (it raised InvalidArgumentError,
+    a ValueError, for what is no bad argument).
     """
     holder = KVStore(managed, ENV)
     assert holder.lock("busy", b"holder", ttl=30).acquire()
@@ -91,7 +93,7 @@ def test_close_ends_a_blocked_acquire(kv: KVStore, managed: ManagedStorage) -> N
         time.sleep(0.5)  # not needed for the outcome: let it reach its wait
         waiter.close()
         result = outcome.get(timeout=15)
-        assert isinstance(result, InvalidArgumentError) and "closed" in str(result)
+        assert result is False
         assert kv.get("busy").value == b"holder"  # the holder keeps it
     finally:
         holder.close()
