@@ -224,8 +224,11 @@ def test_profiles(
 
     # An admin command with a profile of only a service: said, not quietly run locally.
     Path(clean_env["RESCAT_CONFIG"]).write_text('[svc]\nserver = "http://127.0.0.1:1"\n')
-    stats = run(clean_env, "--profile", "svc", "stats", "--json", timeout=120)
-    assert "works on a database, not through --server" in stats.stderr, stats.stderr
+    try:
+        stats = run(clean_env, "--profile", "svc", "stats", "--json", timeout=120)
+        assert "works on a database, not through --server" in stats.stderr, stats.stderr
+    finally:  # the embedded mongod it started outlives the command
+        assert run(clean_env, "db", "stop").returncode == 0
     assert "no profile 'nope'" in one_line(run(clean_env, "--profile", "nope", "ls"))
     Path(clean_env["RESCAT_CONFIG"]).write_text('[default]\nsevrer = "x"\n')
     assert "unknown key(s) sevrer" in one_line(run(clean_env, "ls", "e"))
