@@ -73,6 +73,7 @@ from catalog.pathdocs import (
     SPILL_AT,
     PathUpdates,
     fresh,
+    insert_fresh,
     path_events,
     revision,
     revision_query,
@@ -219,9 +220,11 @@ class ManagedStorage:
         self._updates = PathUpdates(_clock_mode(db, self._transactions))
         # New paths whose writer wants no document back, many threads' in one insert.
         self._fresh_paths: GroupCommit[dict[str, Any], bool] | None = None
+        self._fresh_answered: GroupCommit[dict[str, Any], dict[str, Any] | None] | None = None
         if self._updates.mode == "cluster":
             # A duplicate key: the path exists (see outcome_unknown for other errors).
             self._fresh_paths = GroupCommit(functools.partial(insert_new, self.paths))
+            self._fresh_answered = GroupCommit(functools.partial(insert_fresh, self.paths))
         # Paths this process saw exist lately: their next put updates at once
         # rather than first trying (and failing) to insert (a KV key's overwrites).
         self._existing: SizedLRU[tuple[str, str], bool] = SizedLRU(4096, lambda _: 1)
@@ -883,8 +886,13 @@ class ManagedStorage:
             and self._existing.get((env_uuid, path)) is None
         ):
             extra = {"content_type": options.content_type} if options.content_type else {}
-            if self._fresh_paths.submit(fresh(env_uuid, path, target, extra)):
+            new = fresh(env_uuid, path, target, extra)
+            if not options.answer and self._fresh_paths.submit(new):
                 return {}  # a new path: nothing held before, nothing to release
+            if options.answer and self._fresh_answered is not None:
+                inserted = self._fresh_answered.submit(new)
+                if inserted is not None:
+                    return inserted
             self._existing.add((env_uuid, path), True)
         query: dict[str, Any] = {"env": env_uuid, "path": path}
         if options.if_match is not None:
@@ -1528,7 +1536,7 @@ def _insertable(options: WriteOptions) -> bool:
     1.65 ms of service CPU per new 4 KiB PUT, against 1.26-1.32 ms). If-None-Match
     would be an insert's own condition, but its writers want the revision.
     """
-    return not options.answer and options.if_match is None and options.expires_at is None
+    return options.if_match is None and options.expires_at is None
 
 
 def _by_revision(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,9 +20,12 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from bson import Int64, Timestamp
+
+from catalog.groupcommit import insert_new
 
 # A path's events live in its own document while they are few: a put of new
 # content costs no extra write for its history. Every change rewrites that
@@ -137,6 +140,56 @@ def fresh(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def insert_fresh(collection: Any, docs: Sequence[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """A `run_batch` of `fresh` inserts whose writers want the path back, with its revision.
+
+    All in one insert and one read by `_id`: the server fills in each revision
+    at the insert, so it is read back. None for a path that exists (refused
+    as a duplicate). A path changed between the two has its revision turned
+    into a long and its create event written out: the create event carries
+    the insert's revision (`_of_insert`).
+    """
+    inserted = insert_new(collection, docs)
+    ids = [doc["_id"] for doc, ok in zip(docs, inserted, strict=True) if ok]
+    found = (
+        {}
+        if not ids
+        else {
+            d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, {"rev": 1}, limit=len(ids))
+        }
+    )
+    out: list[dict[str, Any] | None] = []
+    for doc, ok in zip(docs, inserted, strict=True):
+        if not ok:
+            out.append(None)
+            continue
+        now = found.get(doc["_id"])
+        if now is not None and isinstance(now.get("rev"), Timestamp):
+            out.append({**doc, "rev": now["rev"]})
+        else:
+            out.append({**doc, "rev": Int64(_of_insert(collection, doc))})
+    return out
+
+
+def _of_insert(collection: Any, doc: dict[str, Any]) -> int:
+    """The revision a `fresh` insert got, once its path changed (or went) since.
+
+    Its create event is the first of the document's events (or, the path
+    gone, among its history's), with the insert's `created_at`; 0 if it has
+    passed on to the archive since: a revision no condition matches.
+    """
+    at = doc["created_at"].replace(microsecond=doc["created_at"].microsecond // 1000 * 1000)
+    match = {"event": "create", "at": at, "hash": doc["hash"]}
+    for source in (collection, collection.database["path_history"]):
+        held = source.find_one(
+            {"env": doc["env"], "path": doc["path"], "events": {"$elemMatch": match}},
+            {"events": {"$elemMatch": match}},
+        )
+        if held is not None:
+            return int(held["events"][0].get("revision") or 0)
+    return 0
 
 
 _FRESH = {"$eq": [{"$type": "$rev"}, "timestamp"]}

@@ -190,13 +190,15 @@ def test_sixteen_threads_put_new_and_the_same_paths(
 def test_a_put_that_answers_beside_inserted_paths(
     managed: ManagedStorage, db: Database[Any]
 ) -> None:
-    """put_path wants its revision back: it upserts, and orders with inserted paths."""
+    """put_path wants its revision back: it inserts, reads the revision the server gave back,
+    and orders with the other inserted paths."""
     from catalog.managed import WriteOptions
 
     _put(managed, "before", b"b")
     info = managed.put_path("e", "n", io.BytesIO(b"new"), 3)
     doc = db["paths"].find_one({"env": "e", "path": "n"})
-    assert doc is not None and not isinstance(doc["rev"], Timestamp)
+    assert doc is not None and isinstance(doc["rev"], Timestamp)
+    assert info.revision == revision(doc["rev"])
     assert info.revision == managed.stat_for_environment("e", "n").revision
     assert info.revision > managed.stat_for_environment("e", "before").revision
     _put(managed, "after", b"a")
@@ -254,3 +256,50 @@ def test_a_refused_condition_names_the_current_revision_as_a_number(
             store.delete("nope")
     finally:
         store.close()
+
+
+def test_answered_inserts_from_many_threads_each_get_their_own_revision(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """Answered puts of new paths go as one insert and one read: each answer is its path's."""
+    infos: dict[str, int] = {}
+    barrier = threading.Barrier(16)
+
+    def put(t: int) -> None:
+        barrier.wait()
+        for i in range(10):
+            path = f"many/{t}/{i}"
+            infos[path] = managed.put_path("e", path, io.BytesIO(path.encode()), -1).revision
+
+    threads = [threading.Thread(target=put, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(infos) == 160 and len(set(infos.values())) == 160
+    for doc in db["paths"].find({"env": "e", "path": {"$regex": "^many/"}}):
+        assert isinstance(doc["rev"], Timestamp)
+        assert infos[doc["path"]] == revision(doc["rev"])
+
+
+def test_the_revision_of_an_insert_changed_before_its_read(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """Between an answered insert and its read another writer may change or delete the path:
+    the answer is still the insert's revision, from the create event the change wrote out."""
+    from catalog.pathdocs import _of_insert, fresh
+
+    _put(managed, "content", b"")
+    target = db["paths"].find_one({"env": "e", "path": "content"})
+    assert target is not None
+    doc = fresh("e", "raced", target, {})
+    db["paths"].insert_one(doc)  # the insert, as insert_fresh makes it
+    created = revision(db["paths"].find_one({"_id": doc["_id"]})["rev"])  # type: ignore[index]
+    assert _of_insert(db["paths"], doc) == 0  # unchanged: insert_fresh reads `rev` itself
+    _put(managed, "raced", b"changed")  # ...changed before the read
+    assert managed.stat_for_environment("e", "raced").revision > created
+    assert _of_insert(db["paths"], doc) == created
+    managed.delete_path("e", "raced")  # ...or deleted: its events are in its history
+    assert _of_insert(db["paths"], doc) == created
+    _put(managed, "raced", b"again")  # a later incarnation's create is not the insert's
+    assert _of_insert(db["paths"], doc) == created
