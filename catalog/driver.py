@@ -37,6 +37,7 @@ from pymongo.errors import PyMongoError
 from catalog.clock import aware, utcnow
 from catalog.errors import CatalogError, InvalidOffsetError, InvalidPathError, NotFoundError
 from catalog.names import check_env, check_path
+from catalog.pathdocs import revision
 from catalog.sessions import DRIVER, SessionStore, SessionWriter
 
 if TYPE_CHECKING:
@@ -154,11 +155,14 @@ class StorageDriver:
                 return FileWriter(self, path, sessions.open(env, session.id))
             resumed = sessions.open_path(env, rel)
             if resumed is not None:
-                return FileWriter(self, path, resumed)
+                if self._still_based(resumed):
+                    return FileWriter(self, path, resumed)
+                resumed.cancel()
             # Append to committed content: the session starts with a copy of it.
-            reader, length = self.managed.get_for_environment(env, rel)
+            reader, info = self.managed.open_path(env, rel)
+            length = info.length
             try:
-                session = sessions.create(env, rel, kind=DRIVER)
+                session = sessions.create(env, rel, kind=DRIVER, base_rev=info.revision)
                 writer = sessions.open(env, session.id)
                 try:
                     writer.copy_from(reader, length)
@@ -169,6 +173,18 @@ class StorageDriver:
             finally:
                 reader.close()
             return FileWriter(self, path, writer)
+
+    def _still_based(self, writer: SessionWriter) -> bool:
+        """May this append session resume: does its path still hold what it began with?
+
+        A session that began as a copy of the path's bytes must not outlive them:
+        once the path was deleted, moved away or replaced through any face (HTTP,
+        the CLI, the KV store), resuming it would bring the old bytes back.
+        """
+        if writer.base_rev is None:
+            return True
+        doc = self.managed.paths.find_one(self._exact(writer.path), {"rev": 1})
+        return doc is not None and revision(doc.get("rev")) == writer.base_rev
 
     # -- namespace ------------------------------------------------------------------
     def stat(self, path: str) -> FileInfo:

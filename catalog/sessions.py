@@ -179,8 +179,14 @@ class SessionStore:
         self.sessions.create_index([("updated_at", ASCENDING)])
 
     # -- sessions by id ---------------------------------------------------------
-    def create(self, env_uuid: str, path: str, *, kind: str = UPLOAD) -> Session:
+    def create(
+        self, env_uuid: str, path: str, *, kind: str = UPLOAD, base_rev: int | None = None
+    ) -> Session:
         """A new empty session for `path`.
+
+        base_rev: the revision of the path whose bytes the session starts with (a
+        driver writer appending to committed content); a writer that resumes the
+        session later does so only while the path still holds that revision.
 
         kind DRIVER: the path's previous driver session, if any, is discarded
         (a writer opened without append starts over), unless a live writer is
@@ -219,6 +225,8 @@ class SessionStore:
                 "created_at": now,
                 "updated_at": now,
             }
+            if base_rev is not None:
+                doc["base_rev"] = base_rev
             try:
                 # The document comes before any chunk, so gc always sees whose they are.
                 self.sessions.insert_one(doc)
@@ -442,6 +450,8 @@ class SessionWriter:
         self.env_uuid: str = doc["env"]
         self.path: str = doc["path"]
         self.file_id = doc["file_id"]
+        # The path's revision whose bytes this session began with (an append), or None.
+        self.base_rev: int | None = doc.get("base_rev")
         self._owner = owner
         self._chunk_size = int(doc["chunk_size"])
         if self._chunk_size != store.storage.chunk_size:

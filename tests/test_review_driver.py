@@ -161,3 +161,47 @@ def test_delete_of_a_directory_discards_the_writes_unfinished_under_it(
     live.write(b", and done")
     live.commit()
     assert driver.get_content("/dir/live") == b"still writing, and done"
+
+
+@pytest.mark.parametrize("change", ["delete", "move", "replace", "kv delete"])
+def test_an_append_session_does_not_outlive_the_bytes_it_began_with(
+    managed: ManagedStorage, change: str
+) -> None:
+    """An append session starts as a copy of the file. Deleted, moved away or replaced
+    through another face (HTTP, the CLI, the KV store all change paths through
+    ManagedStorage), the file's old bytes came back through writer(append=True)."""
+    import io
+
+    from catalog import NotFoundError
+    from catalog.kv import KVStore
+
+    driver = StorageDriver(managed, "reg", name="rescat")
+    driver.put_content("/f", b"secret-base")
+    w = driver.writer("/f", append=True)
+    w.write(b"+tail")
+    w.close()
+    again = driver.writer("/f", append=True)  # unchanged: it resumes
+    assert again.size() == len(b"secret-base+tail")
+    again.close()
+    if change == "delete":
+        managed.delete_path("reg", "f")
+    elif change == "move":
+        managed.move_for_environment("reg", "f", "g")
+    elif change == "replace":
+        managed.put_path("reg", "f", io.BytesIO(b"new"), 3)
+    else:
+        store = KVStore(managed, "reg")
+        store.delete("f")
+        store.close()
+    if change == "replace":  # appends to what the file holds now
+        w = driver.writer("/f", append=True)
+        assert w.size() == 3
+        w.write(b"+more")
+        w.commit()
+        assert driver.get_content("/f") == b"new+more"
+    else:
+        with pytest.raises(NotFoundError):
+            driver.writer("/f", append=True)
+        with pytest.raises(NotFoundError):
+            driver.get_content("/f")
+    assert managed.db["upload_sessions"].count_documents({"path": "f"}) == 0
