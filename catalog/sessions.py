@@ -57,6 +57,7 @@ from catalog.errors import (
 from catalog.names import check_env, check_path, parse_hash
 from catalog.streams import Heartbeat
 from storage.errors import StaleWriteError
+from storage.reader import NotDurableError
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage, PathInfo
@@ -661,8 +662,13 @@ class SessionWriter:
             raise
         try:
             info = self._link(digest)
-        except BaseException:
-            self._after_failed_commit()
+        except BaseException as exc:
+            durable = self._after_failed_commit()
+            if durable is not None and durable < self._size:
+                raise NotDurableError(
+                    f"upload session {self.session_id}: bytes after offset {durable} were lost "
+                    f"(a failover?); resume from offset {durable}"
+                ) from exc
             raise
         self._end("committed")
         # At w=1: if a failover loses this, the next opener finds a dead commit.
@@ -714,7 +720,7 @@ class SessionWriter:
                 {"_id": self.session_id}, {"$set": {"size": durable, "owner": None}}
             )
             self._end("lost")
-            raise CatalogError(
+            raise NotDurableError(
                 f"upload session {self.session_id}: bytes after offset {durable} were lost "
                 f"(a failover?); resume from offset {durable}"
             )
@@ -777,19 +783,34 @@ class SessionWriter:
             drop=lambda: storage.discard_session_chunks(file_id),
         )
 
-    def _after_failed_commit(self) -> None:
-        """Keep the session if its bytes are still its own, else it is gone."""
+    def _after_failed_commit(self) -> int | None:
+        """Keep the session while its bytes are its own; the length it keeps, or None.
+
+        Whole, it stays this writer's, to commit again. Cut short by a failover
+        (the chunks since the last checkpoint rolled back), it keeps what a
+        majority still has, released, to resume from there, as a failed
+        checkpoint does: bytes a close() confirmed are never lost with a commit
+        that failed. Only bytes that became a stored file meanwhile are no
+        longer the session's: it is gone.
+        """
         store = self._store
         storage = store.storage
-        if not storage.file_exists(self.file_id) and storage.session_chunks_durable(
-            self.file_id, self._size
-        ):
+        if storage.file_exists(self.file_id):
+            store.sessions.delete_one({"_id": self.session_id})
+            self._end("failed")
+            return None
+        if storage.session_chunks_durable(self.file_id, self._size):
             store.sessions.update_one(
                 {"_id": self.session_id, "owner": self._owner}, {"$set": {"state": OPEN}}
             )
-            return
-        store.sessions.delete_one({"_id": self.session_id})
-        self._end("failed")
+            return self._size
+        durable = self._durable_length()
+        store.sessions.update_one(
+            {"_id": self.session_id, "owner": self._owner},
+            {"$set": {"state": OPEN, "size": durable, "owner": None, "tidy": False}},
+        )
+        self._end("lost")
+        return durable
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) == OPEN:

@@ -34,7 +34,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "too_many_requests": 429,
     "hash_mismatch": 422,
     "internal_error": 500,
+    "corrupt_file": 500,  # stored bytes are damaged: the server's problem (fsck, gc repair)
     "unavailable": 503,
+    "not_durable": 503,  # a failover rolled back bytes just written: try again
     "invalid_argument": 400,
     "invalid_offset": 400,
     "offset_mismatch": 409,

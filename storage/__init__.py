@@ -2,6 +2,13 @@
 
 from storage.gridfs_storage import GridFSStorage, StoredFile
 from storage.protocol import ResourceStorage
-from storage.reader import CorruptFileError, GridFSReader
+from storage.reader import CorruptFileError, GridFSReader, NotDurableError
 
-__all__ = ["CorruptFileError", "GridFSReader", "GridFSStorage", "ResourceStorage", "StoredFile"]
+__all__ = [
+    "CorruptFileError",
+    "GridFSReader",
+    "GridFSStorage",
+    "NotDurableError",
+    "ResourceStorage",
+    "StoredFile",
+]

@@ -29,7 +29,7 @@ from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
 from storage.errors import LengthMismatchError, NotFoundError, StaleWriteError
-from storage.reader import CorruptFileError, GridFSReader
+from storage.reader import CorruptFileError, GridFSReader, NotDurableError
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
@@ -138,7 +138,7 @@ class GridFSStorage:
             # (and a gc that cut a long upload's chunks is caught the same way).
             found = self._majority_chunks.count_documents({"files_id": file_id})
             if found != expected:
-                raise CorruptFileError(
+                raise NotDurableError(
                     f"{path!r}: {found} of {expected} chunks are durable after the upload"
                 )
         except BaseException:
@@ -432,7 +432,7 @@ class GridFSStorage:
         )
         if not self.session_chunks_durable(file_id, length):
             self.files.delete_one({"_id": file_id})
-            raise CorruptFileError(f"{path!r}: the session's chunks are not all durable")
+            raise NotDurableError(f"{path!r}: the session's chunks are not all durable")
         return StoredFile(file_id, path, length, self.chunk_size, upload_date, digest)
 
     def discard_session_chunks(self, file_id: Any) -> None:

@@ -25,6 +25,17 @@ class CorruptFileError(CatalogError):
     code = "corrupt_file"
 
 
+class NotDurableError(CorruptFileError):
+    """Bytes just written did not all reach a majority of the replica set.
+
+    A failover rolled back some of them: the write did not happen, and nothing
+    the client sent is at fault, so trying again (or resuming a session from the
+    offset the error names) is the answer.
+    """
+
+    code = "not_durable"
+
+
 class GridFSReader(io.RawIOBase):
     """A readable, seekable binary stream over a GridFS file."""
 

@@ -205,3 +205,39 @@ def test_an_append_session_does_not_outlive_the_bytes_it_began_with(
         with pytest.raises(NotFoundError):
             driver.get_content("/f")
     assert managed.db["upload_sessions"].count_documents({"path": "f"}) == 0
+
+
+def test_a_commit_whose_new_bytes_were_rolled_back_keeps_what_a_close_confirmed(
+    managed: ManagedStorage, db: Database[Any]
+) -> None:
+    """A failover rolls back the chunks written since the last checkpoint; the commit that
+    finds them gone used to delete the whole session, the bytes an earlier close()
+    confirmed durable with it. It keeps those, to resume from, and says from where."""
+    from catalog import NotFoundError
+    from storage import NotDurableError
+
+    chunk = managed.resource_storage.chunk_size
+    driver = StorageDriver(managed, "reg", name="rescat")
+    first, more = os.urandom(3 * chunk), os.urandom(2 * chunk)
+    w = driver.writer("/layer")
+    w.write(first)
+    w.close()  # checkpointed: durable
+    w = driver.writer("/layer", append=True)
+    w.write(more)
+    chunks = db["resources.chunks"]
+    session = db["upload_sessions"].find_one({"path": "layer"})
+    assert session is not None
+    deadline = time.monotonic() + 30
+    while chunks.count_documents({"files_id": session["file_id"]}) < 5:  # the w=1 writes
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    chunks.delete_many({"files_id": session["file_id"], "n": {"$gte": 3}})  # ...rolled back
+    with pytest.raises(NotDurableError, match=f"resume from offset {3 * chunk}"):
+        w.commit()
+    with pytest.raises(NotFoundError):
+        driver.get_content("/layer")
+    resumed = driver.writer("/layer", append=True)
+    assert resumed.size() == 3 * chunk
+    resumed.write(more)
+    resumed.commit()
+    assert driver.get_content("/layer") == first + more

@@ -150,6 +150,30 @@ def test_known_content_and_small_content_commit(http: httpx.Client) -> None:
         assert http.get(f"/v1/environments/env/resources/small/{len(body)}").content == body
 
 
+def test_a_commit_whose_bytes_were_lost_is_503_and_keeps_what_survived(
+    http: httpx.Client, managed: ManagedStorage
+) -> None:
+    """Bytes a failover rolled back were answered 400 bad_request (an unmapped storage
+    error): the client blamed, no retry. They are the server's trouble: 503 not_durable,
+    and the session keeps what a majority still has, to resume from."""
+    chunk = managed.resource_storage.chunk_size
+    data = rand(3 * chunk)
+    uid = http.post(up("env"), json={"path": "lost"}).json()["upload_id"]
+    assert patch(http, "env", uid, 0, data).status_code == 204
+    session = managed.db["upload_sessions"].find_one({"_id": uid})
+    assert session is not None
+    managed.db["resources.chunks"].delete_many({"files_id": session["file_id"], "n": {"$gte": 1}})
+    refused = http.post(up("env", uid) + "/commit")
+    assert refused.status_code == 503, refused.text
+    assert error_code(refused) == "not_durable"
+    assert f"resume from offset {chunk}" in refused.json()["error"]["message"]
+    assert http.get("/v1/environments/env/resources/lost").status_code == 404
+    assert offset_of(http, "env", uid) == chunk
+    assert patch(http, "env", uid, chunk, data[chunk:]).status_code == 204
+    assert http.post(up("env", uid) + "/commit").status_code == 201
+    assert http.get("/v1/environments/env/resources/lost").content == data
+
+
 def test_bad_input(http: httpx.Client) -> None:
     uid = http.post(up("env"), json={"path": "p"}).json()["upload_id"]
     assert patch(http, "env", uid, 0, b"abc").status_code == 204
