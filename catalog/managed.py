@@ -416,7 +416,8 @@ class ManagedStorage:
             if self._catalog.add_ref(str(doc["resource_id"]), session=session) is None:
                 raise NotFoundError(f"{src_env}: {src!r} points at missing content", path=src)
             target = {k: doc[k] for k in ("resource_id", "hash", "length")}
-            self._link_in(dst_env, dst, target, PLAIN, session, doomed)
+            options = WriteOptions(content_type=doc.get("content_type") or None)
+            self._link_in(dst_env, dst, target, options, session, doomed)
 
         if (src_env, src) != (dst_env, dst):
             self.transact(copy)
@@ -459,9 +460,10 @@ class ManagedStorage:
         detail = {"to": f"{dst_env}:{dst}" if across else dst}
         self._close_history(env_uuid, src, doc, "move", detail, session)
         extra = {"content_type": doc["content_type"]} if doc.get("content_type") else {}
+        unset = ("expires_at", "owner") if extra else ("expires_at", "owner", "content_type")
         came = f"{env_uuid}:{src}" if across else src
         update = self._updates.link(
-            doc, event="move", detail={"from": came}, extra=extra, unset=("expires_at", "owner")
+            doc, event="move", detail={"from": came}, extra=extra, unset=unset
         )
         self._apply_link(dst_env, dst, {}, update, True, session, doomed)
 
@@ -1066,6 +1068,8 @@ class ManagedStorage:
             unset = ("expires_at", "owner")
         if options.content_type:
             extra["content_type"] = options.content_type
+        else:  # the type of the bytes replaced is not the type of these
+            unset = (*unset, "content_type")
         return self._updates.link(target, extra=extra, unset=unset, dropping=dropping)
 
     def _link_in(

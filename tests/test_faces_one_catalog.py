@@ -145,3 +145,49 @@ def test_a_value_written_through_any_face_reads_the_same_through_all(
         client.close()
         for thread in watchers:
             thread.join(10)
+
+
+def test_a_replace_through_any_face_never_keeps_the_old_content_type(
+    url: str, mongo_uri: str, database: str
+) -> None:
+    """Only an HTTP PUT stored a type on every write; a replace through the KV store, the
+    driver, a move or a copy kept the type of the bytes it replaced (a PNG served as
+    text/html). A copy or a move carries its source's type, or none."""
+    import io
+
+    managed: ManagedStorage = connect(mongo_uri, database)
+    kv = KVStore(managed, ENV)
+    driver = StorageDriver(managed, ENV)
+    page = f"{url}/v1/environments/{ENV}/resources/page"
+
+    def typed_as_html() -> None:
+        put = httpx.put(page, content=b"<p>", headers={"content-type": "text/html"})
+        assert put.status_code == 201
+        assert httpx.get(page).headers["content-type"].startswith("text/html")
+
+    def served_type() -> str:
+        got = httpx.get(page)
+        assert got.status_code == 200
+        return str(got.headers["content-type"])
+
+    replaces: list[Callable[[], None]] = [
+        lambda: kv.put("page", b"\x89PNG"),
+        lambda: driver.put_content("/page", b"\x89PNG"),
+        lambda: managed.put_path(ENV, "page", io.BytesIO(b"\x89PNG"), 4) and None,
+        lambda: _cli(mongo_uri, database, "put", ENV, "page", "-", stdin=b"\x89PNG") and None,
+    ]
+    managed.put_path(ENV, "untyped", io.BytesIO(b"\x89PNG"), 4)
+    replaces.append(lambda: managed.move_for_environment(ENV, "untyped", "page") and None)
+    for replace in replaces:
+        typed_as_html()
+        replace()
+        assert served_type() == "application/octet-stream", replace
+    httpx.put(f"{url}/v1/environments/{ENV}/resources/pic", content=b"<svg/>",
+              headers={"content-type": "image/svg+xml"})  # fmt: skip
+    typed_as_html()
+    managed.copy_path(ENV, "pic", ENV, "page")  # over a typed path: the source's type
+    assert served_type() == "image/svg+xml"
+    managed.copy_path(ENV, "pic", ENV, "fresh-copy")  # to a new path: the source's type too
+    fresh = httpx.get(f"{url}/v1/environments/{ENV}/resources/fresh-copy")
+    assert fresh.headers["content-type"] == "image/svg+xml"
+    kv.close()
