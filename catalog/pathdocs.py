@@ -199,6 +199,10 @@ _FRESH_REV = {
         {"$toLong": {"$tsIncrement": "$rev"}},
     ]
 }
+# A TTL key read past its expiry (`expires_at` in the past), in a pipeline.
+_EXPIRED: dict[str, Any] = {
+    "$and": [{"$eq": [{"$type": "$expires_at"}, "date"]}, {"$lte": ["$expires_at", "$$NOW"]}]
+}
 # The stored revision as a long, whichever form it has (see `fresh`).
 _REV_AS_LONG: dict[str, Any] = {"$cond": [_FRESH, _FRESH_REV, {"$ifNull": ["$rev", 0]}]}
 # The events of a document as `path_events` reads them.
@@ -267,10 +271,18 @@ class PathUpdates:
         fields.update(extra or {})
         if not self.pipelines:
             return self._link_classic(fields, event, unset, detail)
+        # A TTL key past its expiry is gone from every read: writing it again
+        # creates it anew (its event, its created_at), though its document stayed.
         kind: Any = (
             literal(event)
             if event
-            else {"$cond": [{"$ifNull": ["$prev_rid", False]}, "replace", "create"]}
+            else {
+                "$cond": [
+                    {"$and": [{"$ifNull": ["$prev_rid", False]}, {"$not": ["$_expired"]}]},
+                    "replace",
+                    "create",
+                ]
+            }
         )
         entry = {
             "at": "$$NOW",
@@ -287,7 +299,10 @@ class PathUpdates:
                     "prev_rid": {"$ifNull": ["$resource_id", None]},
                     "rev": self._rev_expr(),
                     "events": _EVENTS_SO_FAR,
-                    "created_at": {"$ifNull": ["$created_at", "$$NOW"]},
+                    "_expired": _EXPIRED,
+                    "created_at": {
+                        "$cond": [_EXPIRED, "$$NOW", {"$ifNull": ["$created_at", "$$NOW"]}]
+                    },
                     "updated_at": "$$NOW",
                     **{k: literal(v) for k, v in fields.items()},
                 }
@@ -301,8 +316,7 @@ class PathUpdates:
             stages.append({"$set": {"dropping": "$prev_rid", "dropping_until": until}})
         else:
             unset = (*unset, "dropping", "dropping_until")
-        if unset:
-            stages.append({"$unset": list(unset)})
+        stages.append({"$unset": [*unset, "_expired"]})
         return stages
 
     def _link_classic(

@@ -303,3 +303,32 @@ def test_the_revision_of_an_insert_changed_before_its_read(
     assert _of_insert(db["paths"], doc) == created
     _put(managed, "raced", b"again")  # a later incarnation's create is not the insert's
     assert _of_insert(db["paths"], doc) == created
+
+
+def test_writing_an_expired_ttl_key_again_creates_it_anew(managed: ManagedStorage) -> None:
+    """An expired key is gone from every read; a write of it was recorded as `replace`, and
+    kept the expired key's created_at, though nothing was there to replace."""
+    import datetime
+    import time
+
+    from catalog.managed import WriteOptions
+
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    for how in ("plain", "create-only"):
+        key = f"lease-{how}"
+        managed.put_path(
+            "e", key, io.BytesIO(b"holder-1"), 8, options=WriteOptions(expires_at=past)
+        )
+        first = managed.history_for_environment("e", key)[-1]["at"]
+        time.sleep(0.05)
+        options = WriteOptions(if_none_match=how == "create-only")
+        info = managed.put_path("e", key, io.BytesIO(b"holder-2"), 8, options=options)
+        assert [h["event"] for h in managed.history_for_environment("e", key)] == [
+            "create",
+            "create",
+        ]
+        assert info.created_at > first
+        assert managed.stat_for_environment("e", key).created_at == info.created_at
+        live = managed.put_path("e", key, io.BytesIO(b"holder-3"), 8)  # not expired: a replace
+        assert live.created_at == info.created_at
+        assert managed.history_for_environment("e", key)[-1]["event"] == "replace"
