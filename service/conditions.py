@@ -100,6 +100,22 @@ def holds(info: PathInfo, tag: int | str) -> bool:
     return info.hash == tag
 
 
+def none_match_holds(info: PathInfo, header: str | None) -> bool:
+    """Does a GET's If-None-Match match what the path holds (weak comparison): 304.
+
+    Any tag a write's condition takes matches here too: the ETag, a revision,
+    a bare or `blake3:` hash, `*`; a weak `W/` tag as its opaque part.
+    """
+    if header is None:
+        return False
+    for raw in tag_list(header):
+        raw = raw.strip()
+        tag = parse_tag(raw[2:] if raw.startswith("W/") else raw)
+        if tag is not None and holds(info, tag):
+            return True
+    return False
+
+
 async def write_condition(if_match: str | None, if_none_match: str | None, stat: Stat) -> Condition:
     """The condition of a PUT or DELETE, narrowed to what the core checks atomically.
 
@@ -195,6 +211,7 @@ __all__ = [
     "content_type",
     "guess_type",
     "holds",
+    "none_match_holds",
     "parse_tag",
     "revision_header",
     "stat_or_none",

@@ -98,30 +98,6 @@ def tag_list(header: str) -> list[str]:
     return out
 
 
-def _opaque(tag: str) -> str:
-    return tag[2:] if tag.startswith("W/") else tag
-
-
-def none_match(header: str | None, etag: str | None) -> bool:
-    """True when If-None-Match matches (weak comparison): GET -> 304, PUT -> 412."""
-    if header is None:
-        return False
-    tags = tag_list(header)
-    if "*" in tags:
-        return etag is not None
-    return etag is not None and any(_opaque(t) == etag for t in tags)
-
-
-def match_fails(header: str | None, etag: str | None) -> bool:
-    """True when an If-Match precondition fails (strong comparison)."""
-    if header is None:
-        return False
-    tags = tag_list(header)
-    if "*" in tags:
-        return etag is None
-    return etag is None or etag not in tags
-
-
 def if_range_holds(header: str | None, etag: str) -> bool:
     """If-Range: serve the range only when the tag still matches (dates: never)."""
     if header is None:

@@ -37,6 +37,7 @@ from service.conditions import (
     check_tags,
     content_type,
     holds,
+    none_match_holds,
     parse_tag,
     revision_header,
     write_condition,
@@ -47,7 +48,6 @@ from service.ranges import (
     etag_for,
     http_date,
     if_range_holds,
-    none_match,
     parse_http_date,
     parse_range,
     tag_list,
@@ -271,7 +271,7 @@ def _selection(request: Request, info: PathInfo) -> tuple[int, int, int, dict[st
         since = parse_http_date(conditions.get("if-unmodified-since"))
         if since is not None and modified > since:
             raise PreconditionFailedError("the content was modified since If-Unmodified-Since")
-    if none_match(if_none_match, etag):
+    if none_match_holds(info, if_none_match):
         return 304, 0, 0, headers
     if if_none_match is None:
         since = parse_http_date(conditions.get("if-modified-since"))

@@ -214,6 +214,20 @@ def test_conditional_requests(http: httpx.Client) -> None:
     assert http.get(url("e", "c")).content == b"y"
 
 
+def test_a_get_takes_every_tag_a_write_takes_in_if_none_match(http: httpx.Client) -> None:
+    """A revision tag or an unquoted `blake3:<hex>` in If-None-Match was ignored by GET
+    (200), though If-Match on GET and If-None-Match on PUT take them."""
+    r = put(http, "e", "tags", b"tagged")
+    rev, digest = r.headers["x-revision"], h(b"tagged")
+    for tag in (f'"{rev}"', rev, f"blake3:{digest}", f'W/"{rev}"', f'"blake3:{digest}"'):
+        got = http.get(url("e", "tags"), headers={"If-None-Match": tag})
+        assert got.status_code == 304, tag
+        assert put(http, "e", "tags", b"tagged", **{"If-None-Match": tag}).status_code == 412
+        rev = http.head(url("e", "tags")).headers["x-revision"]  # the refused put changed none
+    stale = f'"{int(rev) - 1}", "blake3:{"1" * 64}"'
+    assert http.get(url("e", "tags"), headers={"If-None-Match": stale}).status_code == 200
+
+
 def test_empty_content(http: httpx.Client) -> None:
     r = put(http, "e", "empty", b"")
     assert r.status_code == 201 and r.json() == {"path": "empty", "hash": h(b""), "length": 0}
