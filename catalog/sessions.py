@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import math
 import re
 import secrets
 import threading
@@ -262,9 +263,25 @@ class SessionStore:
         check_env(env_uuid)
         writer = self._claim({"_id": _sid(session_id), "env": env_uuid})
         if writer is None:
-            self._doc(env_uuid, session_id)  # NotFoundError if it is gone
-            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+            raise self._held(env_uuid, session_id)
         return writer
+
+    def _held(self, env_uuid: str, session_id: str) -> UploadPendingError:
+        """The error for a session another writer holds; NotFoundError if it is gone.
+
+        It says when that writer's lease runs out (`retry_after`, whole seconds,
+        the service's Retry-After): a writer that died (a killed instance, a
+        dropped request whose thread still holds it) lets go only then, and a
+        client resuming the upload can wait for exactly that long.
+        """
+        doc = self._doc(env_uuid, session_id)
+        left = (aware(doc["lease_until"]) - utcnow()).total_seconds()
+        exc = UploadPendingError(
+            f"upload session {session_id} is held by another writer "
+            f"(for at most {max(left, 0):.0f} s more, unless it renews its lease)"
+        )
+        exc.retry_after = max(1, math.ceil(left))  # type: ignore[attr-defined]
+        return exc
 
     def open_path(self, env_uuid: str, path: str) -> SessionWriter | None:
         """Claim the driver session of `path` (one query); None when it has none."""
@@ -364,8 +381,7 @@ class SessionStore:
             }
         )
         if doc is None:
-            self._doc(env_uuid, session_id)
-            raise UploadPendingError(f"upload session {session_id} is held by another writer")
+            raise self._held(env_uuid, session_id)
         self.storage.discard_session_chunks(doc["file_id"])
 
     def discard_under(self, env_uuid: str, path: str) -> int:

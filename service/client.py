@@ -107,10 +107,14 @@ class CatalogClient:
         *,
         timeout: float = 120.0,
         retries: int = 3,
+        held_wait: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
+        # How long a resumable upload waits, in all, for its session to be let go by
+        # a writer that holds it (an instance killed mid-PATCH holds it for its lease).
+        self.held_wait = held_wait
         headers = {"user-agent": "rescat-client/1"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -436,6 +440,7 @@ class CatalogClient:
         sent = 0
         offset = 0
         failures = 0
+        held_until = time.monotonic() + self.held_wait
         try:
             while True:
                 try:
@@ -465,10 +470,13 @@ class CatalogClient:
                 except (ServiceError, OffsetMismatchError, UploadPendingError) as exc:
                     if not _resumable_failure(exc):
                         raise
-                    failures += 1
-                    if failures > self.retries:
-                        raise
-                    time.sleep(min(0.25 * 2**failures, 8.0))
+                    wait = _held_for(exc, held_until)
+                    if wait is None:
+                        failures += 1
+                        if failures > self.retries:
+                            raise
+                        wait = min(0.25 * 2**failures, 8.0)
+                    time.sleep(wait)
                     try:
                         resumed = self.upload_offset(env, upload_id)
                     except ServiceUnavailableError:
@@ -967,6 +975,21 @@ def _revision_of(response: httpx.Response) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def _held_for(exc: CatalogError, until: float) -> float | None:
+    """How long to wait for a session another writer holds, or None: not that, or too long.
+
+    The service says when the holder's lease runs out (Retry-After): a writer
+    that died, such as an instance killed mid-PATCH, lets go of it only then.
+    Waiting for that is not a failure of the upload, up to `until` in all.
+    """
+    wait = getattr(exc, "retry_after", None)
+    if not isinstance(exc, UploadPendingError) or not isinstance(wait, int):
+        return None
+    if time.monotonic() + wait > until:
+        return None
+    return float(wait)
+
+
 def _resumable_failure(exc: CatalogError) -> bool:
     """A failure a resumable upload recovers from by asking where it stands."""
     if isinstance(exc, (OffsetMismatchError, UploadPendingError, ServiceUnavailableError)):
@@ -1078,6 +1101,9 @@ def _raise_for(response: httpx.Response) -> None:
     exc = exception_from(response.status_code, body)
     if isinstance(exc, ServiceError) and code in error_classes():
         exc = error_classes()[code](f"HTTP {response.status_code} {code}")
+    wait = response.headers.get("retry-after", "")
+    if wait.isascii() and wait.isdigit():  # seconds (the service never sends a date)
+        exc.retry_after = int(wait)  # type: ignore[attr-defined]
     raise exc
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,12 +24,13 @@ from pymongo import MongoClient
 import service.client as client_module
 from catalog import ManagedStorage
 from catalog.driver import StorageDriver
-from catalog.errors import NotFoundError, OffsetMismatchError
+from catalog.errors import NotFoundError, OffsetMismatchError, UploadPendingError
 from catalog.mongod import free_port, stop_process
 from catalog.tokens import TokenStore
 from service.app import create_app
 from service.client import CatalogClient
 from service.signing import URLSigner
+from storage import GridFSStorage
 from tests.helpers import b3, rand
 from tests.test_service_support import (
     REPO,
@@ -365,6 +367,56 @@ def test_client_resumes_after_a_cut_connection(
     with CatalogClient(srv_url(http)) as client:
         again = client.upload("env", "copy.bin", io.BytesIO(data), resumable=True)
     assert again.deduplicated and again.bytes_sent == 0
+
+
+HOLDER = r"""
+import sys
+from pymongo import MongoClient
+from catalog import ManagedStorage
+from catalog.sessions import SessionStore
+from storage import GridFSStorage
+uri, name, env, uid = sys.argv[1:5]
+db = MongoClient(uri, tz_aware=True)[name]
+writer = SessionStore(ManagedStorage(db, GridFSStorage(db), lease=6.0)).open(env, uid)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_client_waits_out_a_session_held_by_a_killed_instance(
+    mongo_uri: str, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance killed mid-PATCH holds the session until its lease runs out (60 s by
+    default); the client gave up after three quick retries (3.5 s) and its upload failed.
+    The service says when the lease runs out (Retry-After), and the client waits that long."""
+    managed = ManagedStorage(db, GridFSStorage(db), lease=6.0)
+    held: list[float] = []
+    original = CatalogClient.append_upload
+
+    def killed_first(self: CatalogClient, env: str, uid: str, *args: Any, **kw: Any) -> int:
+        if not held:  # an instance claims the session, then dies with it (kill -9)
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, mongo_uri, db.name, env, uid],
+                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+            holder.kill()
+            holder.wait()
+            held.append(time.monotonic())
+        return original(self, env, uid, *args, **kw)
+
+    monkeypatch.setattr(CatalogClient, "append_upload", killed_first)
+    data = rand(3 * MiB)
+    with ServerThread(create_app(managed, auth=False)) as server:
+        impatient = CatalogClient(server.url, held_wait=0)  # waiting not allowed
+        with impatient, pytest.raises(UploadPendingError):
+            impatient.upload("env", "impatient", io.BytesIO(data), resumable=True)
+        held.clear()
+        with CatalogClient(server.url) as client:
+            result = client.upload("env", "waited", io.BytesIO(data), resumable=True)
+        assert time.monotonic() - held[0] >= 4.0  # it waited for the lease, not 3 retries
+        assert result.hash == b3(data)
+        assert client_module.CatalogClient(server.url).read("env", "waited") == data
 
 
 def srv_url(http: httpx.Client) -> str:
