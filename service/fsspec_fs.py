@@ -46,6 +46,7 @@ from catalog.driver import FileInfo, SkipDir, StorageDriver
 from catalog.errors import CatalogError, NotFoundError, PreconditionFailedError
 from catalog.managed import WriteOptions
 from catalog.names import check_env
+from catalog.stats import environments
 from service.client import CatalogClient
 from service.signing import SECRET_ENV, URLSigner
 
@@ -315,7 +316,11 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         with _not_found(path1):
             if self.isfile(root):
                 self._repoint(root, dest, move=True)
-            elif recursive and self.isdir(root):
+            elif self.isdir(root):
+                if not recursive:
+                    raise IsADirectoryError(f"{path1} is a directory: move it with recursive=True")
+                if dest.startswith(root + "/"):
+                    raise ValueError(f"cannot move {path1} into itself ({path2})")
                 for name in self.find(root, maxdepth=maxdepth):
                     self._repoint(name, dest + name[len(root) :], move=True)
             else:
@@ -404,7 +409,8 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def _envs(self) -> list[str]:
         if self.client is not None:
             raise NotImplementedError("listing environments over HTTP")
-        return sorted(self.managed.paths.distinct("env"))
+        # As `rescat env ls` has them: not one whose every key has expired.
+        return [summary.env for summary in environments(self.managed)]
 
     def _env_exists(self, env: str) -> bool:
         if self.client is not None:

@@ -447,3 +447,34 @@ def test_a_refused_commit_leaves_no_session_held(fs: RescatFileSystem, db: Datab
         with pytest.raises(InvalidPathError, match="is a file"):
             place("env/h", "env/n/y")
     assert fs.cat_file("env/h") == b"H" and not fs.exists("env/n/y")
+
+
+def test_moving_a_directory_needs_recursive_and_never_into_itself(
+    any_fs: RescatFileSystem,
+) -> None:
+    """mv of a directory without recursive said FileNotFoundError (it exists); with
+    recursive, a move into its own subdirectory went ahead. mv and shutil.move refuse it."""
+    fs = any_fs
+    fs.pipe_file("e/d/f1", b"one")
+    fs.pipe_file("e/d/f2", b"two")
+    with pytest.raises(IsADirectoryError):
+        fs.mv("e/d", "e/n")
+    with pytest.raises(ValueError, match="into itself"):
+        fs.mv("e/d", "e/d/sub/z", recursive=True)
+    assert sorted(fs.find("e")) == ["e/d/f1", "e/d/f2"]
+    fs.mv("e/d", "e/n", recursive=True)
+    assert sorted(fs.find("e")) == ["e/n/f1", "e/n/f2"]
+
+
+def test_an_environment_whose_keys_all_expired_is_not_listed(
+    fs: RescatFileSystem, managed: ManagedStorage
+) -> None:
+    import datetime
+
+    from catalog.managed import WriteOptions
+
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    managed.put_path("gone", "k", io.BytesIO(b"v"), 1, options=WriteOptions(expires_at=past))
+    _put(managed, "here", "k", b"v")
+    assert fs.ls("", detail=False) == ["here"]
+    assert not fs.exists("gone")
