@@ -161,7 +161,7 @@ def test_copy_and_mv_repoint_across_environments(fs: RescatFileSystem, db: Datab
     assert db["catalog"].count_documents({}) == entries  # references, never bytes
     with pytest.raises(FileNotFoundError):
         fs.copy("a/nothing", "b/x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(IsADirectoryError):
         fs.mv("a/src", "a/dst")  # a directory moves only with recursive=True
     assert fs.find("a") == ["a/src/1", "a/src/2", "a/src/deep/3", "a/srcx/4"]
 
