@@ -215,9 +215,12 @@ class CatalogClient:
 
     def answer(self, env: str, request_id: str, checksum: str) -> dict[str, Any]:
         """Answer a put request: {"path", "hash", "length"} on success."""
+        return _decoded(self._answered(env, request_id, checksum))  # type: ignore[no-any-return]
+
+    def _answered(self, env: str, request_id: str, checksum: str) -> httpx.Response:
         check_env(env)
         url = _env_url(env, "put-requests", quote(request_id, safe=""), "response")
-        return self._json("POST", url, json={"checksum": checksum})  # type: ignore[no-any-return]
+        return self._send("POST", url, json={"checksum": checksum})
 
     # -- uploads ------------------------------------------------------------------
     def put(
@@ -330,21 +333,25 @@ class CatalogClient:
                 ranges = [(int(s), int(n)) for s, n in challenge["ranges"]]
                 checksum = _ranges_checksum(reader, start, ranges)
                 try:
-                    doc = self.answer(env, challenge["request_id"], checksum)
+                    response = self._answered(env, challenge["request_id"], checksum)
                 except (RequestExpiredError, ResourceDeletedError):
                     continue  # expired or deleted meanwhile: ask again
                 if progress is not None:
                     progress("upload", length, length)
-                return UploadResult(path, doc["hash"], int(doc["length"]), True, 0)
+                doc = _decoded(response)
+                return UploadResult(
+                    path, doc["hash"], int(doc["length"]), True, 0, _revision_of(response)
+                )
             reader.seek(start)
             if resumable or (resumable is None and length > RESUMABLE_THRESHOLD):
                 doc, sent = self._upload_resumable(
                     env, path, reader, start, length, digest, progress
                 )
+                revision = doc.pop("revision", None)
             else:
                 response, sent = self._put_stream(env, path, reader, length, digest, progress)
-                doc = _decoded(response)
-        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent)
+                doc, revision = _decoded(response), _revision_of(response)
+        return UploadResult(path, doc["hash"], int(doc["length"]), False, sent, revision)
 
     def _put_stream(
         self,
@@ -404,10 +411,18 @@ class CatalogClient:
         return _offset_of(response)
 
     def commit_upload(self, env: str, upload_id: str, hash: str | None = None) -> dict[str, Any]:
-        """Make the path point at the upload's content: {"path", "hash", "length"}."""
+        """Make the path point at the upload's content: {"path", "hash", "length"}.
+
+        Also "revision", the path's revision after (its X-Revision), if the service sent it.
+        """
         headers = {"x-content-hash": format_hash(parse_hash(hash))} if hash else {}
         url = _upload_url(env, upload_id) + "/commit"
-        return self._json("POST", url, headers=headers)  # type: ignore[no-any-return]
+        response = self._send("POST", url, headers=headers)
+        doc: dict[str, Any] = _decoded(response)
+        revision = _revision_of(response)
+        if revision is not None:
+            doc["revision"] = revision
+        return doc
 
     def cancel_upload(self, env: str, upload_id: str) -> None:
         self._send("DELETE", _upload_url(env, upload_id))

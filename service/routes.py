@@ -238,7 +238,7 @@ async def answer_put_request(ctx: Ctx[AnswerBody]) -> Response:
     return JSONResponse(
         ResourceOut(path=info.path, hash=info.hash, length=info.length),
         status_code=201,
-        headers={"etag": etag_for(info.hash)},
+        headers={"etag": etag_for(info.hash), **revision_header(info)},
     )
 
 

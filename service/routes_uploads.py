@@ -31,6 +31,7 @@ from catalog.errors import BadRequestError, NotFoundError, OffsetMismatchError, 
 from catalog.names import check_path, parse_hash
 from catalog.sessions import UPLOAD, Session, SessionStore
 from service.body import HOP_BYTES, BodyReader, declared_length
+from service.conditions import revision_header
 from service.errors import with_headers
 from service.openapi import RESPONSE_HEADERS
 from service.ranges import etag_for
@@ -177,6 +178,7 @@ async def commit_upload(ctx: Ctx[None]) -> Response:
             "location": "/v1/environments/{}/resources/{}".format(
                 quote(env, safe=""), "/".join(quote(s, safe="") for s in info.path.split("/"))
             ),
+            **revision_header(info),
         },
     )
 

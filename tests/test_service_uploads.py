@@ -729,3 +729,19 @@ def test_random_upload_and_signed_requests_never_get_5xx(
         seen[status] = seen.get(status, 0) + 1
         assert status < 500, f"{status} for {raw!r}"
     assert seen.get(400, 0) > 20 and seen.get(404, 0) > 5 and seen.get(403, 0) > 5
+
+
+def test_every_way_of_upload_gives_the_paths_revision(srv: ServerThread) -> None:
+    """UploadResult.revision was None whatever the service answered: after a PUT (which
+    sent X-Revision), a proof of access and a resumable upload (which sent none)."""
+    with CatalogClient(srv.url) as client:
+        data = rand(2 * MiB)
+        results = [
+            client.upload("env", "put", io.BytesIO(data)),
+            client.upload("env", "proved", io.BytesIO(data)),
+            client.upload("env", "resumed", io.BytesIO(rand(MiB)), resumable=True),
+        ]
+        assert [r.deduplicated for r in results] == [False, True, False]
+        for result in results:
+            assert result.revision is not None
+            assert result.revision == client.stat("env", result.path)["revision"]
