@@ -38,7 +38,7 @@ from catalog.clock import aware, utcnow
 from catalog.errors import CatalogError, InvalidOffsetError, InvalidPathError, NotFoundError
 from catalog.names import check_env, check_path
 from catalog.pathdocs import revision
-from catalog.sessions import DRIVER, SessionStore, SessionWriter
+from catalog.sessions import DRIVER, UPLOAD, SessionStore, SessionWriter
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage, PathInfo
@@ -173,6 +173,21 @@ class StorageDriver:
             finally:
                 reader.close()
             return FileWriter(self, path, writer)
+
+    def private_writer(self, path: str) -> FileWriter:
+        """A writer of the path whose session no other writer shares: the last commit wins.
+
+        writer() gives a path one session, which a later writer(path) starts
+        over (the registry's contract: its uploads resume by path). A file
+        system's open-for-write is not like that: two opens of one path write
+        apart, as on S3 or a local disk, both closes succeed, and the path holds
+        what the last one wrote. Not resumable by path (its session has an id).
+        """
+        rel = self._rel(path)
+        with self._errors(path):
+            self.check_file_place(path)
+            session = self.sessions.create(self.env_uuid, rel, kind=UPLOAD)
+            return FileWriter(self, path, self.sessions.open(self.env_uuid, session.id))
 
     def _still_based(self, writer: SessionWriter) -> bool:
         """May this append session resume: does its path still hold what it began with?

@@ -604,7 +604,8 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
             self._writer: Any = None
         else:
             self._spool = None
-            self._writer = self.fs._driver(env).writer("/" + rel)
+            # Its own session: another open of the path does not end this one (S3's way).
+            self._writer = self.fs._driver(env).private_writer("/" + rel)
 
     def _upload_chunk(self, final: bool = False) -> bool:
         self.buffer.seek(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -478,3 +479,25 @@ def test_an_environment_whose_keys_all_expired_is_not_listed(
     _put(managed, "here", "k", b"v")
     assert fs.ls("", detail=False) == ["here"]
     assert not fs.exists("gone")
+
+
+def test_two_opens_of_one_path_for_writing_both_close_and_the_last_wins(
+    mongo_uri: str, db: Database[Any]
+) -> None:
+    """A later open('wb') of a path took the earlier writer's session over: the earlier
+    close raised SessionLostError (not even an OSError) and its bytes were dropped. On S3
+    or a local disk both closes succeed and the path holds what closed last."""
+    one, two = (
+        fsspec.filesystem("rescat", mongo_uri=mongo_uri, database=db.name, skip_instance_cache=True)
+        for _ in range(2)
+    )
+    first, second = os.urandom(6 * 1024 * 1024), os.urandom(5 * 1024 * 1024)
+    f1 = one.open("e/same.bin", "wb")
+    f1.write(first)
+    f2 = two.open("e/same.bin", "wb")
+    f2.write(second)
+    f2.close()
+    assert one.cat_file("e/same.bin") == second
+    f1.close()
+    assert two.cat_file("e/same.bin") == first
+    assert db["upload_sessions"].count_documents({}) == 0
