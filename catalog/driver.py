@@ -335,6 +335,16 @@ class StorageDriver:
         faces); a file system cannot, and distribution's drivers refuse to
         make one (put or move onto a directory, or below a file). One query.
         """
+        clash = self.file_place_clash(path)
+        if clash is None:
+            return
+        if clash:
+            raise InvalidPathError(f"{self._name}: {path}: /{clash} is a file")
+        raise InvalidPathError(f"{self._name}: {path} is a directory")
+
+    def file_place_clash(self, path: str) -> str | None:
+        """What keeps a file from `path`: the file it would lie below, "" if `path` is a
+        directory, None if nothing (see check_file_place)."""
         rel = self._rel(path)
         ancestors = [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
         below = {"path": {"$gte": rel + "/", "$lt": rel + "0"}}
@@ -347,10 +357,8 @@ class StorageDriver:
             {"path": 1},
         )
         if clash is None:
-            return
-        if clash["path"] in ancestors:
-            raise InvalidPathError(f"{self._name}: {path}: /{clash['path']} is a file")
-        raise InvalidPathError(f"{self._name}: {path} is a directory")
+            return None
+        return str(clash["path"]) if clash["path"] in ancestors else ""
 
     def _exact(self, rel: str) -> dict[str, Any]:
         return {"env": self.env_uuid, "path": rel, "expires_at": {"$not": {"$lte": utcnow()}}}

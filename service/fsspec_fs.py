@@ -260,6 +260,7 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if not rel:
             raise IsADirectoryError(path)
         data, create = bytes(value), mode == "create"
+        self._check_place(env, rel, path)
         try:
             if self.client is not None:
                 self.client.put(env, rel, data, if_none_match=create)
@@ -343,14 +344,13 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise FileNotFoundError(path1)  # an environment is not a file (copy skips it)
         if not rel2:
             raise IsADirectoryError(path2)
+        self._check_place(env2, rel2, path2)
         if self.client is not None:
             if move:
                 self.client.move(env1, rel1, rel2, dst_env=env2)
             else:
                 self.client.copy(env1, rel1, env2, rel2)
         else:
-            # As the driver and every write here: no file onto a directory or below a file.
-            self._driver(env2).check_file_place("/" + rel2)
             if move:
                 self.managed.move_path(env1, rel1, env2, rel2)
             else:
@@ -406,6 +406,36 @@ class RescatFileSystem(AbstractFileSystem):  # type: ignore[misc]
         self.rm(path)
 
     # -- internals ------------------------------------------------------------------
+    def _check_place(self, env: str, rel: str, path: str) -> None:
+        """No file onto a directory or below a file, in either mode (as the driver refuses).
+
+        An environment may hold both `a` and `a/b` (written through other
+        faces); a file system cannot show them. IsADirectoryError or
+        NotADirectoryError, as a local file system says it.
+        """
+        if self.client is None:
+            clash = self._driver(env).file_place_clash("/" + rel)
+        else:
+            clash = None
+            for i, ch in enumerate(rel):
+                if ch == "/" and self._http_exists(env, rel[:i]):
+                    clash = rel[:i]
+                    break
+            if clash is None and self.client.list_page(env, rel + "/", limit=1)["items"]:
+                clash = ""
+        if clash == "":
+            raise IsADirectoryError(errno.EISDIR, "a directory is there", path)
+        if clash is not None:
+            raise NotADirectoryError(errno.ENOTDIR, f"{env}/{clash} is a file", path)
+
+    def _http_exists(self, env: str, rel: str) -> bool:
+        assert self.client is not None
+        try:
+            self.client.stat(env, rel)
+        except NotFoundError:
+            return False
+        return True
+
     def _envs(self) -> list[str]:
         if self.client is not None:
             raise NotImplementedError("listing environments over HTTP")
@@ -598,6 +628,7 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
         env, rel = self.fs._split(self.path)
         if not rel:
             raise IsADirectoryError(self.path)
+        self.fs._check_place(env, rel, self.path)
         if self.fs.client is not None:
             # closed by the final _upload_chunk or by discard
             self._spool: Any = tempfile.TemporaryFile()  # noqa: SIM115
@@ -637,18 +668,20 @@ class RescatFile(AbstractBufferedFile):  # type: ignore[misc]
         if getattr(self, "_published", False):
             return
         writer, spool = self._writer, self._spool
+        env, rel = self.fs._split(self.path)
         if writer is not None:
             try:
+                self.fs._check_place(env, rel, self.path)  # again: it may have changed
                 writer.commit()
             except BaseException:
                 with contextlib.suppress(CatalogError):
                     writer.cancel()
                 raise
         elif spool is not None:
-            env, rel = self.fs._split(self.path)
             spool.seek(0)
             assert self.fs.client is not None
             try:
+                self.fs._check_place(env, rel, self.path)  # again: it may have changed
                 self.fs.client.put(env, rel, spool)
             finally:
                 spool.close()

@@ -430,24 +430,38 @@ def test_transactions_and_autocommit_false_publish_only_on_commit(any_fs: Rescat
     assert any_fs.cat_file("env/t/later") == b"y"
 
 
-def test_a_refused_commit_leaves_no_session_held(fs: RescatFileSystem, db: Database[Any]) -> None:
+def test_a_refused_commit_leaves_no_session_held(
+    any_fs: RescatFileSystem, db: Database[Any]
+) -> None:
     """The file is closed by then: a session left open was renewed for the process's life,
-    holding the path's uploads, and gc never reclaimed it."""
-    from catalog.errors import InvalidPathError
-
+    holding the path's uploads, and gc never reclaimed it. Over HTTP no check was made:
+    a file went below a file. The refusal is the OSError a local file system raises (it
+    was InvalidPathError, a ValueError)."""
+    fs = any_fs
     f = fs.open("env/n/o", "wb", block_size=MiB)
     f.write(rand(5 * MiB))  # past the first block: the session holds chunks
     fs.pipe_file("env/n", b"a file where the directory goes")
-    with pytest.raises(InvalidPathError, match="is a file"):
+    with pytest.raises(NotADirectoryError, match="is a file"):
         f.close()
     assert db["upload_sessions"].count_documents({}) == 0
     assert fs.cat_file("env/n") == b"a file where the directory goes"
     # mv and cp_file refuse it as every other write here does (they made such trees)
     fs.pipe_file("env/h", b"H")
     for place in (fs.mv, fs.cp_file):
-        with pytest.raises(InvalidPathError, match="is a file"):
+        with pytest.raises(NotADirectoryError, match="is a file"):
             place("env/h", "env/n/y")
+    with pytest.raises(NotADirectoryError):
+        fs.pipe_file("env/n/z", b"below a file", mode="create")
     assert fs.cat_file("env/h") == b"H" and not fs.exists("env/n/y")
+    # ...nor a file where a directory is
+    fs.pipe_file("env/d/f1", b"in d")
+    with pytest.raises(IsADirectoryError):
+        fs.pipe_file("env/d", b"z")
+    with pytest.raises(IsADirectoryError):
+        fs.open("env/d", "wb").close()
+    with pytest.raises(IsADirectoryError):
+        fs.cp_file("env/h", "env/d")
+    assert fs.isdir("env/d") and fs.cat_file("env/d/f1") == b"in d"
 
 
 def test_moving_a_directory_needs_recursive_and_never_into_itself(
