@@ -285,7 +285,7 @@ def _selection(request: Request, info: PathInfo) -> tuple[int, int, int, dict[st
         except Unsatisfiable:
             raise with_headers(
                 RangeNotSatisfiableError(f"range {range_header!r}: content has {size} B"),
-                {**headers, "content-range": f"bytes */{size}"},
+                {**headers, **revision_header(info), "content-range": f"bytes */{size}"},
             ) from None
         if selected is not None:
             start, end = selected

@@ -29,7 +29,7 @@ from catalog.errors import (
     TooLargeError,
 )
 from catalog.managed import WriteOptions
-from catalog.names import MAX_PATH_BYTES, check_path
+from catalog.names import MAX_PATH_BYTES
 from service.conditions import (
     Condition,
     Stat,
@@ -41,7 +41,7 @@ from service.conditions import (
 )
 from service.ranges import etag_for
 from service.routing import Answer, Ctx, Endpoint, Param, path_param
-from service.schemas import _SEG_ANY, _SEG_ASCII, decode_lenient
+from service.schemas import _SEG_ANY, _SEG_ASCII, decode_path
 
 __all__ = ["BLOB_ROUTES", "compat_store_routes"]
 
@@ -111,10 +111,10 @@ BLOB_ROUTES: tuple[Endpoint[Any], ...] = (
 # -- the seed's API: /store/{location} on one environment --------------------------------
 def decode_location(raw: str) -> str:
     """A seed name: one path segment (a decoded `/` is refused like any invalid name)."""
-    name = decode_lenient(raw)
-    if not name or "/" in name:
+    name = decode_path(raw)  # says what is wrong with it (not valid UTF-8, say)
+    if "/" in name:
         raise InvalidPathError(f"invalid name {name!r}: one path segment")
-    return check_path(name)
+    return name
 
 
 LOCATION = path_param(

@@ -128,3 +128,18 @@ def test_store_routes_need_a_token_for_that_environment(mongo_uri: str, database
 
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def test_seed_errors_and_416_say_what_a_client_needs(store: str) -> None:
+    """/store/%ff said `invalid name '': one path segment` (v1 says it is not UTF-8);
+    a 416 carried the ETag but not the X-Revision every other answer about a path has."""
+    bad = httpx.get(store + "/%ff")
+    assert bad.status_code == 400 and "UTF-8" in bad.json()["error"]["message"], bad.text
+    slash = httpx.get(store + "/a%2Fb")
+    assert slash.status_code == 400 and "one path segment" in slash.json()["error"]["message"]
+    created = httpx.post(store + "/r", content=b"0123")
+    assert created.status_code == 201
+    beyond = httpx.get(store + "/r", headers={"range": "bytes=10-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["content-range"] == "bytes */4"
+    assert beyond.headers["x-revision"] == httpx.head(store + "/r").headers["x-revision"]
