@@ -35,7 +35,13 @@ from pymongo.cursor import Cursor
 from pymongo.errors import PyMongoError
 
 from catalog.clock import aware, utcnow
-from catalog.errors import CatalogError, InvalidOffsetError, InvalidPathError, NotFoundError
+from catalog.errors import (
+    CatalogError,
+    InvalidOffsetError,
+    InvalidPathError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from catalog.names import check_env, check_path
 from catalog.pathdocs import revision
 from catalog.sessions import DRIVER, UPLOAD, SessionStore, SessionWriter
@@ -130,6 +136,7 @@ class StorageDriver:
             # It answers nothing: a new path may then be inserted (pathdocs.fresh),
             # half the database's work of the upsert that returns a revision.
             self.managed.put_for_environment(self.env_uuid, rel, io.BytesIO(data), len(data))
+            self._settle_place(path)
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO:
         """A seekable stream of the content from `offset` (at or past the end: b"")."""
@@ -346,19 +353,36 @@ class StorageDriver:
         """What keeps a file from `path`: the file it would lie below, "" if `path` is a
         directory, None if nothing (see check_file_place)."""
         rel = self._rel(path)
-        ancestors = [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
-        below = {"path": {"$gte": rel + "/", "$lt": rel + "0"}}
-        clash = self.managed.paths.find_one(
-            {
-                "env": self.env_uuid,
-                "$or": [{"path": {"$in": ancestors}}, below] if ancestors else [below],
-                "expires_at": {"$not": {"$lte": utcnow()}},
-            },
-            {"path": 1},
-        )
+        clash = self.managed.paths.find_one(_clash_query(self.env_uuid, rel), {"path": 1})
         if clash is None:
             return None
-        return str(clash["path"]) if clash["path"] in ancestors else ""
+        return "" if clash["path"].startswith(rel + "/") else str(clash["path"])
+
+    def _settle_place(self, path: str) -> None:
+        """After a write of `path`: if a racing writer made a clash, the later one undoes.
+
+        check_file_place is a read before the write: two writers of `/a` and
+        `/a/b`, neither there yet, both pass it and both write. So each looks
+        again after its write; the write with the later revision (then the
+        larger path) deletes what it wrote and raises, and the earlier one
+        stands. Only new paths can race so: a path that was there already
+        made the other writer's check fail.
+        """
+        rel = self._rel(path)
+        query = _clash_query(self.env_uuid, rel)
+        others = list(self.managed.paths.find(query, {"path": 1, "rev": 1}, limit=16))
+        if not others:
+            return
+        mine = self.managed.paths.find_one(self._exact(rel), {"rev": 1})
+        if mine is None:
+            return
+        rev = revision(mine.get("rev"))
+        if all((revision(d.get("rev")), d["path"]) > (rev, rel) for d in others):
+            return  # ours came first: theirs undo
+        with contextlib.suppress(NotFoundError, PreconditionFailedError):
+            self.managed.delete_path(self.env_uuid, rel, if_match=rev)
+        self.check_file_place(path)
+        raise InvalidPathError(f"{self._name}: {path}: a file or directory is in the way")
 
     def _exact(self, rel: str) -> dict[str, Any]:
         return {"env": self.env_uuid, "path": rel, "expires_at": {"$not": {"$lte": utcnow()}}}
@@ -419,7 +443,9 @@ class FileWriter:
     def commit(self) -> PathInfo:
         with self._driver._errors(self.path):
             self._driver.check_file_place(self.path)
-            return self._writer.commit()
+            info = self._writer.commit()
+            self._driver._settle_place(self.path)
+            return info
 
     def __enter__(self) -> FileWriter:
         return self
@@ -554,3 +580,14 @@ class _Walk:
             self.directory(cursor, rel + "/")
         elif shared:
             cursor.seek(rel + "0")
+
+
+def _clash_query(env_uuid: str, rel: str) -> dict[str, Any]:
+    """The live paths that keep a file from `rel`: files it would lie below, paths below it."""
+    ancestors = [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
+    below = {"path": {"$gte": rel + "/", "$lt": rel + "0"}}
+    return {
+        "env": env_uuid,
+        "$or": [{"path": {"$in": ancestors}}, below] if ancestors else [below],
+        "expires_at": {"$not": {"$lte": utcnow()}},
+    }

@@ -241,3 +241,42 @@ def test_a_commit_whose_new_bytes_were_rolled_back_keeps_what_a_close_confirmed(
     resumed.write(more)
     resumed.commit()
     assert driver.get_content("/layer") == first + more
+
+
+def test_racing_writers_never_make_a_name_both_a_file_and_a_directory(
+    managed: ManagedStorage,
+) -> None:
+    """put_content('/rN') and put_content('/rN/x') at once: both passed the check made
+    before the write and both wrote, 150 rounds of 150. Now exactly one stands."""
+    import threading
+
+    from catalog.errors import InvalidPathError
+
+    driver = StorageDriver(managed, "reg", name="rescat")
+    both = 0
+    for n in range(40):
+        barrier = threading.Barrier(2)
+        outcome: dict[str, bool] = {}
+
+        def put(path: str) -> None:
+            barrier.wait()
+            try:
+                driver.put_content(path, path.encode())
+                outcome[path] = True
+            except InvalidPathError:
+                outcome[path] = False
+
+        file, below = f"/r{n}", f"/r{n}/x"
+        threads = [threading.Thread(target=put, args=(p,)) for p in (file, below)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        both += outcome[file] and outcome[below]
+        assert outcome[file] != outcome[below], outcome  # one wins, the other is refused
+        if outcome[file]:
+            assert driver.get_content(file) == file.encode()
+            assert not driver.stat(file).is_dir
+        else:
+            assert driver.list(file) == [below] and driver.get_content(below) == below.encode()
+    assert both == 0

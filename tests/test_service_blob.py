@@ -394,4 +394,3 @@ def test_online_gc_runs_on_one_instance(managed: ManagedStorage) -> None:
     # Stopping released the lease: another instance takes over at its next tick.
     other = OnlineGc(managed, 0.2, grace=0, holder="three")
     assert other.run_once() is not None and first.lease.holder != other.lease.holder
-
