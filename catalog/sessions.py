@@ -211,6 +211,7 @@ class SessionStore:
                 )
                 if old is not None:
                     self.storage.discard_session_chunks(old["file_id"])
+                    _abandoned(self.managed, old)
             now = utcnow()
             doc = {
                 "_id": secrets.token_urlsafe(18),
@@ -383,6 +384,7 @@ class SessionStore:
         if doc is None:
             raise self._held(env_uuid, session_id)
         self.storage.discard_session_chunks(doc["file_id"])
+        _abandoned(self.managed, doc)
 
     def discard_under(self, env_uuid: str, path: str) -> int:
         """Discard the driver sessions of `path` and of the paths under it; how many.
@@ -406,6 +408,7 @@ class SessionStore:
             gone = self.sessions.find_one_and_delete({"_id": doc["_id"], **unheld})
             if gone is not None:
                 self.storage.discard_session_chunks(gone["file_id"])
+                _abandoned(self.managed, gone)
                 discarded += 1
         return discarded
 
@@ -628,6 +631,7 @@ class SessionWriter:
             )
             if doc is not None:
                 self._store.storage.discard_session_chunks(self.file_id)
+                _abandoned(self._store.managed, doc)
         finally:
             self._end("cancelled")
         if doc is None:
@@ -863,8 +867,16 @@ def reclaim_sessions(managed: ManagedStorage, max_age: float = DEFAULT_MAX_AGE) 
         if gone is None:
             continue  # resumed meanwhile
         storage.discard_session_chunks(gone["file_id"])
+        _abandoned(managed, gone)
         count += 1
     return count
+
+
+def _abandoned(managed: ManagedStorage, doc: dict[str, Any]) -> None:
+    """A session that went without a commit is an abandoned upload of its path: its
+    history says so (`upload`, `failed`), as it does of a PUT that broke off."""
+    with contextlib.suppress(Exception):  # its going is what counts; the record is best effort
+        managed.upload_abandoned(doc["env"], doc["path"])
 
 
 def live_session_file_ids(managed: ManagedStorage) -> set[Any]:

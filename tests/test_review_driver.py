@@ -258,7 +258,9 @@ def test_racing_writers_never_make_a_name_both_a_file_and_a_directory(
         barrier = threading.Barrier(2)
         outcome: dict[str, bool] = {}
 
-        def put(path: str) -> None:
+        def put(
+            path: str, barrier: threading.Barrier = barrier, outcome: dict[str, bool] = outcome
+        ) -> None:
             barrier.wait()
             try:
                 driver.put_content(path, path.encode())

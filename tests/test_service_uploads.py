@@ -745,3 +745,31 @@ def test_every_way_of_upload_gives_the_paths_revision(srv: ServerThread) -> None
         for result in results:
             assert result.revision is not None
             assert result.revision == client.stat("env", result.path)["revision"]
+
+
+def test_an_abandoned_upload_session_shows_in_the_paths_history(
+    http: httpx.Client, managed: ManagedStorage
+) -> None:
+    """A streamed PUT that breaks off shows as `upload failed`; an upload session cancelled
+    (HTTP DELETE, a driver writer's cancel) or reclaimed by gc left no trace at all."""
+    from catalog.sessions import reclaim_sessions
+
+    def failed(path: str) -> int:
+        got = http.get(f"/v1/environments/env/history/{path}")
+        if got.status_code == 404:
+            return 0
+        return sum(i["event"] == "upload" and i["state"] == "failed" for i in got.json()["items"])
+
+    uid = http.post(up("env"), json={"path": "cancelled"}).json()["upload_id"]
+    assert patch(http, "env", uid, 0, b"some bytes").status_code == 204
+    assert failed("cancelled") == 0
+    assert http.delete(up("env", uid)).status_code == 204
+    assert failed("cancelled") == 1
+    writer = StorageDriver(managed, "env").writer("/dropped")
+    writer.write(b"x")
+    writer.cancel()
+    assert failed("dropped") == 1
+    uid = http.post(up("env"), json={"path": "forgotten"}).json()["upload_id"]
+    assert patch(http, "env", uid, 0, b"left behind").status_code == 204
+    assert reclaim_sessions(managed, max_age=0) == 1
+    assert failed("forgotten") == 1
