@@ -42,6 +42,9 @@ class Limits:
 
     header_timeout: float = 10.0
     max_conns_per_client: int = 64
+    # A request line and headers larger than this are refused (431) and the
+    # connection closed: the parser keeps them all in memory until they end.
+    max_header_bytes: int = 64 * 1024
     # peer address -> open connections (shared by every connection of one server)
     open_by_client: dict[str, int] = field(default_factory=dict)
 
@@ -62,6 +65,21 @@ BAD_REQUEST = (
     b"connection: close\r\n"
     b"content-length: %d\r\n\r\n%s"
 )
+
+
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: application/json\r\n"
+    b"x-rescat-error: bad_request\r\n"
+    b"connection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+
+
+def _headers_too_large_response(limit: int) -> bytes:
+    message = f"the request line and headers are larger than {limit} bytes"
+    body = json.dumps({"error": {"code": "bad_request", "message": message}}).encode()
+    return HEADERS_TOO_LARGE % (len(body), body)
 
 
 def _bad_request_response(message: str) -> bytes:
@@ -183,6 +201,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 self._limits.open_by_client[host] = open_now + 1
                 self._counted = host
             self._refused = False
+            self._in_head, self._head_bytes, self._oversized = True, 0, False
             super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
             self._arm_header_timer()
 
@@ -200,10 +219,23 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
+            if self._refused or self._oversized:
                 return
+            in_head = self._in_head
             super().data_received(data)
+            if in_head and self._in_head:  # all of it went to headers not yet complete
+                self._head_bytes += len(data)
+                cap = self._limits.max_header_bytes
+                if cap > 0 and self._head_bytes > cap and not self.transport.is_closing():
+                    self.transport.write(_headers_too_large_response(cap))
+                    self.transport.close()
+                    self._oversized = True  # what else arrives is not parsed
+                    return
             self._check_headers_done()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_bytes = True, 0  # what comes next is a request's head
 
         def send_400_response(self, msg: str) -> None:
             """A request the parser refused (framing, a malformed header, a huge line).
@@ -239,6 +271,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 kept = [h for h in state.default_headers if h[0] != b"date"]
                 state.default_headers = [dated, *kept]
             self.scope["rescat.date"] = now
+            self._in_head = False
             super().on_headers_complete()
             self.headers: list[tuple[bytes, bytes]] = list(getattr(self, "headers", []))
 
