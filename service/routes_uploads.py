@@ -30,7 +30,7 @@ from typing_extensions import TypedDict
 from catalog.errors import BadRequestError, NotFoundError, OffsetMismatchError, TooLargeError
 from catalog.names import check_path, parse_hash
 from catalog.sessions import UPLOAD, Session, SessionStore
-from service.body import HOP_BYTES, BodyReader, declared_length
+from service.body import HOP_BYTES, declared_length
 from service.conditions import revision_header
 from service.errors import with_headers
 from service.openapi import RESPONSE_HEADERS
@@ -141,7 +141,9 @@ async def append_upload(ctx: Ctx[None]) -> Response:
             raise TooLargeError(
                 f"the upload would have {offset + length} bytes; the limit is {app.max_size}"
             )
-    body = BodyReader(request.stream(), max_size=room, timeout=app.read_timeout)
+    # The service's deadlines, min_rate too: a PATCH trickled a byte a minute held a
+    # worker thread (and its session) for as long as it liked.
+    body = app.body_reader(request, max_size=room)
     try:
         if 0 <= length <= HOP_BYTES:
             await body.fill(length)

@@ -284,8 +284,10 @@ def _body(data: bytes) -> dict[str, Any]:
 # -- the route -------------------------------------------------------------------------------
 def _revision(value: str, name: str) -> int:
     text = value.strip()
-    if not text.isdigit() or len(text) > 20:
-        raise BadRequestError(f"{name} must be a revision (a non-negative integer), not {value!r}")
+    if not text.isascii() or not text.isdigit() or len(text) > 20 or int(text) >= 2**63:
+        raise BadRequestError(
+            f"{name} must be a revision (an integer from 0 to 2^63-1), not {value!r}"
+        )
     return int(text)
 
 

@@ -210,6 +210,35 @@ def test_huge_headers_are_refused_before_they_fill_memory(server: Server) -> Non
         sock.close()
 
 
+def test_a_trickled_patch_is_held_to_the_minimum_rate(server: Server) -> None:
+    """A PUT trickled a byte at a time gets 408 (--min-rate); a resumable upload's PATCH
+    was exempt: a byte every read_timeout kept it, and a worker thread, for ever."""
+    created = httpx.post(f"{server.url}/v1/environments/env/uploads", json={"path": "slow"})
+    uid = created.json()["upload_id"]
+    sock = connect(server.port)
+    try:
+        sock.sendall(
+            f"PATCH /v1/environments/env/uploads/{uid} HTTP/1.1\r\nHost: x\r\n"
+            "Upload-Offset: 0\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {1 << 20}\r\n\r\n".encode()
+        )
+        start = time.monotonic()
+        sock.settimeout(1.0)
+        status = 0
+        while time.monotonic() - start < 12 and not status:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"x")  # within read_timeout (3 s), far below min_rate (64 B/s)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else -1
+        assert status == 408, status
+        assert time.monotonic() - start < 10
+    finally:
+        sock.close()
+
+
 def test_connections_per_client_are_capped(managed: ManagedStorage) -> None:
     app = create_app(managed, auth=False)
     with Server(app, Limits(header_timeout=10.0, max_conns_per_client=5)) as srv:
