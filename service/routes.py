@@ -124,6 +124,9 @@ async def get_resource(ctx: Ctx[None]) -> Response:
         # Stored content is whatever a token holder sent: a browser must not sniff it
         # into something else (text/plain into HTML, say), also behind a signed URL.
         headers["x-content-type-options"] = "nosniff"
+        # ...nor run it as a page of this service's origin (HTML with scripts a signed
+        # URL hands to anyone): shown, if at all, in a sandbox of its own.
+        headers["content-security-policy"] = "sandbox"
         if ctx.method == "HEAD" or count == 0:
             reader.close()
             return Response(status_code=status, headers=headers)

@@ -666,6 +666,22 @@ def test_malformed_entity_tags_are_400(http: httpx.Client, managed: ManagedStora
     assert http.get(url("e", "t"), headers={"If-None-Match": 'W/"other"'}).status_code == 200
 
 
+def test_stored_html_never_runs_as_a_page_of_the_service(http: httpx.Client) -> None:
+    """Stored bytes are whatever a token holder sent: HTML with scripts, served inline on
+    the service's own origin (to anyone, behind a signed URL). A sandbox CSP keeps it
+    from running as the service's page."""
+    page = b"<script>fetch('/v1/environments')</script>"
+    assert put(http, "e", "p.html", page, **{"content-type": "text/html"}).status_code == 201
+    for method in ("GET", "HEAD"):
+        r = http.request(method, url("e", "p.html"))
+        assert r.headers["content-type"] == "text/html"
+        assert r.headers["content-security-policy"] == "sandbox"
+        assert r.headers["x-content-type-options"] == "nosniff"
+    signed = http.post("/v1/environments/e/sign", json={"path": "p.html", "expires_in": 60})
+    got = httpx.get(signed.json()["url"])
+    assert got.content == page and got.headers["content-security-policy"] == "sandbox"
+
+
 def test_last_modified_and_date_conditions(http: httpx.Client) -> None:
     assert put(http, "e", "d", b"dated").status_code == 201
     r = http.get(url("e", "d"))
