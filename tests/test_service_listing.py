@@ -241,3 +241,69 @@ def test_bulk_delete_is_one_transaction_and_lists_what_was_missing(
                 r.text,
             )
     assert managed.list_for_environment("e") == ["keep"]  # bad requests deleted nothing
+
+
+def test_a_listing_without_limit_streams_and_holds_no_environment_in_memory(
+    managed: ManagedStorage, mongo_uri: str
+) -> None:
+    """Without `limit` every path comes in one answer (the contract's form): it was built
+    as one list in memory, ~320 MiB per request for 200,000 paths, so a few concurrent
+    listings of a big tenant could exhaust the service. It streams from the cursor now."""
+    import datetime
+    import json
+    import threading
+    import time
+
+    import psutil
+
+    from catalog.mongod import free_port, stop_process
+    from tests.test_service_support import serve_popen, wait_until
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    res = managed.catalog.acquire_inline(b3(b"x"), b"x")
+    docs = [
+        {"env": "big", "path": f"p/{i:07d}", "resource_id": res.id, "hash": res.hash,
+         "length": 1, "rev": i + 1, "created_at": now, "updated_at": now}
+        for i in range(100_000)
+    ]  # fmt: skip
+    for start in range(0, len(docs), 10_000):  # path documents only: a listing reads those
+        managed.paths.insert_many(docs[start : start + 10_000])
+    port = free_port()
+    proc = serve_popen(mongo_uri, managed.db.name, port, "--no-auth")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(url), timeout=30)
+        server = psutil.Process(proc.pid)
+        base = server.memory_info().rss
+        peak = [base]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], server.memory_info().rss)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            body = httpx.get(f"{url}/v1/environments/big/resources?prefix=p/", timeout=120)
+        finally:
+            done.set()
+            sampler.join()
+        assert body.status_code == 200 and body.headers["content-type"] == "application/json"
+        items = json.loads(body.content)["items"]
+        assert len(items) == 100_000 and items[0] == {"path": "p/0000000", "hash": res.hash,
+                                                      "length": 1}  # fmt: skip
+        assert [i["path"] for i in items] == sorted(i["path"] for i in items)
+        assert peak[0] - base < 40 * 1024 * 1024, (peak[0] - base) >> 20
+        empty = httpx.get(f"{url}/v1/environments/none/resources")
+        assert empty.json() == {"items": []}
+    finally:
+        stop_process(proc, 15)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
