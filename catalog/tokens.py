@@ -109,6 +109,10 @@ class TokenStore:
         if self.tokens.delete_one({"_id": token_id}).deleted_count == 0:
             raise NotFoundError(f"no token with id {token_id!r}")
 
+    def exists(self, token_id: str) -> bool:
+        """Whether the token with this id is still there (not revoked)."""
+        return self.tokens.find_one({"_id": token_id}, {"_id": 1}) is not None
+
     def check(self, token: str | None) -> TokenInfo:
         """The token's info; UnauthorizedError when it is missing or unknown."""
         if not token:

@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from starlette.responses import JSONResponse, Response
 from typing_extensions import TypedDict
 
-from catalog.errors import BadRequestError, NotFoundError, OffsetMismatchError, TooLargeError
+from catalog.errors import (
+    BadRequestError,
+    ForbiddenError,
+    NotFoundError,
+    OffsetMismatchError,
+    TooLargeError,
+)
 from catalog.names import check_path, parse_hash
 from catalog.sessions import UPLOAD, Session, SessionStore
 from service.body import HOP_BYTES, declared_length
@@ -47,7 +53,7 @@ from service.schemas import (
     ResourceOut,
     decode_lenient,
 )
-from service.signing import EXPIRES, SIGNATURE, URLSigner, shared_secret
+from service.signing import EXPIRES, SIGNATURE, SIGNED_BY, URLSigner, shared_secret
 
 if TYPE_CHECKING:
     from service.app import ServiceApp
@@ -205,7 +211,10 @@ async def sign_url(ctx: Ctx[SignBody]) -> Response:
         raise BadRequestError(f"expires_in must be 1-{MAX_SIGN_SECONDS} seconds")
     base = str(ctx.request.base_url).rstrip("/")
     signer = await ctx.app.sync(_signer, ctx.app, base)
-    url = signer.sign(ctx.body.method, env, path, ttl=float(ctx.body.expires_in))
+    # Bound to the token that asks (if any): revoking it ends the URLs it was given.
+    url = signer.sign(
+        ctx.body.method, env, path, ttl=float(ctx.body.expires_in), token_id=ctx.call.token_id
+    )
     expires = int(parse_qs(url.split("?", 1)[1])[EXPIRES][0])
     return JSONResponse(SignedOut(url=url, expires=expires))
 
@@ -215,7 +224,9 @@ async def signed_get(ctx: Ctx[None]) -> Response:
     raw: bytes = ctx.request.scope.get("query_string", b"")
     query = parse_qs(raw.decode("latin-1"), keep_blank_values=True)
     signer = await ctx.app.sync(_signer, ctx.app)
-    signer.verify(ctx.method, env, path, query)
+    token_id = signer.verify(ctx.method, env, path, query)
+    if token_id is not None and not await ctx.app.sync(ctx.app.tokens.exists, token_id):
+        raise ForbiddenError("the token this URL was signed for has been revoked")
     from service.routes import get_resource  # the same Range / ETag answers as a GET
 
     return await get_resource(ctx)
@@ -318,6 +329,14 @@ SIGNED_EXPIRES = Param(
     "When the URL expires (Unix seconds), as signed.",
     {"type": "string"},
     required=True,
+    error="forbidden",
+)
+SIGNED_BY_TOKEN = Param(
+    SIGNED_BY,
+    "query",
+    "The id of the token the URL was signed for, as signed: the URL is 403 once that "
+    "token is revoked.",
+    {"type": "string"},
     error="forbidden",
 )
 SIGNED_SIGNATURE = Param(
@@ -424,7 +443,7 @@ UPLOAD_ROUTES: tuple[Endpoint[Any], ...] = (
         ),
         errors=("forbidden", "not_found", "precondition_failed", "range_not_satisfiable"),
         auth=False,
-        query=(SIGNED_EXPIRES, SIGNED_SIGNATURE),
+        query=(SIGNED_EXPIRES, SIGNED_BY_TOKEN, SIGNED_SIGNATURE),
         headers=(RANGE, IF_RANGE, IF_MATCH, IF_NONE_MATCH_READ),
         tag="signed URLs",
     ),

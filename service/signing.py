@@ -37,6 +37,9 @@ SETTINGS = "settings"
 SECRET_ID = "signing_secret"
 EXPIRES = "expires"
 SIGNATURE = "signature"
+# The id of the token a URL was signed for (POST .../sign with a bearer token): the
+# URL is good only while that token is (signed in, so it cannot be dropped).
+SIGNED_BY = "by"
 READS = ("GET", "HEAD")
 
 
@@ -65,23 +68,43 @@ class URLSigner:
     def __reduce__(self) -> Any:
         raise TypeError("a URLSigner holds a secret and is not pickled")
 
-    def sign(self, method: str, env: str, path: str, *, ttl: float | None = None) -> str:
-        """The URL of `path` in `env` for `method`, valid for `ttl` seconds (default self.ttl)."""
+    def sign(
+        self,
+        method: str,
+        env: str,
+        path: str,
+        *,
+        ttl: float | None = None,
+        token_id: str | None = None,
+    ) -> str:
+        """The URL of `path` in `env` for `method`, valid for `ttl` seconds (default self.ttl).
+
+        token_id: the token the URL is given out for; `verify` returns it, and the
+        service honours the URL only while that token is not revoked.
+        """
         check_env(env)
         check_path(path)
         lifetime = self.ttl if ttl is None else float(ttl)
         if not lifetime > 0:
             raise BadRequestError(f"ttl must be > 0 seconds, not {ttl!r}")
         expires = int(time.time() + lifetime + 0.999)
-        signature = self._signature(method, env, path, expires)
+        signature = self._signature(method, env, path, expires, token_id)
         encoded = "/".join(quote(segment, safe="") for segment in path.split("/"))
         url = f"{self.base_url}/v1/signed/environments/{quote(env, safe='')}/resources/{encoded}"
-        return url + "?" + urlencode({EXPIRES: str(expires), SIGNATURE: signature})
+        query = {EXPIRES: str(expires), SIGNATURE: signature}
+        if token_id:
+            query = {EXPIRES: str(expires), SIGNED_BY: token_id, SIGNATURE: signature}
+        return url + "?" + urlencode(query)
 
-    def verify(self, method: str, env: str, path: str, query: Mapping[str, Any]) -> None:
-        """Raise ForbiddenError unless `query` carries a valid, unexpired signature."""
+    def verify(self, method: str, env: str, path: str, query: Mapping[str, Any]) -> str | None:
+        """Raise ForbiddenError unless `query` carries a valid, unexpired signature.
+
+        Returns the id of the token the URL was signed for, if it was (the
+        caller checks that it still exists).
+        """
         expires_text = _one(query.get(EXPIRES))
         given = _one(query.get(SIGNATURE))
+        token_id = _one(query.get(SIGNED_BY)) or None
         if not expires_text or not given:
             raise ForbiddenError("the URL is not signed")
         try:
@@ -92,16 +115,22 @@ class URLSigner:
         signed_for = (verb, "GET") if verb == "HEAD" else (verb,)
         offered = given.encode("utf-8", "replace")
         if not any(
-            hmac.compare_digest(self._signature(m, env, path, expires).encode(), offered)
+            hmac.compare_digest(self._signature(m, env, path, expires, token_id).encode(), offered)
             for m in signed_for
         ):
             raise ForbiddenError("the URL's signature is invalid")
         if expires <= time.time():
             raise ForbiddenError("the signed URL has expired")
+        return token_id
 
-    def _signature(self, method: str, env: str, path: str, expires: int) -> str:
+    def _signature(
+        self, method: str, env: str, path: str, expires: int, token_id: str | None = None
+    ) -> str:
         verb = str(method).upper()
-        message = "\n".join([verb, env, path, str(expires)]).encode("utf-8", "surrogatepass")
+        parts = [verb, env, path, str(expires)]
+        if token_id:  # a URL without it signs what it always did
+            parts.append(token_id)
+        message = "\n".join(parts).encode("utf-8", "surrogatepass")
         return hmac.new(self.__key, message, hashlib.sha256).hexdigest()
 
 

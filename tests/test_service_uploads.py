@@ -773,3 +773,39 @@ def test_an_abandoned_upload_session_shows_in_the_paths_history(
     assert patch(http, "env", uid, 0, b"left behind").status_code == 204
     assert reclaim_sessions(managed, max_age=0) == 1
     assert failed("forgotten") == 1
+
+
+def test_a_signed_url_ends_with_the_revocation_of_its_token(managed: ManagedStorage) -> None:
+    """A contractor's token signed a 7-day URL, was revoked (401), and the URL still read
+    what the team wrote to that path afterwards. The URL is bound to the token now."""
+    tokens = TokenStore(managed.db)
+    contractor, info = tokens.create(env="team")
+    team, _ = tokens.create(env="team")
+    with ServerThread(create_app(managed, auth=True)) as server:
+        auth = {"authorization": f"Bearer {contractor}"}
+        signed = httpx.post(
+            f"{server.url}/v1/environments/team/sign",
+            json={"path": "config/db-password", "expires_in": 7 * 86400},
+            headers=auth,
+        )
+        url = signed.json()["url"]
+        assert f"by={info.id}" in url
+        put = httpx.put(
+            f"{server.url}/v1/environments/team/resources/config/db-password",
+            content=b"old",
+            headers={"authorization": f"Bearer {team}"},
+        )
+        assert put.status_code == 201
+        assert httpx.get(url).content == b"old"
+        tampered = url.replace(f"by={info.id}", "by=someone-else")
+        assert httpx.get(tampered).status_code == 403  # the token id is signed too
+        tokens.revoke(info.id)
+        refused = httpx.get(url)
+        assert refused.status_code == 403 and "revoked" in refused.json()["error"]["message"]
+        assert httpx.head(url).status_code == 403
+        # A URL signed where no token is asked for (--no-auth, the database's signer) is
+        # bound to none.
+        plain = URLSigner.for_database(managed, server.url).sign(
+            "GET", "team", "config/db-password"
+        )
+        assert "by=" not in plain and httpx.get(plain).status_code == 200
