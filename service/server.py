@@ -202,6 +202,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 self._counted = host
             self._refused = False
             self._in_head, self._head_bytes, self._oversized = True, 0, False
+            self._heads = 0  # heads completed on this connection
             super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
             self._arm_header_timer()
 
@@ -221,9 +222,12 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
         def data_received(self, data: bytes) -> None:
             if self._refused or self._oversized:
                 return
-            in_head = self._in_head
+            in_head, heads = self._in_head, self._heads
             super().data_received(data)
-            if in_head and self._in_head:  # all of it went to headers not yet complete
+            # All of it went to a head not yet complete: it came while one was being
+            # read, and none completed in it (one that did may have been followed by
+            # its whole body, and the next head).
+            if in_head and self._in_head and self._heads == heads:
                 self._head_bytes += len(data)
                 cap = self._limits.max_header_bytes
                 if cap > 0 and self._head_bytes > cap and not self.transport.is_closing():
@@ -272,6 +276,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
                 state.default_headers = [dated, *kept]
             self.scope["rescat.date"] = now
             self._in_head = False
+            self._heads += 1
             super().on_headers_complete()
             self.headers: list[tuple[bytes, bytes]] = list(getattr(self, "headers", []))
 
