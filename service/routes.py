@@ -36,6 +36,7 @@ from service.conditions import (
     Condition,
     check_tags,
     content_type,
+    guess_type,
     holds,
     none_match_holds,
     parse_tag,
@@ -120,7 +121,9 @@ async def get_resource(ctx: Ctx[None]) -> Response:
             reader.close()
             return Response(status_code=304, headers=headers)
         # Set as a header, not media_type: Starlette would add a charset to text/* types.
-        headers["content-type"] = info.content_type or OCTETS
+        # A path written with no type (by the CLI, the KV store, the driver, a dedup
+        # upload) is served by its name, as one a PUT gave no type is stored.
+        headers["content-type"] = info.content_type or guess_type(info.path) or OCTETS
         # Stored content is whatever a token holder sent: a browser must not sniff it
         # into something else (text/plain into HTML, say), also behind a signed URL.
         headers["x-content-type-options"] = "nosniff"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -664,6 +665,21 @@ def test_malformed_entity_tags_are_400(http: httpx.Client, managed: ManagedStora
     # well-formed tags that name nothing are fine: they just do not match
     assert put(http, "e", "t", b"w", **{"If-None-Match": '"other"'}).status_code == 201
     assert http.get(url("e", "t"), headers={"If-None-Match": 'W/"other"'}).status_code == 200
+
+
+def test_a_path_written_with_no_type_is_served_by_its_name(
+    http: httpx.Client, managed: ManagedStorage
+) -> None:
+    """Only an HTTP PUT guessed a type from the name: the same file written by the CLI,
+    the KV store or a deduplicated upload was served as application/octet-stream."""
+    for path, expected in (("ct/db.txt", "text/plain"), ("ct/d.json", "application/json"),
+                           ("ct/blob", "application/octet-stream")):  # fmt: skip
+        managed.put_for_environment("e", path, io.BytesIO(b"{}"), 2)  # no type stored
+        assert http.head(url("e", path)).headers["content-type"] == expected, path
+    put(http, "e", "ct/db.txt", b"<p>", **{"content-type": "text/html"})
+    assert http.head(url("e", "ct/db.txt")).headers["content-type"] == "text/html"
+    managed.put_for_environment("e", "ct/db.txt", io.BytesIO(b"plain"), 5)
+    assert http.head(url("e", "ct/db.txt")).headers["content-type"] == "text/plain"
 
 
 def test_stored_html_never_runs_as_a_page_of_the_service(http: httpx.Client) -> None:
