@@ -19,7 +19,7 @@ import click
 from catalog.errors import CatalogError
 from catalog.kv import MAX_VALUE, KVPair, KVStore, check_ttl, clean_key, clean_prefix
 from catalog.names import check_env
-from cli.app import Context, cli, echo_json, pass_ctx, with_hint
+from cli.app import Context, Group, cli, echo_json, pass_ctx, with_hint
 
 
 def _pair_json(pair: KVPair) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _line(data: Any) -> None:
     sys.stdout.flush()
 
 
-@cli.group()
+@cli.group(cls=Group)  # its commands take the profile's env as every data command does
 def kv() -> None:
     """Key-value store over an environment's paths (revisions, CAS, watch, TTL).
 
@@ -107,7 +107,7 @@ def kv_put(
             raise click.ClickException(f"cannot read {name}: {exc.strerror}") from None
     else:
         data = os.fsencode(value)  # the argument's bytes as given, UTF-8 or not
-    store = KVStore(ctx.managed, env)
+    store = _store(ctx, env)
     try:
         if create:
             pair = store.atomic_put(k, data, None, ttl=ttl)
@@ -118,6 +118,30 @@ def kv_put(
     finally:
         store.close()
     click.echo(pair.last_index)
+
+
+def _store(ctx: Context, env: str) -> KVStore:
+    """The environment's KV store, on the database: never a local one by mistake.
+
+    `kv get/put/ls/rm` work on a database. Where the data commands go to a
+    service (--server, RESCAT_SERVER, a profile's server), using rescat's own
+    local mongod instead would read and write another catalog: refused.
+    """
+    server = _configured_server(ctx)
+    if server is not None:
+        raise click.ClickException(
+            f"`rescat kv` works on a database, and only a service is configured ({server}): "
+            "give --mongo-uri (or mongo_uri in the profile); through the service, a key is "
+            "a path: `rescat get ENV KEY`, `rescat put ENV KEY FILE`, `rescat kv watch`"
+        )
+    return KVStore(ctx.managed, env)
+
+
+def _configured_server(ctx: Context) -> str | None:
+    """The service the data commands go to when no database is configured at all."""
+    if not ctx.uses_embedded:
+        return None
+    return ctx.profile.get("server") or os.environ.get("RESCAT_SERVER") or None
 
 
 def _value_from(source: BinaryIO, name: str) -> bytes:
@@ -152,7 +176,7 @@ def kv_get(ctx: Context, env: str, key: str, as_json: bool) -> None:
     """
     check_env(env)
     clean_key(key)
-    store = KVStore(ctx.managed, env)
+    store = _store(ctx, env)
     try:
         pair = store.get(key)
     finally:
@@ -179,7 +203,7 @@ def kv_ls(ctx: Context, env: str, prefix: str, as_json: bool) -> None:
     """
     check_env(env)
     clean_prefix(prefix)
-    store = KVStore(ctx.managed, env)
+    store = _store(ctx, env)
     try:
         pairs = store.list_pairs(prefix)
     finally:
@@ -218,7 +242,7 @@ def kv_rm(ctx: Context, env: str, key: str, recursive: bool, if_revision: int | 
     k = clean_key(key)
     if recursive and if_revision is not None:
         raise click.UsageError("-r and --if-revision exclude each other")
-    store = KVStore(ctx.managed, env)
+    store = _store(ctx, env)
     try:
         if recursive:
             store.delete_range(k)
@@ -279,6 +303,8 @@ def kv_watch(
     check_env(env)
     if (key is None) == (prefix is None):
         raise click.UsageError("give either KEY or --prefix P")
+    if server is None and _configured_server(ctx):  # a profile's, as the data commands
+        server, token = _configured_server(ctx), token or ctx.profile.get("token")
     if server is not None:
         try:
             _watch_http(server, token, env, key, prefix, since)
@@ -287,7 +313,7 @@ def kv_watch(
         return
     if since is not None:
         raise click.UsageError("--since needs --server")
-    store = KVStore(ctx.managed, env)
+    store = _store(ctx, env)
     try:
         if key is not None:
             name = clean_key(key)

@@ -293,6 +293,29 @@ def test_completion_of_paths_through_the_service(
     assert not (Path(clean_env["RESCAT_DATA_DIR"]) / "db").exists()
 
 
+def test_kv_takes_the_profiles_env_and_never_a_local_database_in_place_of_a_service(
+    clean_env: dict[str, str], mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """With only a service configured (RESCAT_SERVER, as in CI), `kv get` read rescat's
+    own local mongod (a new, empty one: "no such key"); the profile's env did not fill
+    in ENV for `kv` as it does for every other data command."""
+    from catalog.kv import KVStore
+
+    store = KVStore(managed, "team-a")
+    store.put("config/db", b"postgres://db")
+    store.close()
+    Path(clean_env["RESCAT_CONFIG"]).write_text(
+        f'[default]\nmongo_uri = "{mongo_uri}"\ndatabase = "{db.name}"\nenv = "team-a"\n'
+    )
+    assert run(clean_env, "kv", "get", "config/db").stdout == "postgres://db"
+    assert run(clean_env, "kv", "ls").stdout == "config/db\n"
+    web = {**clean_env, "RESCAT_CONFIG": "/nonexistent", "RESCAT_SERVER": "http://127.0.0.1:1"}
+    for args in (["kv", "get", "team-a", "config/db"], ["kv", "ls", "team-a"]):
+        refused = run(web, *args)
+        assert refused.returncode == 1 and "works on a database" in one_line(refused)
+    assert not (Path(clean_env["RESCAT_DATA_DIR"]) / "db").exists()  # no mongod started
+
+
 @pytest.mark.parametrize(
     "command", [["sync"], ["db"], ["db", "status"], ["db", "stop"], ["config"]], ids=" ".join
 )
