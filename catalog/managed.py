@@ -630,10 +630,13 @@ class ManagedStorage:
         try:
             with beat:
                 result = self._put_streamed(env_uuid, path, reader, length, expected, options)
-        except BaseException:
+        except BaseException as exc:
             if op is not None:
+                # A refused condition is no failed upload (as with a small put): its
+                # pending item just goes.
+                refused = isinstance(exc, PreconditionFailedError)
                 with contextlib.suppress(Exception):
-                    history.finish_upload(self.history, env_uuid, path, op, ok=False)
+                    history.finish_upload(self.history, env_uuid, path, op, ok=refused)
             raise
         if op is not None:
             history.finish_upload(self.history, env_uuid, path, op, ok=True)

@@ -268,3 +268,23 @@ def test_a_move_to_a_long_history_is_logged_as_the_events_moved(
     ]
     revisions = [e["revision"] for e in shown]
     assert revisions == sorted(set(revisions))
+
+
+def test_a_refused_condition_of_a_streamed_put_is_no_failed_upload(
+    managed: ManagedStorage,
+) -> None:
+    """A small put refused by its condition leaves no history item; a streamed one (past
+    the inline size) left an `upload failed`, though the bytes were stored and nothing
+    was uploaded in vain."""
+    import os
+
+    from catalog.errors import PreconditionFailedError
+    from catalog.managed import WriteOptions
+
+    data = os.urandom(200_000)
+    managed.put_path("e", "k", io.BytesIO(data), len(data))
+    for options in (WriteOptions(if_match=5), WriteOptions(if_none_match=True)):
+        with pytest.raises(PreconditionFailedError):
+            managed.put_path("e", "k", io.BytesIO(os.urandom(200_000)), 200_000, options=options)
+    events = [(h["event"], h["state"]) for h in managed.history_for_environment("e", "k")]
+    assert events == [("create", "ok")]
