@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, BinaryIO
 
 from catalog.names import check_env
 from catalog.proof import PutResponse, RequestResponse, new_put_response
 from catalog.resources import Resource
+from catalog.streams import binary_source
 
 if TYPE_CHECKING:
     from catalog.kv import KVStore
@@ -33,16 +33,7 @@ class Environment:
         Bytes are taken as `CatalogClient.put` and httpx take them; a `str` is
         refused (which encoding?), as is a file opened in text mode.
         """
-        if isinstance(reader, (bytes, bytearray, memoryview)):
-            view = memoryview(reader)
-            if length not in (-1, view.nbytes):
-                raise ValueError(f"length {length} given for {view.nbytes} bytes")
-            reader, length = io.BytesIO(view), view.nbytes
-        elif isinstance(reader, (str, io.TextIOBase)):
-            raise TypeError(
-                f"put() needs bytes or a binary reader, not {type(reader).__name__}: "
-                "encode the text, or open the file in binary mode ('rb')"
-            )
+        reader, length = binary_source(reader, length)
         return self.managed.put_for_environment_and_check_hash(
             self.env_uuid, path, reader, length, check_hash
         )

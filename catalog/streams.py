@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -11,7 +12,14 @@ import blake3
 
 from storage.gridfs_storage import read_exact
 
-__all__ = ["Heartbeat", "PrefixedReader", "WatchedReader", "hash_stream", "read_exact"]
+__all__ = [
+    "Heartbeat",
+    "PrefixedReader",
+    "WatchedReader",
+    "binary_source",
+    "hash_stream",
+    "read_exact",
+]
 
 HASH_BLOCK = 4 * 1024 * 1024
 
@@ -127,3 +135,23 @@ class Heartbeat:
     ) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def binary_source(
+    reader: BinaryIO | bytes | bytearray | memoryview, length: int = -1
+) -> tuple[BinaryIO, int]:
+    """What a put reads: a binary reader, or the bytes themselves (as httpx takes them).
+
+    A `str` is refused (which encoding?), as is a file opened in text mode.
+    """
+    if isinstance(reader, (bytes, bytearray, memoryview)):
+        view = memoryview(reader)
+        if length not in (-1, view.nbytes):
+            raise ValueError(f"length {length} given for {view.nbytes} bytes")
+        return io.BytesIO(view), view.nbytes
+    if isinstance(reader, (str, io.TextIOBase)):
+        raise TypeError(
+            f"put() needs bytes or a binary reader, not {type(reader).__name__}: "
+            "encode the text, or open the file in binary mode ('rb')"
+        )
+    return reader, length

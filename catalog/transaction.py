@@ -36,6 +36,7 @@ from catalog.errors import NotFoundError, NoTransactionError, ResourceDeletedErr
 from catalog.managed import PLAIN, WriteOptions, outcome_unknown
 from catalog.names import check_env, check_path
 from catalog.resources import READY, Resource, object_id
+from catalog.streams import binary_source
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage
@@ -59,14 +60,16 @@ class ContentTransaction:
         self,
         env_uuid: str,
         path: str,
-        reader: BinaryIO,
+        reader: BinaryIO | bytes | bytearray | memoryview,
         length: int = -1,
         check_hash: str | None = None,
     ) -> Resource:
-        """Store the bytes now; the path points at them when the block ends."""
+        """Store the bytes now (a binary reader, or the bytes themselves, as Environment.put
+        takes them); the path points at them when the block ends."""
         self._check_open()
         check_env(env_uuid)
         check_path(path)
+        reader, length = binary_source(reader, length)
         staged = WriteOptions(link=False)
         res, _ = self._managed._put(env_uuid, path, reader, length, check_hash or None, staged)
         self._held.append(res)

@@ -164,3 +164,15 @@ def test_a_caught_not_found_still_means_nothing_takes_effect(managed: ManagedSto
         # the caller went on; the block's end raises the error again
     assert managed.list_for_environment("e") == []
     assert fsck(managed, grace=0).clean
+
+
+def test_a_transaction_puts_bytes_as_an_environment_does(managed: ManagedStorage) -> None:
+    """env.put took bytes; tx.put raised AttributeError: 'bytes' object has no attribute
+    'read'. Text is refused with a TypeError that says what to do, in both."""
+    with managed.transaction() as tx:
+        tx.put("e", "from-bytes", b"1")
+        tx.put("e", "from-view", memoryview(b"22"))
+        with pytest.raises(TypeError, match="binary"):
+            tx.put("e", "text", "3")  # type: ignore[arg-type]
+    assert managed.get_for_environment("e", "from-bytes")[0].read() == b"1"
+    assert managed.get_for_environment("e", "from-view")[0].read() == b"22"
