@@ -485,7 +485,8 @@ def ls(
 ) -> None:
     """List the paths of environment ENV (starting with PREFIX), sorted.
 
-    PREFIX is a plain string prefix; `/` alone is the top level. One path
+    PREFIX is a plain string prefix; `/` alone is the whole environment (with
+    --delimiter /, its top level, as `aws s3 ls s3://bucket/`). One path
     per line; with --delimiter /, paths below the next / after PREFIX show
     once as their folder, `dir/` (as `aws s3 ls` does). -l adds the time the
     path last changed (UTC), the size and the content hash.
@@ -504,7 +505,7 @@ def ls(
                 f"invalid prefix {prefix!r}: paths are relative, no leading '/' "
                 f"(write {relative!r})"
             )
-        prefix = ""  # `/` is the top level, as in `aws s3 ls s3://bucket/`
+        prefix = ""  # `/` is the whole environment (its top level with --delimiter /)
     check_prefix(prefix)
     if delimiter is not None and len(delimiter) != 1:
         raise click.BadParameter("one character, such as /", param_hint="--delimiter")
@@ -592,7 +593,7 @@ def stat(ctx: Context, env: str, path: str, as_json: bool) -> None:
         ("hash", format_hash(info["hash"])),
         ("length", f"{info['length']} ({_human(info['length'])})"),
         ("path created", f"{_iso(info['created_at'])}  (this path first stored)"),
-        ("path updated", f"{_iso(info['updated_at'])}  (this path last pointed at new content)"),
+        ("path updated", f"{_iso(info['updated_at'])}  (this path last written)"),
         ("revision", f"{info['revision']}  (of this path)"),
         ("content", f"resource {info['resource_id']}, {info['state']}"),
     ]

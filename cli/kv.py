@@ -264,7 +264,12 @@ def kv_rm(ctx: Context, env: str, key: str, recursive: bool, if_revision: int | 
     default=None,
     help="Watch over HTTP through this service (env RESCAT_SERVER) instead of MongoDB.",
 )
-@click.option("--token", envvar="RESCAT_TOKEN", default=None, help="Bearer token (with --server).")
+@click.option(
+    "--token",
+    envvar="RESCAT_TOKEN",
+    default=None,
+    help="Bearer token for the service (env RESCAT_TOKEN, or the profile's token).",
+)
 @click.option(
     "--since",
     type=click.IntRange(min=0),
