@@ -575,17 +575,15 @@ def remove_tree(ctx: Context, env: str, prefix: str, *, dry_run: bool) -> int:
     paths = [str(doc["path"]) for doc in _iter_paths(ctx, env, query)]
     client = ctx.http
     folder_only = prefix.endswith("/")
-    try:
-        if folder_only:
+    if not folder_only:  # PREFIX itself too, when it is a path
+        try:
+            if client is not None:
+                client.stat(env, stripped)
+            else:
+                ctx.managed.stat_for_environment(env, stripped)
+            paths.insert(0, stripped)
+        except NotFoundError:
             pass
-        elif client is not None:
-            client.stat(env, stripped)
-            paths.insert(0, stripped)
-        else:
-            ctx.managed.stat_for_environment(env, stripped)
-            paths.insert(0, stripped)
-    except NotFoundError:
-        pass
     if not paths:
         where = f"under {query!r}" if folder_only else f"at or under {stripped!r}"
         raise NotFoundError(f"{env}: nothing {where}")

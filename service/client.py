@@ -202,9 +202,7 @@ class CatalogClient:
                 _raise_for(response)
                 yield from _listed_items(response.iter_text())
         except httpx.TransportError as exc:
-            raise ServiceUnavailableError(
-                f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
-            ) from exc
+            raise self._unreachable(exc) from exc
 
     def request_put(self, env: str, path: str, hash: str) -> dict[str, Any]:
         """POST a put request: {"request_id", "ranges", "expires_at"} (NotFoundError if unknown)."""
@@ -672,9 +670,7 @@ class CatalogClient:
                         writer.close()
             except httpx.TransportError as exc:
                 if attempts > self.retries:
-                    raise ServiceUnavailableError(
-                        f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
-                    ) from exc
+                    raise self._unreachable(exc) from exc
                 continue
             if offset < total:
                 if attempts > self.retries:
@@ -769,13 +765,17 @@ class CatalogClient:
         return self._json("POST", _env_url(dst_env, "copy"), json=body)  # type: ignore[no-any-return]
 
     # -- transport ------------------------------------------------------------------
+    def _unreachable(self, exc: BaseException) -> ServiceUnavailableError:
+        """The one error of a service that did not answer (connection refused, reset...)."""
+        return ServiceUnavailableError(
+            f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
+        )
+
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise ServiceUnavailableError(
-                f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
-            ) from exc
+            raise self._unreachable(exc) from exc
         if method == "HEAD" and response.status_code in (401, 403):
             response = self._explained(url, response, kwargs.get("headers"))
         _raise_for(response)
@@ -882,9 +882,7 @@ class CatalogClient:
                 if isinstance(exc, ServiceError) and not _retryable(exc):
                     raise
                 if not connected and isinstance(exc, httpx.TransportError):
-                    raise ServiceUnavailableError(
-                        f"{self.base_url}: {type(exc).__name__}: {exc}", code="unavailable"
-                    ) from exc
+                    raise self._unreachable(exc) from exc
                 now = time.monotonic()
                 down_since = now if down_since is None else down_since
                 if now - down_since > reconnect_for:
