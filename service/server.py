@@ -183,6 +183,10 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
 
     class DeadlineProtocol(parent):  # type: ignore[misc,valid-type]
         _limits = limits
+        # httptools' protocol calls back when a head and a message end, and its parser
+        # keeps what a head holds; h11 has no such callbacks and its own limit (uvicorn's
+        # h11_max_incomplete_event_size).
+        _counts_heads = hasattr(parent, "on_headers_complete")
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._header_timer: asyncio.TimerHandle | None = None
@@ -203,6 +207,9 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
             self._refused = False
             self._in_head, self._head_bytes, self._oversized = True, 0, False
             self._heads = 0  # heads completed on this connection
+            # Of the message being read: body bytes handed on (and in how many pieces),
+            # and what else came meanwhile (chunk sizes, extensions, trailer fields).
+            self._body_bytes, self._body_pieces, self._frame_bytes = 0, 0, 0
             super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
             self._arm_header_timer()
 
@@ -222,20 +229,34 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
         def data_received(self, data: bytes) -> None:
             if self._refused or self._oversized:
                 return
-            in_head, heads = self._in_head, self._heads
+            in_head, heads, body = self._in_head, self._heads, self._body_bytes
             super().data_received(data)
-            # All of it went to a head not yet complete: it came while one was being
-            # read, and none completed in it (one that did may have been followed by
-            # its whole body, and the next head).
-            if in_head and self._in_head and self._heads == heads:
-                self._head_bytes += len(data)
-                cap = self._limits.max_header_bytes
-                if cap > 0 and self._head_bytes > cap and not self.transport.is_closing():
-                    self.transport.write(_headers_too_large_response(cap))
-                    self.transport.close()
+            cap = self._limits.max_header_bytes
+            if self._counts_heads and cap > 0 and self._heads == heads:
+                # Counted only when no head completed in it (one that did may have been
+                # followed by its whole body, and the next head).
+                if in_head and self._in_head:  # all of it went to an unfinished head
+                    self._head_bytes += len(data)
+                elif not in_head and not self._in_head:  # a body being read: the rest
+                    self._frame_bytes += len(data) - (self._body_bytes - body)
+                # Chunk framing is a few bytes a piece; trailers are a head of their own.
+                framing = cap + 32 * self._body_pieces
+                if self._head_bytes > cap or self._frame_bytes > framing:
+                    if not self.transport.is_closing():
+                        self.transport.write(_headers_too_large_response(cap))
+                        self.transport.close()
                     self._oversized = True  # what else arrives is not parsed
                     return
             self._check_headers_done()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._in_head:  # a trailer field (after the body) is dropped, never kept
+                super().on_header(name, value)
+
+        def on_body(self, body: bytes) -> None:
+            self._body_bytes += len(body)
+            self._body_pieces += 1
+            super().on_body(body)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -277,6 +298,7 @@ def protocol_class(limits: Limits, base: type[asyncio.Protocol] | None = None) -
             self.scope["rescat.date"] = now
             self._in_head = False
             self._heads += 1
+            self._body_pieces, self._frame_bytes = 0, 0
             super().on_headers_complete()
             self.headers: list[tuple[bytes, bytes]] = list(getattr(self, "headers", []))
 

@@ -191,6 +191,33 @@ def test_huge_headers_are_refused_before_they_fill_memory(server: Server) -> Non
     finally:
         sock.close()
     assert psutil.Process().memory_info().rss - rss < 16 * 1024 * 1024
+    # ...nor as trailer fields after a chunked body (they were neither counted nor dropped)
+    sock = connect(server.port)
+    try:
+        sock.sendall(
+            b"PUT /v1/environments/env/resources/t HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        )
+        with contextlib.suppress(OSError):
+            for _ in range(512):
+                sock.sendall(b"X-T: " + b"t" * 65536 + b"\r\n")
+        status, _ = answer(sock)
+        assert status == 431
+    finally:
+        sock.close()
+    assert psutil.Process().memory_info().rss - rss < 24 * 1024 * 1024
+    # Chunked bodies of many small chunks and a few trailer fields pass.
+    sock = connect(server.port)
+    try:
+        chunks = b"".join(b"1\r\nx\r\n" for _ in range(20_000))
+        sock.sendall(
+            b"PUT /v1/environments/env/resources/tiny HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Note: fine\r\n\r\n"
+        )
+        status, _ = answer(sock)
+        assert status == 201
+    finally:
+        sock.close()
     # Big headers below the limit, and a large body right behind its headers, still pass.
     big = {"x-big": "b" * 40_000}
     assert httpx.get(f"{server.url}/v1/environments/env/resources/a", headers=big).content == (
@@ -348,6 +375,14 @@ def test_h11_fallback_has_the_same_deadlines(managed: ManagedStorage) -> None:
         finally:
             for sock in socks:
                 sock.close()
+    # The head limit is httptools' (h11 keeps its own): h11 never says where a head ends,
+    # and counting there refused a 100 KiB body and the 270th request of a connection.
+    again = create_app(managed, auth=False)  # an app's lifespan runs once
+    with Server(again, Limits(), base=H11Protocol) as srv, httpx.Client(base_url=srv.url) as c:
+        for _ in range(300):
+            assert c.get("/v1/environments/env/resources/a").status_code == 200
+        body = os.urandom(100_000)
+        assert c.put("/v1/environments/env/resources/b", content=body).status_code == 201
 
 
 def test_a_catalog_error_without_a_code_is_400(managed: ManagedStorage) -> None:
