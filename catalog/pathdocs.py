@@ -182,13 +182,15 @@ def _of_insert(collection: Any, doc: dict[str, Any]) -> int:
     """
     at = doc["created_at"].replace(microsecond=doc["created_at"].microsecond // 1000 * 1000)
     match = {"event": "create", "at": at, "hash": doc["hash"]}
-    for source in (collection, collection.database["path_history"]):
-        held = source.find_one(
+    # The document it inserted, if it is still there: its events are its own alone.
+    held = collection.find_one({"_id": doc["_id"]}, {"events": {"$elemMatch": match}})
+    if held is None or not held.get("events"):  # gone (deleted, moved) or spilled
+        held = collection.database["path_history"].find_one(
             {"env": doc["env"], "path": doc["path"], "events": {"$elemMatch": match}},
             {"events": {"$elemMatch": match}},
         )
-        if held is not None:
-            return int(held["events"][0].get("revision") or 0)
+    if held is not None and held.get("events"):
+        return int(held["events"][0].get("revision") or 0)
     return 0
 
 

@@ -303,6 +303,16 @@ def test_the_revision_of_an_insert_changed_before_its_read(
     assert _of_insert(db["paths"], doc) == created
     _put(managed, "raced", b"again")  # a later incarnation's create is not the insert's
     assert _of_insert(db["paths"], doc) == created
+    # ...even one created with the same bytes in the same millisecond (then changed): the
+    # live document was searched by path first, and its create event taken for ours.
+    managed.delete_path("e", "raced")
+    twin = fresh("e", "raced", target, {})
+    twin["created_at"] = doc["created_at"]
+    db["paths"].insert_one(twin)
+    managed.put_path("e", "raced", io.BytesIO(b"x"), 1)  # writes the twin's create event out
+    twin_rev = _of_insert(db["paths"], twin)
+    assert twin_rev not in (0, created)
+    assert _of_insert(db["paths"], doc) == created
 
 
 def test_writing_an_expired_ttl_key_again_creates_it_anew(managed: ManagedStorage) -> None:
