@@ -132,11 +132,10 @@ class StorageDriver:
         rel = self._rel(path)
         data = bytes(content or b"")
         with self._errors(path):
-            self.check_file_place(path)
-            # It answers nothing: a new path may then be inserted (pathdocs.fresh),
-            # half the database's work of the upsert that returns a revision.
-            self.managed.put_for_environment(self.env_uuid, rel, io.BytesIO(data), len(data))
-            self._settle_place(path)
+            existed = self._placed(path)
+            info = self.managed.put_path(self.env_uuid, rel, io.BytesIO(data), len(data))
+            if not existed:
+                self._settle_place(path, info.revision)
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO:
         """A seekable stream of the content from `offset` (at or past the end: b"")."""
@@ -342,12 +341,20 @@ class StorageDriver:
         faces); a file system cannot, and distribution's drivers refuse to
         make one (put or move onto a directory, or below a file). One query.
         """
-        clash = self.file_place_clash(path)
+        self._placed(path)
+
+    def _placed(self, path: str) -> bool:
+        """check_file_place, and whether the file is there already (the same one query)."""
+        rel = self._rel(path)
+        query = _clash_query(self.env_uuid, rel)
+        query["$or"].append({"path": rel})
+        docs = list(self.managed.paths.find(query, {"path": 1}, limit=2))
+        clash = next((str(d["path"]) for d in docs if d["path"] != rel), None)
         if clash is None:
-            return
-        if clash:
-            raise InvalidPathError(f"{self._name}: {path}: /{clash} is a file")
-        raise InvalidPathError(f"{self._name}: {path} is a directory")
+            return len(docs) > 0
+        if clash.startswith(rel + "/"):
+            raise InvalidPathError(f"{self._name}: {path} is a directory")
+        raise InvalidPathError(f"{self._name}: {path}: /{clash} is a file")
 
     def file_place_clash(self, path: str) -> str | None:
         """What keeps a file from `path`: the file it would lie below, "" if `path` is a
@@ -358,31 +365,28 @@ class StorageDriver:
             return None
         return "" if clash["path"].startswith(rel + "/") else str(clash["path"])
 
-    def _settle_place(self, path: str) -> None:
-        """After a write of `path`: if a racing writer made a clash, the later one undoes.
+    def _settle_place(self, path: str, rev: int) -> None:
+        """After the write (at revision `rev`) that made `path`: if a racing writer made
+        a clash, the later of the two undoes its own.
 
         check_file_place is a read before the write: two writers of `/a` and
-        `/a/b`, neither there yet, both pass it and both write. So each looks
-        again after its write; the write with the later revision (then the
-        larger path) deletes what it wrote and raises, and the earlier one
-        stands. Only new paths can race so: a path that was there already
-        made the other writer's check fail.
+        `/a/b`, neither there yet, both pass it and both write. So a writer
+        that made a new file looks again after its write; the write with the
+        later revision (then the larger path) deletes what it wrote, and only
+        that (if it is still there: `if_match`), and raises; the earlier one
+        stands. A file that was there already is never undone: the other
+        writer's check saw it (or it came through a face that allows both).
         """
         rel = self._rel(path)
         query = _clash_query(self.env_uuid, rel)
         others = list(self.managed.paths.find(query, {"path": 1, "rev": 1}, limit=16))
-        if not others:
-            return
-        mine = self.managed.paths.find_one(self._exact(rel), {"rev": 1})
-        if mine is None:
-            return
-        rev = revision(mine.get("rev"))
         if all((revision(d.get("rev")), d["path"]) > (rev, rel) for d in others):
-            return  # ours came first: theirs undo
+            return  # no clash, or ours came first: theirs undo
         with contextlib.suppress(NotFoundError, PreconditionFailedError):
             self.managed.delete_path(self.env_uuid, rel, if_match=rev)
-        self.check_file_place(path)
-        raise InvalidPathError(f"{self._name}: {path}: a file or directory is in the way")
+        raise InvalidPathError(
+            f"{self._name}: {path}: a file or directory was made there at the same time"
+        )
 
     def _exact(self, rel: str) -> dict[str, Any]:
         return {"env": self.env_uuid, "path": rel, "expires_at": {"$not": {"$lte": utcnow()}}}
@@ -442,9 +446,10 @@ class FileWriter:
 
     def commit(self) -> PathInfo:
         with self._driver._errors(self.path):
-            self._driver.check_file_place(self.path)
+            existed = self._driver._placed(self.path)
             info = self._writer.commit()
-            self._driver._settle_place(self.path)
+            if not existed:
+                self._driver._settle_place(self.path, info.revision)
             return info
 
     def __enter__(self) -> FileWriter:

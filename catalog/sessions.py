@@ -53,9 +53,12 @@ from catalog.errors import (
     InvalidOffsetError,
     NotFoundError,
     OffsetMismatchError,
+    PreconditionFailedError,
     UploadPendingError,
 )
+from catalog.managed import PLAIN, WriteOptions
 from catalog.names import check_env, check_path, parse_hash
+from catalog.pathdocs import revision
 from catalog.streams import Heartbeat
 from storage.errors import StaleWriteError
 from storage.reader import NotDurableError
@@ -651,6 +654,7 @@ class SessionWriter:
         """
         self._check_open("commit")
         expected = parse_hash(expected_hash) if expected_hash else None
+        self._check_base()
         store = self._store
         self._drain()
         if self._buf:
@@ -787,8 +791,9 @@ class SessionWriter:
                     f"upload session {self.session_id}: {len(data)} bytes durable, expected {size}"
                 )
             info = managed.put_path(
-                self.env_uuid, self.path, io.BytesIO(data), size, check_hash=digest
-            )
+                self.env_uuid, self.path, io.BytesIO(data), size, check_hash=digest,
+                options=self._options(),
+            )  # fmt: skip
             storage.discard_session_chunks(self.file_id)
             return info
         file_id = self.file_id
@@ -801,7 +806,30 @@ class SessionWriter:
                 file_id, storage_path, size, digest
             ),
             drop=lambda: storage.discard_session_chunks(file_id),
+            options=self._options(),
         )
+
+    def _options(self) -> WriteOptions:
+        """An append commits only over the revision it began with (with the write)."""
+        return WriteOptions(if_match=self.base_rev) if self.base_rev is not None else PLAIN
+
+    def _check_base(self) -> None:
+        """PreconditionFailedError, before anything is changed, if the file an append began
+        with has changed since: committing would bring its old bytes back over the new."""
+        if self.base_rev is None:
+            return
+        managed = self._store.managed
+        doc = managed.paths.find_one(
+            {"env": self.env_uuid, "path": self.path, "expires_at": {"$not": {"$lte": utcnow()}}},
+            {"rev": 1},
+        )
+        now = revision(doc.get("rev")) if doc is not None else None
+        if now != self.base_rev:
+            what = "was deleted" if now is None else f"changed (revision {now})"
+            raise PreconditionFailedError(
+                f"{self.env_uuid}: {self.path!r} {what} since this append began "
+                f"(revision {self.base_rev}): cancel and append again"
+            )
 
     def _after_failed_commit(self) -> int | None:
         """Keep the session while its bytes are its own; the length it keeps, or None.

@@ -282,3 +282,66 @@ def test_racing_writers_never_make_a_name_both_a_file_and_a_directory(
         else:
             assert driver.list(file) == [below] and driver.get_content(below) == below.encode()
     assert both == 0
+
+
+def test_a_driver_write_undoes_only_its_own_new_file(
+    managed: ManagedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The undo of a write that lost a file/directory race deleted what the path held
+    then: a file that was there before the write (its old bytes lost with it), or an
+    acknowledged write made through another face right after. Other faces' writes land
+    here between the driver's check and its write, and after its write."""
+    import io
+
+    from catalog.errors import InvalidPathError
+
+    driver = StorageDriver(managed, "reg", name="rescat")
+    real = managed.put_path
+    driver.put_content("/cfg/app", b"v1")
+
+    def below_first(env: str, rel: str, *args: Any, **kw: Any) -> Any:
+        managed.put_for_environment("reg", rel + "/extra", io.BytesIO(b"x"), 1)
+        return real(env, rel, *args, **kw)
+
+    monkeypatch.setattr(managed, "put_path", below_first)
+    driver.put_content("/cfg/app", b"v2")  # it was a file already: replaced, never undone
+    monkeypatch.setattr(managed, "put_path", real)
+    assert managed.get_for_environment("reg", "cfg/app")[0].read() == b"v2"
+
+    def raced(env: str, rel: str, *args: Any, **kw: Any) -> Any:
+        managed.put_for_environment("reg", rel + "/c", io.BytesIO(b"below"), 5)
+        info = real(env, rel, *args, **kw)
+        real("reg", rel, io.BytesIO(b"http"), 4)  # acknowledged, through another face
+        return info
+
+    monkeypatch.setattr(managed, "put_path", raced)
+    with pytest.raises(InvalidPathError):
+        driver.put_content("/a/b", b"driver")  # new, and later than a/b/c: it loses
+    monkeypatch.setattr(managed, "put_path", real)
+    assert managed.get_for_environment("reg", "a/b")[0].read() == b"http"
+
+
+def test_an_append_commit_never_brings_old_bytes_back_over_a_newer_write(
+    managed: ManagedStorage,
+) -> None:
+    """writer(append=True) begins with a copy of the file; another face replaced the file
+    meanwhile, and the commit wrote the old bytes plus the appended ones over it. The
+    commit is refused now, nothing changed, and the writer can be cancelled."""
+    import io
+
+    from catalog.errors import PreconditionFailedError
+
+    driver = StorageDriver(managed, "reg", name="rescat")
+    for size in (3, 5 * 1024 * 1024):  # inline and stored content
+        driver.put_content("/f", b"v" * size)
+        w = driver.writer("/f", append=True)
+        w.write(b"appended;")
+        managed.put_path("reg", "f", io.BytesIO(b"v2 from HTTP;"), 13)
+        with pytest.raises(PreconditionFailedError, match="since this append began"):
+            w.commit()
+        assert driver.get_content("/f") == b"v2 from HTTP;"
+        w.cancel()
+        fresh = driver.writer("/f", append=True)  # over the current bytes, it commits
+        fresh.write(b"+")
+        fresh.commit()
+        assert driver.get_content("/f") == b"v2 from HTTP;+"
