@@ -202,10 +202,7 @@ class StorageDriver:
         once the path was deleted, moved away or replaced through any face (HTTP,
         the CLI, the KV store), resuming it would bring the old bytes back.
         """
-        if writer.base_rev is None:
-            return True
-        doc = self.managed.paths.find_one(self._exact(writer.path), {"rev": 1})
-        return doc is not None and revision(doc.get("rev")) == writer.base_rev
+        return writer.base_rev is None or writer.base_now() == writer.base_rev
 
     # -- namespace ------------------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -345,25 +342,29 @@ class StorageDriver:
 
     def _placed(self, path: str) -> bool:
         """check_file_place, and whether the file is there already (the same one query)."""
-        rel = self._rel(path)
-        query = _clash_query(self.env_uuid, rel)
-        query["$or"].append({"path": rel})
-        docs = list(self.managed.paths.find(query, {"path": 1}, limit=2))
-        clash = next((str(d["path"]) for d in docs if d["path"] != rel), None)
-        if clash is None:
-            return len(docs) > 0
-        if clash.startswith(rel + "/"):
-            raise InvalidPathError(f"{self._name}: {path} is a directory")
-        raise InvalidPathError(f"{self._name}: {path}: /{clash} is a file")
+        exists, clash = self._place(path)
+        if clash is not None:
+            if not clash:
+                raise InvalidPathError(f"{self._name}: {path} is a directory")
+            raise InvalidPathError(f"{self._name}: {path}: /{clash} is a file")
+        return exists
 
     def file_place_clash(self, path: str) -> str | None:
         """What keeps a file from `path`: the file it would lie below, "" if `path` is a
         directory, None if nothing (see check_file_place)."""
+        return self._place(path)[1]
+
+    def _place(self, path: str) -> tuple[bool, str | None]:
+        """Is there a file at `path`, and what keeps one from it (see file_place_clash)?"""
         rel = self._rel(path)
-        clash = self.managed.paths.find_one(_clash_query(self.env_uuid, rel), {"path": 1})
-        if clash is None:
-            return None
-        return "" if clash["path"].startswith(rel + "/") else str(clash["path"])
+        query = _clash_query(self.env_uuid, rel)
+        query["$or"].append({"path": rel})
+        docs = list(self.managed.paths.find(query, {"path": 1}, limit=2))
+        exists = any(d["path"] == rel for d in docs)
+        clash = next((str(d["path"]) for d in docs if d["path"] != rel), None)
+        if clash is not None and clash.startswith(rel + "/"):
+            clash = ""
+        return exists, clash
 
     def _settle_place(self, path: str, rev: int) -> None:
         """After the write (at revision `rev`) that made `path`: if a racing writer made

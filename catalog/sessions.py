@@ -813,17 +813,22 @@ class SessionWriter:
         """An append commits only over the revision it began with (with the write)."""
         return WriteOptions(if_match=self.base_rev) if self.base_rev is not None else PLAIN
 
-    def _check_base(self) -> None:
-        """PreconditionFailedError, before anything is changed, if the file an append began
-        with has changed since: committing would bring its old bytes back over the new."""
-        if self.base_rev is None:
-            return
+    def base_now(self) -> int | None:
+        """The revision the path holds now (None if it is gone), for an append session:
+        the session may go on only while that is still `base_rev`."""
         managed = self._store.managed
         doc = managed.paths.find_one(
             {"env": self.env_uuid, "path": self.path, "expires_at": {"$not": {"$lte": utcnow()}}},
             {"rev": 1},
         )
-        now = revision(doc.get("rev")) if doc is not None else None
+        return revision(doc.get("rev")) if doc is not None else None
+
+    def _check_base(self) -> None:
+        """PreconditionFailedError, before anything is changed, if the file an append began
+        with has changed since: committing would bring its old bytes back over the new."""
+        if self.base_rev is None:
+            return
+        now = self.base_now()
         if now != self.base_rev:
             what = "was deleted" if now is None else f"changed (revision {now})"
             raise PreconditionFailedError(
