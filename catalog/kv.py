@@ -587,8 +587,11 @@ class KeyWatch(_Watch):
             if full.get("path") != self.key or full.get("env") != self._store.env_uuid:
                 return
             rev = revision(full["rev"])
-            if rev <= self._rev:
-                return  # the first read reflects it already
+            # The first read reflects it already; but the insert of a document this
+            # watch did not read is a change at any revision (a put that re-created
+            # the key while its delete committed took its revision before it waited).
+            if rev <= self._rev and not (op == "insert" and doc_id != self._doc_id):
+                return
             self._rev, self._doc_id, self._doc = rev, doc_id, dict(full)
             self._focus()
             self._show_doc()

@@ -112,6 +112,7 @@ class PathEvents:
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._docs: dict[Any, dict[str, Any]] = {}  # path document id -> path, hash, length, rev
         self._seen: dict[str, int] = {}  # path -> the largest revision sent or read
+        self._replay_sent: set[tuple[str, int]] = set()  # (path, revision) the replay sent
         self._changes = PathChanges(
             managed, env_uuid, await_seconds=await_seconds, defer=True, content=False
         )
@@ -173,6 +174,7 @@ class PathEvents:
                     sent.add(mark)
                     self._queue.append(event)
                     self._saw(event["path"], event["revision"])
+            self._replay_sent = sent
         self._focus()
 
     def _replayed(self, doc: dict[str, Any], since: int, cap: int | None) -> list[dict[str, Any]]:
@@ -228,9 +230,18 @@ class PathEvents:
             self._apply(event)
         return self._queue.popleft() if self._queue else None
 
-    def _emit(self, event: dict[str, Any]) -> None:
-        if event["revision"] > self._seen.get(event["path"], 0):
-            self._seen[event["path"]] = event["revision"]
+    def _emit(self, event: dict[str, Any], *, anew: bool = False) -> None:
+        """Queue an event newer than what was sent or read of its path.
+
+        anew: the insert of a path document this watch did not know: always a
+        change, even at a revision no larger than the last seen (a put that
+        re-created the path while its delete committed took its revision before
+        it waited for that commit), unless the replay sent that very one.
+        """
+        path, rev = event["path"], event["revision"]
+        seen = self._seen.get(path, 0)
+        if rev > seen or (anew and (path, rev) not in self._replay_sent):
+            self._seen[path] = max(seen, rev)
             self._queue.append(event)
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -253,7 +264,8 @@ class PathEvents:
             self._docs[doc_id] = doc
             if not known:
                 self._focus()
-            self._emit(put_event(path, doc["hash"], doc["length"], doc["rev"]))
+            anew = not known and op == "insert"
+            self._emit(put_event(path, doc["hash"], doc["length"], doc["rev"]), anew=anew)
         elif op == "update":
             current = self._docs.get(doc_id)
             if current is None:
