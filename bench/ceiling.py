@@ -14,28 +14,33 @@ On a small machine the clients themselves (httpx, about 1 ms of CPU per
 request) share the cores with the server and mongod, so these ceilings, not
 raw pymongo alone, say how far a server's own cost is from the least possible.
 
-    python -m bench.ceiling --port 8099 --mode null|pymongo [--mongo-uri URI]
+    python -m bench.ceiling --port 8099 --mode null|pymongo|async|asyncput [--mongo-uri URI]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import blake3
 import httpx
-from pymongo import MongoClient
+from bson import Binary, ObjectId, Timestamp
+from pymongo import AsyncMongoClient, MongoClient, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collection import Collection
+from pymongo.database import Database
 
 from catalog.mongod import free_port, stop_process
 from service.server import Limits, run
@@ -43,11 +48,24 @@ from service.server import Limits, run
 BODY = os.urandom(4096)
 
 
+MODES = ("null", "pymongo", "async", "asyncput")
+
+
 def make_app(mode: str, uri: str | None) -> Any:
     pool = ThreadPoolExecutor(64)
-    docs: Collection[Any] | None = (
-        MongoClient(uri)["bench_ceiling"]["docs"] if mode == "pymongo" else None
-    )
+    docs: Collection[Any] | None = None
+    adocs: Any = None
+    put_hook: Callable[[str, bytes], Awaitable[Any]] | None = None
+    if mode == "pymongo":
+        docs = MongoClient(uri)["bench_ceiling"]["docs"]
+        docs.create_index("key")
+    elif mode == "async":
+        MongoClient(uri)["bench_ceiling"]["docs"].create_index("key")
+        adocs = AsyncMongoClient(uri)["bench_ceiling"]["docs"]
+    elif mode == "asyncput":
+        put_hook = _asyncio_small_put(uri)
+        MongoClient(uri)["bench_ceiling"]["docs"].create_index("key")
+        adocs = AsyncMongoClient(uri)["bench_ceiling"]["docs"]
     answer = json.dumps({"path": "x", "hash": "0" * 64, "length": len(BODY)}).encode()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -70,18 +88,102 @@ def make_app(mode: str, uri: str | None) -> Any:
         if scope["method"] == "PUT":
             if docs is not None:
                 await loop.run_in_executor(pool, docs.insert_one, {"key": key, "data": body})
+            elif put_hook is not None:
+                await put_hook(key, body)
+            elif adocs is not None:
+                await adocs.insert_one({"key": key, "data": body})
             status, out, kind = 201, answer, b"application/json"
         else:
             if docs is not None:
                 await loop.run_in_executor(pool, docs.find_one, {"key": key})
+            elif adocs is not None:
+                await adocs.find_one({"key": key})
             status, out, kind = 200, BODY, b"application/octet-stream"
         headers = [(b"content-type", kind), (b"content-length", str(len(out)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
-    if docs is not None:
-        docs.create_index("key")
     return app
+
+
+class _LoopBatcher:
+    """Group commit on the event loop: what catalog.groupcommit does, with no thread handoff."""
+
+    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._run_batch = run_batch
+        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._inflight = 0
+        self._leaders: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((item, future))
+        if self._inflight < 2:
+            leader = loop.create_task(self._lead())
+            self._leaders.add(leader)
+            leader.add_done_callback(self._leaders.discard)
+        return await future
+
+    async def _lead(self) -> None:
+        while self._queue and self._inflight < 2:
+            batch, self._queue = self._queue[:64], self._queue[64:]
+            self._inflight += 1
+            try:
+                results = await self._run_batch([item for item, _ in batch])
+                for (_, future), result in zip(batch, results, strict=True):
+                    future.set_result(result)
+            except Exception as exc:
+                for _, future in batch:
+                    future.set_exception(exc)
+            finally:
+                self._inflight -= 1
+
+
+def _asyncio_small_put(uri: str | None) -> Callable[[str, bytes], Awaitable[Any]]:
+    """The database work of rescat's small PUT and nothing else, batched on asyncio.
+
+    A reference taken on the content (an upsert, as rescat's batched refs), the
+    path inserted with a server-filled revision and read back, in group
+    commits on the loop with AsyncMongoClient: the least a service must pay
+    for what rescat's PUT answers, with none of its checks, history or routing.
+    """
+    sync: Database[Any] = MongoClient(uri)["bench_ceiling_put"]
+    sync["entries"].create_index("hash", unique=True)
+    sync["paths"].create_index([("env", 1), ("path", 1)], unique=True)
+    sync["paths"].create_index([("env", 1), ("rev", 1)])
+    sync["paths"].create_index("hash")
+    db: AsyncDatabase[Any] = AsyncMongoClient(uri)["bench_ceiling_put"]
+
+    async def take_refs(docs: list[dict[str, Any]]) -> list[None]:
+        ops = [
+            UpdateOne(
+                {"hash": d["hash"]},
+                {"$inc": {"refs": 1}, "$setOnInsert": {"length": d["length"], "data": d["data"]}},
+                upsert=True,
+            )
+            for d in docs
+        ]
+        await db["entries"].bulk_write(ops, ordered=False)
+        return [None] * len(docs)
+
+    async def insert_paths(docs: list[dict[str, Any]]) -> list[Any]:
+        await db["paths"].insert_many(docs, ordered=False)
+        ids = [d["_id"] for d in docs]
+        found = {d["_id"]: d async for d in db["paths"].find({"_id": {"$in": ids}}, {"rev": 1})}
+        return [found[i]["rev"] for i in ids]
+
+    refs, paths = _LoopBatcher(take_refs), _LoopBatcher(insert_paths)
+
+    async def put(key: str, body: bytes) -> Any:
+        digest = blake3.blake3(body).hexdigest()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        await refs.submit({"hash": digest, "length": len(body), "data": Binary(body)})
+        event = {"event": "create", "at": now, "hash": digest}
+        path = {"_id": ObjectId(), "env": "e", "path": key, "hash": digest}
+        return await paths.submit({**path, "rev": Timestamp(0, 0), "events": [event]})
+
+    return put
 
 
 @contextmanager
@@ -112,7 +214,7 @@ def ceiling_server(mode: str, uri: str | None = None) -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=("null", "pymongo"), default="null")
+    parser.add_argument("--mode", choices=MODES, default="null")
     parser.add_argument("--mongo-uri", default=None)
     args = parser.parse_args()
     sock = socket.socket()

@@ -335,6 +335,14 @@ KEPT = 64  # objects per client that the GET phases read in turn
 _METERED = ("raw insert_one", "HTTP PUT", "raw find_one", "HTTP GET")
 
 
+CEILINGS = {  # bench.ceiling's modes, each what it serves with
+    "null": "no database",
+    "pymongo": "one pymongo call per request",
+    "async": "one AsyncMongoClient call per request",
+    "asyncput": "a small PUT's database work alone, batched on asyncio",
+}
+
+
 def small_objects(
     url: str, uri: str, ms: Any, seconds: float, etcd_url: str | None, pids: dict[str, int]
 ) -> list[tuple[str, float, str, bool]]:
@@ -398,7 +406,7 @@ def small_objects(
     get_http = rate(CLIENTS, seconds, http_get, meters["HTTP GET"])
     raw_client.close()
     ceilings: dict[str, tuple[float, float]] = {}
-    for mode in ("null", "pymongo"):  # the same clients against bench.ceiling's servers
+    for mode in CEILINGS:  # the same clients against bench.ceiling's servers
         with ceiling_server(mode, uri) as floor_url:
             ceilings[mode] = (
                 rate(CLIENTS, seconds, functools.partial(_on, http_put, floor_url)),
@@ -416,7 +424,7 @@ def small_objects(
         f"{get_raw:.0f}/s -> {get_ratio:.2f}x (target >= 0.5x)",
         flush=True,
     )
-    for mode, what in (("null", "no database"), ("pymongo", "one pymongo call per request")):
+    for mode, what in CEILINGS.items():
         put_c, get_c = ceilings[mode]
         print(
             f"ceiling ({what}; same server stack and clients, bench.ceiling --mode {mode}): "
@@ -430,7 +438,7 @@ def small_objects(
         print(f"  {what:15s} {meter.text()}", flush=True)
     results.append(("4 KiB PUT/s HTTP / raw inserts", put_ratio, ">= 0.3", put_ratio >= 0.3))
     results.append(("4 KiB GET/s HTTP / raw find_one", get_ratio, ">= 0.5", get_ratio >= 0.5))
-    for mode in ("null", "pymongo"):
+    for mode in CEILINGS:
         put_c, get_c = ceilings[mode]
         results.append((f"ceiling {mode}: PUT/s / raw inserts", put_c / put_raw, "", True))
         results.append((f"ceiling {mode}: GET/s / raw find_one", get_c / get_raw, "", True))
