@@ -212,6 +212,11 @@ class ManagedStorage:
         self.paths.create_index(
             [("dropping", ASCENDING)], partialFilterExpression={"dropping": {"$type": "objectId"}}
         )
+        # TTL keys alone, so that finding what has expired (catalog.reaper, every second
+        # in each service) is an index probe, not a scan of every path.
+        self.paths.create_index(
+            [("expires_at", ASCENDING)], partialFilterExpression={"expires_at": {"$exists": True}}
+        )
         self.history = db["path_history"].with_options(write_concern=majority)
         self.history.create_index([("env", ASCENDING), ("path", ASCENDING)], unique=True)
         self.archive = archive_collection(db)

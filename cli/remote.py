@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from catalog.errors import CatalogError
+from catalog.reaper import DEFAULT_REAP_INTERVAL
 from cli.app import SOURCE, Context, cli, echo_json, pass_ctx, with_hint
 from cli.history import BlobServe, blob_serve_options
 from cli.progress import bar
@@ -106,6 +107,15 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="environment: a put-request only finds content the same environment already "
     "references (no cross-environment side channel). Default global, or $RESCAT_DEDUP_SCOPE.",
 )
+@click.option(
+    "--reap-interval",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_REAP_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="Delete expired TTL keys every SECONDS, so that watchers see each expiry as a "
+    "delete event, as with etcd's leases (0: off; reads hide them anyway, gc reclaims them).",
+)
 @blob_serve_options
 @pass_ctx
 def serve(
@@ -121,6 +131,7 @@ def serve(
     token_cache: float,
     log_level: str,
     dedup_scope: str | None,
+    reap_interval: float,
     blob: BlobServe,
 ) -> None:
     """Run the HTTP service (API under /v1, /healthz, /metrics, /openapi.json).
@@ -155,6 +166,7 @@ def serve(
             routes=blob.routes(ROUTES),
             min_rate=min_rate,
             token_cache_seconds=token_cache,
+            reap_interval=reap_interval or None,
         )
         limits = Limits(header_timeout=header_timeout, max_conns_per_client=max_conns_per_client)
         bound_host, bound_port = sock.getsockname()[:2]

@@ -49,6 +49,7 @@ from catalog.errors import (
     UnauthorizedError,
 )
 from catalog.managed import ManagedStorage
+from catalog.reaper import DEFAULT_REAP_INTERVAL, ExpiryReaper
 from catalog.tokens import TokenInfo, TokenStore, token_digest
 from service.body import FILL_BYTES, BodyReader, ClientGone
 from service.errors import (
@@ -115,7 +116,9 @@ class ServiceApp:
     while an upload waits for its client, see `upload`); max_uploads: uploads in
     progress, waiting or working; io_threads: worker threads for the rest;
     token_cache_seconds: how long a known token is trusted without a lookup (0:
-    every request looks its token up, so revocation takes effect at once).
+    every request looks its token up, so revocation takes effect at once);
+    reap_interval: seconds between deletions of expired TTL keys while the app
+    runs (catalog.reaper: watchers see an expiry as a delete event; None: off).
     """
 
     def __init__(
@@ -132,8 +135,10 @@ class ServiceApp:
         tokens: TokenStore | None = None,
         token_cache_seconds: float = 0.0,
         routes: Sequence[Endpoint[Any]] = ROUTES,
+        reap_interval: float | None = DEFAULT_REAP_INTERVAL,
     ) -> None:
         self.managed = managed
+        self.reaper = ExpiryReaper(managed, reap_interval) if reap_interval else None
         self.auth = auth
         self.max_size = max_size
         self.read_timeout = read_timeout
@@ -218,8 +223,12 @@ class ServiceApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.reaper is not None:
+                    self.reaper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.reaper is not None:
+                    await anyio.to_thread.run_sync(self.reaper.stop)
                 for pool in (self.read_ahead, self.executor, self.upload_executor):
                     pool.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})

@@ -7,6 +7,7 @@ writes, resumed change streams, bad input, and the KV value as a path.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -664,3 +665,15 @@ def test_malformed_arguments_are_invalid_argument_errors(kv: KVStore) -> None:
         with pytest.raises(InvalidArgumentError):
             bad()
     assert kv.get("x").value == b"1"  # nothing changed
+
+
+def test_finding_expired_keys_is_an_index_probe(kv: KVStore, managed: ManagedStorage) -> None:
+    """Each service looks for expired keys every second (catalog.reaper): never a scan."""
+    for i in range(20):
+        kv.put(f"plain/{i}", b"v")
+    kv.put("leased", b"v", ttl=30)
+    query = {"expires_at": {"$lte": datetime.datetime.now(datetime.UTC)}}
+    plan = managed.paths.find(query, {"env": 1, "path": 1, "rev": 1}).explain()
+    stats = plan["executionStats"]
+    assert stats["totalDocsExamined"] == 0 and stats["totalKeysExamined"] <= 1, stats
+    assert "IXSCAN" in json.dumps(plan["queryPlanner"]["winningPlan"])

@@ -9,6 +9,7 @@ disconnect, and the client reconnecting across a service restart.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import queue
@@ -520,3 +521,38 @@ def test_a_watch_of_a_service_that_is_not_there_says_so_at_once() -> None:
         )
         assert done.returncode == 1 and done.stdout == "", command
         assert len(done.stderr.splitlines()) == 1 and "check --server" in done.stderr, done.stderr
+
+
+def test_a_ttl_key_s_expiry_reaches_the_sse_watch_as_one_delete(
+    managed: ManagedStorage, mongo_uri: str, database: str, token: str
+) -> None:
+    """etcd sends a delete when a lease runs out; so do two services reaping at once.
+
+    Was: the stream showed nothing until a gc (`--gc-interval`, off by default)
+    deleted the key, so a watcher of a TTL key never learnt it had gone.
+    """
+    with (
+        server_process(mongo_uri, database, "--log-level", "warning") as one,
+        server_process(mongo_uri, database, "--log-level", "warning"),
+        CatalogClient(one, token) as reader,
+    ):
+        store = KVStore(managed, ENV)
+        start = put(managed, "ttl/start", b"0")
+        got: queue.Queue[Event] = queue.Queue()
+        stop = threading.Event()
+        watcher = collect(reader, got, stop, prefix="ttl/", since=start)
+        written = store.put("ttl/k", b"short-lived", ttl=1.0)
+        store.close()  # no more renewals: it expires within a second
+        put_event, delete_event = take(got, 2, timeout=20)
+        time.sleep(2.5)  # a second reaper (or a later pass) would send another
+        stop.set()
+        watcher.join(10)
+    assert got.empty(), got.get()
+    assert (put_event["type"], put_event["revision"]) == ("put", written.last_index)
+    assert delete_event["type"] == "delete" and delete_event["path"] == "ttl/k"
+    assert delete_event["revision"] > written.last_index
+    assert managed.paths.find_one({"env": ENV, "path": "ttl/k"}) is None
+    assert (
+        managed.paths.find_one({"expires_at": {"$lte": datetime.datetime.now(datetime.UTC)}})
+        is None
+    )
