@@ -40,6 +40,7 @@ changed nothing; ``MetaStore.with_transaction`` reruns a callback for that.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -63,6 +64,7 @@ from catalog.errors import (
     NoTransactionError,
     WriteConflictError,
 )
+from catalog.txnowners import owners_of
 
 if TYPE_CHECKING:
     from catalog.managed import ManagedStorage
@@ -111,6 +113,7 @@ class MetaStore:
             )
         db = managed.db
         self._client = db.client
+        self._owners = owners_of(db)
         self._snapshots: Collection[dict[str, Any]] = db["snapshots"]
         self._ids: Collection[dict[str, Any]] = db["snapshot_ids"].with_options(
             write_concern=WriteConcern("majority")
@@ -155,7 +158,14 @@ class Transaction:
         self._ids = store._ids
         self._writable = bool(writable)
         self._wrote = False
-        self._session: ClientSession | None = txn.start(store._client)
+        self._owners = store._owners
+        session = txn.start(store._client)
+        try:
+            self._owners.register(session)
+        except BaseException:
+            session.end_session()
+            raise
+        self._session: ClientSession | None = session
 
     # -- ending ---------------------------------------------------------------
     @property
@@ -178,6 +188,7 @@ class Transaction:
             txn.commit(session)
         except PyMongoError as exc:
             if txn.transient(exc):
+                self._lost_conflict()
                 raise WriteConflictError("the transaction lost a conflict; retry it") from exc
             raise
         finally:
@@ -218,6 +229,11 @@ class Transaction:
         if self._session is not None:
             self.rollback()
 
+    def _lost_conflict(self) -> None:
+        """The conflict may be with a dead process's transaction: have it aborted (txnowners)."""
+        with contextlib.suppress(PyMongoError):
+            self._owners.reap()
+
     def _ready(self, write: bool) -> None:
         """Refuse a call on an ended transaction, or a write in a read-only one, first."""
         if self._session is None:
@@ -242,6 +258,7 @@ class Transaction:
             # The server aborts a transaction on any error; nothing of it remains.
             self._abandon()
             if txn.transient(exc):
+                self._lost_conflict()
                 raise WriteConflictError("the transaction lost a conflict; retry it") from exc
             raise
 

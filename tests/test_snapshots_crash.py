@@ -1,0 +1,110 @@
+"""A snapshot transaction of a process killed with -9 stops blocking others within seconds.
+
+bolt's file lock goes with a dead process; a MongoDB transaction stayed open
+until the server's lifetime limit (85 s measured), and every writer of the
+namespace lost conflicts meanwhile. catalog.txnowners aborts it once its
+owner is seen dead. A live transaction held open longer than that must not be
+touched: the second test holds one open past STALE while another process
+keeps losing conflicts against it, and it still commits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+from pymongo.database import Database
+
+from catalog import ManagedStorage
+from catalog.errors import AlreadyExistsError
+from catalog.snapshots import MetaStore
+from catalog.txnowners import STALE
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pymongo import MongoClient
+    from catalog import ManagedStorage
+    from catalog.snapshots import MetaStore
+    from storage import GridFSStorage
+
+    uri, name, key, hold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    db = MongoClient(uri, tz_aware=True)[name]
+    ms = MetaStore(ManagedStorage(db, GridFSStorage(db)))
+    tx = ms.transaction_context(True)
+    tx.create_active(key, "")  # a create of the same key conflicts until this ends
+    print("holding", flush=True)
+    time.sleep(hold)
+    tx.commit()
+    print("committed", flush=True)
+    """
+)
+
+
+def _hold(mongo_uri: str, db: Database[Any], key: str, seconds: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, mongo_uri, db.name, key, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def _create_in_thread(ms: MetaStore, key: str) -> tuple[threading.Thread, list[Any]]:
+    done: list[Any] = []
+
+    def run() -> None:
+        try:
+            done.append(ms.with_transaction(lambda tx: tx.create_active(key, "")))
+        except Exception as exc:  # surfaced by the test
+            done.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_a_killed_holder_s_transaction_is_aborted_within_seconds(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    ms = MetaStore(managed)
+    holder = _hold(mongo_uri, db, "dead", 600)
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    thread, done = _create_in_thread(ms, "dead")
+    thread.join(STALE + 25)  # the server's own limit would take 60-85 s
+    assert done and not isinstance(done[0], BaseException), done
+    waited = time.monotonic() - started
+    assert waited < STALE + 25, waited
+    with ms.transaction(False) as tx:
+        _, info = tx.get_info("dead")  # ours: nothing of the dead transaction is visible
+        assert info.parent == ""
+    assert db["txn_owners"].count_documents({}) == 1  # ours alone: the dead one's went
+
+
+def test_a_live_transaction_held_past_stale_is_not_aborted(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    ms = MetaStore(managed)
+    hold = STALE * 2
+    holder = _hold(mongo_uri, db, "slow", hold)
+    try:
+        thread, done = _create_in_thread(ms, "slow")  # loses conflicts until the holder ends
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "committed"
+        assert holder.wait(30) == 0
+        thread.join(60)
+    finally:
+        holder.kill()
+    # The holder's create committed, so ours found the key taken (had the holder's
+    # transaction been aborted, ours would have created it and the holder's commit failed).
+    assert done and isinstance(done[0], AlreadyExistsError), done
+    with ms.transaction(False) as tx:
+        tx.get_active("slow")
