@@ -587,10 +587,14 @@ class KeyWatch(_Watch):
             if full.get("path") != self.key or full.get("env") != self._store.env_uuid:
                 return
             rev = revision(full["rev"])
-            # The first read reflects it already; but the insert of a document this
-            # watch did not read is a change at any revision (a put that re-created
-            # the key while its delete committed took its revision before it waited).
-            if rev <= self._rev and not (op == "insert" and doc_id != self._doc_id):
+            if rev <= self._rev:
+                # The first read reflects it already; or a put re-created the key
+                # while its delete committed, at a revision taken before it waited:
+                # its writer raises it (pathdocs.settle_created), and that update
+                # (or a later write's) is the change shown.
+                if op == "insert" and doc_id != self._doc_id:
+                    self._doc_id, self._doc = doc_id, dict(full)
+                    self._focus()
                 return
             self._rev, self._doc_id, self._doc = rev, doc_id, dict(full)
             self._focus()
@@ -612,6 +616,12 @@ class KeyWatch(_Watch):
             if doc_id is None or doc_id != self._doc_id:
                 return
             self._doc = self._doc_id = None
+            # The deletion's own revision: a put re-creating the key as it committed
+            # can have a smaller one, and is shown once raised above it.
+            gone = self._store.managed.history.find_one(
+                {"env": self._store.env_uuid, "path": self.key}, {"last_rev": 1}
+            )
+            self._rev = max(self._rev, int((gone or {}).get("last_rev") or 0))
             self._focus()
             self._show(None)
 

@@ -62,7 +62,7 @@ from catalog.errors import (
     ResponseMismatchError,
     UploadPendingError,
 )
-from catalog.groupcommit import GroupCommit, insert_new
+from catalog.groupcommit import GroupCommit
 from catalog.lru import SizedLRU
 from catalog.names import check_env, check_path, check_prefix, parse_hash
 from catalog.pathdocs import (
@@ -74,9 +74,11 @@ from catalog.pathdocs import (
     PathUpdates,
     fresh,
     insert_fresh,
+    insert_settled,
     path_events,
     revision,
     revision_query,
+    settle_created,
 )
 from catalog.proof import (
     DAILY_BUDGET,
@@ -228,7 +230,7 @@ class ManagedStorage:
         self._fresh_answered: GroupCommit[dict[str, Any], dict[str, Any] | None] | None = None
         if self._updates.mode == "cluster":
             # A duplicate key: the path exists (see outcome_unknown for other errors).
-            self._fresh_paths = GroupCommit(functools.partial(insert_new, self.paths))
+            self._fresh_paths = GroupCommit(functools.partial(insert_settled, self.paths))
             self._fresh_answered = GroupCommit(functools.partial(insert_fresh, self.paths))
         # Paths this process saw exist lately: their next put updates at once
         # rather than first trying (and failing) to insert (a KV key's overwrites).
@@ -940,6 +942,10 @@ class ManagedStorage:
             raise PreconditionFailedError(
                 f"{env_uuid}: {path!r} changed (revision {revision(current.get('rev'))})"
             )
+        if doc.get("prev_rid") is None:  # created it: maybe while its delete committed
+            raised = settle_created(self.paths, [doc], self._updates.mode)
+            if doc["_id"] in raised:
+                doc = {**doc, "rev": raised[doc["_id"]]}
         old = doc.get("prev_rid")
         if old is not None:
             self._existing.add((env_uuid, path), True)

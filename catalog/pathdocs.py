@@ -152,6 +152,7 @@ def insert_fresh(collection: Any, docs: Sequence[dict[str, Any]]) -> list[dict[s
     the insert's revision (`_of_insert`).
     """
     inserted = insert_new(collection, docs)
+    raised = settle_created(collection, [d for d, ok in zip(docs, inserted, strict=True) if ok])
     ids = [doc["_id"] for doc, ok in zip(docs, inserted, strict=True) if ok]
     found = (
         {}
@@ -166,11 +167,87 @@ def insert_fresh(collection: Any, docs: Sequence[dict[str, Any]]) -> list[dict[s
             out.append(None)
             continue
         now = found.get(doc["_id"])
-        if now is not None and isinstance(now.get("rev"), Timestamp):
+        if doc["_id"] in raised:
+            out.append({**doc, "rev": Int64(raised[doc["_id"]])})
+        elif now is not None and isinstance(now.get("rev"), Timestamp):
             out.append({**doc, "rev": now["rev"]})
         else:
             out.append({**doc, "rev": Int64(_of_insert(collection, doc))})
     return out
+
+
+def insert_settled(collection: Any, docs: Sequence[dict[str, Any]]) -> list[bool]:
+    """A `run_batch` of `fresh` inserts whose writers want nothing back: `insert_new`, settled."""
+    inserted = insert_new(collection, docs)
+    settle_created(collection, [d for d, ok in zip(docs, inserted, strict=True) if ok])
+    return inserted
+
+
+def settle_created(
+    collection: Any, docs: Sequence[dict[str, Any]], mode: str = "cluster"
+) -> dict[Any, int]:
+    """Raise the revision of paths just created above their deletion's; {_id: new revision}.
+
+    A write that creates a path takes its revision (the insert's tick, the
+    pipeline's clock) before it waits for a delete of the same path still
+    committing, so the path came back at a revision no larger than the one its
+    deletion took: a compare-and-swap on that revision could pass against a
+    different state, and watches saw a put older than the delete before it.
+    Once the insert has returned the delete has committed, so the path's
+    history says whether that happened; then one conditional update gives the
+    path (and its create event) a revision above it. Only paths with a history
+    are looked at: one query for the whole batch, none more for a new path.
+    """
+    if not docs or mode == "local":  # mongomock: one process, its clock only grows
+        return {}
+    history = collection.database["path_history"]
+    keys = [{"env": d["env"], "path": d["path"]} for d in docs]
+    lasts = {
+        (h["env"], h["path"]): int(h.get("last_rev") or 0)
+        for h in history.find(
+            {"$or": keys, "last_rev": {"$gt": 0}}, {"env": 1, "path": 1, "last_rev": 1}
+        )
+    }
+    raised: dict[Any, int] = {}
+    for doc in docs:
+        last = lasts.get((doc["env"], doc["path"]))
+        if last is None:
+            continue
+        stored = doc.get("rev")
+        if stored is None or (isinstance(stored, Timestamp) and stored.time == 0):
+            now = collection.find_one({"_id": doc["_id"]}, {"rev": 1})
+            if now is None:
+                continue  # gone since: its deletion took a revision after ours
+            stored = now["rev"]
+        if revision(stored) > last:
+            continue
+        after = collection.find_one_and_update(
+            {"_id": doc["_id"], "rev": stored},
+            _raise_above(revision(stored), last, mode),
+            projection={"rev": 1},
+            return_document=True,
+        )
+        if after is not None:
+            raised[doc["_id"]] = revision(after["rev"])
+    return raised
+
+
+def _raise_above(old: int, last: int, mode: str) -> list[dict[str, Any]]:
+    """A just-created path's revision (and its create event's) raised above `last`."""
+    clock = _CLUSTER_CLOCK if mode == "cluster" else _SERVER_MS_CLOCK
+    bumped = {
+        "$cond": [
+            {"$eq": ["$$this.revision", old]},
+            {"$mergeObjects": ["$$this", {"revision": "$rev"}]},
+            "$$this",
+        ]
+    }
+    return [
+        {"$set": {"events": _EVENTS_SO_FAR}},
+        {"$set": {"rev": {"$max": [{"$add": [_REV_AS_LONG, 1]}, clock, last + 1]}}},
+        {"$set": {"events": {"$map": {"input": "$events", "in": bumped}}}},
+        {"$set": {"n_events": {"$size": "$events"}}},
+    ]
 
 
 def _of_insert(collection: Any, doc: dict[str, Any]) -> int:

@@ -112,7 +112,6 @@ class PathEvents:
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._docs: dict[Any, dict[str, Any]] = {}  # path document id -> path, hash, length, rev
         self._seen: dict[str, int] = {}  # path -> the largest revision sent or read
-        self._replay_sent: set[tuple[str, int]] = set()  # (path, revision) the replay sent
         self._changes = PathChanges(
             managed, env_uuid, await_seconds=await_seconds, defer=True, content=False
         )
@@ -166,15 +165,17 @@ class PathEvents:
                 replay.extend(self._replayed(doc, since, HISTORY_CUT_TO))
             for doc in buckets_since(managed.archive, query, since):
                 replay.extend(self._replayed(doc, since, None))
-            replay.sort(key=lambda e: e["revision"])
-            sent: set[tuple[str, int]] = set()
+            # A delete first where a put that came back as it committed has its revision
+            # (see _emit): such a put's writer raised it since, unless another write
+            # changed the path first.
+            replay.sort(key=lambda e: (e["revision"], e["type"] != "delete"))
+            sent: set[tuple[str, int, str]] = set()
             for event in replay:
-                mark = (event["path"], event["revision"])
+                mark = (event["path"], event["revision"], event["type"])
                 if mark not in sent:
                     sent.add(mark)
                     self._queue.append(event)
                     self._saw(event["path"], event["revision"])
-            self._replay_sent = sent
         self._focus()
 
     def _replayed(self, doc: dict[str, Any], since: int, cap: int | None) -> list[dict[str, Any]]:
@@ -230,18 +231,18 @@ class PathEvents:
             self._apply(event)
         return self._queue.popleft() if self._queue else None
 
-    def _emit(self, event: dict[str, Any], *, anew: bool = False) -> None:
+    def _emit(self, event: dict[str, Any]) -> None:
         """Queue an event newer than what was sent or read of its path.
 
-        anew: the insert of a path document this watch did not know: always a
-        change, even at a revision no larger than the last seen (a put that
-        re-created the path while its delete committed took its revision before
-        it waited for that commit), unless the replay sent that very one.
+        The insert of a path that came back while its delete committed can be
+        no newer: it took its revision before it waited for that commit. Its
+        writer then raises it above the delete's (pathdocs.settle_created), and
+        that update is the put sent; had another writer changed the path
+        first, that change is.
         """
         path, rev = event["path"], event["revision"]
-        seen = self._seen.get(path, 0)
-        if rev > seen or (anew and (path, rev) not in self._replay_sent):
-            self._seen[path] = max(seen, rev)
+        if rev > self._seen.get(path, 0):
+            self._seen[path] = rev
             self._queue.append(event)
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -264,8 +265,7 @@ class PathEvents:
             self._docs[doc_id] = doc
             if not known:
                 self._focus()
-            anew = not known and op == "insert"
-            self._emit(put_event(path, doc["hash"], doc["length"], doc["rev"]), anew=anew)
+            self._emit(put_event(path, doc["hash"], doc["length"], doc["rev"]))
         elif op == "update":
             current = self._docs.get(doc_id)
             if current is None:

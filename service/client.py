@@ -825,7 +825,7 @@ class CatalogClient:
         `since` (across paths events come in commit order, and a change that
         commits later can have a smaller revision), but a window before it
         (`catalog.pathevents.resume_since`); what it had already is dropped by
-        (path, revision), so no event is yielded twice. Gives up with
+        (path, revision, type), so no event is yielded twice. Gives up with
         ServiceUnavailableError after `reconnect_for` seconds without a
         connection, and at once if the first connection fails (a wrong URL or
         a service that is not running is said, not waited out in silence).
@@ -841,8 +841,10 @@ class CatalogClient:
             params["prefix"] = check_prefix(prefix)
         floor = since  # nothing at or below it is wanted; else where the first stream opened
         newest = since  # the largest revision yielded (or the floor)
-        recent: deque[tuple[str, int]] = deque()  # what was yielded, within the resume window
-        seen: set[tuple[str, int]] = set()
+        # What was yielded, within the resume window: (path, revision, type), as a delete
+        # and the put that re-created its path as it committed can share a revision.
+        recent: deque[tuple[str, int, str]] = deque()
+        seen: set[tuple[str, int, str]] = set()
         down_since: float | None = None
         delay = 0.1
         connected = False
@@ -862,7 +864,11 @@ class CatalogClient:
                                 if floor is None and ident.isdigit():
                                     floor = newest = int(ident)
                                 continue
-                            mark = (str(event.get("path", "")), int(event["revision"]))
+                            mark = (
+                                str(event.get("path", "")),
+                                int(event["revision"]),
+                                str(event.get("type", "")),
+                            )
                             if floor is None:  # a service that says not where it opened
                                 floor = mark[1] - 1
                             if mark in seen or mark[1] <= floor:
