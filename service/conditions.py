@@ -21,9 +21,10 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from catalog.clock import aware
 from catalog.errors import BadRequestError, NotFoundError, PreconditionFailedError
 from catalog.managed import PathInfo
-from service.ranges import tag_list
+from service.ranges import parse_http_date, tag_list
 
 _HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _MEDIA_RE = re.compile(
@@ -116,12 +117,20 @@ def none_match_holds(info: PathInfo, header: str | None) -> bool:
     return False
 
 
-async def write_condition(if_match: str | None, if_none_match: str | None, stat: Stat) -> Condition:
+async def write_condition(
+    if_match: str | None,
+    if_none_match: str | None,
+    stat: Stat,
+    if_unmodified_since: str | None = None,
+) -> Condition:
     """The condition of a PUT or DELETE, narrowed to what the core checks atomically.
 
     `stat` reads the path (None when it does not exist); it is called only when
     the headers need narrowing. A condition that cannot hold whatever the path
-    holds raises PreconditionFailedError at once.
+    holds raises PreconditionFailedError at once. If-Unmodified-Since (only
+    without If-Match, RFC 9110 13.2.2) is checked against the path read and
+    narrowed to its revision, so a change between that read and the write
+    fails the write too; a path that does not exist has no date and ignores it.
     """
     check_tags("If-Match", if_match)
     check_tags("If-None-Match", if_none_match)
@@ -156,6 +165,14 @@ async def write_condition(if_match: str | None, if_none_match: str | None, stat:
                     match = info.revision  # unchanged since it was read
             else:
                 none_match = True  # still absent when written
+    since = parse_http_date(if_unmodified_since) if if_match is None else None
+    if since is not None:
+        info = await stat()
+        if info is not None:
+            if int(aware(info.updated_at).timestamp()) > since:
+                raise PreconditionFailedError("the content was modified since If-Unmodified-Since")
+            if match is None:
+                match = info.revision  # unchanged since it was read
     return Condition(match, none_match)
 
 

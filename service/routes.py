@@ -20,6 +20,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from catalog.clock import aware
 from catalog.errors import (
+    BadRequestError,
     HashMismatchError,
     LengthMismatchError,
     NotFoundError,
@@ -181,6 +182,13 @@ async def store_body(
     ctx: Ctx[Any], env: str, path: str, length: int, expected: str | None, options: WriteOptions
 ) -> PathInfo:
     """Stream the request body into `path` (conditions checked with the write)."""
+    if "content-range" in ctx.request.headers:
+        # RFC 9110 14.5: a partial PUT must be refused; stored whole, the fragment
+        # would replace everything around it.
+        raise BadRequestError(
+            "a PUT replaces the whole content: Content-Range is refused (use the "
+            "resumable uploads for pieces)"
+        )
     app = ctx.app
     body = app.body_reader(ctx.request)
     try:
@@ -234,6 +242,9 @@ async def create_put_request(ctx: Ctx[PutRequestBody]) -> Response:
 async def answer_put_request(ctx: Ctx[AnswerBody]) -> Response:
     env, request_id = ctx.params["env"], ctx.params["request_id"]
     app = ctx.app
+    # A checksum that is no hash is a malformed body (400, as a missing one is), not a
+    # wrong answer: it is refused before the request is looked up, so it stays open.
+    parse_hash(ctx.body.checksum)
     try:
         info = await app.sync(app.managed.prove_for_environment, env, request_id, ctx.body.checksum)
     except (RequestExpiredError, ResponseMismatchError, ResourceDeletedError) as exc:
@@ -305,7 +316,10 @@ async def _write_condition(ctx: Ctx[Any], env: str, path: str) -> Condition:
     """If-Match / If-None-Match of a write, as the core checks them atomically with it."""
     headers = ctx.request.headers
     return await write_condition(
-        headers.get("if-match"), headers.get("if-none-match"), lambda: _stat(ctx, env, path)
+        headers.get("if-match"),
+        headers.get("if-none-match"),
+        lambda: _stat(ctx, env, path),
+        headers.get("if-unmodified-since"),
     )
 
 

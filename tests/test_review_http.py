@@ -1,0 +1,81 @@
+"""HTTP semantics found wanting by review, against a real service (uvicorn, real mongod).
+
+* A PUT with Content-Range stored the fragment as the whole object (RFC 9110
+  14.5 requires 400): `bytes 2-4/10` of a 10-byte object left 3 bytes.
+* If-Unmodified-Since was honoured by GET alone; a PUT or DELETE carrying an
+  old date overwrote or deleted (RFC 9110 13.1.4: evaluated before the method).
+* A proof checksum that is no hash was a wrong answer (403, request consumed);
+  it is a malformed body, 400 like a missing one, and the request stays open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+
+import httpx
+import pytest
+
+from catalog import ManagedStorage
+from service.app import create_app
+from tests.test_service_support import ServerThread
+
+ENV = "team"
+
+
+@pytest.fixture
+def http(managed: ManagedStorage) -> Iterator[httpx.Client]:
+    with (
+        ServerThread(create_app(managed, auth=False)) as server,
+        httpx.Client(base_url=f"{server.url}/v1/environments/{ENV}", timeout=30) as client,
+    ):
+        yield client
+
+
+def test_a_put_with_content_range_is_refused_and_changes_nothing(http: httpx.Client) -> None:
+    assert http.put("/resources/obj", content=b"0123456789").status_code == 201
+    r = http.put("/resources/obj", content=b"XYZ", headers={"content-range": "bytes 2-4/10"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_request"
+    assert http.get("/resources/obj").content == b"0123456789"
+    # A new path either: nothing is created from a fragment.
+    r = http.put("/resources/new", content=b"XYZ", headers={"content-range": "bytes 0-2/10"})
+    assert r.status_code == 400
+    assert http.get("/resources/new").status_code == 404
+
+
+def test_if_unmodified_since_guards_put_and_delete(http: httpx.Client) -> None:
+    assert http.put("/resources/obj", content=b"first").status_code == 201
+    old = {"if-unmodified-since": formatdate(time.time() - 3600, usegmt=True)}
+    later = {"if-unmodified-since": formatdate(time.time() + 3600, usegmt=True)}
+    r = http.put("/resources/obj", content=b"second", headers=old)
+    assert r.status_code == 412, r.text
+    assert r.json()["error"]["code"] == "precondition_failed"
+    assert http.delete("/resources/obj", headers=old).status_code == 412
+    assert http.get("/resources/obj").content == b"first"
+    assert http.put("/resources/obj", content=b"second", headers=later).status_code == 201
+    assert http.get("/resources/obj").content == b"second"
+    # No date on a path that does not exist: the header is ignored (RFC 9110 13.1.4).
+    assert http.put("/resources/absent", content=b"x", headers=old).status_code == 201
+    # With If-Match the date is not looked at (13.2.2).
+    tag = http.head("/resources/obj").headers["etag"]
+    both = {**old, "if-match": tag}
+    assert http.put("/resources/obj", content=b"third", headers=both).status_code == 201
+    assert http.delete("/resources/obj", headers=later).status_code == 204
+
+
+def test_a_malformed_proof_checksum_is_400_and_keeps_the_request(
+    http: httpx.Client, managed: ManagedStorage
+) -> None:
+    created = http.put("/resources/original", content=b"known content " * 100)
+    digest = created.json()["hash"]
+    asked = http.post("/put-requests", json={"path": "copy", "hash": digest})
+    assert asked.status_code == 201, asked.text
+    request_id = asked.json()["request_id"]
+    for bad in ("xyz", None):
+        r = http.post(f"/put-requests/{request_id}/response", json={"checksum": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+    wrong = "0" * 64
+    r = http.post(f"/put-requests/{request_id}/response", json={"checksum": wrong})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "response_mismatch"
