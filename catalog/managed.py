@@ -1406,6 +1406,40 @@ class ManagedStorage:
             drop()
         return _path_info(doc, res.state, res.history)
 
+    def adopt_stored(
+        self,
+        env_uuid: str,
+        path: str,
+        digest: str,
+        length: int,
+        storage_path: str,
+        options: WriteOptions = PLAIN,
+    ) -> PathInfo:
+        """Finish a commit_stored whose writer died after its bytes became a stored file.
+
+        The bytes are whole and durable at `storage_path` (commit_stored stores
+        them before anything refers to them), so the commit rolls forward: they
+        become the entry's bytes unless the entry has some already (then ours
+        go), and the path is linked with the writer's condition. The dead
+        writer's reference stays one too many, which gc recounts.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        digest = parse_hash(digest)
+        res, _ = self._catalog.acquire(digest, length, uploading=True)
+        rid = res.id
+        try:
+            with self._holding(rid):
+                if not res.path:
+                    res = self._complete(res, storage_path)  # drops ours if another won
+                doc = self._link(env_uuid, path, res, options)
+        except BaseException as exc:
+            self._release_failed(rid, exc)
+            raise
+        if res.path != storage_path:
+            self._discard(storage_path)  # the entry holds another copy
+        return _path_info(doc, res.state, res.history)
+
     def delete_paths(self, env_uuid: str, paths: list[str]) -> list[str]:
         """Remove many paths in one transaction (missing ones skipped); those that went.
 

@@ -268,6 +268,12 @@ class SessionStore:
         writer = self._claim({"_id": _sid(session_id), "env": env_uuid})
         if writer is None:
             raise self._held(env_uuid, session_id)
+        if isinstance(writer, RolledForward):
+            raise NotFoundError(
+                f"{env_uuid}: upload session {session_id} was committed after its writer "
+                f"died: {writer.info.path!r} holds it (revision {writer.info.revision})",
+                path=writer.info.path,
+            )
         return writer
 
     def _held(self, env_uuid: str, session_id: str) -> UploadPendingError:
@@ -295,9 +301,11 @@ class SessionStore:
         writer = self._claim(key)
         if writer is None and self.sessions.find_one(key, {"_id": 1}) is not None:
             raise UploadPendingError(f"{env_uuid}: the session of {path!r} is held by a writer")
+        if isinstance(writer, RolledForward):
+            return None  # committed now: an append goes on from the file
         return writer
 
-    def _claim(self, key: dict[str, Any]) -> SessionWriter | None:
+    def _claim(self, key: dict[str, Any]) -> SessionWriter | RolledForward | None:
         owner = secrets.token_hex(12)
         sent = time.monotonic()
         now = utcnow()
@@ -321,7 +329,9 @@ class SessionStore:
         if doc is None:
             return None
         if doc.get("state") == COMMITTING:
-            self._after_dead_commit(doc)
+            info = self._after_dead_commit(doc, owner)
+            if info is not None:
+                return RolledForward(info)
         size = int(doc["size"])
         cached = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
         tidy = bool(doc.get("tidy"))
@@ -366,8 +376,22 @@ class SessionStore:
         return writer.size()
 
     def commit(self, env_uuid: str, session_id: str, expected_hash: str | None = None) -> PathInfo:
-        """Make the session's path point at its content; HashMismatchError keeps the session."""
-        writer = self.open(env_uuid, session_id)
+        """Make the session's path point at its content; HashMismatchError keeps the session.
+
+        A retry of a commit whose writer died after storing the bytes finishes
+        it and answers as the commit would have (`_after_dead_commit`).
+        """
+        check_env(env_uuid)
+        claimed = self._claim({"_id": _sid(session_id), "env": env_uuid})
+        if claimed is None:
+            raise self._held(env_uuid, session_id)
+        if isinstance(claimed, RolledForward):
+            if expected_hash and parse_hash(expected_hash) != claimed.info.hash:
+                raise HashMismatchError(
+                    f"content hashes to {claimed.info.hash}, not {parse_hash(expected_hash)}"
+                )
+            return claimed.info
+        writer = claimed
         try:
             return writer.commit(expected_hash)
         finally:
@@ -416,16 +440,34 @@ class SessionStore:
         return discarded
 
     # -- internals --------------------------------------------------------------
-    def _after_dead_commit(self, doc: dict[str, Any]) -> None:
-        """A writer died while committing: resume only if the bytes are still the session's."""
+    def _after_dead_commit(self, doc: dict[str, Any], owner: str) -> PathInfo | None:
+        """A writer died while committing: resume, or finish its commit; None to resume.
+
+        Bytes still the session's chunks: the session goes on (None). Bytes that
+        became a stored file (the commit of new content got that far, and they
+        are whole and durable then): the commit rolls forward, as it would
+        have ended (`ManagedStorage.adopt_stored`, with the session's
+        condition), and its outcome is returned; they were lost before, the
+        session deleted and the file left to gc. Bytes dropped (known content,
+        after its path was linked): nothing is left to finish.
+        """
         file_id, size = doc["file_id"], int(doc["size"])
-        if not self.storage.file_exists(file_id) and self.storage.session_chunks_durable(
-            file_id, size
-        ):
-            return
-        # Its bytes became a stored file, or were dropped for known content: the
-        # commit got far enough that the session cannot go on.
-        self.sessions.delete_one({"_id": doc["_id"]})
+        stored = self.storage.session_file(file_id)
+        if stored is None and self.storage.session_chunks_durable(file_id, size):
+            return None
+        info: PathInfo | None = None
+        if stored is not None and stored.length == size and stored.blake3:
+            base = doc.get("base_rev")
+            options = WriteOptions(if_match=int(base)) if base is not None else PLAIN
+            try:
+                info = self.managed.adopt_stored(
+                    doc["env"], doc["path"], stored.blake3, size, stored.path, options
+                )
+            except PreconditionFailedError:
+                info = None  # the file it appended to changed: the commit would have failed
+        self.sessions.delete_one({"_id": doc["_id"], "owner": owner})
+        if info is not None:
+            return info
         raise NotFoundError(
             f"{doc['env']}: upload session {doc['_id']} ended in a commit that did not "
             "finish; check the path and start over"
@@ -453,6 +495,13 @@ class SessionStore:
         self.sessions.update_one(
             {"_id": session_id, "owner": owner}, {"$set": {"owner": None, "state": OPEN}}
         )
+
+
+@dataclass(frozen=True)
+class RolledForward:
+    """A claimed session whose dead writer's commit was finished instead: its outcome."""
+
+    info: PathInfo
 
 
 class SessionWriter:

@@ -435,6 +435,20 @@ class GridFSStorage:
             raise NotDurableError(f"{path!r}: the session's chunks are not all durable")
         return StoredFile(file_id, path, length, self.chunk_size, upload_date, digest)
 
+    def session_file(self, file_id: Any) -> StoredFile | None:
+        """The stored file a session's chunks became (commit_session_file), if they did."""
+        doc = self.files.find_one({"_id": file_id})
+        if doc is None:
+            return None
+        return StoredFile(
+            file_id,
+            str(doc.get("filename", "")),
+            int(doc["length"]),
+            int(doc.get("chunkSize", self.chunk_size)),
+            doc.get("uploadDate") or datetime.datetime.now(datetime.timezone.utc),
+            (doc.get("metadata") or {}).get("blake3"),
+        )
+
     def discard_session_chunks(self, file_id: Any) -> None:
         """Delete a session's chunks, unless they became a stored file meanwhile."""
         if not self.file_exists(file_id):

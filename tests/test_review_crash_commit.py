@@ -1,0 +1,111 @@
+"""A writer killed with -9 while committing a session: the commit rolls forward.
+
+Found by review: once a session's chunks had their files document (the commit
+of new content got that far), a writer killed before the path was linked lost
+everything: the next opener deleted the session ("ended in a commit that did
+not finish"), the path never appeared, and gc deleted the bytes that close()
+or a 204 PATCH had confirmed. The bytes are whole and durable at that point,
+so the next opener (or a retried commit) now finishes the commit instead.
+Killed at both steps after the files document: before the entry records the
+bytes (`_complete`) and before the path is linked (`_link`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import blake3
+import pytest
+from pymongo.database import Database
+
+from catalog import ManagedStorage, connect
+from catalog.driver import StorageDriver
+from catalog.fsck import fsck
+from catalog.gc import gc
+from catalog.sessions import SessionStore
+
+DATA = bytes(range(256)) * 8192  # 2 MiB: above the inline limit, so a stored file
+LEASE = 2.0
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from catalog import connect
+    from catalog.driver import StorageDriver
+    from catalog.sessions import UPLOAD, SessionStore
+
+    uri, name, face, step = sys.argv[1:5]
+    data = bytes(range(256)) * 8192
+    ms = connect(uri, database=name, lease=2.0)
+    if face == "driver":
+        driver = StorageDriver(ms, "e")
+        w = driver.writer("/blob")
+        w.write(data)
+        w.close()  # a checkpoint: these bytes are confirmed
+        w = driver.writer("/blob", append=True)
+    else:
+        store = SessionStore(ms)
+        session = store.create("e", "blob", kind=UPLOAD)
+        store.append("e", session.id, 0, __import__("io").BytesIO(data), len(data))
+        print(session.id, flush=True)  # a 204 PATCH: confirmed
+        w = store.open("e", session.id)
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(ms, step, die)
+    w.commit()
+    """
+)
+
+
+def _killed_in_commit(mongo_uri: str, db: Database[Any], face: str, step: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, mongo_uri, db.name, face, step],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == -9, run.stderr[-2000:]
+    time.sleep(LEASE + 1)  # the dead writer's session lease runs out
+    return run.stdout.strip()
+
+
+def _consistent_after_gc(ms: ManagedStorage) -> None:
+    gc(ms, grace=0)
+    report = fsck(ms, grace=0)
+    assert not any(report.counts().values()), report.counts()
+
+
+@pytest.mark.parametrize("step", ["_complete", "_link"])
+def test_a_driver_writer_killed_in_commit_keeps_its_bytes(
+    mongo_uri: str, db: Database[Any], step: str
+) -> None:
+    _killed_in_commit(mongo_uri, db, "driver", step)
+    ms = connect(mongo_uri, database=db.name, lease=LEASE)
+    driver = StorageDriver(ms, "e")
+    w = driver.writer("/blob", append=True)  # finishes the dead commit, then appends
+    assert w.size() == len(DATA)
+    w.write(b"more")
+    w.commit()
+    assert driver.get_content("/blob") == DATA + b"more"
+    _consistent_after_gc(ms)
+
+
+@pytest.mark.parametrize("step", ["_complete", "_link"])
+def test_a_retried_upload_commit_answers_after_the_service_died_in_it(
+    mongo_uri: str, db: Database[Any], step: str
+) -> None:
+    session_id = _killed_in_commit(mongo_uri, db, "uploads", step)
+    ms = connect(mongo_uri, database=db.name, lease=LEASE)
+    info = SessionStore(ms).commit("e", session_id)  # the client's retry
+    assert info.hash == blake3.blake3(DATA).hexdigest() and info.length == len(DATA)
+    assert ms.stat_for_environment("e", "blob").revision == info.revision
+    reader, length = ms.get_for_environment("e", "blob")
+    with reader:
+        assert length == len(DATA) and reader.read() == DATA
+    _consistent_after_gc(ms)
