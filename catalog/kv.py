@@ -56,6 +56,7 @@ from catalog.lru import SizedLRU
 from catalog.managed import ManagedStorage, WriteOptions
 from catalog.names import check_env, check_path
 from catalog.pathdocs import revision
+from catalog.txnowners import owners_of
 
 log = logging.getLogger("rescat.kv")
 
@@ -771,6 +772,11 @@ class Lock:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
             raise InvalidArgumentError(f"timeout must be seconds, not {timeout!r}")
         deadline = None if timeout < 0 else time.monotonic() + timeout
+        if blocking and getattr(self._store.managed, "_transactions", False):
+            # A holder killed inside a fenced write leaves its transaction holding the
+            # lock's document (our write would wait on it inside the server): have
+            # such transactions aborted while we wait.
+            owners_of(self._store.managed.db).watch()
         changes: PathChanges | None = None
         try:
             while True:
@@ -805,6 +811,16 @@ class Lock:
             )
         except PreconditionFailedError:
             return False
+        if options.expires_at is not None and utcnow() >= options.expires_at:
+            # The write waited (on a dead holder's transaction, say) past the lease it
+            # carried: anyone may take the lock as absent now. Ours only if a renewal
+            # still finds our acquisition there; else it was never held.
+            renewed = store.managed.paths.update_one(
+                {"env": store.env_uuid, "path": self.key, "owner": session},
+                {"$set": {"expires_at": utcnow() + datetime.timedelta(seconds=self.ttl)}},
+            )
+            if renewed.matched_count != 1:
+                return False
         with self._mutex:
             if self.session:  # we held it before and lost it: forget that acquisition
                 store._renewer.remove(self.key, self.session)

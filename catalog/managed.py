@@ -107,6 +107,7 @@ from catalog.streams import (
     is_seekable,
     read_exact,
 )
+from catalog.txnowners import owners_of
 
 log = logging.getLogger("rescat.catalog")
 
@@ -1248,6 +1249,8 @@ class ManagedStorage:
             return fn(session, doomed)
 
         with self.db.client.start_session() as session:
+            # Killed inside it, this process's transaction is aborted by others in seconds.
+            owners_of(self.db).register(session)
             return session.with_transaction(body, write_concern=WriteConcern("majority"))
 
     def _open_content(self, res: Resource) -> BinaryIO:

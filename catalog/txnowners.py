@@ -2,16 +2,20 @@
 
 bolt's file lock goes with a process that dies; a MongoDB transaction does
 not. Its writes stay locked until the server's transaction lifetime limit (60
-s, then the next sweep: 85 s measured), and every transaction writing the same
-snapshots meanwhile loses a write conflict.
+s, then the next sweep: 85 s measured): every transaction writing the same
+snapshots loses write conflicts meanwhile, and a plain write of a document it
+touched (a lock's waiter taking a lock whose holder died inside a fenced
+write) waits inside the server as long.
 
-So each process that runs snapshot transactions keeps an owner document in
-`txn_owners`: the server session ids (lsids) it ran transactions on, and a
-beat counter that a daemon thread raises every `BEAT` seconds. A transaction
-that loses a write conflict asks `reap()` to look (at most once per BEAT):
-an owner whose counter has not moved for `STALE` seconds of the asker's own
-clock is dead, so its sessions are killed (`killSessions` aborts their
-transactions at once and frees their writes) and its document deleted.
+So each process that runs transactions (snapshot ones, and content ones:
+deletes, moves, fenced lock writes) keeps an owner document in `txn_owners`:
+the server session ids (lsids) it ran transactions on, and a beat counter
+that a daemon thread raises every `BEAT` seconds. That thread (started too
+by processes that only wait, see `watch`) and a transaction that loses a
+write conflict ask `reap()` to look (at most once per BEAT): an owner whose
+counter has not moved for `STALE` seconds of the asker's own clock is dead,
+so its sessions are killed (`killSessions` aborts their transactions at once
+and frees their writes) and its document deleted.
 
 Liveness is judged by a counter seen to stand still, never by comparing
 clocks, so machines with skewed clocks do not kill each other's transactions.
@@ -50,6 +54,7 @@ class TxnOwners:
         self._lsids: set[Any] = set()
         self._lock = threading.Lock()
         self._next_reap = 0.0
+        self._watch_until = 0.0
         # Others' documents: token -> (beat seen, when first seen at it, monotonic)
         self._seen: dict[str, tuple[int, float]] = {}
 
@@ -68,19 +73,30 @@ class TxnOwners:
             self._lsids.add(lsid)
         _beater.add(self)
 
+    def watch(self, seconds: float = 60.0) -> None:
+        """Reap dead owners every BEAT for `seconds`, though this process runs no transaction.
+
+        For processes that wait on what others' transactions hold (a lock's
+        waiters) without writing in transactions themselves.
+        """
+        with self._lock:
+            self._watch_until = max(self._watch_until, time.monotonic() + seconds)
+        _beater.add(self)
+
+    def wanted(self) -> bool:
+        """Whether the beat thread should keep this one: it holds lsids, or is watched."""
+        return bool(self._lsids) or time.monotonic() < self._watch_until
+
     def beat(self) -> bool:
         """Raise the counter; False when the document is gone (reaped, or its database dropped)."""
         if not self._lsids:
             return True
-        try:
-            done = self.collection.find_one_and_update(
-                {"_id": self.token},
-                {"$inc": {"beat": 1}},
-                projection={"_id": 1},
-                return_document=ReturnDocument.AFTER,
-            )
-        except InvalidOperation:  # the client was closed
-            return False
+        done = self.collection.find_one_and_update(
+            {"_id": self.token},
+            {"$inc": {"beat": 1}},
+            projection={"_id": 1},
+            return_document=ReturnDocument.AFTER,
+        )
         if done is None:
             with self._lock:  # register again before the next transaction
                 self._lsids.clear()
@@ -144,8 +160,13 @@ class _Beater:
                 owners = list(self._owners)
             for one in owners:
                 try:
-                    if not one.beat():
+                    one.beat()  # its document gone (reaped, dropped): it holds no lsid now
+                    if not one.wanted():
                         self._owners.discard(one)
+                        continue
+                    one.reap()  # any process that runs or waits on transactions looks
+                except InvalidOperation:
+                    self._owners.discard(one)  # its client was closed
                 except PyMongoError:
                     pass  # a failover, say: the next beat is in time unless it lasts STALE s
 

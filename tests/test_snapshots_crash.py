@@ -108,3 +108,72 @@ def test_a_live_transaction_held_past_stale_is_not_aborted(
     assert done and isinstance(done[0], AlreadyExistsError), done
     with ms.transaction(False) as tx:
         tx.get_active("slow")
+
+
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pymongo import MongoClient
+    from pymongo.client_session import ClientSession
+    from catalog import ManagedStorage
+    from catalog.kv import KVStore
+    from storage import GridFSStorage
+
+    db = MongoClient(sys.argv[1], tz_aware=True)[sys.argv[2]]
+    kv = KVStore(ManagedStorage(db, GridFSStorage(db)), "locks")
+    lock = kv.lock("lk", b"holder", ttl=2.0)
+    assert lock.acquire(timeout=10)
+    # Killed inside the fenced write's transaction, after it touched the lock document.
+    ClientSession.commit_transaction = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+    print("holding", flush=True)
+    lock.put("job", b"x")
+    """
+)
+
+
+def test_a_lock_whose_holder_died_in_a_fenced_write_is_free_in_seconds(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """Was: the dead transaction held the lock's document ~60 s; a waiter's write waited
+    inside the server that long (past its timeout), then acquire returned True with a
+    lease that had expired while it waited, so two waiters could both "hold" it."""
+    from catalog.kv import KVStore
+
+    run = subprocess.run(
+        [sys.executable, "-c", LOCK_HOLDER, mongo_uri, db.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == -9 and "holding" in run.stdout, run.stderr[-2000:]
+    time.sleep(2.5)  # the holder's ttl has run out
+    held: list[tuple[str, float, float]] = []
+    failures: list[BaseException] = []
+
+    def waiter(name: str) -> None:
+        store = KVStore(managed, "locks")
+        lock = store.lock("lk", name.encode(), ttl=2.0)
+        try:
+            if lock.acquire(timeout=STALE + 20):
+                got = time.monotonic()
+                time.sleep(0.5)
+                assert lock.held
+                lock.release()  # raises CannotLockError if it was never really ours
+                held.append((name, got, time.monotonic()))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            store.close()
+
+    started = time.monotonic()
+    waiters = [threading.Thread(target=waiter, args=(n,)) for n in ("A", "B")]
+    for t in waiters:
+        t.start()
+    for t in waiters:
+        t.join(90)
+    assert not failures, failures
+    assert len(held) == 2, held
+    first = min(got for _, got, _ in held)
+    assert first - started < STALE + 15, first - started  # the server alone: ~60 s
+    (_, _, a_done), (_, b_got, _) = sorted(held, key=lambda h: h[1])
+    assert b_got >= a_done, held  # one holder at a time
