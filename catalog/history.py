@@ -123,12 +123,19 @@ def finish_upload(
         )
 
 
-def upload_in_progress(history: Collection[Any], env_uuid: str, path: str) -> bool:
-    query = {
-        "env": env_uuid,
-        "path": path,
-        "events": {"$elemMatch": {"state": "pending", "lease_until": {"$gt": utcnow()}}},
-    }
+def upload_in_progress(
+    history: Collection[Any], env_uuid: str, path: str, *, before: ObjectId | None = None
+) -> bool:
+    """Whether an upload of the path is running (a live pending item).
+
+    before: only uploads that started before the one with this op count (an
+    upload asking about others, once its own pending item is written: of two
+    racing create-only uploads, the first goes on and the second is refused).
+    """
+    pending: dict[str, Any] = {"state": "pending", "lease_until": {"$gt": utcnow()}}
+    if before is not None:
+        pending["op"] = {"$lt": before}
+    query = {"env": env_uuid, "path": path, "events": {"$elemMatch": pending}}
     return history.find_one(query, {"_id": 1}) is not None
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 import blake3
+from bson import ObjectId
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
@@ -170,6 +171,9 @@ class WriteOptions:
     # False: the caller wants no path document back, so a new path may be
     # inserted rather than upserted (pathdocs.fresh): half the database's work.
     answer: bool = True
+    # The pending history item the caller wrote when the upload began
+    # (`upload_started`: a service still receiving the body); the put ends it.
+    pending_op: ObjectId | None = None
 
 
 PLAIN = WriteOptions()
@@ -623,15 +627,13 @@ class ManagedStorage:
     ) -> tuple[Resource, dict[str, Any]]:
         """A streamed upload, shown as `pending` in the path's history while it runs."""
         if options.if_none_match and options.link:
-            self._check_creatable(env_uuid, path)
-        op = None
+            self._check_creatable(env_uuid, path, options.pending_op)
+        op = options.pending_op
         beat: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if options.link:
-            replacing = self.paths.find_one({"env": env_uuid, "path": path}, {"_id": 1})
             lease = self._catalog.lease
-            op = history.start_upload(
-                self.history, env_uuid, path, lease, replacing=replacing is not None
-            )
+            if op is None:
+                op = self._start_upload(env_uuid, path)
             beat = Heartbeat(
                 lambda: history.renew_upload(self.history, env_uuid, path, op, lease), lease / 4
             )
@@ -650,17 +652,50 @@ class ManagedStorage:
             history.finish_upload(self.history, env_uuid, path, op, ok=True)
         return result
 
-    def upload_abandoned(self, env_uuid: str, path: str) -> None:
+    def upload_abandoned(self, env_uuid: str, path: str, op: ObjectId | None = None) -> None:
         """Show an upload whose bytes never reached a put as a failed one in the path's history.
 
         A service receives the first block of a body before it calls put (a
         slow client then holds no worker thread); a client that goes away or
         stalls in that block never reaches `_failure_recorded`, and its upload
         would leave no trace where the contract lists every abandoned one.
+        op: its pending item (`upload_started`), which turns `failed`.
         """
         check_env(env_uuid)
         check_path(path)
-        history.failed_upload(self.history, env_uuid, path)
+        if op is not None:
+            history.finish_upload(self.history, env_uuid, path, op, ok=False)
+        else:
+            history.failed_upload(self.history, env_uuid, path)
+
+    def upload_started(self, env_uuid: str, path: str, *, create_only: bool = False) -> ObjectId:
+        """A pending item for an upload whose body is still arriving; pass it as `pending_op`.
+
+        A service that receives a small body before it calls put would else show
+        nothing while a slow client sends it: the contract lists the first
+        upload of a path as pending, and a create-only put must see it running.
+        create_only: PreconditionFailedError first if the path exists or an
+        upload of it is running. Renew it with `upload_renew` every lease / 4.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        if create_only:
+            self._check_creatable(env_uuid, path)
+        return self._start_upload(env_uuid, path)
+
+    def upload_renew(self, env_uuid: str, path: str, op: ObjectId) -> None:
+        history.renew_upload(self.history, env_uuid, path, op, self._catalog.lease)
+
+    @property
+    def upload_lease(self) -> float:
+        """Seconds a pending item lives unless renewed."""
+        return self._catalog.lease
+
+    def _start_upload(self, env_uuid: str, path: str) -> ObjectId:
+        replacing = self.paths.find_one({"env": env_uuid, "path": path}, {"_id": 1})
+        return history.start_upload(
+            self.history, env_uuid, path, self._catalog.lease, replacing=replacing is not None
+        )
 
     @contextlib.contextmanager
     def _failure_recorded(self, env_uuid: str, path: str, options: WriteOptions) -> Iterator[None]:
@@ -671,22 +706,32 @@ class ManagedStorage:
         A refused condition is not a failed upload: nothing was stored, and a
         compare-and-swap loop under contention would fill the history with them.
         """
+        op = options.pending_op
         try:
             yield
         except PreconditionFailedError:
+            if op is not None:  # a refused condition: no failed upload, the item goes
+                with contextlib.suppress(Exception):
+                    history.finish_upload(self.history, env_uuid, path, op, ok=True)
             raise
         except BaseException:
             if options.link:
                 with contextlib.suppress(Exception):
-                    history.failed_upload(self.history, env_uuid, path)
+                    if op is not None:
+                        history.finish_upload(self.history, env_uuid, path, op, ok=False)
+                    else:
+                        history.failed_upload(self.history, env_uuid, path)
             raise
 
-    def _check_creatable(self, env_uuid: str, path: str) -> None:
-        """Create-only fails early if the path exists or its first upload is running."""
+    def _check_creatable(self, env_uuid: str, path: str, own: ObjectId | None = None) -> None:
+        """Create-only fails early if the path exists or its first upload is running.
+
+        own: this upload's pending item: only uploads that began before it count.
+        """
         doc = self.paths.find_one({"env": env_uuid, "path": path}, NO_EVENTS)
         if doc is not None and not _expired(doc):
             raise PreconditionFailedError(f"{env_uuid}: {path!r} exists")
-        if history.upload_in_progress(self.history, env_uuid, path):
+        if history.upload_in_progress(self.history, env_uuid, path, before=own):
             raise PreconditionFailedError(f"{env_uuid}: {path!r} is being uploaded")
 
     def _put_streamed(
@@ -736,13 +781,15 @@ class ManagedStorage:
         if expected is not None and digest != expected:
             raise HashMismatchError(f"content hashes to {digest}, not {expected}")
         if options.if_none_match and options.link:
-            self._check_creatable(env_uuid, path)
+            self._check_creatable(env_uuid, path, options.pending_op)
         res = self._catalog.acquire_inline(digest, data)
         try:
             doc = self._link(env_uuid, path, res, options)
         except BaseException as exc:
             self._release_failed(res.id, exc)
             raise
+        if options.pending_op is not None:
+            history.finish_upload(self.history, env_uuid, path, options.pending_op, ok=True)
         self._keep_inline(res)
         return res, doc
 

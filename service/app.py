@@ -19,6 +19,7 @@ tokens are in MongoDB, so several instances on one database are one service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -45,13 +46,14 @@ from catalog.errors import (
     BadRequestError,
     CatalogError,
     NotFoundError,
+    PreconditionFailedError,
     TooLargeError,
     UnauthorizedError,
 )
 from catalog.managed import ManagedStorage
 from catalog.reaper import DEFAULT_REAP_INTERVAL, ExpiryReaper
 from catalog.tokens import TokenInfo, TokenStore, token_digest
-from service.body import FILL_BYTES, BodyReader, ClientGone
+from service.body import FILL_BYTES, FIRST_BLOCK_WAIT, BodyReader, ClientGone
 from service.errors import (
     STATUS_BY_CODE,
     InternalError,
@@ -295,9 +297,11 @@ class ServiceApp:
         self,
         body: BodyReader,
         length: int,
-        fn: Callable[..., T],
-        *args: Any,
-        abandoned: Callable[[], object] | None = None,
+        fn: Callable[[Any], T],
+        *,
+        abandoned: Callable[[Any], object] | None = None,
+        started: Callable[[], Any] | None = None,
+        renew: Callable[[Any], object] | None = None,
     ) -> T:
         """Run a core call that reads `body` on a worker thread, holding a slot only to work.
 
@@ -306,38 +310,84 @@ class ServiceApp:
         its slot back whenever it waits for the client (`BodyReader.refill`). So
         clients that trickle their bodies hold parked threads, never the slots
         of uploads that have data, and the body deadlines drop them.
-        `abandoned` runs (on a worker thread) if that first block fails to
-        arrive: the core call, which records its own failures, never ran.
+
+        fn(pending) is the core call. `started()` writes the upload's pending
+        history item when that first block does not arrive at once (a slow
+        client: the upload is visibly running while it sends), `renew(pending)`
+        keeps it alive meanwhile, and fn gets it to end (else None).
+        `abandoned(pending)` runs (on a worker thread) if that first block
+        fails to arrive: the core call, which records its own failures, never ran.
         """
         if length > MAX_BODY:
             raise TooLargeError(
                 f"the body has {length} bytes; no object can have more than {MAX_BODY}"
             )
+        pending: Any = None
+        loop = asyncio.get_running_loop()
+        filled = asyncio.Event()
+        marking: list[asyncio.Future[Any]] = []  # the pending item's writer, once it starts
+        timer = None
+        if started is not None:  # a timer, not a task: a body already here costs nothing more
+            timer = loop.call_later(
+                FIRST_BLOCK_WAIT,
+                lambda: marking.append(
+                    asyncio.ensure_future(self._mark_pending(started, renew, filled))
+                ),
+            )
         try:
-            await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
-        except Exception:
-            if abandoned is not None:
+            try:
+                await body.fill(FILL_BYTES if length < 0 else min(length, FILL_BYTES))
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                filled.set()
+            if marking:
+                pending = await marking[0]
+        except Exception as exc:
+            if marking and pending is None:
+                with contextlib.suppress(Exception):  # it may have written the item
+                    pending = await marking[0]
+            if abandoned is not None and not isinstance(exc, PreconditionFailedError):
                 try:
-                    await self.sync(abandoned)
+                    await self.sync(abandoned, pending)
                 except Exception:  # the upload's own error is the one to answer with
                     log.warning("recording an abandoned upload failed", exc_info=True)
             raise
         if 0 <= length <= body.count:
             body.end()  # all declared bytes are here: the core will not wait for more
+        call = functools.partial(fn, pending)
         if body.complete:  # the whole body is buffered: one plain hop, nothing to wait for
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.upload_executor, functools.partial(fn, *args))
+            return await loop.run_in_executor(self.upload_executor, call)
         slots = self.upload_slots
         await slots.acquire()
         body.gate, body.holding = slots, True
         try:
-            return await anyio.to_thread.run_sync(
-                functools.partial(fn, *args), limiter=self.upload_limiter
-            )
+            return await anyio.to_thread.run_sync(call, limiter=self.upload_limiter)
         finally:
             if body.holding:
                 body.holding = False
                 slots.release()
+
+    async def _mark_pending(
+        self,
+        started: Callable[[], Any],
+        renew: Callable[[Any], object] | None,
+        filled: asyncio.Event,
+    ) -> Any:
+        """Write the upload's pending item, renew it every lease / 4 until the block is in."""
+        pending = await self.sync(started)
+        every = self.managed.upload_lease / 4
+        while not filled.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(filled.wait(), every)
+                break
+            if renew is not None:
+                try:
+                    await self.sync(renew, pending)
+                except Exception:  # a failover, say: the next renewal may make it
+                    log.warning("renewing a pending upload failed", exc_info=True)
+        return pending
 
     @property
     def io_limiter(self) -> anyio.CapacityLimiter:

@@ -45,6 +45,9 @@ from service.errors import RequestTimeoutError
 
 HOP_BYTES = 1024 * 1024
 FILL_BYTES = 4 * 1024 * 1024
+# Seconds the first block of a body may take before its upload shows as pending
+# (ServiceApp.upload): a small body sent with its headers never pays the write.
+FIRST_BLOCK_WAIT = 0.05
 MAX_HOP_BYTES = 8 * 1024 * 1024
 OUT_HOP_BYTES = 4 * 1024 * 1024
 

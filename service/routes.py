@@ -9,11 +9,13 @@ errors) is its row in `ROUTES`, which the dispatcher, the OpenAPI document,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote
 
+from bson import ObjectId
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from swagger_ui_bundle import swagger_ui_path
@@ -190,17 +192,26 @@ async def store_body(
             "resumable uploads for pieces)"
         )
     app = ctx.app
+    managed = app.managed
     body = app.body_reader(ctx.request)
+
+    def put(pending: ObjectId | None) -> PathInfo:
+        with_pending = dataclasses.replace(options, pending_op=pending) if pending else options
+        reader = cast(BinaryIO, body)
+        return managed.put_path(
+            env, path, reader, length, check_hash=expected, options=with_pending
+        )
+
     try:
         return await app.upload(
             body,
             length,
-            functools.partial(app.managed.put_path, check_hash=expected, options=options),
-            env,
-            path,
-            cast(BinaryIO, body),
-            length,
-            abandoned=functools.partial(app.managed.upload_abandoned, env, path),
+            put,
+            abandoned=functools.partial(managed.upload_abandoned, env, path),
+            started=functools.partial(
+                managed.upload_started, env, path, create_only=options.if_none_match
+            ),
+            renew=functools.partial(managed.upload_renew, env, path),
         )
     except LengthMismatchError as exc:
         if expected is not None:  # the declared hash is for content of another length

@@ -268,7 +268,7 @@ class PutRequestBody(_Body):
 class AnswerBody(_Body):
     """The answer to a challenge: BLAKE3 of the requested ranges' bytes, concatenated."""
 
-    checksum: Annotated[str, WithJsonSchema({"type": "string", "description": "BLAKE3 hex"})]
+    checksum: Annotated[str, WithJsonSchema({**HASH_SCHEMA, "description": "BLAKE3 hex"})]
 
 
 _PathOut = Annotated[str, WithJsonSchema(PATH_OUT_SCHEMA)]

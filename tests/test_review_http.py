@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -79,3 +80,51 @@ def test_a_malformed_proof_checksum_is_400_and_keeps_the_request(
     wrong = "0" * 64
     r = http.post(f"/put-requests/{request_id}/response", json={"checksum": wrong})
     assert r.status_code == 403 and r.json()["error"]["code"] == "response_mismatch"
+
+
+def _start_put(url: str, path: str, total: int, first: bytes) -> socket.socket:
+    """A PUT of `total` bytes whose client has sent only `first` of them so far."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"PUT /v1/environments/{ENV}/resources/{path} HTTP/1.1\r\nHost: x\r\n"
+    sock.sendall(f"{head}Content-Length: {total}\r\n\r\n".encode() + first)
+    return sock
+
+
+def test_a_small_upload_still_arriving_is_pending_and_blocks_create_only(
+    managed: ManagedStorage,
+) -> None:
+    """Was: a body of up to 4 MiB was received before the core saw it, so while a slow
+    client sent it the path had no history and a create-only PUT got 201 beside it."""
+    with (
+        ServerThread(create_app(managed, auth=False)) as server,
+        httpx.Client(base_url=f"{server.url}/v1/environments/{ENV}", timeout=30) as http,
+    ):
+        total = 300_000
+        slow = _start_put(server.url, "slow", total, b"A" * 100_000)
+        try:
+            time.sleep(0.5)  # the client is still sending
+            items = http.get("/history/slow").json()["items"]
+            assert [i["state"] for i in items] == ["pending"], items
+            r = http.put("/resources/slow", content=b"x", headers={"if-none-match": "*"})
+            assert r.status_code == 412, r.text
+            slow.sendall(b"B" * (total - 100_000))
+            answer = slow.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 201"), answer
+        finally:
+            slow.close()
+        assert http.get("/resources/slow").content == b"A" * 100_000 + b"B" * 200_000
+        states = [i["state"] for i in http.get("/history/slow").json()["items"]]
+        assert "pending" not in states, states
+        # A client that gives up halfway leaves a failed upload, not a pending one.
+        gone = _start_put(server.url, "gone", total, b"A" * 1000)
+        time.sleep(0.5)
+        gone.close()
+        deadline = time.monotonic() + 10
+        while True:
+            states = [i["state"] for i in http.get("/history/gone").json()["items"]]
+            if states == ["failed"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert states == ["failed"], states
+        assert http.get("/resources/gone").status_code == 404

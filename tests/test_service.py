@@ -477,13 +477,15 @@ def test_put_request_errors(http: httpx.Client, managed: ManagedStorage) -> None
     assert http.get(url("e", "p")).status_code == 404
     r = _answer(http, "e", doc["request_id"], _checksum(data, doc["ranges"]))
     assert r.status_code == 410 and error_code(r) == "request_expired"
-    r = _answer(http, "e", doc["request_id"] + "x", "not-a-hash")
+    r = _answer(http, "e", doc["request_id"] + "x", "0" * 64)
     assert r.status_code == 410
     for rid in ("%ff%fe", "a%00b", "x" * 300):
         r = _answer(http, "e", rid, "0" * 64)
         assert r.status_code == 410 and error_code(r) == "request_expired", rid
     doc = _request(http, "e", "p", h(data)).json()
-    r = _answer(http, "e", doc["request_id"], "not a checksum")
+    r = _answer(http, "e", doc["request_id"], "not a checksum")  # a malformed hash: 400
+    assert r.status_code == 400 and error_code(r) == "bad_request"
+    r = _answer(http, "e", doc["request_id"], "0" * 64)  # a wrong one: the request is used up
     assert r.status_code == 403 and error_code(r) == "response_mismatch"
 
     # Answered through another environment.
