@@ -30,6 +30,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "resource_deleted": 410,
     "precondition_failed": 412,
     "too_large": 413,
+    "unsupported_encoding": 415,
     "range_not_satisfiable": 416,
     "too_many_requests": 429,
     "hash_mismatch": 422,
@@ -87,6 +88,12 @@ class RequestTimeoutError(CatalogError):
 
 class RangeNotSatisfiableError(CatalogError):
     code = "range_not_satisfiable"
+
+
+class UnsupportedEncodingError(CatalogError):
+    """A body in a content coding the service would store as if it were the content (415)."""
+
+    code = "unsupported_encoding"
 
 
 class UnavailableError(CatalogError):

@@ -46,7 +46,7 @@ from service.conditions import (
     revision_header,
     write_condition,
 )
-from service.errors import RangeNotSatisfiableError, with_headers
+from service.errors import RangeNotSatisfiableError, UnsupportedEncodingError, with_headers
 from service.ranges import (
     Unsatisfiable,
     etag_for,
@@ -190,6 +190,15 @@ async def store_body(
         raise BadRequestError(
             "a PUT replaces the whole content: Content-Range is refused (use the "
             "resumable uploads for pieces)"
+        )
+    coding = ctx.request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        # Stored as sent, gzip bytes would be served back as the content itself.
+        raise with_headers(
+            UnsupportedEncodingError(
+                f"Content-Encoding {coding!r}: send the content itself (identity)"
+            ),
+            {"accept-encoding": "identity"},
         )
     app = ctx.app
     managed = app.managed

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
 from collections.abc import Iterator
@@ -128,3 +129,14 @@ def test_a_small_upload_still_arriving_is_pending_and_blocks_create_only(
             time.sleep(0.1)
         assert states == ["failed"], states
         assert http.get("/resources/gone").status_code == 404
+
+
+def test_a_put_in_a_content_coding_is_415(http: httpx.Client) -> None:
+    """Was: gzip bytes stored as the content and served back without the coding."""
+    gz = gzip.compress(b"hello")
+    r = http.put("/resources/z", content=gz, headers={"content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_encoding"
+    assert r.headers["accept-encoding"] == "identity"
+    assert http.get("/resources/z").status_code == 404
+    ok = http.put("/resources/z", content=b"hello", headers={"content-encoding": "identity"})
+    assert ok.status_code == 201
