@@ -280,7 +280,7 @@ def item(event: dict[str, Any], now: datetime.datetime) -> dict[str, Any]:
     return {
         "at": rfc3339(event["at"]),
         "event": str(event.get("event", "")),
-        "state": _state(event, now),
+        "state": shown_state(event, now),
         "hash": str(event.get("hash") or ""),
         "length": int(event.get("length") or 0),
         "revision": int(event.get("revision") or 0),
@@ -313,7 +313,7 @@ def json_items(ordered: Iterator[dict[str, Any]], *, per_piece: int = 512) -> It
     yield b"]}"
 
 
-def _state(event: dict[str, Any], now: datetime.datetime) -> str:
+def shown_state(event: dict[str, Any], now: datetime.datetime) -> str:
     """An upload still `pending` whose lease ran out is shown `failed`.
 
     Its uploader died (nobody renews the lease, nobody marks it failed); gc

@@ -356,7 +356,10 @@ class ManagedStorage:
                 yield from _by_revision(events)
             yield from _by_revision(recent)
 
-        yield from _in_order(changes(), uploads)
+        now = utcnow()
+        for event in _in_order(changes(), uploads):
+            state = history.shown_state(event, now)
+            yield event if state == event.get("state", "ok") else {**event, "state": state}
 
     # -- writes ---------------------------------------------------------------
     def put_for_environment(

@@ -109,3 +109,13 @@ def test_a_retried_upload_commit_answers_after_the_service_died_in_it(
     with reader:
         assert length == len(DATA) and reader.read() == DATA
     _consistent_after_gc(ms)
+
+
+def test_an_upload_whose_uploader_died_reads_failed_before_gc(managed: ManagedStorage) -> None:
+    """Was: the Python API showed it `pending` until gc ran (HTTP and the CLI said failed)."""
+    from catalog import history
+
+    history.start_upload(managed.history, "e", "dead", 0.3, replacing=False)
+    assert [e["state"] for e in managed.history_for_environment("e", "dead")] == ["pending"]
+    time.sleep(0.5)  # nobody renews it: its uploader is gone
+    assert [e["state"] for e in managed.history_for_environment("e", "dead")] == ["failed"]
