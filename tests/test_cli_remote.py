@@ -403,3 +403,25 @@ def test_a_server_url_that_is_not_the_service_root_says_what_to_give(
             f"check --server: give the service root, {url}\n"
         ), args
     assert not (tmp_path / "no-data").exists()  # and no database was started for it
+
+
+def test_conditional_puts_from_a_pipe_say_the_same_over_http(
+    url: str, base: dict[str, str], db_env: dict[str, str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    """A piped put streams in one chunked PUT, refused before its body by the service's
+    early check, which printed its own generic text ("If-Match does not match the current
+    content"); now what the database prints, word for word."""
+    token = TokenStore(managed.db).create(env="team-a")[0]
+    web = http_env(base, url, token, tmp_path)
+    ok(run(db_env, "put", "team-a", "r4/x", "-", input=b"data"))
+    revision = managed.stat_for_environment("team-a", "r4/x").revision
+    for args in (
+        ["r4/x", "-", "--if-none-match"],
+        ["r4/x", "-", "--if-match", str(revision + 1)],
+        ["r4/missing", "-", "--if-match", str(revision)],
+        ["r4/x", "-", "--if-match", "blake3:" + "0" * 64],
+    ):
+        on_db = one_line_error(run(db_env, "put", "team-a", *args, input=b"other"))
+        assert "team-a: " in on_db, on_db
+        assert one_line_error(run(web, "put", "team-a", *args, input=b"other")) == on_db, args
+    assert managed.stat_for_environment("team-a", "r4/x").revision == revision
