@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import blake3
 
@@ -83,6 +83,20 @@ class KVPair:
     key: str
     value: bytes
     last_index: int
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key without its value: a key is a path, whose content may be any size.
+
+    `hash` names the content, which never changes: `KVStore.open_value` reads
+    exactly the value this key had at `last_index`.
+    """
+
+    key: str
+    last_index: int
+    hash: str
+    length: int
 
 
 # -- validation ------------------------------------------------------------------------
@@ -163,6 +177,10 @@ def _expired(expires_at: Any) -> bool:
     return expires_at is not None and aware(expires_at) <= utcnow()
 
 
+def _key_info(doc: dict[str, Any]) -> KeyInfo:
+    return KeyInfo(doc["path"], revision(doc["rev"]), doc["hash"], int(doc["length"]))
+
+
 # -- content ---------------------------------------------------------------------------
 def _contents(managed: ManagedStorage, hashes: set[str]) -> dict[str, bytes]:
     """The bytes of each stored hash (hashes no longer stored are left out)."""
@@ -185,6 +203,18 @@ def _contents(managed: ManagedStorage, hashes: set[str]) -> dict[str, bytes]:
         finally:
             reader.close()
     return found
+
+
+def _open_content(managed: ManagedStorage, digest: str) -> BinaryIO:
+    """A stream of the stored content with this hash; NotFoundError once it is deleted."""
+    doc = managed.catalog.collection.find_one(
+        {"hash": digest, "state": "ready"}, {"path": 1, "data": 1}
+    )
+    if doc is None:
+        raise NotFoundError(f"no stored content {digest}")
+    if doc.get("data") is not None:
+        return io.BytesIO(bytes(doc["data"]))
+    return managed.resource_storage.get(doc["path"])  # type: ignore[no-any-return]
 
 
 class ContentCache:
@@ -260,6 +290,39 @@ class KVStore:
     def list_pairs(self, prefix: str = "") -> list[KVPair]:
         """get_range, but [] when nothing matches."""
         return self._range(clean_prefix(prefix))[0]
+
+    def keys(self, prefix: str = "") -> Iterator[KeyInfo]:
+        """The live keys at or under prefix in key order, reading no value.
+
+        A cursor, not a list: listing keys costs the same whatever their values
+        weigh (a key may be a path of hundreds of MiB). Read a value with
+        `open_value`, one at a time.
+        """
+        query = {"env": self.env_uuid, **_live(), **_under(clean_prefix(prefix))}
+        for doc in self.managed.paths.find(query, _FIELDS, sort=[("path", 1)]):
+            yield _key_info(doc)
+
+    def key_info(self, key: str) -> KeyInfo:
+        """`get` without the value; NotFoundError as `get`."""
+        k = clean_key(key)
+        doc = self.managed.paths.find_one({"env": self.env_uuid, "path": k, **_live()}, _FIELDS)
+        if doc is None:
+            raise NotFoundError(f"{self.env_uuid}: no such key {k!r}", path=k)
+        return _key_info(doc)
+
+    def open_value(self, info: KeyInfo) -> BinaryIO:
+        """A stream of the value `info` describes (its content, by hash: it never changes).
+
+        NotFoundError when that content was deleted since (the key was changed
+        or removed, and nothing else held it): read the key again.
+        """
+        try:
+            return _open_content(self.managed, info.hash)
+        except NotFoundError:
+            raise NotFoundError(
+                f"{self.env_uuid}: key {info.key!r} changed since revision {info.last_index}",
+                path=info.key,
+            ) from None
 
     def _range(self, prefix: str) -> tuple[list[KVPair], list[dict[str, Any]]]:
         """The live pairs at or under prefix in key order, and their documents."""

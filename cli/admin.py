@@ -163,6 +163,10 @@ def put(
             raise click.UsageError("put -r needs a directory, not -")
         if conditional:
             raise click.UsageError("--if-match and --if-none-match are for one file, not -r")
+        if as_json:  # it prints a line per file copied and a summary, as sync does
+            raise click.UsageError(
+                "--json is for one file, not -r (put -r prints one line per file copied)"
+            )
         put_tree(ctx, env, path, file, jobs=jobs, dry_run=dry_run, delete=False)
         return
     if if_match is not None and create_only:

@@ -293,6 +293,11 @@ def with_hint(exc: CatalogError, server: str) -> Exception:
         "forbidden": "use a token for that environment (rescat token create --env ENV)",
         "unavailable": f"is the service at {server} running? check --server / RESCAT_SERVER",
     }.get(exc.code)
+    if exc.code == "not_rescat":  # service.client.NotAServiceError
+        base, what, advice = (getattr(exc, name) for name in ("base", "what", "advice"))
+        return click.ClickException(
+            f"{base} is not a rescat service ({what}); check --server: {advice}"
+        )
     if hint is None:
         return exc
     return click.ClickException(f"{text}; {hint}")

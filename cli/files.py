@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, BinaryIO, cast
 
 import blake3
@@ -237,20 +239,48 @@ def plan_download(
 
 
 # -- transfers ----------------------------------------------------------------------
+class Stopped(Exception):
+    """Raised inside a transfer once Ctrl-C stopped the command: it unwinds that transfer.
+
+    A put fails before it commits (no path appears), a download before its
+    rename (no file appears); both clean up as after any other failure.
+    """
+
+
+class _Stop:
+    """The abort flag that every running transfer checks between blocks."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Stopped("interrupted")
+
+
 class _Counted:
     """A reader that advances the shared bar, at most once per byte of the file.
 
     The core may read a seekable file twice (a hash pass, then the upload):
-    the bar shows progress through the file, not bytes read.
+    the bar shows progress through the file, not bytes read. Each read checks
+    the abort flag, so Ctrl-C cancels a put in flight before it commits.
     """
 
-    def __init__(self, inner: BinaryIO, advance: Callable[[int], None]) -> None:
+    def __init__(self, inner: BinaryIO, advance: Callable[[int], None], stop: _Stop) -> None:
         self._inner = inner
         self._advance = advance
+        self._stop = stop
         self._pos = 0
         self._shown = 0
 
     def read(self, size: int = -1) -> bytes:
+        self._stop.check()
         data = self._inner.read(size)
         self._pos += len(data)
         if self._pos > self._shown:
@@ -279,10 +309,11 @@ def _upload_one(
     source: Path,
     action: Action,
     advance: Callable[[int], None],
+    stop: _Stop,
 ) -> None:
     with open(source, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        reader = cast(BinaryIO, _Counted(f, advance))
+        reader = cast(BinaryIO, _Counted(f, advance, stop))
         managed.put_for_environment_and_check_hash(env, path, reader, size, action.hash)
 
 
@@ -293,6 +324,7 @@ def _download_one(
     target: Path,
     action: Action,
     advance: Callable[[int], None],
+    stop: _Stop,
 ) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     reader, length = managed.get_for_environment(env, path)
@@ -301,6 +333,7 @@ def _download_one(
             hasher = blake3.blake3()
             total = 0
             while True:
+                stop.check()
                 piece = reader.read(1024 * 1024)
                 if not piece:
                     break
@@ -315,12 +348,19 @@ def _download_one(
         reader.close()
 
 
-def _progress_of(advance: Callable[[int], None]) -> Callable[[str, int, int | None], None]:
-    """A client progress callback that advances the shared bar by transferred bytes."""
+def _progress_of(
+    advance: Callable[[int], None], stop: _Stop
+) -> Callable[[str, int, int | None], None]:
+    """A client progress callback that advances the shared bar by transferred bytes.
+
+    The client calls it between blocks of every phase (hash, upload, download),
+    so checking the abort flag here cancels an HTTP transfer in flight.
+    """
     shown = 0
 
     def progress(phase: str, done: int, total: int | None) -> None:
         nonlocal shown
+        stop.check()
         if phase in ("upload", "download") and done > shown:
             advance(done - shown)
             shown = done
@@ -363,35 +403,40 @@ def execute(
                 progress.update(n)
 
         client = ctx.http
+        stop = _Stop()
 
         def run(action: Action) -> None:
+            stop.check()  # queued before Ctrl-C, started after: never begins
             remote_path = query + action.rel
             local_path = root / action.rel
             if client is not None:
+                progress_cb = _progress_of(advance, stop)
                 if action.kind == "upload":
-                    client.upload(env, remote_path, local_path, progress=_progress_of(advance))
+                    client.upload(env, remote_path, local_path, progress=progress_cb)
                 else:
                     local_path.parent.mkdir(parents=True, exist_ok=True)
-                    client.download(env, remote_path, local_path, progress=_progress_of(advance))
+                    client.download(env, remote_path, local_path, progress=progress_cb)
             elif action.kind == "upload":
-                _upload_one(ctx.managed, env, remote_path, local_path, action, advance)
+                _upload_one(ctx.managed, env, remote_path, local_path, action, advance, stop)
             else:
-                _download_one(ctx.managed, env, remote_path, local_path, action, advance)
+                _download_one(ctx.managed, env, remote_path, local_path, action, advance, stop)
+
+        def record(future: Future[None], action: Action) -> None:
+            exc = future.exception()
+            if exc is None:
+                outcome.done.append(action)
+                progress.write(_describe(action, env, query, root), file=sys.stdout)
+            elif not isinstance(exc, Stopped):
+                outcome.failed.append((action, exc))
 
         if transfers:
             if client is None:
                 _ = ctx.managed  # connect once, before the threads
             current_umask()  # and read the umask before they create files
-            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rescat-sync") as pool:
-                futures = {pool.submit(run, a): a for a in transfers}
-                for future in as_completed(futures):
-                    action = futures[future]
-                    exc = future.exception()
-                    if exc is None:
-                        outcome.done.append(action)
-                        progress.write(_describe(action, env, query, root), file=sys.stdout)
-                    else:
-                        outcome.failed.append((action, exc))
+            _transfer_all(transfers, run, record, stop, jobs)
+            if stop.is_set():
+                progress.close()
+                raise Interrupted(_interrupted(outcome, len(transfers)))
     if outcome.failed:
         return outcome  # never delete on the strength of an incomplete copy
     for action in deletions:
@@ -407,6 +452,63 @@ def execute(
         outcome.done.append(action)
         click.echo(_describe(action, env, query, root))
     return outcome
+
+
+def _transfer_all(
+    transfers: list[Action],
+    run: Callable[[Action], None],
+    record: Callable[[Future[None], Action], None],
+    stop: _Stop,
+    jobs: int,
+) -> None:
+    """Run the transfers on a pool, recording each as it ends; Ctrl-C stops them all.
+
+    Ctrl-C sets the abort flag (see `_stop_on_ctrl_c`): transfers still
+    queued end at once without starting, those in flight unwind at their next
+    block, and every one is still recorded here, so what the command prints is
+    exactly what was copied (one may finish between the signal and its next
+    check). The `with` block only waits for that unwinding, not for the queue.
+    """
+    with (
+        _stop_on_ctrl_c(stop),
+        ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rescat-sync") as pool,
+    ):
+        futures = {pool.submit(run, a): a for a in transfers}
+        for future in as_completed(futures):
+            record(future, futures[future])
+
+
+@contextmanager
+def _stop_on_ctrl_c(stop: _Stop) -> Iterator[None]:
+    """While the block runs, the first SIGINT sets `stop` instead of raising KeyboardInterrupt.
+
+    Raised in the main thread, KeyboardInterrupt could land between a finished
+    transfer and its line, and the pool would still run the whole queue on the
+    way out. A second Ctrl-C raises it as usual (the handler is given back).
+    Off the main thread no handler can be set: nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # set from outside Python: give back Python's own
+        previous = signal.default_int_handler
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C stopped a transfer: exit 130 (128 + SIGINT), as a shell reports it."""
+
+    exit_code = 130
 
 
 def _remove(ctx: Context, env: str, path: str) -> None:
@@ -427,6 +529,16 @@ def _describe(action: Action, env: str, query: str, root: Path) -> str:
     if action.kind == "delete-remote":
         return f"delete: {remote}"
     return f"delete: {local}"
+
+
+def _interrupted(outcome: Outcome, planned: int) -> str:
+    """What Ctrl-C left: the copies that finished (printed above) and those that did not."""
+    copied = [a for a in outcome.done if a.kind in ("upload", "download")]
+    moved = sum(a.size for a in copied)
+    return (
+        f"interrupted: {len(copied)} copied ({moved} bytes), {planned - len(copied)} not "
+        "copied, nothing deleted; run again to finish"
+    )
 
 
 def report(outcome: Outcome, plan: Plan, dry_run: bool) -> None:

@@ -8,18 +8,30 @@ it is UTF-8 (`value`) and always as base64 (`value_base64`).
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import json
 import os
 import sys
-from typing import Any, BinaryIO
+import textwrap
+from collections.abc import Iterator
+from typing import Any, BinaryIO, TextIO
 
+import blake3
 import click
 
-from catalog.errors import CatalogError
-from catalog.kv import MAX_VALUE, KVPair, KVStore, check_ttl, clean_key, clean_prefix
+from catalog.errors import CatalogError, HashMismatchError, NotFoundError
+from catalog.kv import (
+    MAX_VALUE,
+    KeyInfo,
+    KVPair,
+    KVStore,
+    check_ttl,
+    clean_key,
+    clean_prefix,
+)
 from catalog.names import check_env
-from cli.app import Context, Group, cli, echo_json, pass_ctx, with_hint
+from cli.app import Context, Group, cli, pass_ctx, with_hint
 
 
 def _pair_json(pair: KVPair) -> dict[str, Any]:
@@ -32,6 +44,98 @@ def _pair_json(pair: KVPair) -> dict[str, Any]:
     with contextlib.suppress(UnicodeDecodeError):
         data["value"] = pair.value.decode("utf-8")
     return data
+
+
+# A value up to this size is read whole for --json; a larger one is written as it is read.
+_WHOLE = 1024 * 1024
+_BLOCK = 3 * 256 * 1024  # a multiple of 3: its base64 needs no padding before the end
+
+
+def _open_pair(store: KVStore, key: str) -> tuple[KeyInfo, BinaryIO]:
+    """A key's info and a stream of its value, consistent (the value at that revision)."""
+    for _ in range(5):
+        info = store.key_info(key)
+        with contextlib.suppress(NotFoundError):  # changed meanwhile: read the key again
+            return info, store.open_value(info)
+    raise CatalogError(f"{store.env_uuid}: key {key!r} keeps changing")
+
+
+def _write_pair_json(out: TextIO, store: KVStore, info: KeyInfo, margin: str) -> None:
+    """One pair as `_pair_json` prints it (indent 2, sorted keys), streamed when large.
+
+    A large value is read in passes (is it UTF-8? its text; its base64), a
+    block at a time: memory stays bounded whatever the value's size, and the
+    output is written in pieces (one write of more than 2 GiB is cut short).
+    """
+    if info.length <= _WHOLE:
+        with _value_stream(store, info) as reader:
+            pair = KVPair(info.key, reader.read(), info.last_index)
+        text = json.dumps(_pair_json(pair), indent=2, sort_keys=True)
+        out.write(textwrap.indent(text, margin).lstrip(" "))
+        return
+    inner = margin + "  "
+    out.write("{\n")
+    out.write(f'{inner}"key": {json.dumps(info.key)},\n')
+    out.write(f'{inner}"length": {info.length},\n')
+    out.write(f'{inner}"revision": {info.last_index},\n')
+    if _is_utf8(store, info):
+        out.write(f'{inner}"value": "')
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for block in _blocks(store, info):
+            out.write(json.dumps(decoder.decode(block))[1:-1])
+        out.write('",\n')
+    out.write(f'{inner}"value_base64": "')
+    for block in _blocks(store, info):
+        out.write(base64.b64encode(block).decode("ascii"))
+    out.write(f'"\n{margin}}}')
+
+
+@contextlib.contextmanager
+def _value_stream(store: KVStore, info: KeyInfo) -> Iterator[BinaryIO]:
+    reader = store.open_value(info)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _blocks(store: KVStore, info: KeyInfo) -> Iterator[bytes]:
+    """The value in blocks of _BLOCK bytes (the last shorter), checked against its length."""
+    total = 0
+    with _value_stream(store, info) as reader:
+        while True:
+            block = _read_full(reader, _BLOCK)
+            if not block:
+                break
+            total += len(block)
+            yield block
+    if total != info.length:
+        raise CatalogError(f"{info.key}: read {total} bytes, expected {info.length}")
+
+
+def _read_full(reader: BinaryIO, size: int) -> bytes:
+    """`size` bytes unless the stream ends first (a read may return less)."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        piece = reader.read(left)
+        if not piece:
+            break
+        parts.append(piece)
+        left -= len(piece)
+    return b"".join(parts)
+
+
+def _is_utf8(store: KVStore, info: KeyInfo) -> bool:
+    """Whether the whole value is UTF-8 (binary content fails in its first block)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for block in _blocks(store, info):
+            decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _line(data: Any) -> None:
@@ -178,14 +282,34 @@ def kv_get(ctx: Context, env: str, key: str, as_json: bool) -> None:
     clean_key(key)
     store = _store(ctx, env)
     try:
-        pair = store.get(key)
+        if as_json:
+            _write_pair_json(sys.stdout, store, store.key_info(key), "")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            return
+        info, reader = _open_pair(store, key)
+        try:
+            _stream_value(info, reader, sys.stdout.buffer)
+        finally:
+            reader.close()
     finally:
         store.close()
-    if as_json:
-        echo_json(_pair_json(pair))
-        return
-    sys.stdout.buffer.write(pair.value)
-    sys.stdout.buffer.flush()
+
+
+def _stream_value(info: KeyInfo, reader: BinaryIO, sink: BinaryIO) -> None:
+    """Copy the value to `sink` a block at a time, checked as `get` checks (length, BLAKE3)."""
+    hasher = blake3.blake3()
+    total = 0
+    while piece := reader.read(1024 * 1024):
+        sink.write(piece)
+        hasher.update(piece)
+        total += len(piece)
+    sink.flush()
+    if total != info.length or hasher.hexdigest() != info.hash:
+        raise HashMismatchError(
+            f"{info.key}: stored bytes ({total}) hash to {hasher.hexdigest()}, "
+            f"not {info.hash} ({info.length})"
+        )
 
 
 @kv.command("ls")
@@ -205,14 +329,33 @@ def kv_ls(ctx: Context, env: str, prefix: str, as_json: bool) -> None:
     clean_prefix(prefix)
     store = _store(ctx, env)
     try:
-        pairs = store.list_pairs(prefix)
+        if as_json:
+            _write_list_json(sys.stdout, store, prefix)
+            return
+        for info in store.keys(prefix):  # names only: no value is read
+            click.echo(info.key)
     finally:
         store.close()
-    if as_json:
-        echo_json([_pair_json(pair) for pair in pairs])
-        return
-    for pair in pairs:
-        click.echo(pair.key)
+
+
+def _write_list_json(out: TextIO, store: KVStore, prefix: str) -> None:
+    """The JSON array of every pair under prefix, written pair by pair (as echo_json lays it out).
+
+    Values are read one at a time, each as it is written: memory is bounded
+    by a block, not by the listing, and no single write grows with it.
+    """
+    first = True
+    for info in store.keys(prefix):
+        out.write("[\n  " if first else ",\n  ")
+        first = False
+        try:
+            _write_pair_json(out, store, info, "  ")
+        except NotFoundError:
+            raise CatalogError(
+                f"{store.env_uuid}: key {info.key!r} changed while it was listed; run again"
+            ) from None
+    out.write("[]\n" if first else "\n]\n")
+    out.flush()
 
 
 @kv.command("rm")

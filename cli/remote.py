@@ -298,6 +298,10 @@ def token_list(ctx: Context, as_json: bool) -> None:
         click.echo(f"{info.id}\t{scope}\t{created}\t{info.description}".rstrip())
 
 
+# `ls` as `env ls` has it: the name a hand types first.
+token.add_command(token_list, "ls")
+
+
 @token.command("revoke")
 @click.argument("token_id")
 @pass_ctx

@@ -97,6 +97,23 @@ class ServiceUnavailableError(ServiceError):
 History = list[dict[str, Any]]
 
 
+class NotAServiceError(ServiceError):
+    """The base URL answered, but not as a rescat service's root (another server, or /v1 added).
+
+    `advice` says what to give instead; the CLI prefixes it with the option to fix.
+    """
+
+    def __init__(self, base: str, what: str, advice: str, response: httpx.Response) -> None:
+        super().__init__(
+            f"{base} is not a rescat service ({what}); {advice}",
+            status=response.status_code,
+            code="not_rescat",
+        )
+        self.base = base
+        self.what = what
+        self.advice = advice
+
+
 class CatalogClient:
     """A client of one rescat service. `base_url` is the service root (no /v1)."""
 
@@ -199,7 +216,7 @@ class CatalogClient:
         url = _env_url(env, "history", _encoded(path))
         try:
             with self._http.stream("GET", url) as response:
-                _raise_for(response)
+                _raise_for(response, self.base_url)
                 yield from _listed_items(response.iter_text())
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -634,7 +651,7 @@ class CatalogClient:
                             return DownloadResult(path, _etag_hash(etag), size, received, True)
                         hasher, offset = _restart(out, base)
                         continue
-                    _raise_for(response)
+                    _raise_for(response, self.base_url)
                     new_etag = response.headers.get("etag")
                     if new_etag is None:
                         raise ServiceError("the response has no ETag", status=200)
@@ -778,7 +795,7 @@ class CatalogClient:
             raise self._unreachable(exc) from exc
         if method == "HEAD" and response.status_code in (401, 403):
             response = self._explained(url, response, kwargs.get("headers"))
-        _raise_for(response)
+        _raise_for(response, self.base_url)
         return response
 
     def _explained(
@@ -856,7 +873,7 @@ class CatalogClient:
                 query["since"] = str(resume_since(newest, floor or 0))
             try:
                 with self._http.stream("GET", url, params=query, timeout=timeout) as response:
-                    _raise_for(response)
+                    _raise_for(response, self.base_url)
                     down_since, delay, connected = None, 0.1, True
                     with _closed_on(stop, response):
                         for ident, event in _sse_messages(response.iter_lines()):
@@ -1018,6 +1035,8 @@ def _resumable_failure(exc: CatalogError) -> bool:
 
 def _retryable(exc: ServiceError) -> bool:
     """A failure of the service or of what is in front of it (5xx), not of the request."""
+    if exc.code == "not_rescat":  # the wrong URL stays wrong
+        return False
     return exc.code == "unavailable" or int(getattr(exc, "status", 0) or 0) >= 500
 
 
@@ -1109,7 +1128,7 @@ def _listed_items(chunks: Iterator[str]) -> Iterator[dict[str, Any]]:
     raise ServiceError("the answer ended before its list of items did", status=200)
 
 
-def _raise_for(response: httpx.Response) -> None:
+def _raise_for(response: httpx.Response, base_url: str = "") -> None:
     if response.status_code < 400:
         return
     body = b""
@@ -1117,13 +1136,42 @@ def _raise_for(response: httpx.Response) -> None:
         with contextlib.suppress(httpx.HTTPError):
             body = response.read()
     code = response.headers.get("x-rescat-error", "")
+    if not code and _not_rescat(response.status_code, body):
+        raise _wrong_root(base_url, response, "")
     exc = exception_from(response.status_code, body)
+    if isinstance(exc, NotFoundError) and str(exc) == "no such route":
+        # The service's router: this client's routes all exist on the root, so the
+        # URL is not the root (often the root with /v1 appended).
+        raise _wrong_root(base_url, response, ", no such route")
     if isinstance(exc, ServiceError) and code in error_classes():
         exc = error_classes()[code](f"HTTP {response.status_code} {code}")
     wait = response.headers.get("retry-after", "")
     if wait.isascii() and wait.isdigit():  # seconds (the service never sends a date)
         exc.retry_after = int(wait)  # type: ignore[attr-defined]
     raise exc
+
+
+def _not_rescat(status: int, body: bytes) -> bool:
+    """An error that no rescat service sends: no x-rescat-error header, no JSON error.
+
+    Only statuses that say "wrong place" (4xx, 501 Not Implemented): a 502-504
+    from a proxy in front of the service stays a (retryable) unavailable service.
+    """
+    if not (400 <= status < 500 or status == 501):
+        return False
+    try:
+        return not isinstance(json.loads(body)["error"]["code"], str)
+    except (ValueError, KeyError, TypeError):
+        return True
+
+
+def _wrong_root(base_url: str, response: httpx.Response, detail: str) -> NotAServiceError:
+    """The error of a base URL that is not a rescat service's root: say which, and what to give."""
+    base = base_url or f"{response.request.url.scheme}://{response.request.url.netloc.decode()}"
+    advice = "give the service root, without /v1"
+    if base.endswith("/v1"):
+        advice = f"give the service root, {base[:-3]}"
+    return NotAServiceError(base, f"HTTP {response.status_code}{detail}", advice, response)
 
 
 @contextlib.contextmanager

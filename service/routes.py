@@ -354,15 +354,21 @@ async def _fail_early(ctx: Ctx[Any], env: str, path: str, condition: Condition) 
     """412 now when the condition already fails (the write checks it again, atomically).
 
     Before the body is read, so a client that waits for `100 Continue` (curl
-    does past 1 MiB) never sends a large body only to have it refused.
+    does past 1 MiB) never sends a large body only to have it refused. The
+    refusal says what the catalog's own check says (`env: 'p' exists`, `env:
+    no such path 'p'`, `env: 'p' changed (revision N)`), so a chunked upload
+    refused here reads as one refused by the write itself, or on the database.
     """
-    info = await _stat(ctx, env, path)
+    managed = ctx.app.managed
     if condition.if_none_match:
-        if info is not None:
-            raise PreconditionFailedError(f"{path!r} exists (If-None-Match: *)")
+        # The catalog's create-only check itself (an existing path, or a first upload running).
+        await ctx.app.sync(managed._check_creatable, env, path)
         return
-    if info is None or (condition.if_match is not None and not holds(info, condition.if_match)):
-        raise PreconditionFailedError("If-Match does not match the current content")
+    info = await _stat(ctx, env, path)
+    if info is None:
+        raise PreconditionFailedError(f"{env}: no such path {path!r}")  # as ManagedStorage._link
+    if condition.if_match is not None and not holds(info, condition.if_match):
+        raise PreconditionFailedError(f"{env}: {path!r} changed (revision {info.revision})")
 
 
 def _docs_page() -> bytes:

@@ -245,3 +245,19 @@ def test_invalid_names_state_the_rule(env: dict[str, str]) -> None:
     assert "control character" in err
     err = one_line_error(run(env, "ls", "bad env"))
     assert "A-Z a-z 0-9 . _ -" in err
+
+
+# -- review: flags and names that said nothing ---------------------------------------------
+def test_put_r_refuses_json_and_token_ls_lists(env: dict[str, str], tmp_path: Path) -> None:
+    """`put -r --json` took the flag and printed plain lines; `token ls` was no command."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"a")
+    err = one_line_error(run(env, "put", "-r", "e", "j/", str(tmp_path / "d"), "--json"))
+    assert "--json is for one file, not -r" in err
+    assert run(env, "ls", "e").stdout == b""  # refused before anything was copied
+    created = run(env, "token", "create", "--env", "e")
+    assert created.returncode == 0, created.stderr
+    token_id = created.stderr.decode().split()[3]
+    listed = run(env, "token", "ls")
+    assert listed.returncode == 0 and listed.stdout == run(env, "token", "list").stdout
+    assert token_id in listed.stdout.decode()

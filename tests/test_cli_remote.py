@@ -356,3 +356,72 @@ def test_empty_sources_files_and_folders_over_http(
         assert "'dir' is a folder: use -r" in one_line_error(run(web, *args)), args
     assert managed.list_for_environment("e") == ["dir/a.txt"]
     assert not (tmp_path / "no-data").exists()
+
+
+@pytest.fixture
+def other_http(tmp_path: Path) -> Iterator[str]:
+    """A web server that is not rescat (python -m http.server's handler, an empty directory)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "www").mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_server_url_that_is_not_the_service_root_says_what_to_give(
+    url: str, other_http: str, base: dict[str, str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    """`--server` at another web server, or at the service with /v1 added, was a bare
+    `HTTP 404` / `HTTP 501` / `no such route`: now one line naming the URL and the fix."""
+    source = tmp_path / "a"
+    source.write_bytes(b"data")
+    for server, status, args in [
+        (other_http, "HTTP 404", ["ls", "team-a"]),
+        (other_http, "HTTP 501", ["put", "team-a", "a", str(source)]),
+        (other_http, "HTTP 404", ["get", "team-a", "a"]),
+    ]:
+        err = one_line_error(run(http_env(base, server, "x", tmp_path), *args))
+        assert err == (
+            f"rescat: {server} is not a rescat service ({status}); "
+            "check --server: give the service root, without /v1\n"
+        ), args
+    token = TokenStore(managed.db).create(env="team-a")[0]
+    for args in (["ls", "team-a"], ["put", "team-a", "a", str(source)], ["stat", "team-a", "a"]):
+        err = one_line_error(run(http_env(base, url + "/v1", token, tmp_path), *args))
+        assert err == (
+            f"rescat: {url}/v1 is not a rescat service (HTTP 404, no such route); "
+            f"check --server: give the service root, {url}\n"
+        ), args
+    assert not (tmp_path / "no-data").exists()  # and no database was started for it
+
+
+def test_conditional_puts_from_a_pipe_say_the_same_over_http(
+    url: str, base: dict[str, str], db_env: dict[str, str], managed: ManagedStorage, tmp_path: Path
+) -> None:
+    """A piped put streams in one chunked PUT, refused before its body by the service's
+    early check, which printed its own generic text ("If-Match does not match the current
+    content"); now what the database prints, word for word."""
+    token = TokenStore(managed.db).create(env="team-a")[0]
+    web = http_env(base, url, token, tmp_path)
+    ok(run(db_env, "put", "team-a", "r4/x", "-", input=b"data"))
+    revision = managed.stat_for_environment("team-a", "r4/x").revision
+    for args in (
+        ["r4/x", "-", "--if-none-match"],
+        ["r4/x", "-", "--if-match", str(revision + 1)],
+        ["r4/missing", "-", "--if-match", str(revision)],
+        ["r4/x", "-", "--if-match", "blake3:" + "0" * 64],
+    ):
+        on_db = one_line_error(run(db_env, "put", "team-a", *args, input=b"other"))
+        assert "team-a: " in on_db, on_db
+        assert one_line_error(run(web, "put", "team-a", *args, input=b"other")) == on_db, args
+    assert managed.stat_for_environment("team-a", "r4/x").revision == revision
