@@ -726,6 +726,16 @@ class ManagedStorage:
                         history.failed_upload(self.history, env_uuid, path)
             raise
 
+    def check_creatable(self, env_uuid: str, path: str) -> None:
+        """PreconditionFailedError if a create-only put of `path` would fail now.
+
+        The path exists (and has not expired), or its first upload is running.
+        Advisory: the put checks again in its own atomic step.
+        """
+        check_env(env_uuid)
+        check_path(path)
+        self._check_creatable(env_uuid, path)
+
     def _check_creatable(self, env_uuid: str, path: str, own: ObjectId | None = None) -> None:
         """Create-only fails early if the path exists or its first upload is running.
 

@@ -362,7 +362,7 @@ async def _fail_early(ctx: Ctx[Any], env: str, path: str, condition: Condition) 
     managed = ctx.app.managed
     if condition.if_none_match:
         # The catalog's create-only check itself (an existing path, or a first upload running).
-        await ctx.app.sync(managed._check_creatable, env, path)
+        await ctx.app.sync(managed.check_creatable, env, path)
         return
     info = await _stat(ctx, env, path)
     if info is None:
