@@ -55,7 +55,12 @@ from catalog.scan import (
     unreferenced_files,
 )
 from catalog.sessions import COLLECTION as SESSIONS
-from catalog.sessions import DEFAULT_MAX_AGE, live_session_file_ids, reclaim_sessions
+from catalog.sessions import (
+    DEFAULT_MAX_AGE,
+    live_session_file_ids,
+    reclaim_sessions,
+    session_storage_paths,
+)
 
 DEFAULT_GC_GRACE = 3600.0
 
@@ -201,9 +206,12 @@ def gc(
     finally:
         scan.close()
     guard = _gc_dangling(managed, store, orphans, cutoff, report, bar_for)
+    sessions = live_session_file_ids(managed)
+    guard.session_files = sessions
+    guard.session_paths = session_storage_paths(managed, sessions)
     _gc_refcounts(managed, report, bar_for, guard)
     _gc_orphan_files(managed, store, orphans, cutoff, guard, report)
-    _gc_orphan_chunks(managed, store, cutoff, live_session_file_ids(managed), guard, report)
+    _gc_orphan_chunks(managed, store, cutoff, sessions, guard, report)
     _gc_history(managed, history_days, report)
     return report
 
@@ -217,10 +225,15 @@ class _Guard:
     resource id): its stored bytes are kept and its entries never recounted down.
     `unknown`: some path document names neither an entry nor a hash, so nothing
     unreferenced can be proven unreferenced: no orphan and no reference is dropped.
+    `session_files` / `session_paths`: the files ids of writer sessions' bytes and
+    the storage paths of those that became stored files (a commit whose writer
+    died: the session's next open finishes it, so they stay while it exists).
     """
 
     hashes: set[str] = field(default_factory=set)
     unknown: bool = False
+    session_files: set[Any] = field(default_factory=set)
+    session_paths: set[str] = field(default_factory=set)
 
 
 def _stale_sessions(managed: ManagedStorage, max_age: float) -> list[dict[str, Any]]:
@@ -530,12 +543,18 @@ def _gc_refcounts(
     }
     scan = bar_for(entries.estimated_document_count(), "check refcounts", "entries")
     try:
-        for batch in batches(entries.find(query, {"refcount": 1, "hash": 1}), BATCH):
+        fields = {"refcount": 1, "hash": 1, "path": 1}
+        for batch in batches(entries.find(query, fields), BATCH):
             counts = path_counts(managed, [doc["_id"] for doc in batch])
             for doc in batch:
                 scan.update(1)
                 paths = counts.get(doc["_id"], 0)
                 if paths == _int(doc.get("refcount", 0)):
+                    continue
+                if doc.get("path") in guard.session_paths:
+                    # A session's bytes, completed by a writer that died before it
+                    # linked the path: its next open finishes that commit.
+                    report.in_flight += 1
                     continue
                 if paths < _int(doc.get("refcount", 0)) and (
                     guard.unknown or doc.get("hash") in guard.hashes
@@ -620,7 +639,11 @@ def _gc_orphan_files(
 ) -> None:
     entries = managed.catalog.collection
     for info in orphans:
-        if info.upload_date > cutoff or live_pending(managed, info.blake3):
+        if (
+            info.upload_date > cutoff
+            or live_pending(managed, info.blake3)
+            or info.file_id in guard.session_files  # a dead commit's: its next open ends it
+        ):
             report.in_flight += 1
             continue
         if info.blake3 in guard.hashes or guard.unknown:

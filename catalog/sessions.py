@@ -961,6 +961,14 @@ def _abandoned(managed: ManagedStorage, doc: dict[str, Any]) -> None:
         managed.upload_abandoned(doc["env"], doc["path"])
 
 
+def session_storage_paths(managed: ManagedStorage, file_ids: set[Any]) -> set[str]:
+    """Storage paths of the sessions' bytes that became stored files (a commit under way)."""
+    if not file_ids:
+        return set()
+    found = managed.resource_storage.session_files(list(file_ids))
+    return {info.path for info in found}
+
+
 def live_session_file_ids(managed: ManagedStorage) -> set[Any]:
     """The files_ids of every session's chunks: never orphans while the session exists."""
     sessions = managed.db[COLLECTION]

@@ -438,10 +438,15 @@ class GridFSStorage:
     def session_file(self, file_id: Any) -> StoredFile | None:
         """The stored file a session's chunks became (commit_session_file), if they did."""
         doc = self.files.find_one({"_id": file_id})
-        if doc is None:
-            return None
+        return None if doc is None else self._stored(doc)
+
+    def session_files(self, file_ids: list[Any]) -> list[StoredFile]:
+        """`session_file` of many sessions: those whose chunks became stored files."""
+        return [self._stored(doc) for doc in self.files.find({"_id": {"$in": file_ids}})]
+
+    def _stored(self, doc: dict[str, Any]) -> StoredFile:
         return StoredFile(
-            file_id,
+            doc["_id"],
             str(doc.get("filename", "")),
             int(doc["length"]),
             int(doc.get("chunkSize", self.chunk_size)),

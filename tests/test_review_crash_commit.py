@@ -119,3 +119,22 @@ def test_an_upload_whose_uploader_died_reads_failed_before_gc(managed: ManagedSt
     assert [e["state"] for e in managed.history_for_environment("e", "dead")] == ["pending"]
     time.sleep(0.5)  # nobody renews it: its uploader is gone
     assert [e["state"] for e in managed.history_for_environment("e", "dead")] == ["failed"]
+
+
+@pytest.mark.parametrize("step", ["_complete", "_link"])
+def test_gc_between_the_kill_and_the_retry_keeps_the_bytes(
+    mongo_uri: str, db: Database[Any], step: str
+) -> None:
+    """Was (found by review of the roll-forward): gc took the stored file (an orphan) or
+    the entry the dead writer had completed (refcount 1, no paths) with its bytes, and
+    the retry then had nothing to finish. A session's bytes stay while it exists."""
+    session_id = _killed_in_commit(mongo_uri, db, "uploads", step)
+    ms = connect(mongo_uri, database=db.name, lease=LEASE)
+    report = gc(ms, grace=0)
+    assert not report.orphan_files and not report.unreferenced_entries, report.actions
+    info = SessionStore(ms).commit("e", session_id)
+    assert info.hash == blake3.blake3(DATA).hexdigest()
+    reader, _ = ms.get_for_environment("e", "blob")
+    with reader:
+        assert reader.read() == DATA
+    _consistent_after_gc(ms)
