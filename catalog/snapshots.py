@@ -113,7 +113,7 @@ class MetaStore:
             )
         db = managed.db
         self._client = db.client
-        self._owners = owners_of(db)
+        self._db = db
         self._snapshots: Collection[dict[str, Any]] = db["snapshots"]
         self._ids: Collection[dict[str, Any]] = db["snapshot_ids"].with_options(
             write_concern=WriteConcern("majority")
@@ -158,7 +158,8 @@ class Transaction:
         self._ids = store._ids
         self._writable = bool(writable)
         self._wrote = False
-        self._owners = store._owners
+        # Looked up each time: a process forked since the store was made has its own.
+        self._owners = owners_of(store._db)
         session = txn.start(store._client)
         try:
             self._owners.register(session)

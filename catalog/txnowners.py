@@ -55,8 +55,12 @@ class TxnOwners:
         self._lock = threading.Lock()
         self._next_reap = 0.0
         self._watch_until = 0.0
-        # Others' documents: token -> (beat seen, when first seen at it, monotonic)
-        self._seen: dict[str, tuple[int, float]] = {}
+        # Others' documents: token -> (beat seen, when first seen at it (monotonic),
+        # how many reads of ours have seen it there)
+        self._seen: dict[str, tuple[int, float, int]] = {}
+        # Beats at w=1: a beat waiting for a majority (a lagging secondary) must not
+        # make a live process look dead; the primary's reads see them at once.
+        self._beats = db["txn_owners"].with_options(write_concern=WriteConcern(w=1))
 
     def register(self, session: ClientSession) -> None:
         """Record the session's lsid before its transaction writes anything (once per lsid)."""
@@ -91,7 +95,7 @@ class TxnOwners:
         """Raise the counter; False when the document is gone (reaped, or its database dropped)."""
         if not self._lsids:
             return True
-        done = self.collection.find_one_and_update(
+        done = self._beats.find_one_and_update(
             {"_id": self.token},
             {"$inc": {"beat": 1}},
             projection={"_id": 1},
@@ -111,14 +115,19 @@ class TxnOwners:
                 return 0
             self._next_reap = now + BEAT
         gone = 0
-        alive: dict[str, tuple[int, float]] = {}
+        alive: dict[str, tuple[int, float, int]] = {}
         for doc in self.collection.find({"_id": {"$ne": self.token}}):
             token, beat = doc["_id"], int(doc.get("beat", 0))
             seen = self._seen.get(token)
             if seen is None or seen[0] != beat:
-                alive[token] = (beat, now)
-            elif now - seen[1] < STALE:
-                alive[token] = seen
+                alive[token] = (beat, now, 1)
+                continue
+            looks = (beat, seen[1], seen[2] + 1)
+            # Dead only if seen standing still by reads of ours spread over STALE
+            # seconds (at most one per BEAT): time this process could not look (a
+            # stalled server, a paused process) proves nothing.
+            if now - seen[1] < STALE or looks[2] < STALE / BEAT:
+                alive[token] = looks
             elif self._kill(doc):
                 gone += 1
         self._seen = alive

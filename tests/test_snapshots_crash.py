@@ -177,3 +177,34 @@ def test_a_lock_whose_holder_died_in_a_fenced_write_is_free_in_seconds(
     assert first - started < STALE + 15, first - started  # the server alone: ~60 s
     (_, _, a_done), (_, b_got, _) = sorted(held, key=lambda h: h[1])
     assert b_got >= a_done, held  # one holder at a time
+
+
+def test_a_forked_child_killed_in_a_transaction_is_reaped_too(
+    mongo_uri: str, db: Database[Any], managed: ManagedStorage
+) -> None:
+    """Was (found by review): a store made before a fork gave the child its parent's
+    owner document; the parent kept beating it, so the child's dead transaction held
+    its writes ~87 s."""
+    import os
+    import signal
+    import warnings
+
+    ms = MetaStore(managed)
+    with ms.transaction(True) as tx:  # the parent is registered before the fork
+        tx.create_active("before", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymongo warns about forking with a client open
+        pid = os.fork()
+    if pid == 0:  # the child: a transaction, then killed inside it
+        try:
+            child = ms.transaction_context(True)
+            child.create_active("forked", "")
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    started = time.monotonic()
+    thread, done = _create_in_thread(ms, "forked")
+    thread.join(STALE + 25)
+    assert done and not isinstance(done[0], BaseException), done
+    assert time.monotonic() - started < STALE + 25
