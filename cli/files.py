@@ -50,12 +50,11 @@ _REMOTE_RE = re.compile(r"([A-Za-z0-9._-]{0,128}):(.*)", re.DOTALL)
 
 
 def folder(prefix: str) -> str:
-    """The query prefix of a folder: '' stays '', `a/b` and `a/b/` become `a/b/`."""
-    if prefix == "":
-        return ""
+    """The query prefix of a folder: '' and '/' (the whole environment, as for `ls`) are
+    '', `a/b` and `a/b/` become `a/b/`."""
     stripped = prefix.rstrip("/")
     if not stripped:
-        raise InvalidPathError(f"invalid prefix {prefix!r}: a folder is a path, like a/b")
+        return ""
     check_path(stripped)
     return stripped + "/"
 

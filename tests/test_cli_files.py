@@ -261,3 +261,17 @@ def test_put_r_refuses_json_and_token_ls_lists(env: dict[str, str], tmp_path: Pa
     listed = run(env, "token", "ls")
     assert listed.returncode == 0 and listed.stdout == run(env, "token", "list").stdout
     assert token_id in listed.stdout.decode()
+
+
+def test_get_r_of_slash_is_the_whole_environment(env: dict[str, str], tmp_path: Path) -> None:
+    """`ls ENV /` lists the whole environment; `get -r ENV / DIR` said 'invalid prefix'."""
+    (tmp_path / "a").write_bytes(b"one")
+    assert run(env, "put", "e", "top", str(tmp_path / "a")).returncode == 0
+    assert run(env, "put", "e", "d/x", str(tmp_path / "a")).returncode == 0
+    got = run(env, "get", "-r", "e", "/", str(tmp_path / "out"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "out" / "top").read_bytes() == b"one"
+    assert (tmp_path / "out" / "d" / "x").read_bytes() == b"one"
+    # rm -r still never empties a whole environment.
+    err = one_line_error(run(env, "rm", "-r", "e", "/"))
+    assert "never empties a whole environment" in err
