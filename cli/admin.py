@@ -13,6 +13,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import blake3
@@ -153,6 +154,7 @@ def put(
     \b
     Example:
       rescat put team-a charms/app.tar ./app.tar
+      rescat put team-a charms/ ./app.tar          # charms/app.tar
       tar c src | rescat put team-a backups/src.tar -
       rescat put -r team-a charms/ ./build/charms
       rescat put team-a charms/app.tar ./app.tar --if-none-match
@@ -173,6 +175,11 @@ def put(
         raise click.UsageError("--if-match and --if-none-match exclude each other")
     match = _if_match(if_match)
     check_env(env)
+    if path.endswith("/") and path.strip("/"):
+        # Into that folder, under the file's own name (as `aws s3 cp FILE s3://b/dir/`).
+        if file == "-":
+            raise click.UsageError(f"{path!r} is a folder: stdin has no name to put under it")
+        path = path.rstrip("/") + "/" + Path(file).name
     check_path(path)
     client = ctx.http
     if client is not None:

@@ -275,3 +275,13 @@ def test_get_r_of_slash_is_the_whole_environment(env: dict[str, str], tmp_path: 
     # rm -r still never empties a whole environment.
     err = one_line_error(run(env, "rm", "-r", "e", "/"))
     assert "never empties a whole environment" in err
+
+
+def test_put_into_a_folder_keeps_the_file_name(env: dict[str, str], tmp_path: Path) -> None:
+    """`put ENV folder/ FILE` said 'invalid path'; aws s3 cp puts FILE into the folder."""
+    (tmp_path / "app.tar").write_bytes(b"tar")
+    done = run(env, "put", "e", "charms/", str(tmp_path / "app.tar"))
+    assert done.returncode == 0, done.stderr
+    assert run(env, "get", "e", "charms/app.tar", "-o", "-").stdout == b"tar"
+    err = one_line_error(run(env, "put", "e", "charms/", "-", input=b"x"))
+    assert "stdin has no name" in err
