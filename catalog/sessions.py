@@ -269,11 +269,7 @@ class SessionStore:
         if writer is None:
             raise self._held(env_uuid, session_id)
         if isinstance(writer, RolledForward):
-            raise NotFoundError(
-                f"{env_uuid}: upload session {session_id} was committed after its writer "
-                f"died: {writer.info.path!r} holds it (revision {writer.info.revision})",
-                path=writer.info.path,
-            )
+            raise _ended(env_uuid, session_id, writer)
         return writer
 
     def _held(self, env_uuid: str, session_id: str) -> UploadPendingError:
@@ -329,9 +325,9 @@ class SessionStore:
         if doc is None:
             return None
         if doc.get("state") == COMMITTING:
-            info = self._after_dead_commit(doc, owner)
-            if info is not None:
-                return RolledForward(info)
+            ended = self._after_dead_commit(doc, owner)
+            if ended is not None:
+                return ended
         size = int(doc["size"])
         cached = _HASHERS.take(str(doc["_id"]), doc["ckpt"], size)
         tidy = bool(doc.get("tidy"))
@@ -386,6 +382,8 @@ class SessionStore:
         if claimed is None:
             raise self._held(env_uuid, session_id)
         if isinstance(claimed, RolledForward):
+            if claimed.info is None:
+                raise _ended(env_uuid, session_id, claimed)
             if expected_hash and parse_hash(expected_hash) != claimed.info.hash:
                 raise HashMismatchError(
                     f"content hashes to {claimed.info.hash}, not {parse_hash(expected_hash)}"
@@ -440,38 +438,48 @@ class SessionStore:
         return discarded
 
     # -- internals --------------------------------------------------------------
-    def _after_dead_commit(self, doc: dict[str, Any], owner: str) -> PathInfo | None:
-        """A writer died while committing: resume, or finish its commit; None to resume.
+    def _after_dead_commit(self, doc: dict[str, Any], owner: str) -> RolledForward | None:
+        """A writer died while committing: resume (None), or end the session with its outcome.
 
-        Bytes still the session's chunks: the session goes on (None). Bytes that
-        became a stored file (the commit of new content got that far, and they
-        are whole and durable then): the commit rolls forward, as it would
-        have ended (`ManagedStorage.adopt_stored`, with the session's
-        condition), and its outcome is returned; they were lost before, the
-        session deleted and the file left to gc. Bytes dropped (known content,
-        after its path was linked): nothing is left to finish.
+        The commit recorded the path's revision when it began (`commit_rev`).
+        If the path is no longer there, the commit linked already (its last
+        step, deleting the session, is what died) or a newer write came: the
+        session just ends, and a retry is answered with the path as it is when
+        it holds this commit's content. Else: bytes still the session's chunks
+        resume; bytes that became a stored file (whole and durable by then)
+        roll the commit forward (`ManagedStorage.adopt_stored`), on the
+        condition that the path is still as the commit found it, so a write
+        acknowledged since is never undone.
         """
         file_id, size = doc["file_id"], int(doc["size"])
+        env, path = doc["env"], doc["path"]
+        marked = "commit_rev" in doc
+        changed = marked and _revision_now(self.managed, env, path) != doc["commit_rev"]
         stored = self.storage.session_file(file_id)
-        if stored is None and self.storage.session_chunks_durable(file_id, size):
+        if not changed and stored is None and self.storage.session_chunks_durable(file_id, size):
             return None
         info: PathInfo | None = None
-        if stored is not None and stored.length == size and stored.blake3:
-            base = doc.get("base_rev")
-            options = WriteOptions(if_match=int(base)) if base is not None else PLAIN
+        if not changed and stored is not None and stored.length == size and stored.blake3:
             try:
                 info = self.managed.adopt_stored(
-                    doc["env"], doc["path"], stored.blake3, size, stored.path, options
+                    env, path, stored.blake3, size, stored.path, _roll_options(doc)
                 )
             except PreconditionFailedError:
-                info = None  # the file it appended to changed: the commit would have failed
+                info = None  # the path changed meanwhile: the commit would have failed
+        digest = stored.blake3 if stored is not None else None
+        if digest is None and changed and size <= self.managed.inline_max:
+            # Small content is put whole, then its chunks go: they may still be here.
+            data = b"".join(self.storage.iter_session_chunks(file_id))
+            digest = blake3.blake3(data).hexdigest() if len(data) == size else None
         self.sessions.delete_one({"_id": doc["_id"], "owner": owner})
-        if info is not None:
-            return info
-        raise NotFoundError(
-            f"{doc['env']}: upload session {doc['_id']} ended in a commit that did not "
-            "finish; check the path and start over"
-        )
+        if stored is None:
+            self.storage.discard_session_chunks(file_id)
+        if info is None and digest is not None:
+            with contextlib.suppress(NotFoundError):
+                now = self.managed.stat_for_environment(env, path)
+                if now.hash == digest:
+                    info = now  # it committed before its writer died
+        return RolledForward(info)
 
     def _doc(self, env_uuid: str, session_id: str) -> dict[str, Any]:
         doc = self.sessions.find_one({"_id": _sid(session_id), "env": env_uuid})
@@ -499,9 +507,13 @@ class SessionStore:
 
 @dataclass(frozen=True)
 class RolledForward:
-    """A claimed session whose dead writer's commit was finished instead: its outcome."""
+    """A claimed session that ended instead: its dead writer's commit, finished or not.
 
-    info: PathInfo
+    info: the path holding the commit's content (rolled forward now, or linked
+    before its writer died); None when the commit did not take effect.
+    """
+
+    info: PathInfo | None
 
 
 class SessionWriter:
@@ -709,6 +721,9 @@ class SessionWriter:
         if self._buf:
             self._write_tail()
         now = utcnow()
+        # The path as this commit finds it: should this writer die, the commit is
+        # finished only while the path is still so (sessions._after_dead_commit).
+        found = self.base_now()
         claimed = store.sessions.find_one_and_update(
             {"_id": self.session_id, "owner": self._owner, "state": OPEN},
             {
@@ -716,6 +731,7 @@ class SessionWriter:
                     "size": self._size,
                     "ckpt": secrets.token_hex(8),
                     "state": COMMITTING,
+                    "commit_rev": found,
                     "updated_at": now,
                     "lease_until": store._lease_end(now),
                 }
@@ -973,3 +989,35 @@ def live_session_file_ids(managed: ManagedStorage) -> set[Any]:
     """The files_ids of every session's chunks: never orphans while the session exists."""
     sessions = managed.db[COLLECTION]
     return {doc["file_id"] for doc in sessions.find({}, {"file_id": 1})}
+
+
+def _revision_now(managed: ManagedStorage, env_uuid: str, path: str) -> int | None:
+    """The path's revision now, None when it is absent (or an expired TTL key)."""
+    doc = managed.paths.find_one(
+        {"env": env_uuid, "path": path, "expires_at": {"$not": {"$lte": utcnow()}}}, {"rev": 1}
+    )
+    return revision(doc.get("rev")) if doc is not None else None
+
+
+def _roll_options(doc: dict[str, Any]) -> WriteOptions:
+    """The condition a dead commit is finished on: the path as the commit found it."""
+    if "commit_rev" in doc:
+        if doc["commit_rev"] is None:
+            return WriteOptions(if_none_match=True)
+        return WriteOptions(if_match=int(doc["commit_rev"]))
+    base = doc.get("base_rev")  # a session from before commit_rev was recorded
+    return WriteOptions(if_match=int(base)) if base is not None else PLAIN
+
+
+def _ended(env_uuid: str, session_id: str, ended: RolledForward) -> NotFoundError:
+    """The error for a session whose writer died committing, as its opener sees it."""
+    if ended.info is not None:
+        return NotFoundError(
+            f"{env_uuid}: upload session {session_id} was committed after its writer "
+            f"died: {ended.info.path!r} holds it (revision {ended.info.revision})",
+            path=ended.info.path,
+        )
+    return NotFoundError(
+        f"{env_uuid}: upload session {session_id} ended in a commit that did not "
+        "finish (or the path changed since); check the path and start over"
+    )

@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
     from catalog.sessions import UPLOAD, SessionStore
 
     uri, name, face, step = sys.argv[1:5]
-    data = bytes(range(256)) * 8192
+    data = bytes(range(256)) * 8192 if len(sys.argv) < 6 else b"small" * int(sys.argv[5])
     ms = connect(uri, database=name, lease=2.0)
     if face == "driver":
         driver = StorageDriver(ms, "e")
@@ -57,15 +57,20 @@ CHILD = textwrap.dedent(
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    setattr(ms, step, die)
+    if step == "after_link":  # the commit took effect; its session is not deleted yet
+        from catalog.sessions import SessionWriter
+
+        SessionWriter._end = die
+    else:
+        setattr(ms, step, die)
     w.commit()
     """
 )
 
 
-def _killed_in_commit(mongo_uri: str, db: Database[Any], face: str, step: str) -> str:
+def _killed_in_commit(mongo_uri: str, db: Database[Any], face: str, step: str, *small: str) -> str:
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, mongo_uri, db.name, face, step],
+        [sys.executable, "-c", CHILD, mongo_uri, db.name, face, step, *small],
         capture_output=True,
         text=True,
         timeout=120,
@@ -137,4 +142,35 @@ def test_gc_between_the_kill_and_the_retry_keeps_the_bytes(
     reader, _ = ms.get_for_environment("e", "blob")
     with reader:
         assert reader.read() == DATA
+    _consistent_after_gc(ms)
+
+
+@pytest.mark.parametrize("small", [(), ("100",)], ids=["stored", "inline"])
+def test_a_commit_that_took_effect_is_not_redone_over_a_newer_write(
+    mongo_uri: str, db: Database[Any], small: tuple[str, ...]
+) -> None:
+    """Was (found by review of the roll-forward): a writer killed after its commit had
+    linked the path (only deleting its session was left) had that commit done again
+    by the next open, over a write acknowledged since; or, with nothing to roll
+    forward, `writer(append=True)` refused to append to the newer file."""
+    _killed_in_commit(mongo_uri, db, "driver", "after_link", *small)
+    ms = connect(mongo_uri, database=db.name, lease=LEASE)
+    driver = StorageDriver(ms, "e")
+    driver.put_content("/blob", b"newer")  # acknowledged after the commit
+    w = driver.writer("/blob", append=True)
+    assert w.size() == len(b"newer")  # appends to the newer file
+    w.write(b"+")
+    w.commit()
+    assert driver.get_content("/blob") == b"newer+"
+    _consistent_after_gc(ms)
+
+
+def test_a_retried_commit_that_took_effect_answers_with_it(
+    mongo_uri: str, db: Database[Any]
+) -> None:
+    session_id = _killed_in_commit(mongo_uri, db, "uploads", "after_link")
+    ms = connect(mongo_uri, database=db.name, lease=LEASE)
+    info = SessionStore(ms).commit("e", session_id)  # the commit happened: its answer
+    assert info.hash == blake3.blake3(DATA).hexdigest()
+    assert ms.stat_for_environment("e", "blob").revision == info.revision
     _consistent_after_gc(ms)
