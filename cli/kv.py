@@ -31,6 +31,7 @@ from catalog.kv import (
     clean_prefix,
 )
 from catalog.names import check_env
+from catalog.streams import read_exact
 from cli.app import Context, Group, cli, pass_ctx, with_hint
 
 
@@ -104,26 +105,13 @@ def _blocks(store: KVStore, info: KeyInfo) -> Iterator[bytes]:
     total = 0
     with _value_stream(store, info) as reader:
         while True:
-            block = _read_full(reader, _BLOCK)
+            block = read_exact(reader, _BLOCK)
             if not block:
                 break
             total += len(block)
             yield block
     if total != info.length:
         raise CatalogError(f"{info.key}: read {total} bytes, expected {info.length}")
-
-
-def _read_full(reader: BinaryIO, size: int) -> bytes:
-    """`size` bytes unless the stream ends first (a read may return less)."""
-    parts: list[bytes] = []
-    left = size
-    while left > 0:
-        piece = reader.read(left)
-        if not piece:
-            break
-        parts.append(piece)
-        left -= len(piece)
-    return b"".join(parts)
 
 
 def _is_utf8(store: KVStore, info: KeyInfo) -> bool:

@@ -8,8 +8,10 @@ gets a database of its own, dropped after the test.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,3 +59,15 @@ def gridfs_storage(db: Database[Any]) -> GridFSStorage:
 @pytest.fixture
 def managed(db: Database[Any], gridfs_storage: GridFSStorage) -> ManagedStorage:
     return ManagedStorage(db, gridfs_storage)
+
+
+@pytest.fixture
+def env(mongo_uri: str, db: Database[Any], tmp_path: Path) -> dict[str, str]:
+    """The environment of a real `rescat` process on the test database, no config file."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RESCAT_")}
+    return {
+        **base,
+        "RESCAT_MONGO_URI": mongo_uri,
+        "RESCAT_DATABASE": db.name,
+        "RESCAT_CONFIG": str(tmp_path / "no-config.toml"),
+    }

@@ -11,11 +11,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import blake3
 import pytest
-from pymongo.database import Database
 
 from catalog import ManagedStorage
 from service.app import create_app
@@ -26,18 +24,6 @@ RESCAT = str(Path(sys.executable).with_name("rescat"))
 
 def b3(data: bytes) -> str:
     return str(blake3.blake3(data).hexdigest())
-
-
-@pytest.fixture
-def env(mongo_uri: str, db: Database[Any], tmp_path: Path) -> dict[str, str]:
-    """The environment of a real `rescat` process on the test database, no config file."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RESCAT_")}
-    return {
-        **base,
-        "RESCAT_MONGO_URI": mongo_uri,
-        "RESCAT_DATABASE": db.name,
-        "RESCAT_CONFIG": str(tmp_path / "no-config.toml"),
-    }
 
 
 def run(

@@ -16,10 +16,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-
-import pytest
-from pymongo.database import Database
 
 from catalog import ManagedStorage
 from catalog.kv import KVStore
@@ -27,17 +23,6 @@ from catalog.kv import KVStore
 RESCAT = str(Path(sys.executable).with_name("rescat"))
 BIG = 64 * 1024 * 1024
 SLACK = 32 * 1024  # KiB over the process with only small keys (the value: 64 MiB)
-
-
-@pytest.fixture
-def env(mongo_uri: str, db: Database[Any], tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RESCAT_")}
-    return {
-        **base,
-        "RESCAT_MONGO_URI": mongo_uri,
-        "RESCAT_DATABASE": db.name,
-        "RESCAT_CONFIG": str(tmp_path / "no-config.toml"),
-    }
 
 
 # Forks and runs the command, then writes its peak RSS (KiB) to argv[1]. A small parent of
