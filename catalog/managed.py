@@ -284,6 +284,8 @@ class ManagedStorage:
         for attempt in range(3):
             doc, res = self._lookup(env_uuid, path, cached=True)
             if res is None:
+                if attempt < 2:
+                    continue  # repointed between the two reads, its old entry gone: again
                 raise NotFoundError(f"{env_uuid}: {path!r} points at missing content", path=path)
             if res.pending:
                 raise UploadPendingError(f"resource {res.id} is still being uploaded")

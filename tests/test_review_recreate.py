@@ -237,3 +237,29 @@ def test_the_http_watch_keeps_re_created_keys_alive_and_in_order(
         and not any(low < rev <= gone for low, gone in windows.get(key, []))
     ]
     assert not lost, lost[:5]
+
+
+def test_a_read_racing_a_replace_gets_a_version_not_a_404(managed: ManagedStorage) -> None:
+    """Was (a 64 MiB replace test, once): a read that found the path at its old entry,
+    which the replace then dropped and deleted, said 'points at missing content' (404)
+    instead of reading the path again, as it did when the bytes went instead."""
+    big = bytes(range(256)) * 400  # above the inline limit: its own entry and file
+    managed.put_path("reads", "p", io.BytesIO(big + b"1"), len(big) + 1)
+    catalog = managed.catalog
+    entry = catalog.entry
+    replaced: list[bool] = []
+
+    def entry_after_a_replace(rid: str) -> Any:
+        if not replaced:  # between the path read and the entry read: a replace lands
+            replaced.append(True)
+            managed.put_path("reads", "p", io.BytesIO(big + b"2"), len(big) + 1)
+        return entry(rid)
+
+    catalog.entry = entry_after_a_replace  # type: ignore[method-assign]
+    try:
+        reader, info = managed.open_path("reads", "p")
+    finally:
+        catalog.entry = entry  # type: ignore[method-assign]
+    with reader:
+        assert reader.read() == big + b"2"
+    assert replaced and info.length == len(big) + 1
