@@ -42,7 +42,11 @@ from pymongo.database import Database
 from pymongo.errors import InvalidOperation, PyMongoError
 
 BEAT = 1.0
-STALE = 5.0
+# Long enough for processes that a hung primary held to come back: each finds
+# the new primary on its own driver's schedule, seconds apart (a review froze a
+# primary 40 s with SIGSTOP: at 5 s, a process back first killed the
+# transactions of live ones still on their way back).
+STALE = 15.0
 
 
 class TxnOwners:
