@@ -201,11 +201,17 @@ def settle_created(
     if not docs or mode == "local":  # mongomock: one process, its clock only grows
         return {}
     history = collection.database["path_history"]
-    keys = [{"env": d["env"], "path": d["path"]} for d in docs]
+    by_env: dict[str, list[str]] = {}
+    for d in docs:
+        by_env.setdefault(d["env"], []).append(d["path"])
+    # One index scan per environment ($in on the (env, path) index), not an $or of
+    # point queries, each planned on its own: most batches are of one environment.
     lasts = {
         (h["env"], h["path"]): int(h.get("last_rev") or 0)
+        for env, paths in by_env.items()
         for h in history.find(
-            {"$or": keys, "last_rev": {"$gt": 0}}, {"env": 1, "path": 1, "last_rev": 1}
+            {"env": env, "path": {"$in": paths}, "last_rev": {"$gt": 0}},
+            {"_id": 0, "env": 1, "path": 1, "last_rev": 1},
         )
     }
     raised: dict[Any, int] = {}
